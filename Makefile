@@ -1,0 +1,37 @@
+# criu-livedump: `make test` is the one command CI and developers run.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: setup test lint unit demo bench soak fuzz clean
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+setup:
+	bash scripts/setup.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	bash scripts/demo.sh
+
+bench: setup
+	$(PY) bench/run.py $(ARGS)
+
+soak: setup
+	$(PY) -m pytest -m slow tests/ $(PYTEST_ARGS) --soak
+
+fuzz: setup
+	$(PY) -m pytest tests/test_fuzz.py --fuzz-full $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache tests/programs/bin

@@ -1,0 +1,120 @@
+"""What a conversion is asked to do (:class:`ConvertOptions`) and what it did (:class:`CoreResult`).
+
+The orchestrator also leaves a sidecar file, ``livedump.json``, beside the CRIU images: facts
+about the dump that CRIU's images do not record (the target's coredump_filter, RLIMIT_CORE, the
+dumping host's boot id). :func:`read_sidecar` is the one reader of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converters.errors import ImageFormatError
+
+SIDECAR_NAME = "livedump.json"
+#: The kernel's default /proc/PID/coredump_filter (MMF_DUMP_FILTER_DEFAULT).
+DEFAULT_COREDUMP_FILTER = 0x33
+UNLIMITED = -1
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How to convert one image set.
+
+    :param coredump_filter: the MMF_DUMP_* bit mask; None means "from the sidecar, else 0x33".
+    :param core_limit: RLIMIT_CORE semantics in bytes; :data:`UNLIMITED` for no limit,
+        None for "from the sidecar, else unlimited".
+    :param files_root: where mapped files are looked up; only regular files inside it are read.
+    :param signal: si_signo written to NT_PRSTATUS/NT_SIGINFO; None means "from the sidecar, else 0".
+    :param pid: convert only this process of the tree.
+    """
+
+    coredump_filter: int | None = None
+    core_limit: int | None = None
+    files_root: Path = Path("/")
+    signal: int | None = None
+    pid: int | None = None
+
+
+@dataclass
+class CoreResult:
+    """What one process's conversion produced."""
+
+    pid: int
+    path: Path | None
+    size: int = 0
+    #: bytes of the core that are holes (never written, read back as zeros)
+    hole_bytes: int = 0
+    truncated: bool = False
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "path": str(self.path) if self.path else None,
+            "size": self.size,
+            "hole_bytes": self.hole_bytes,
+            "truncated": self.truncated,
+            "warnings": list(self.warnings),
+            "seconds": round(self.seconds, 6),
+        }
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """Facts recorded at dump time by the orchestrator (all optional)."""
+
+    coredump_filter: int | None = None
+    core_limit: int | None = None
+    signal: int | None = None
+    boot_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_sidecar(images_dir: Path) -> Sidecar:
+    """Read ``livedump.json`` from *images_dir*; an absent file gives an empty :class:`Sidecar`.
+
+    :raises ImageFormatError: the file exists but is not the expected JSON object.
+    """
+    path = images_dir / SIDECAR_NAME
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return Sidecar()
+    except OSError as e:
+        raise ImageFormatError(str(path), os.strerror(e.errno or 0)) from e
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ImageFormatError(str(path), f"not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ImageFormatError(str(path), "not a JSON object")
+
+    def opt_int(key: str) -> int | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ImageFormatError(str(path), f"{key} is not an integer")
+        return value
+
+    boot_id = data.get("boot_id")
+    return Sidecar(
+        coredump_filter=opt_int("coredump_filter"),
+        core_limit=opt_int("core_limit"),
+        signal=opt_int("signal"),
+        boot_id=boot_id if isinstance(boot_id, str) else None,
+        extra={k: v for k, v in data.items() if k not in {"coredump_filter", "core_limit", "signal", "boot_id"}},
+    )
+
+
+def write_sidecar(images_dir: Path, **facts: Any) -> None:
+    """Write ``livedump.json`` (used by the orchestrator after CRIU ran)."""
+    tmp = images_dir / (SIDECAR_NAME + ".tmp")
+    tmp.write_text(json.dumps(facts, indent=1, sort_keys=True))
+    os.replace(tmp, images_dir / SIDECAR_NAME)
