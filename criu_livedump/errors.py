@@ -1,0 +1,142 @@
+"""The orchestrator's exception hierarchy: every failure a user can cause is a LivedumpError.
+
+Messages are one line and name the culprit (a process, a file, a CRIU command). A *hint*, when
+one is known, says what to do about it; only :mod:`criu_livedump.cli` prints messages and hints
+and turns the exception type into an exit status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: The hint for anything that fails for lack of privilege.
+PRIVILEGE_HINT = "live dumps need root or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE"
+
+
+class LivedumpError(Exception):
+    """Root of every error the orchestrator raises.
+
+    :param message: one line naming the object and the problem.
+    :param hint: optional advice printed after the message.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class CriuNotFoundError(LivedumpError):
+    """No CRIU binary where the tool looked."""
+
+    def __init__(self, searched: Sequence[str]) -> None:
+        super().__init__(
+            "CRIU not found (looked in: " + ", ".join(searched) + ")",
+            hint="run `make setup`, or name a binary with --criu PATH or the CRIU variable",
+        )
+        self.searched = list(searched)
+
+
+class CriuUnusableError(LivedumpError):
+    """A CRIU binary exists but cannot be used (not executable, wrong program, check fails)."""
+
+    def __init__(self, path: str, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path}: {problem}", hint=hint)
+        self.path = path
+        self.problem = problem
+
+
+class CriuError(LivedumpError):
+    """A CRIU command failed.
+
+    :param argv: the command line that was run.
+    :param returncode: its exit status (negative: killed by that signal).
+    :param log_tail: the last lines of CRIU's log, for the user.
+    :param log_path: where the whole log is, when it was kept.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int,
+        log_tail: str = "",
+        *,
+        log_path: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        action = argv[1] if len(argv) > 1 else argv[0] if argv else "criu"
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        last = _last_error_line(log_tail)
+        detail = f": {last}" if last else ""
+        super().__init__(f"criu {action} failed ({how}){detail}", hint=hint)
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+
+def _last_error_line(log_tail: str) -> str:
+    """The most telling line of a CRIU log: the last ``Error`` line, else the last line."""
+    lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line:
+            return line
+    return lines[-1] if lines else ""
+
+
+class PermissionDeniedError(LivedumpError):
+    """The caller lacks a privilege the operation needs."""
+
+    def __init__(self, message: str, *, hint: str | None = PRIVILEGE_HINT) -> None:
+        super().__init__(message, hint=hint)
+
+
+class TargetError(LivedumpError):
+    """The target process is missing, vanished or cannot be inspected.
+
+    :param pid: the target.
+    :param problem: what is wrong with it.
+    """
+
+    def __init__(self, pid: int, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"process {pid}: {problem}", hint=hint)
+        self.pid = pid
+        self.problem = problem
+
+
+class RequestError(LivedumpError):
+    """An option, SPEC word or flag value is invalid (the message names it and the valid range)."""
+
+
+class BlockerError(LivedumpError):
+    """The target holds something CRIU cannot dump; refused before anything is frozen.
+
+    :param pid: the target.
+    :param blocker: one sentence naming the blocker.
+    """
+
+    def __init__(self, pid: int, blocker: str, *, hint: str | None = None) -> None:
+        super().__init__(f"process {pid}: cannot be dumped: {blocker}", hint=hint)
+        self.pid = pid
+        self.blocker = blocker
+
+
+class ScratchError(LivedumpError):
+    """The scratch directory for CRIU's images cannot be created or has no room."""
+
+    def __init__(self, path: str, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path}: {problem}", hint=hint)
+        self.path = path
+        self.problem = problem
+
+
+class DestinationError(LivedumpError):
+    """The core's destination (a file, a core_pattern, a pipe handler) cannot be used."""
+
+
+class ConvertFailedError(LivedumpError):
+    """The conversion child failed; the message is the converter's own one line."""
+
+
+class EnvironmentUnfitError(LivedumpError):
+    """This host cannot take live dumps at all (``criu-livedump check`` fails)."""
