@@ -1,0 +1,552 @@
+"""What the user asked for: the livedump SPEC words and the CLI flags, parsed and validated.
+
+The SPEC syntax is the kernel livedump patch's (``echo "core_limit=unlimited sched_prio=19" >
+/proc/PID/livedump``): ``core_limit=<n>|unlimited``, ``sched_prio=<n>`` (nice), ``io_prio=<n>``
+(best-effort level, class kept) and ``oom_adj=<n>`` (the legacy /proc/PID/oom_adj scale). CLI
+flags say the same things with richer syntax and win over SPEC words. :func:`build_request`
+returns one frozen :class:`DumpRequest`; :func:`check_privileges` refuses what the caller's
+capabilities would not allow, before anything touches the target.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import signal as signal_mod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from converters.options import UNLIMITED
+from criu_livedump.errors import PermissionDeniedError, RequestError
+
+__all__ = [
+    "NICE_MAX",
+    "NICE_MIN",
+    "OOM_ADJUST_MAX",
+    "OOM_DISABLE",
+    "OOM_SCORE_ADJ_MAX",
+    "OOM_SCORE_ADJ_MIN",
+    "UNLIMITED",
+    "Cap",
+    "DumpRequest",
+    "IoClass",
+    "IoPrio",
+    "Method",
+    "SpecValues",
+    "build_request",
+    "caller_effective_caps",
+    "check_privileges",
+    "oom_adj_to_score_adj",
+    "parse_coredump_filter",
+    "parse_io_prio",
+    "parse_oom_adj",
+    "parse_signal",
+    "parse_size",
+    "parse_spec",
+]
+
+#: Nice range (include/linux/sched/prio.h MIN_NICE / MAX_NICE).
+NICE_MIN, NICE_MAX = -20, 19
+#: Best-effort and real-time I/O priority levels (include/uapi/linux/ioprio.h IOPRIO_NR_LEVELS).
+IOPRIO_LEVEL_MAX = 7
+#: The legacy /proc/PID/oom_adj scale (include/uapi/linux/oom.h).
+OOM_DISABLE, OOM_ADJUST_MIN, OOM_ADJUST_MAX = -17, -16, 15
+OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_MAX = -1000, 1000
+#: MMF_DUMP_FILTER_BITS is 9 (include/linux/sched/coredump.h): bits 0..8 of coredump_filter.
+COREDUMP_FILTER_MAX = (1 << 9) - 1
+#: Pre-dump rounds beyond this only add freezes without shrinking the final one further.
+PRE_DUMP_MAX = 10
+_SIZE_MAX = (1 << 63) - 1
+
+
+class Cap(enum.IntEnum):
+    """Capability numbers used here (include/uapi/linux/capability.h)."""
+
+    SYS_PTRACE = 19
+    SYS_ADMIN = 21
+    SYS_NICE = 23
+    SYS_RESOURCE = 24
+
+
+class IoClass(enum.IntEnum):
+    """I/O scheduling classes (include/uapi/linux/ioprio.h IOPRIO_CLASS_*)."""
+
+    NONE = 0
+    RT = 1
+    BE = 2
+    IDLE = 3
+
+
+class Method(enum.StrEnum):
+    """How the memory image is taken: CRIU, the clone snapshot, or the best available."""
+
+    AUTO = "auto"
+    CRIU = "criu"
+    CLONE = "clone"
+
+
+@dataclass(frozen=True)
+class IoPrio:
+    """An I/O priority to apply with ioprio_set(2).
+
+    :param ioclass: the class; None keeps the process's current class, as the SPEC's
+        ``io_prio=<n>`` does in the kernel patch.
+    :param level: 0 (highest) .. 7; 0 and ignored for :attr:`IoClass.IDLE`.
+    """
+
+    ioclass: IoClass | None
+    level: int
+
+    def value(self, current_class: IoClass = IoClass.BE) -> int:
+        """The ioprio_set(2) argument, as include/uapi/linux/ioprio.h IOPRIO_PRIO_VALUE() builds it.
+
+        :param current_class: the class to keep when :attr:`ioclass` is None; a process that
+            never set one (``IOPRIO_CLASS_NONE``) is best-effort to the scheduler.
+        """
+        cls = self.ioclass
+        if cls is None:
+            cls = IoClass.BE if current_class == IoClass.NONE else current_class
+        level = 0 if cls == IoClass.IDLE else self.level
+        return (int(cls) << 13) | level
+
+
+@dataclass(frozen=True)
+class SpecValues:
+    """The SPEC words as the kernel patch reads them; None where a key was not given.
+
+    :param core_limit: bytes, or :data:`UNLIMITED`.
+    :param sched_prio: nice value.
+    :param io_prio: best-effort level (the class is kept).
+    :param oom_adj: legacy oom_adj value, not yet mapped to oom_score_adj.
+    """
+
+    core_limit: int | None = None
+    sched_prio: int | None = None
+    io_prio: int | None = None
+    oom_adj: int | None = None
+
+
+@dataclass(frozen=True)
+class DumpRequest:
+    """One validated live-dump request; flags have already overridden SPEC words.
+
+    :param core_limit: RLIMIT_CORE semantics in bytes, :data:`UNLIMITED`, or None for "the
+        target's own soft limit".
+    :param sched_prio: nice value for CRIU and the conversion child; None leaves it alone.
+    :param io_prio: I/O priority for the same; None leaves it alone.
+    :param oom_score_adj: oom_score_adj for the conversion child (legacy oom_adj already mapped).
+    :param output: a path, ``"-"`` for stdout, or None for the target's core_pattern.
+    :param scratch: parent directory for CRIU's images; None chooses one.
+    :param coredump_filter: MMF_DUMP_* mask; None means the target's own.
+    :param pre_dump: number of pre-dump rounds; None means automatic.
+    :param signal: si_signo recorded in the core (and %s); None means the dumper's default.
+    """
+
+    core_limit: int | None = None
+    sched_prio: int | None = None
+    io_prio: IoPrio | None = None
+    oom_score_adj: int | None = None
+    output: str | None = None
+    scratch: Path | None = None
+    keep_images: bool = False
+    coredump_filter: int | None = None
+    pre_dump: int | None = None
+    signal: int | None = None
+    force: bool = False
+    tree: bool = False
+    method: Method = Method.AUTO
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+_INT_RE = re.compile(r"[+-]?[0-9]+\Z")
+_SIZE_RE = re.compile(r"([0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\Z")
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def _int_in_range(text: str, lo: int, hi: int, what: str, culprit: str) -> int:
+    """Parse a decimal integer in ``lo..hi`` or raise RequestError naming *culprit*."""
+    if not _INT_RE.match(text.strip()):
+        raise RequestError(f"{culprit}: {what} must be an integer in {lo}..{hi}")
+    value = int(text)
+    if not lo <= value <= hi:
+        raise RequestError(f"{culprit}: {what} {value} is out of range (valid: {lo}..{hi})")
+    return value
+
+
+def parse_size(text: str, culprit: str) -> int:
+    """Parse a core limit: bytes with an optional k/M/G/T suffix (powers of 1024), or
+    ``unlimited`` (also ``infinity``, ``-1``), which gives :data:`UNLIMITED`.
+
+    :raises RequestError: anything else, naming *culprit*.
+    """
+    word = text.strip()
+    if word.lower() in ("unlimited", "infinity", "-1"):
+        return UNLIMITED
+    m = _SIZE_RE.match(word)
+    if not m:
+        raise RequestError(
+            f"{culprit}: core limit must be a byte count (suffixes k, M, G, T) or 'unlimited'"
+        )
+    value = int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
+    if value > _SIZE_MAX:
+        raise RequestError(f"{culprit}: core limit {word} is out of range (valid: 0..2^63-1)")
+    return value
+
+
+def oom_adj_to_score_adj(oom_adj: int) -> int:
+    """Map a legacy oom_adj value to oom_score_adj exactly as fs/proc/base.c:oom_adj_write() does.
+
+    OOM_ADJUST_MAX (15) maps to OOM_SCORE_ADJ_MAX (1000); everything else is scaled by
+    1000/17 with C's truncation toward zero, so -17 (OOM_DISABLE) gives -1000 and 14 gives 823.
+
+    :raises RequestError: outside -17..15 (the kernel's -EINVAL).
+    """
+    if not OOM_DISABLE <= oom_adj <= OOM_ADJUST_MAX:
+        raise RequestError(
+            f"oom_adj {oom_adj} is out of range (valid: {OOM_DISABLE}..{OOM_ADJUST_MAX})"
+        )
+    if oom_adj == OOM_ADJUST_MAX:
+        return OOM_SCORE_ADJ_MAX
+    scaled = abs(oom_adj) * OOM_SCORE_ADJ_MAX // -OOM_DISABLE
+    return -scaled if oom_adj < 0 else scaled
+
+
+def parse_oom_adj(text: str, culprit: str) -> int:
+    """Parse ``--oom-adj``: ``N`` on the legacy -17..15 scale or ``score:N`` (-1000..1000).
+
+    :returns: the oom_score_adj value.
+    :raises RequestError: bad syntax or range, naming *culprit*.
+    """
+    word = text.strip()
+    if word.lower().startswith("score:"):
+        return _int_in_range(
+            word[6:], OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_MAX, "oom_score_adj", culprit
+        )
+    legacy = _int_in_range(word, OOM_DISABLE, OOM_ADJUST_MAX, "legacy oom_adj", culprit)
+    return oom_adj_to_score_adj(legacy)
+
+
+def parse_io_prio(text: str, culprit: str) -> IoPrio:
+    """Parse ``--io-prio``: ``N`` (best-effort level, class kept), ``idle``, ``be:N``, ``rt:N``.
+
+    :raises RequestError: bad syntax or level, naming *culprit*.
+    """
+    word = text.strip().lower()
+    if word == "idle":
+        return IoPrio(IoClass.IDLE, 0)
+    classes = {"be": IoClass.BE, "rt": IoClass.RT}
+    name, sep, level = word.partition(":")
+    if sep:
+        if name not in classes:
+            raise RequestError(
+                f"{culprit}: unknown I/O class {name!r} (valid: N, idle, be:N, rt:N with N 0..7)"
+            )
+        return IoPrio(classes[name], _int_in_range(level, 0, IOPRIO_LEVEL_MAX, "level", culprit))
+    if not _INT_RE.match(word):
+        raise RequestError(f"{culprit}: I/O priority must be N, idle, be:N or rt:N (N 0..7)")
+    return IoPrio(None, _int_in_range(word, 0, IOPRIO_LEVEL_MAX, "I/O priority level", culprit))
+
+
+def parse_coredump_filter(text: str, culprit: str) -> int:
+    """Parse a coredump_filter mask in hex, with or without ``0x``, as /proc/PID/coredump_filter
+    prints it.
+
+    :raises RequestError: not hex, or bits beyond MMF_DUMP_FILTER_BITS (0..0x1ff).
+    """
+    word = text.strip().lower().removeprefix("0x")
+    if not word or any(c not in "0123456789abcdef" for c in word):
+        raise RequestError(f"{culprit}: coredump filter must be a hex mask in 0x0..0x1ff")
+    value = int(word, 16)
+    if value > COREDUMP_FILTER_MAX:
+        raise RequestError(
+            f"{culprit}: coredump filter {value:#x} is out of range (valid: 0x0..0x1ff)"
+        )
+    return value
+
+
+def parse_signal(text: str, culprit: str) -> int:
+    """Parse a signal as a number (0..SIGRTMAX) or a name (``SIGQUIT``, ``quit``).
+
+    :raises RequestError: unknown name or out-of-range number.
+    """
+    word = text.strip()
+    hi = int(signal_mod.SIGRTMAX)
+    if _INT_RE.match(word):
+        return _int_in_range(word, 0, hi, "signal", culprit)
+    name = word.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal_mod.Signals[name])
+    except KeyError:
+        raise RequestError(
+            f"{culprit}: unknown signal {word!r} (valid: a name like SIGQUIT or 0..{hi})"
+        ) from None
+
+
+# --- SPEC ------------------------------------------------------------------------------------
+
+_SPEC_KEYS = ("core_limit", "sched_prio", "io_prio", "oom_adj")
+
+
+def parse_spec(words: Sequence[str]) -> SpecValues:
+    """Parse livedump SPEC words (``key=value``; a word may hold several, space separated).
+
+    An empty SPEC is valid and gives all-None values.
+
+    :raises RequestError: unknown key, malformed word, repeated key, bad number or range; the
+        message quotes the word and the valid range.
+    """
+    values: dict[str, int] = {}
+    for word in (w for chunk in words for w in chunk.split()):
+        culprit = f"SPEC word {word!r}"
+        key, sep, text = word.partition("=")
+        if not sep:
+            raise RequestError(f"{culprit}: expected key=value (keys: {', '.join(_SPEC_KEYS)})")
+        if key not in _SPEC_KEYS:
+            raise RequestError(f"{culprit}: unknown key {key!r} (keys: {', '.join(_SPEC_KEYS)})")
+        if key in values:
+            raise RequestError(f"{culprit}: {key} given twice")
+        if key == "core_limit":
+            values[key] = parse_size(text, culprit)
+        elif key == "sched_prio":
+            values[key] = _int_in_range(text, NICE_MIN, NICE_MAX, "nice value", culprit)
+        elif key == "io_prio":
+            values[key] = _int_in_range(text, 0, IOPRIO_LEVEL_MAX, "I/O priority level", culprit)
+        else:
+            values[key] = _int_in_range(
+                text, OOM_DISABLE, OOM_ADJUST_MAX, "legacy oom_adj", culprit
+            )
+    return SpecValues(**values)
+
+
+# --- flags -----------------------------------------------------------------------------------
+
+FlagValue = str | int | bool | Path | None
+
+_FLAG_NAMES = (
+    "core_limit",
+    "sched_prio",
+    "io_prio",
+    "oom_adj",
+    "output",
+    "scratch",
+    "keep_images",
+    "coredump_filter",
+    "pre_dump",
+    "signal",
+    "force",
+    "tree",
+    "method",
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _text(value: FlagValue) -> str:
+    return str(value)
+
+
+def build_request(spec_words: Sequence[str] = (), **flags: FlagValue) -> DumpRequest:
+    """Combine SPEC words and CLI flags into a :class:`DumpRequest` (flags win).
+
+    Flags (None or absent means "not given"): ``core_limit`` (bytes with k/M/G/T suffix or
+    ``unlimited``), ``sched_prio`` (nice), ``io_prio`` (``N``, ``idle``, ``be:N``, ``rt:N``),
+    ``oom_adj`` (``N`` legacy or ``score:N``), ``output``, ``scratch``, ``keep_images``,
+    ``coredump_filter`` (hex), ``pre_dump``, ``signal``, ``force``, ``tree``, ``method``
+    (auto, criu, clone).
+
+    :raises RequestError: an unknown flag name, or any bad SPEC word or flag value.
+    """
+    unknown = sorted(set(flags) - set(_FLAG_NAMES))
+    if unknown:
+        raise RequestError(f"unknown option {_flag(unknown[0])}")
+    spec = parse_spec(spec_words)
+    given: Mapping[str, FlagValue] = {k: v for k, v in flags.items() if v is not None}
+
+    core_limit = spec.core_limit
+    if "core_limit" in given:
+        v = given["core_limit"]
+        core_limit = (
+            _checked_int(v, 0, _SIZE_MAX, "core limit", _flag("core_limit"), allow=UNLIMITED)
+            if isinstance(v, int) and not isinstance(v, bool)
+            else parse_size(_text(v), f"{_flag('core_limit')} {v}")
+        )
+
+    sched_prio = spec.sched_prio
+    if "sched_prio" in given:
+        sched_prio = _int_flag(given["sched_prio"], NICE_MIN, NICE_MAX, "nice value", "sched_prio")
+
+    io_prio = IoPrio(None, spec.io_prio) if spec.io_prio is not None else None
+    if "io_prio" in given:
+        v = given["io_prio"]
+        io_prio = (
+            IoPrio(None, _checked_int(v, 0, IOPRIO_LEVEL_MAX, "level", _flag("io_prio")))
+            if isinstance(v, int) and not isinstance(v, bool)
+            else parse_io_prio(_text(v), f"{_flag('io_prio')} {v}")
+        )
+
+    oom_score_adj = oom_adj_to_score_adj(spec.oom_adj) if spec.oom_adj is not None else None
+    if "oom_adj" in given:
+        v = given["oom_adj"]
+        if isinstance(v, int) and not isinstance(v, bool):
+            legacy = _checked_int(v, OOM_DISABLE, OOM_ADJUST_MAX, "legacy oom_adj", "--oom-adj")
+            oom_score_adj = oom_adj_to_score_adj(legacy)
+        else:
+            oom_score_adj = parse_oom_adj(_text(v), f"--oom-adj {v}")
+
+    coredump_filter = None
+    if "coredump_filter" in given:
+        v = given["coredump_filter"]
+        coredump_filter = (
+            _checked_int(v, 0, COREDUMP_FILTER_MAX, "coredump filter", "--coredump-filter")
+            if isinstance(v, int) and not isinstance(v, bool)
+            else parse_coredump_filter(_text(v), f"--coredump-filter {v}")
+        )
+
+    pre_dump = None
+    if "pre_dump" in given:
+        pre_dump = _int_flag(given["pre_dump"], 0, PRE_DUMP_MAX, "pre-dump rounds", "pre_dump")
+
+    sig = None
+    if "signal" in given:
+        v = given["signal"]
+        sig = (
+            _checked_int(v, 0, int(signal_mod.SIGRTMAX), "signal", "--signal")
+            if isinstance(v, int) and not isinstance(v, bool)
+            else parse_signal(_text(v), f"--signal {v}")
+        )
+
+    method = Method.AUTO
+    if "method" in given:
+        v = _text(given["method"]).strip().lower()
+        try:
+            method = Method(v)
+        except ValueError:
+            valid = ", ".join(m.value for m in Method)
+            raise RequestError(f"--method {v}: unknown method (valid: {valid})") from None
+
+    output = None
+    if "output" in given:
+        output = _text(given["output"])
+        if not output:
+            raise RequestError("--output: empty path (use - for stdout)")
+    scratch = Path(_text(given["scratch"])) if "scratch" in given else None
+
+    return DumpRequest(
+        core_limit=core_limit,
+        sched_prio=sched_prio,
+        io_prio=io_prio,
+        oom_score_adj=oom_score_adj,
+        output=output,
+        scratch=scratch,
+        keep_images=bool(given.get("keep_images", False)),
+        coredump_filter=coredump_filter,
+        pre_dump=pre_dump,
+        signal=sig,
+        force=bool(given.get("force", False)),
+        tree=bool(given.get("tree", False)),
+        method=method,
+    )
+
+
+def _checked_int(
+    value: int, lo: int, hi: int, what: str, flag: str, *, allow: int | None = None
+) -> int:
+    if value == allow:
+        return value
+    if not lo <= value <= hi:
+        raise RequestError(f"{flag} {value}: {what} {value} is out of range (valid: {lo}..{hi})")
+    return value
+
+
+def _int_flag(value: FlagValue, lo: int, hi: int, what: str, name: str) -> int:
+    flag = _flag(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _checked_int(value, lo, hi, what, flag)
+    return _int_in_range(_text(value), lo, hi, what, f"{flag} {value}")
+
+
+# --- privileges ------------------------------------------------------------------------------
+
+
+def caller_effective_caps(status_path: Path = Path("/proc/self/status")) -> int:
+    """The caller's effective capability set (the ``CapEff`` bits of /proc/self/status)."""
+    for line in status_path.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise RequestError(f"{status_path}: no CapEff line")  # pragma: no cover - kernel ABI
+
+
+def _own_oom_score_adj() -> int:
+    return int(Path("/proc/self/oom_score_adj").read_text())
+
+
+def check_privileges(
+    request: DumpRequest,
+    *,
+    target_core_hard: int,
+    caps: int | None = None,
+    own_oom_score_adj: int | None = None,
+) -> None:
+    """Refuse what the caller's capabilities would not allow, like the kernel patch does.
+
+    - nice below 0 needs CAP_SYS_NICE (the patch's rule; setpriority(2) would also honour
+      RLIMIT_NICE, which the patch does not consult);
+    - a core limit above the target's hard RLIMIT_CORE needs CAP_SYS_RESOURCE (as
+      kernel/sys.c:do_prlimit() demands for raising a hard limit);
+    - the real-time I/O class needs CAP_SYS_NICE or CAP_SYS_ADMIN (block/ioprio.c:
+      ioprio_check_cap());
+    - an oom_score_adj below 0 and below the caller's own needs CAP_SYS_RESOURCE
+      (fs/proc/base.c:__set_oom_adj() compares with oom_score_adj_min, which /proc does not show;
+      the caller's own value is the safe stand-in).
+
+    :param target_core_hard: the target's hard RLIMIT_CORE (:data:`UNLIMITED` for none).
+    :param caps: the caller's effective capabilities; read from /proc/self/status when None.
+    :raises PermissionDeniedError: one sentence naming the option and the capability.
+    """
+    eff = caller_effective_caps() if caps is None else caps
+
+    def has(cap: Cap) -> bool:
+        return bool(eff >> int(cap) & 1)
+
+    if request.sched_prio is not None and request.sched_prio < 0 and not has(Cap.SYS_NICE):
+        raise PermissionDeniedError(
+            f"sched_prio={request.sched_prio}: a nice value below 0 needs CAP_SYS_NICE",
+            hint="use a nice value of 0..19",
+        )
+    limit = request.core_limit
+    if (
+        limit is not None
+        and target_core_hard != UNLIMITED
+        and (limit == UNLIMITED or limit > target_core_hard)
+        and not has(Cap.SYS_RESOURCE)
+    ):
+        shown = "unlimited" if limit == UNLIMITED else str(limit)
+        raise PermissionDeniedError(
+            f"core_limit={shown}: above the target's hard RLIMIT_CORE ({target_core_hard} bytes),"
+            " which needs CAP_SYS_RESOURCE",
+            hint=f"ask for at most {target_core_hard} bytes",
+        )
+    io = request.io_prio
+    if (
+        io is not None
+        and io.ioclass == IoClass.RT
+        and not (has(Cap.SYS_NICE) or has(Cap.SYS_ADMIN))
+    ):
+        raise PermissionDeniedError(
+            "io_prio rt: the real-time I/O class needs CAP_SYS_NICE or CAP_SYS_ADMIN",
+            hint="use be:N or idle",
+        )
+    adj = request.oom_score_adj
+    if adj is not None and adj < 0 and not has(Cap.SYS_RESOURCE):
+        own = _own_oom_score_adj() if own_oom_score_adj is None else own_oom_score_adj
+        if adj < own:
+            raise PermissionDeniedError(
+                f"oom_score_adj {adj}: lowering it below {own} needs CAP_SYS_RESOURCE",
+                hint="use an oom_adj of 0..15 (or score:0..1000)",
+            )
