@@ -1,15 +1,38 @@
-"""The converter's public entry points (placeholder signatures; implementation in progress)."""
+"""The converter's public entry points."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from converters.options import ConvertOptions, CoreResult
-from converters.sinks import Sink
+from converters import elf, model
+from converters.errors import ConversionError, OutputError
+from converters.images import PAGE_SIZE, ImageSet
+from converters.options import UNLIMITED, ConvertOptions, CoreResult, read_sidecar
+from converters.sinks import FileSink, Sink
 
-#: progress(bytes_done, bytes_total)
-Progress = Callable[[int, int], None]
+#: progress(bytes_done_since_last_call)
+Progress = Callable[[int], None]
+
+
+def plan(images_dir: Path, options: ConvertOptions = ConvertOptions()) -> list[tuple[int, int]]:
+    """(pid, bytes of data to write) per process to convert: for progress bars and `--jobs`."""
+    images = ImageSet.open(images_dir)
+    sidecar = read_sidecar(images_dir)
+    out = []
+    for pid in _pids(images, options):
+        m = model.build(images, pid, options, sidecar)
+        out.append((pid, m.data_bytes))
+        m.close()
+    return out
+
+
+def _pids(images: ImageSet, options: ConvertOptions) -> list[int]:
+    if options.pid is not None:
+        return [images.process(options.pid).pid]
+    return [p.pid for p in images.processes]
 
 
 def convert(
@@ -20,9 +43,19 @@ def convert(
 ) -> list[CoreResult]:
     """Write ``out_dir/core.PID`` for every process in *images_dir* (or only ``options.pid``).
 
-    :raises ConversionError: bad images or a failed write; nothing is left at the destination.
+    :raises ConversionError: bad images or a failed write; nothing is left at the destination
+        of the core that failed (cores already completed stay).
     """
-    raise NotImplementedError
+    images = ImageSet.open(images_dir)
+    if not out_dir.is_dir():
+        raise OutputError(str(out_dir), "not a directory")
+    results = []
+    for pid in _pids(images, options):
+        target = out_dir / f"core.{pid}"
+        results.append(
+            _write(images, images_dir, pid, partial(FileSink, target), options, progress)
+        )
+    return results
 
 
 def write_core(
@@ -36,4 +69,52 @@ def write_core(
 
     :raises ConversionError: bad images or a failed write; the sink is aborted (no file left).
     """
-    raise NotImplementedError
+    images = ImageSet.open(images_dir)
+    return _write(images, images_dir, pid, lambda: sink, options, progress)
+
+
+def _write(
+    images: ImageSet,
+    images_dir: Path,
+    pid: int,
+    make_sink: Callable[[], Sink],
+    options: ConvertOptions,
+    progress: Progress | None,
+) -> CoreResult:
+    started = time.monotonic()
+    sidecar = read_sidecar(images_dir)
+    limit = options.core_limit if options.core_limit is not None else sidecar.core_limit
+    if limit is not None and limit != UNLIMITED and limit < PAGE_SIZE:
+        # do_coredump(): a limit below binfmt->min_coredump (one page) means no core at all
+        return CoreResult(
+            pid, None, warnings=[f"core limit {limit} is below one page: no core written"]
+        )
+    m = model.build(images, pid, options, sidecar)
+    try:
+        sink = make_sink()
+        try:
+            size, holes, truncated = elf.write_core(
+                sink,
+                m.machine,
+                m.segments,
+                m.notes,
+                None if limit in (None, UNLIMITED) else limit,
+                progress,
+            )
+            path = sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    except OSError as e:  # a sink that failed outside its own translation
+        raise OutputError(getattr(sink, "name", "core"), str(e)) from e
+    finally:
+        m.close()
+    result = CoreResult(
+        pid, path, size, holes, truncated, list(m.warnings), time.monotonic() - started
+    )
+    if truncated:
+        result.warnings.append(f"core cut at the {limit}-byte limit")
+    return result
+
+
+__all__ = ["ConversionError", "convert", "plan", "write_core"]

@@ -29,7 +29,8 @@ class ConvertOptions:
     :param core_limit: RLIMIT_CORE semantics in bytes; :data:`UNLIMITED` for no limit,
         None for "from the sidecar, else unlimited".
     :param files_root: where mapped files are looked up; only regular files inside it are read.
-    :param signal: si_signo written to NT_PRSTATUS/NT_SIGINFO; None means "from the sidecar, else 0".
+    :param signal: si_signo written to NT_PRSTATUS/NT_SIGINFO; None means "from the sidecar,
+        else 0".
     :param pid: convert only this process of the tree.
     """
 
@@ -109,7 +110,11 @@ def read_sidecar(images_dir: Path) -> Sidecar:
         core_limit=opt_int("core_limit"),
         signal=opt_int("signal"),
         boot_id=boot_id if isinstance(boot_id, str) else None,
-        extra={k: v for k, v in data.items() if k not in {"coredump_filter", "core_limit", "signal", "boot_id"}},
+        extra={
+            k: v
+            for k, v in data.items()
+            if k not in {"coredump_filter", "core_limit", "signal", "boot_id"}
+        },
     )
 
 

@@ -1,0 +1,287 @@
+"""ELF core layout and the streaming writer.
+
+The layout follows fs/binfmt_elf.c:elf_core_dump(): ELF header, program headers (PT_NOTE first,
+then one PT_LOAD per VMA), the notes, padding up to a page boundary, then each segment's bytes
+in order; a segment's p_offset is where its bytes start even when it has none (p_filesz 0).
+With 65535 or more program headers, e_phnum is PN_XNUM and one section header carries the real
+count in sh_info (fill_extnum_info()).
+
+Writing follows fs/coredump.c: dump_emit() refuses a write that would take the bytes written so
+far past RLIMIT_CORE and ends the dump there; dump_skip() seeks (holes are not counted); a dump
+that ends in a hole writes one last zero byte so the file has its full size.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from pathlib import Path
+
+from converters.sinks import Sink
+
+PAGE_SIZE = 4096
+
+
+class ET(IntEnum):
+    CORE = 4
+
+
+class EM(IntEnum):
+    X86_64 = 62
+
+
+class PT(IntEnum):
+    LOAD = 1
+    NOTE = 4
+
+
+class PF(IntFlag):
+    X = 1
+    W = 2
+    R = 4
+
+
+class NT(IntEnum):
+    """Note types (include/uapi/linux/elf.h)."""
+
+    PRSTATUS = 1
+    PRFPREG = 2
+    PRPSINFO = 3
+    AUXV = 6
+    SIGINFO = 0x53494749
+    FILE = 0x46494C45
+    X86_XSTATE = 0x202
+    X86_XSAVE_LAYOUT = 0x205
+
+
+PN_XNUM = 0xFFFF
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+PHDR = struct.Struct("<IIQQQQQQ")
+SHDR = struct.Struct("<IIQQQQIIQQ")
+NHDR = struct.Struct("<III")
+assert (EHDR.size, PHDR.size, SHDR.size) == (64, 56, 64)
+
+ELF_IDENT = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # ELFCLASS64, LSB, EV_CURRENT, SYSV
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+@dataclass(frozen=True)
+class Note:
+    name: bytes
+    type: int
+    desc: bytes
+
+    @property
+    def size(self) -> int:
+        return NHDR.size + _pad4(len(self.name) + 1) + _pad4(len(self.desc))
+
+
+def pack_note_parts(note: Note) -> list[tuple[bytes, int]]:
+    """A note as the kernel's writenote() emits it: (bytes, padding after) per dump_emit()."""
+    name = note.name + b"\0"
+    return [
+        (NHDR.pack(len(name), len(note.desc), note.type), 0),
+        (name, _pad4(len(name)) - len(name)),
+        (note.desc, _pad4(len(note.desc)) - len(note.desc)),
+    ]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of a segment's bytes.
+
+    kind ``data``: *length* bytes of file *path* at *offset*; ``zeros``: zero bytes that the
+    kernel would have written (counted against the limit); ``hole``: never-present pages.
+    """
+
+    kind: str
+    length: int
+    path: Path | None = None
+    offset: int = 0
+    #: an already opened file (mapped files are opened once, safely, by the model)
+    fd: int | None = None
+
+
+@dataclass
+class Segment:
+    vaddr: int
+    memsz: int
+    flags: int
+    filesz: int
+    pieces: list[Piece]
+
+
+@dataclass(frozen=True)
+class Layout:
+    phnum: int
+    notes_offset: int
+    notes_size: int
+    data_offset: int
+    offsets: list[int]
+    end: int
+
+
+def plan(segments: list[Segment], notes: list[Note]) -> Layout:
+    """Every file offset, computed before a byte is written (elf_core_dump()'s first pass)."""
+    segs = len(segments) + 1
+    phnum = PN_XNUM if segs >= PN_XNUM else segs
+    offset = EHDR.size + segs * PHDR.size
+    notes_size = sum(n.size for n in notes)
+    notes_offset = offset
+    offset += notes_size
+    data_offset = (offset + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    offsets = []
+    pos = data_offset
+    for s in segments:
+        offsets.append(pos)
+        pos += s.filesz
+    return Layout(phnum, notes_offset, notes_size, data_offset, offsets, pos)
+
+
+class LimitReached(Exception):
+    """The next write would pass the core limit: the kernel stops the dump here."""
+
+
+class Emitter:
+    """dump_emit()/dump_skip() over a :class:`Sink`, with RLIMIT_CORE accounting."""
+
+    def __init__(self, sink: Sink, limit: int | None, progress: Callable[[int], None] | None):
+        self.sink = sink
+        self.limit = limit
+        self.pos = 0
+        self.written = 0
+        self.to_skip = 0
+        self.holes = 0
+        self.progress = progress
+
+    def _room(self, nr: int) -> None:
+        if self.limit is not None and self.written + nr > self.limit:
+            raise LimitReached
+
+    def _flush_skip(self) -> None:
+        if self.to_skip:
+            self.sink.hole(self.to_skip)
+            self.pos += self.to_skip
+            self.holes += self.to_skip
+            self.to_skip = 0
+
+    def _done(self, nr: int) -> None:
+        self.pos += nr
+        self.written += nr
+        if self.progress:
+            self.progress(nr)
+
+    def emit(self, data: bytes) -> None:
+        self._room(len(data))
+        self._flush_skip()
+        self.sink.write(data)
+        self._done(len(data))
+
+    def skip(self, nr: int) -> None:
+        self.to_skip += nr
+
+    def skip_to(self, pos: int) -> None:
+        cur = self.pos + self.to_skip
+        if pos > cur:
+            self.to_skip += pos - cur
+
+    def emit_pages(self, fd: int, offset: int, length: int) -> None:
+        """Page-granular copy, as dump_user_range() emits one page per dump_emit_page()."""
+        if self.limit is not None:
+            fit = max(self.limit - self.written, 0) // PAGE_SIZE * PAGE_SIZE
+            if fit < length:
+                if fit:
+                    self.emit_pages(fd, offset, fit)
+                raise LimitReached
+        self._flush_skip()
+        self.sink.copy_from(fd, offset, length)
+        self._done(length)
+
+    def emit_zeros(self, length: int) -> None:
+        if self.limit is not None:
+            fit = max(self.limit - self.written, 0) // PAGE_SIZE * PAGE_SIZE
+            if fit < length:
+                if fit:
+                    self.emit_zeros(fit)
+                raise LimitReached
+        self._flush_skip()
+        left = length
+        zeros = bytes(min(left, 1 << 20))
+        while left:
+            n = min(left, len(zeros))
+            self.sink.write(zeros[:n])
+            left -= n
+        self._done(length)
+
+    def finish(self) -> None:
+        """Mirror do_coredump(): a trailing skip is closed by writing its last byte."""
+        if self.to_skip:
+            self.to_skip -= 1
+            self.emit(b"\0")
+
+
+def write_core(
+    sink: Sink,
+    machine: int,
+    segments: list[Segment],
+    notes: list[Note],
+    limit: int | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, int, bool]:
+    """Stream a whole core into *sink*. Returns (file size, hole bytes, truncated)."""
+    layout = plan(segments, notes)
+    out = Emitter(sink, limit, progress)
+    files: dict[Path, int] = {}
+    try:
+        shnum = 1 if layout.phnum == PN_XNUM else 0
+        shoff = layout.end if shnum else 0
+        out.emit(
+            EHDR.pack(
+                ELF_IDENT, ET.CORE, machine, 1, 0, EHDR.size, shoff, 0, EHDR.size,
+                PHDR.size, layout.phnum, SHDR.size if shnum else 0, shnum, 0,
+            )
+        )  # fmt: skip
+        out.emit(PHDR.pack(PT.NOTE, 0, layout.notes_offset, 0, 0, layout.notes_size, 0, 4))
+        for seg, off in zip(segments, layout.offsets, strict=True):
+            out.emit(
+                PHDR.pack(PT.LOAD, seg.flags, off, seg.vaddr, 0, seg.filesz, seg.memsz, PAGE_SIZE)
+            )
+        for note in notes:
+            for data, pad in pack_note_parts(note):
+                out.emit(data)
+                out.skip(pad)
+        out.skip_to(layout.data_offset)
+        for seg in segments:
+            for piece in seg.pieces:
+                if piece.kind == "hole":
+                    out.skip(piece.length)
+                elif piece.kind == "zeros":
+                    out.emit_zeros(piece.length)
+                elif piece.fd is not None:
+                    out.emit_pages(piece.fd, piece.offset, piece.length)
+                else:
+                    assert piece.path is not None
+                    fd = files.get(piece.path)
+                    if fd is None:
+                        fd = files[piece.path] = os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
+                    out.emit_pages(fd, piece.offset, piece.length)
+        if shnum:
+            # fill_extnum_info(): sh_info holds the real number of program headers
+            segs = len(segments) + 1
+            out.skip_to(layout.end)
+            out.emit(SHDR.pack(0, 0, 0, 0, 0, 0, 0, segs, 0, 0))
+        out.finish()
+        truncated = False
+    except LimitReached:
+        truncated = True
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    size = out.pos  # pending skips past the last write do not extend the file
+    return size, out.holes, truncated

@@ -1,0 +1,467 @@
+"""Reading a CRIU image directory: the one module that imports pycriu.
+
+An image file is ``[IMG_COMMON|IMG_SERVICE magic] magic (u32 each) { u32 size; message }*``
+(criu/include/magic.h, Documentation "Images"). We parse messages with pycriu's generated
+protobuf classes directly rather than through ``pycriu.images.load``, which converts every entry
+into a dict: a pagemap of a large process has hundreds of thousands of entries.
+
+Every malformed input becomes an :class:`~converters.errors.ImageFormatError` naming the file;
+protobuf's and pycriu's own exceptions never leave this module.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pycriu.images as pyimages
+from google.protobuf.message import DecodeError, Message
+from pycriu.images import pb
+
+from converters.errors import ImageFormatError, MissingImageError, UnsupportedArchError
+
+PAGE_SIZE = 4096
+_U32 = struct.Struct("<I")
+#: No sane image entry is larger than this (CRIU's own limit for an entry is far smaller).
+_MAX_ENTRY = 64 << 20
+#: A chain of pre-dump parents longer than this is a loop or an absurd image set.
+MAX_PARENT_DEPTH = 64
+
+_MAGIC = pyimages.magic.by_name
+_COMMON = _MAGIC["IMG_COMMON"]
+_SERVICE = _MAGIC["IMG_SERVICE"]
+
+# criu/include/image.h: VMA_AREA_* status bits
+VMA_AREA_REGULAR = 1 << 0
+VMA_AREA_STACK = 1 << 1
+VMA_AREA_VSYSCALL = 1 << 2
+VMA_AREA_VDSO = 1 << 3
+VMA_AREA_HEAP = 1 << 5
+VMA_FILE_PRIVATE = 1 << 6
+VMA_FILE_SHARED = 1 << 7
+VMA_ANON_SHARED = 1 << 8
+VMA_ANON_PRIVATE = 1 << 9
+VMA_AREA_SYSVIPC = 1 << 10
+VMA_AREA_SOCKET = 1 << 11
+VMA_AREA_VVAR = 1 << 12
+VMA_AREA_AIORING = 1 << 13
+VMA_AREA_MEMFD = 1 << 14
+
+# criu/include/pagemap.h
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+
+# <sys/mman.h>
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED = 0x01
+MADV_DONTDUMP = 16
+
+
+def _unsigned(value: int) -> int:
+    return value & 0xFFFFFFFFFFFFFFFF
+
+
+def read_entries(path: Path, magic: str, message: type[Message]) -> list[Any]:
+    """Parse every entry of image *path*, checking that its magic is *magic*.
+
+    :raises MissingImageError: the file does not exist.
+    :raises ImageFormatError: wrong magic, truncated or undecodable entries.
+    """
+    return list(_iter_entries(path, magic, [message]))
+
+
+def _iter_entries(path: Path, magic: str, messages: list[type[Message]]) -> Iterator[Any]:
+    """Yield entries; ``messages[i]`` parses entry *i*, the last class parses the rest."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise MissingImageError(str(path)) from e
+    except IsADirectoryError as e:
+        raise ImageFormatError(str(path), "is a directory, not an image") from e
+    except OSError as e:
+        raise ImageFormatError(str(path), os.strerror(e.errno or 0)) from e
+    pos = _check_magic(path, data, magic)
+    index = 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise ImageFormatError(str(path), f"truncated entry header at byte {pos}")
+        (size,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if size > _MAX_ENTRY or pos + size > len(data):
+            raise ImageFormatError(
+                str(path), f"entry {index} claims {size} bytes, past the end of the file"
+            )
+        msg: Any = messages[min(index, len(messages) - 1)]()
+        try:
+            msg.ParseFromString(data[pos : pos + size])
+            # proto2 required fields: a message missing one is corrupt, not merely sparse
+            if not msg.IsInitialized():
+                missing = ", ".join(msg.FindInitializationErrors())
+                raise ImageFormatError(str(path), f"entry {index} lacks required {missing}")
+        except DecodeError as e:
+            raise ImageFormatError(str(path), f"entry {index} is corrupt ({e})") from e
+        except (RuntimeError, ValueError) as e:  # pure-python protobuf raises these too
+            raise ImageFormatError(str(path), f"entry {index} is corrupt ({e})") from e
+        pos += size
+        index += 1
+        yield msg
+
+
+def _check_magic(path: Path, data: bytes, magic: str) -> int:
+    want = _MAGIC[magic]
+    if len(data) < 4:
+        raise ImageFormatError(str(path), "truncated: no image magic")
+    (first,) = _U32.unpack_from(data, 0)
+    if first in (_COMMON, _SERVICE):
+        if len(data) < 8:
+            raise ImageFormatError(str(path), "truncated: no image magic")
+        (second,) = _U32.unpack_from(data, 4)
+        got, pos = second, 8
+    else:
+        got, pos = first, 4
+    if got != want:
+        name = pyimages.magic.by_val.get(got, f"0x{got:08x}")
+        raise ImageFormatError(str(path), f"wrong magic {name}, expected {magic}")
+    return pos
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One VMA as CRIU recorded it (images/vma.proto ``vma_entry``)."""
+
+    start: int
+    end: int
+    pgoff: int
+    shmid: int
+    prot: int
+    flags: int
+    status: int
+    madv: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.flags & MAP_SHARED)
+
+    @property
+    def dontdump(self) -> bool:
+        return bool(self.madv & (1 << MADV_DONTDUMP))
+
+    def has(self, status_bit: int) -> bool:
+        return bool(self.status & status_bit)
+
+    @property
+    def file_backed(self) -> bool:
+        return self.has(VMA_FILE_PRIVATE | VMA_FILE_SHARED)
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """What a file-backed VMA maps: path as the target saw it, and inode facts."""
+
+    name: str
+    size: int | None
+    mode: int
+    deleted: bool = False
+    #: shmem pagemap id for memfd/shared-anon objects whose pages CRIU saved itself
+    shmid: int | None = None
+
+
+@dataclass(frozen=True)
+class Thread:
+    tid: int
+    core: Any  # pb.core_entry
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    threads: tuple[int, ...]
+
+
+@dataclass
+class PageRun:
+    """A run of pages in a pagemap: ``nr`` pages from *vaddr*, at *offset* of *pages_file*."""
+
+    vaddr: int
+    nr: int
+    offset: int
+    #: None for runs whose bytes live in the parent image directory
+    pages_file: Path | None
+
+
+@dataclass
+class PageIndex:
+    """The pages CRIU saved for one address space (or shmem object), sorted by address.
+
+    ``lookup`` walks a range in O(log n + runs); ``in_parent`` runs defer to :attr:`parent`.
+    """
+
+    source: str
+    starts: list[int] = field(default_factory=list)
+    runs: list[PageRun] = field(default_factory=list)
+    parent: PageIndex | None = None
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, Path, int]]:
+        """Yield ``(lo, hi, pages_file, file_offset)`` for saved bytes in ``[start, end)``.
+
+        Addresses not yielded were not saved (never touched, or file-backed and unmodified).
+        """
+        from bisect import bisect_right
+
+        i = max(bisect_right(self.starts, start) - 1, 0)
+        while i < len(self.runs):
+            run = self.runs[i]
+            run_end = run.vaddr + run.nr * PAGE_SIZE
+            if run.vaddr >= end:
+                break
+            lo, hi = max(start, run.vaddr), min(end, run_end)
+            if lo < hi:
+                if run.pages_file is not None:
+                    yield lo, hi, run.pages_file, run.offset + (lo - run.vaddr)
+                elif self.parent is not None:
+                    yield from self.parent.segments(lo, hi)
+            i += 1
+
+
+@dataclass
+class ImageSet:
+    """An opened CRIU image directory (only the images a core needs are read)."""
+
+    directory: Path
+    processes: list[Process]
+    files: dict[int, Any]
+    memfd_inodes: dict[int, Any]
+    ghost_ids: frozenset[int]
+
+    @classmethod
+    def open(cls, directory: Path) -> ImageSet:
+        """Read pstree, files, memfd inodes and remaps of *directory*.
+
+        :raises ConversionError: (subclasses) for a missing or malformed image.
+        """
+        if not directory.is_dir():
+            raise MissingImageError(str(directory), "an images directory")
+        pstree = read_entries(directory / "pstree.img", "PSTREE", pb.pstree_entry)
+        if not pstree:
+            raise ImageFormatError(str(directory / "pstree.img"), "no process in the tree")
+        processes = []
+        seen: set[int] = set()
+        for e in pstree:
+            threads = tuple(int(t) for t in e.threads) or (int(e.pid),)
+            if e.pid in seen:
+                raise ImageFormatError(str(directory / "pstree.img"), f"pid {e.pid} twice")
+            seen.add(e.pid)
+            processes.append(Process(int(e.pid), int(e.ppid), int(e.pgid), int(e.sid), threads))
+        files_path = directory / "files.img"
+        files: dict[int, Any] = {}
+        if files_path.exists():
+            for fe in read_entries(files_path, "FILES", pb.file_entry):
+                files[int(fe.id)] = fe
+        memfd: dict[int, Any] = {}
+        memfd_path = directory / "memfd.img"
+        if memfd_path.exists():
+            for me in read_entries(memfd_path, "MEMFD_INODE", pb.memfd_inode_entry):
+                memfd[int(me.inode_id)] = me
+        ghosts: set[int] = set()
+        remap_path = directory / "remap-fpath.img"
+        if remap_path.exists():
+            for r in read_entries(remap_path, "REMAP_FPATH", pb.remap_file_path_entry):
+                # remap_type GHOST (0) / LINKED (1): the file was unlinked when dumped
+                if not r.HasField("remap_type") or r.remap_type in (0, 1):
+                    ghosts.add(int(r.orig_id))
+        return cls(directory, processes, files, memfd, frozenset(ghosts))
+
+    def process(self, pid: int) -> Process:
+        for p in self.processes:
+            if p.pid == pid:
+                return p
+        raise MissingImageError(str(self.directory / "pstree.img"), f"process {pid}")
+
+    # -- per process ---------------------------------------------------------------------------
+
+    def mm(self, pid: int) -> Any:
+        path = self.directory / f"mm-{pid}.img"
+        entries = read_entries(path, "MM", pb.mm_entry)
+        if len(entries) != 1:
+            raise ImageFormatError(str(path), f"{len(entries)} entries, expected 1")
+        return entries[0]
+
+    def vmas(self, pid: int, mm: Any) -> list[Vma]:
+        path = self.directory / f"mm-{pid}.img"
+        vmas = []
+        prev_end = 0
+        for i, v in enumerate(mm.vmas):
+            vma = Vma(
+                start=int(v.start),
+                end=int(v.end),
+                pgoff=int(v.pgoff),
+                shmid=int(v.shmid),
+                prot=int(v.prot),
+                flags=int(v.flags),
+                status=int(v.status),
+                madv=int(v.madv) if v.HasField("madv") else 0,
+            )
+            if vma.start % PAGE_SIZE or vma.end % PAGE_SIZE or vma.end <= vma.start:
+                raise ImageFormatError(str(path), f"vma {i} [{vma.start:#x}, {vma.end:#x}) invalid")
+            if vma.start < prev_end:
+                raise ImageFormatError(str(path), f"vma {i} at {vma.start:#x} overlaps vma {i - 1}")
+            if vma.pgoff % PAGE_SIZE:
+                raise ImageFormatError(str(path), f"vma {i} pgoff {vma.pgoff:#x} not page aligned")
+            prev_end = vma.end
+            vmas.append(vma)
+        return vmas
+
+    def thread_core(self, tid: int) -> Thread:
+        path = self.directory / f"core-{tid}.img"
+        entries = read_entries(path, "CORE", pb.core_entry)
+        if len(entries) != 1:
+            raise ImageFormatError(str(path), f"{len(entries)} entries, expected 1")
+        core = entries[0]
+        arch = pb.core_entry.march.Name(core.mtype) if core.mtype else "UNKNOWN"
+        if arch != "X86_64":
+            raise UnsupportedArchError(str(path), arch)
+        if not core.HasField("thread_info"):
+            raise ImageFormatError(str(path), "no x86 thread_info (registers)")
+        return Thread(tid, core)
+
+    def page_index(self, pid: int) -> PageIndex:
+        return _load_page_index(self.directory, f"pagemap-{pid}.img", 0)
+
+    def shmem_index(self, shmid: int) -> PageIndex | None:
+        name = f"pagemap-shmem-{shmid}.img"
+        if not (self.directory / name).exists():
+            return None
+        return _load_page_index(self.directory, name, 0)
+
+    def mapped_file(self, vma: Vma) -> MappedFile | None:
+        """Resolve a file-backed or memfd VMA's ``shmid`` through files.img."""
+        fe = self.files.get(vma.shmid)
+        if fe is None:
+            return None
+        if fe.HasField("reg"):
+            reg = fe.reg
+            return MappedFile(
+                name=str(reg.name),
+                size=int(reg.size) if reg.HasField("size") else None,
+                mode=int(reg.mode) if reg.HasField("mode") else 0,
+                deleted=int(reg.id) in self.ghost_ids,
+            )
+        if fe.HasField("memfd"):
+            inode = self.memfd_inodes.get(int(fe.memfd.inode_id))
+            if inode is None:
+                return None
+            name = str(inode.name)
+            # The kernel names memfd files "memfd:NAME"; shared anonymous memory, which CRIU
+            # 4.x saves through the memfd path, is the kernel's "/dev/zero" shmem file.
+            shown = name if name == "/dev/zero" else f"/memfd:{name}"
+            return MappedFile(
+                name=shown,
+                size=int(inode.size),
+                mode=int(inode.mode),
+                deleted=True,
+                shmid=int(inode.shmid),
+            )
+        return None
+
+
+def _load_page_index(directory: Path, name: str, depth: int) -> PageIndex:
+    path = directory / name
+    if depth > MAX_PARENT_DEPTH:
+        raise ImageFormatError(str(path), f"parent chain deeper than {MAX_PARENT_DEPTH}")
+    entries = list(_iter_entries(path, "PAGEMAP", [pb.pagemap_head, pb.pagemap_entry]))
+    if not entries:
+        raise ImageFormatError(str(path), "no pagemap header")
+    pages_file = directory / f"pages-{entries[0].pages_id}.img"
+    index = PageIndex(source=str(path))
+    needs_parent = False
+    offset = 0
+    items: list[tuple[int, int, int, Path | None, int]] = []
+    for i, e in enumerate(entries[1:], start=1):
+        flags = int(e.flags) if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
+        nr = int(e.nr_pages)
+        vaddr = int(e.vaddr)
+        if vaddr % PAGE_SIZE:
+            raise ImageFormatError(str(path), f"entry {i} address {vaddr:#x} not page aligned")
+        if nr <= 0 or nr > (1 << 52) // PAGE_SIZE or vaddr + nr * PAGE_SIZE > 1 << 64:
+            raise ImageFormatError(str(path), f"entry {i} has an absurd size of {nr} pages")
+        if flags & PE_PARENT:
+            needs_parent = True
+            items.append((vaddr, nr, 0, None, i))
+        elif flags & PE_PRESENT:
+            items.append((vaddr, nr, offset, pages_file, i))
+            offset += nr * PAGE_SIZE
+        # else: lazy pages not in this image set; they read as holes
+    if offset:
+        try:
+            have = pages_file.stat().st_size
+        except FileNotFoundError as e:
+            raise MissingImageError(str(pages_file), str(path)) from e
+        if have < offset:
+            raise ImageFormatError(
+                str(path), f"points past the end of {pages_file.name} ({offset} > {have} bytes)"
+            )
+    items.sort(key=lambda t: t[0])
+    prev_end, prev_i = -1, 0
+    for vaddr, nr, off, pf, i in items:
+        if vaddr < prev_end:
+            raise ImageFormatError(str(path), f"entry {i} overlaps entry {prev_i}")
+        prev_end, prev_i = vaddr + nr * PAGE_SIZE, i
+        index.starts.append(vaddr)
+        index.runs.append(PageRun(vaddr, nr, off, pf))
+    if needs_parent:
+        parent_dir = directory / "parent"
+        if not parent_dir.is_dir():
+            raise MissingImageError(str(parent_dir), f"{path.name} (pages in parent)")
+        index.parent = _load_page_index(parent_dir, name, depth + 1)
+    return index
+
+
+# --- thin wrappers for other parts of the project ------------------------------------------------
+
+
+def read_stats(path: Path) -> dict[str, int]:
+    """The ``dump`` section of CRIU's ``stats-dump`` image as a dict of ints."""
+    entries = read_entries(path, "STATS", pb.stats_entry)
+    if not entries or not entries[0].HasField("dump"):
+        raise ImageFormatError(str(path), "no dump statistics")
+    d = entries[0].dump
+    return {f.name: int(v) for f, v in d.ListFields()}
+
+
+def load_image(path: Path) -> dict[str, Any]:
+    """The whole image as pycriu's dict form (for rewriting images; not for bulk data)."""
+    try:
+        with path.open("rb") as f:
+            return dict(pyimages.load(f))
+    except FileNotFoundError as e:
+        raise MissingImageError(str(path)) from e
+    except Exception as e:  # pycriu raises bare Exception for unknown magic
+        raise ImageFormatError(str(path), f"cannot decode: {e}") from e
+
+
+def dump_image(path: Path, image: dict[str, Any]) -> None:
+    """Write *image* (pycriu dict form) to *path* atomically."""
+    buf = io.BytesIO()
+    try:
+        pyimages.dump(image, buf)
+    except Exception as e:
+        raise ImageFormatError(str(path), f"cannot encode: {e}") from e
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)

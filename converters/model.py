@@ -1,0 +1,562 @@
+"""From one process's CRIU images to a :class:`CoreModel`: segments with the sources of their
+bytes, and the notes, as fs/binfmt_elf.c:elf_core_dump() would produce them.
+
+The model is small (no page data) and computed completely before anything is written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
+from typing import NamedTuple
+
+from converters.arch import x86_64
+from converters.elf import EM, NT, PAGE_SIZE, PF, Note, Piece, Segment
+from converters.errors import ImageFormatError
+from converters.files import FileRoot, OpenedFile
+from converters.images import (
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    VMA_ANON_SHARED,
+    VMA_AREA_AIORING,
+    VMA_AREA_MEMFD,
+    VMA_AREA_SYSVIPC,
+    VMA_AREA_VDSO,
+    VMA_AREA_VSYSCALL,
+    VMA_AREA_VVAR,
+    ImageSet,
+    MappedFile,
+    PageIndex,
+    Thread,
+    Vma,
+)
+from converters.options import DEFAULT_COREDUMP_FILTER, ConvertOptions, Sidecar
+
+log = logging.getLogger(__name__)
+
+
+class MMF:
+    """coredump_filter bits (include/linux/sched/coredump.h, MMF_DUMP_* - MMF_DUMP_FILTER_SHIFT)."""
+
+    ANON_PRIVATE = 1 << 0
+    ANON_SHARED = 1 << 1
+    MAPPED_PRIVATE = 1 << 2
+    MAPPED_SHARED = 1 << 3
+    ELF_HEADERS = 1 << 4
+    HUGETLB_PRIVATE = 1 << 5
+    HUGETLB_SHARED = 1 << 6
+    DAX_PRIVATE = 1 << 7
+    DAX_SHARED = 1 << 8
+
+
+# errno values the kernel leaves in rax for a syscall interrupted by a signal
+ERESTARTSYS = 512
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+NR_RESTART_SYSCALL = 219
+#: syscalls that return -ERESTARTNOHAND when a signal interrupts them (kernel/signal.c
+#: sys_pause/sys_rt_sigsuspend, fs/select.c poll/select family)
+_RESTARTNOHAND = {34, 130, 7, 23, 270, 271}
+SYSCALL_INSN = b"\x0f\x05"
+PF_DUMPCORE = 0x200
+PF_SIGNALED = 0x400
+
+
+@dataclass
+class CoreModel:
+    pid: int
+    machine: int
+    segments: list[Segment]
+    notes: list[Note]
+    warnings: list[str] = field(default_factory=list)
+    files: FileRoot | None = None
+
+    def close(self) -> None:
+        if self.files is not None:
+            self.files.close()
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(p.length for s in self.segments for p in s.pieces if p.kind != "hole")
+
+
+@dataclass
+class _Proc:
+    """Everything about one process that the segment and note builders share."""
+
+    images: ImageSet
+    pid: int
+    vmas: list[Vma]
+    index: PageIndex
+    files: FileRoot
+    warnings: list[str]
+    shmem: dict[int, PageIndex | None] = field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            log.warning("%s", message)
+
+    def shmem_index(self, shmid: int) -> PageIndex | None:
+        if shmid not in self.shmem:
+            self.shmem[shmid] = self.images.shmem_index(shmid)
+        return self.shmem[shmid]
+
+    def mapped(self, vma: Vma) -> MappedFile | None:
+        if vma.file_backed or vma.has(VMA_ANON_SHARED | VMA_AREA_MEMFD | VMA_AREA_SYSVIPC):
+            return self.images.mapped_file(vma)
+        return None
+
+    def open_mapped(self, vma: Vma, mf: MappedFile) -> OpenedFile | None:
+        if mf.deleted:
+            self.warn(f"{mf.name}: deleted file at {vma.start:#x}; its unsaved pages are holes")
+            return None
+        opened = self.files.open(mf.name)
+        if isinstance(opened, str):
+            self.warn(f"{mf.name}: {opened}; mapping at {vma.start:#x} written as holes")
+            return None
+        if mf.size is not None and opened.size != mf.size:
+            self.warn(f"{mf.name}: size changed since the dump ({mf.size} -> {opened.size})")
+        return opened
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Best-effort read of the process's memory as the core would show it."""
+        out = bytearray(size)
+        for vma in self.vmas:
+            if vma.end <= addr or vma.start >= addr + size:
+                continue
+            for run in self.sources(vma, max(addr, vma.start), min(addr + size, vma.end)):
+                if run.kind == "data":
+                    chunk = _pread(run, run.hi - run.lo)
+                    out[run.lo - addr : run.lo - addr + len(chunk)] = chunk
+        return bytes(out)
+
+    def sources(self, vma: Vma, start: int, end: int) -> Iterator[Run]:
+        """Split ``[start, end)`` of *vma* by where its bytes come from."""
+        saved: list[Run] = []
+        shm: PageIndex | None = None
+        mf = self.mapped(vma)
+        if mf is not None and mf.shmid is not None:
+            shm = self.shmem_index(mf.shmid)
+        elif vma.has(VMA_ANON_SHARED) and not vma.has(VMA_AREA_MEMFD):
+            shm = self.shmem_index(vma.shmid)
+        if shm is not None:
+            base = vma.pgoff - vma.start
+            for lo, hi, path, off in shm.segments(start + base, end + base):
+                saved.append(Run(lo - base, hi - base, "data", path, None, off))
+        else:
+            for lo, hi, path, off in self.index.segments(start, end):
+                saved.append(Run(lo, hi, "data", path, None, off))
+        fill: Run | None = None  # how unsaved pages read: lo is the address of offset 0
+        file_end = end
+        if shm is not None:
+            fill = Run(0, 0, "zeros", None, None, 0)
+            if mf is not None and mf.size is not None:
+                file_end = vma.start + max(_page_up(mf.size) - vma.pgoff, 0)
+        elif mf is not None and vma.file_backed:
+            opened = self.open_mapped(vma, mf)
+            if opened is not None:
+                fill = Run(vma.start - vma.pgoff, 0, "data", None, opened.fd, 0)
+                # pages past the end of the file would SIGBUS: the kernel leaves holes there
+                file_end = vma.start + max(_page_up(opened.size) - vma.pgoff, 0)
+        pos = start
+        for run in saved:
+            if run.lo > pos:
+                yield from _gap(pos, run.lo, fill, file_end)
+            yield run
+            pos = run.hi
+        if pos < end:
+            yield from _gap(pos, end, fill, file_end)
+
+
+class Run(NamedTuple):
+    """``[lo, hi)`` of a VMA: ``data`` from *path* or *fd* at *offset*, ``zeros`` or ``hole``."""
+
+    lo: int
+    hi: int
+    kind: str
+    path: Path | None
+    fd: int | None
+    offset: int
+
+
+def _gap(lo: int, hi: int, fill: Run | None, file_end: int) -> Iterator[Run]:
+    if fill is None:
+        yield Run(lo, hi, "hole", None, None, 0)
+        return
+    mid = min(max(file_end, lo), hi)
+    if mid > lo:
+        yield Run(lo, mid, fill.kind, None, fill.fd, lo - fill.lo if fill.kind == "data" else 0)
+    if hi > mid:
+        yield Run(mid, hi, "hole", None, None, 0)
+
+
+def _page_up(n: int) -> int:
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def _pread(run: Run, size: int) -> bytes:
+    if run.fd is not None:
+        return os.pread(run.fd, size, run.offset)
+    assert run.path is not None
+    with run.path.open("rb") as f:
+        f.seek(run.offset)
+        return f.read(size)
+
+
+# --- which VMAs get bytes ---------------------------------------------------------------------
+
+
+def vma_dump_size(p: _Proc, vma: Vma, mm_filter: int) -> int:
+    """How many bytes of *vma* the kernel dumps: fs/coredump.c:vma_dump_size() on what CRIU saw.
+
+    ``vma->anon_vma`` is not in the images; a private VMA with pages in the pagemap has one
+    (CRIU saves exactly the anonymous pages), which is the case that matters.
+    """
+    # always_dump_vma(): the gate (vsyscall) VMA and special mappings with a name (vdso, vvar)
+    if vma.has(VMA_AREA_VDSO | VMA_AREA_VVAR | VMA_AREA_VSYSCALL):
+        return vma.size
+    if vma.dontdump:
+        return 0
+    mf = p.mapped(vma)
+    if vma.shared:
+        unlinked = (
+            mf is None or mf.deleted or vma.has(VMA_ANON_SHARED | VMA_AREA_MEMFD | VMA_AREA_SYSVIPC)
+        )
+        if mm_filter & (MMF.ANON_SHARED if unlinked else MMF.MAPPED_SHARED):
+            return vma.size
+        return 0
+    has_anon = next(p.index.segments(vma.start, vma.end), None) is not None
+    if has_anon and mm_filter & MMF.ANON_PRIVATE:
+        return vma.size
+    if not vma.file_backed:
+        return 0
+    if mm_filter & MMF.MAPPED_PRIVATE:
+        return vma.size
+    if mm_filter & MMF.ELF_HEADERS and vma.pgoff == 0 and vma.prot & PROT_READ:
+        if mf is not None and mf.mode & 0o111:
+            return PAGE_SIZE
+        # dump_vma_snapshot(): libraries need not be executable; look for the ELF magic
+        return PAGE_SIZE if p.read(vma.start, 4) == b"\x7fELF" else 0
+    return 0
+
+
+def _segment(p: _Proc, vma: Vma, dump_size: int) -> Segment:
+    flags = (
+        (PF.R if vma.prot & PROT_READ else 0)
+        | (PF.W if vma.prot & PROT_WRITE else 0)
+        | (PF.X if vma.prot & PROT_EXEC else 0)
+    )
+    pieces: list[Piece] = []
+    if dump_size:
+        if vma.has(VMA_AREA_VVAR | VMA_AREA_VSYSCALL):
+            # get_dump_page() cannot pin these special pages: the kernel leaves holes
+            runs: Iterator[Run] = iter(
+                [Run(vma.start, vma.start + dump_size, "hole", None, None, 0)]
+            )
+        else:
+            runs = p.sources(vma, vma.start, vma.start + dump_size)
+        for run in runs:
+            piece = Piece(run.kind, run.hi - run.lo, run.path, run.offset, run.fd)
+            last = pieces[-1] if pieces else None
+            if (
+                last
+                and last.kind == piece.kind
+                and (
+                    piece.kind != "data"
+                    or (
+                        (last.path, last.fd) == (piece.path, piece.fd)
+                        and last.offset + last.length == piece.offset
+                    )
+                )
+            ):
+                pieces[-1] = Piece(
+                    last.kind, last.length + piece.length, last.path, last.offset, last.fd
+                )
+            else:
+                pieces.append(piece)
+    return Segment(vma.start, vma.size, int(flags), dump_size, pieces)
+
+
+# --- vvar as the kernel lists it ----------------------------------------------------------------
+
+
+@cache
+def _own_special_mappings() -> dict[str, tuple[int, int]]:
+    found: dict[str, tuple[int, int]] = {}
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("["):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    found.setdefault(parts[5], (lo, hi))
+    except OSError:
+        pass
+    return found
+
+
+def _own_vdso() -> bytes | None:
+    own = _own_special_mappings().get("[vdso]")
+    if own is None:
+        return None
+    return ctypes.string_at(own[0], own[1] - own[0])
+
+
+def split_vvar(p: _Proc) -> list[Vma]:
+    """CRIU 4.x records ``[vvar]`` and ``[vvar_vclock]`` as one VMA; the kernel has two.
+
+    When the saved vDSO is byte-identical to this host's, the images come from this kernel and
+    its split applies; otherwise the merged VMA stays, with a warning.
+    """
+    own = _own_special_mappings()
+    vvar, vclock = own.get("[vvar]"), own.get("[vvar_vclock]")
+    out: list[Vma] = []
+    for vma in p.vmas:
+        if not vma.has(VMA_AREA_VVAR) or vvar is None or vclock is None:
+            out.append(vma)
+            continue
+        head, tail = vvar[1] - vvar[0], vclock[1] - vclock[0]
+        if vma.size != head + tail:
+            out.append(vma)
+            continue
+        vdso = next((v for v in p.vmas if v.has(VMA_AREA_VDSO)), None)
+        mine = _own_vdso()
+        if vdso is None or mine is None or p.read(vdso.start, vdso.size) != mine:
+            p.warn("images come from another kernel: [vvar] and [vvar_vclock] kept as one segment")
+            out.append(vma)
+            continue
+        out.append(replace(vma, end=vma.start + head))
+        out.append(replace(vma, start=vma.start + head))
+    return out
+
+
+# --- notes ----------------------------------------------------------------------------------------
+
+
+def _signed(v: int) -> int:
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >> 63 else v
+
+
+def thread_regs(p: _Proc, thread: Thread) -> dict[str, int]:
+    """user_regs_struct as the kernel's core shows it.
+
+    CRIU's compel (get_task_regs()) stores a thread interrupted in a restartable syscall with
+    rip rewound onto the syscall instruction and rax = orig_rax (or __NR_restart_syscall), so
+    that the restored task re-enters it. The kernel's core shows the state before that
+    rewind: rip after the instruction, rax = -ERESTART*.
+    """
+    regs = x86_64.gpregs_tuple(thread.core.thread_info.gpregs)
+    orig = _signed(regs["orig_rax"])
+    rax = regs["rax"]
+    in_syscall = orig >= 0 and rax in (regs["orig_rax"], NR_RESTART_SYSCALL)
+    if in_syscall and p.read(regs["rip"], 2) == SYSCALL_INSN:
+        regs["rip"] += 2
+        if rax == NR_RESTART_SYSCALL and orig != NR_RESTART_SYSCALL:
+            err = ERESTART_RESTARTBLOCK
+        elif orig in _RESTARTNOHAND:
+            err = ERESTARTNOHAND
+        else:
+            err = ERESTARTSYS
+        regs["rax"] = -err & 0xFFFFFFFFFFFFFFFF
+    return regs
+
+
+def _sigmask(signals: object) -> int:
+    mask = 0
+    for s in getattr(signals, "signals", []):
+        raw = bytes(s.siginfo)
+        if len(raw) >= 4:
+            (signo,) = struct.unpack_from("<i", raw)
+            if 1 <= signo <= 64:
+                mask |= 1 << (signo - 1)
+    return mask
+
+
+def build_notes(
+    p: _Proc,
+    threads: list[Thread],
+    mm: object,
+    signal: int,
+    ppid: int,
+    layout: x86_64.XsaveLayout,
+) -> list[Note]:
+    """Notes in fill_note_info()'s order: the first thread's PRSTATUS, PRPSINFO, SIGINFO,
+    AUXV, FILE and FP state, then each other thread's PRSTATUS and FP state, then the x86
+    XSAVE layout (elf_coredump_extra_notes_write())."""
+    proc = p.images.process(p.pid)
+    main = next((t for t in threads if t.tid == p.pid), threads[0])
+    ordered = [main] + [t for t in threads if t is not main]
+    tc = main.core.tc
+    shared_pending = _sigmask(tc.signals_s) if tc.HasField("signals_s") else 0
+
+    def prstatus(t: Thread) -> bytes:
+        th = t.core.thread_core if t.core.HasField("thread_core") else None
+        blocked = (
+            int(th.blk_sigset)
+            if th is not None and th.HasField("blk_sigset")
+            else int(tc.blk_sigset)
+        )
+        pending = _sigmask(th.signals_p) if th is not None and th.HasField("signals_p") else 0
+        return x86_64.PrStatus(
+            si_signo=signal,
+            pr_cursig=signal,
+            pr_sigpend=pending | shared_pending,
+            pr_sighold=blocked,
+            pr_pid=t.tid,
+            pr_ppid=ppid,
+            pr_pgrp=proc.pgid,
+            pr_sid=proc.sid,
+            pr_reg=x86_64.pack_user_regs(thread_regs(p, t)),
+        ).pack()
+
+    def fpnotes(t: Thread) -> list[Note]:
+        ti = t.core.thread_info
+        if not ti.HasField("fpregs"):
+            return []
+        return [
+            Note(b"CORE", NT.PRFPREG, x86_64.pack_fxsave(ti.fpregs)),
+            Note(b"LINUX", NT.X86_XSTATE, x86_64.pack_xstate(ti.fpregs, layout)),
+        ]
+
+    notes = [Note(b"CORE", NT.PRSTATUS, prstatus(main))]
+    notes.append(
+        Note(b"CORE", NT.PRPSINFO, _prpsinfo(p, main, mm, proc.pgid, proc.sid, ppid, signal))
+    )
+    notes.append(Note(b"CORE", NT.SIGINFO, x86_64.pack_siginfo(signal)))
+    notes.append(Note(b"CORE", NT.AUXV, _auxv(mm)))
+    notes.append(Note(b"CORE", NT.FILE, _nt_file(p)))
+    notes.extend(fpnotes(main))
+    for t in ordered[1:]:
+        notes.append(Note(b"CORE", NT.PRSTATUS, prstatus(t)))
+        notes.extend(fpnotes(t))
+    if layout.components:
+        notes.append(Note(b"LINUX", NT.X86_XSAVE_LAYOUT, layout.pack_layout_note()))
+    return notes
+
+
+def _prpsinfo(
+    p: _Proc, main: Thread, mm: object, pgrp: int, sid: int, ppid: int, signal: int
+) -> bytes:
+    """fill_psinfo(): psargs are the first 79 bytes of the argument area, NULs as spaces."""
+    tc = main.core.tc
+    th = main.core.thread_core if main.core.HasField("thread_core") else None
+    arg_start = int(getattr(mm, "mm_arg_start", 0))
+    arg_end = int(getattr(mm, "mm_arg_end", 0))
+    n = max(0, min(arg_end - arg_start, x86_64.ELF_PRARGSZ - 1))
+    psargs = p.read(arg_start, n).replace(b"\0", b" ") if n else b""
+    uid = gid = 0
+    if th is not None and th.HasField("creds"):
+        uid, gid = int(th.creds.uid), int(th.creds.gid)
+    nice = int(th.sched_nice) if th is not None and th.HasField("sched_nice") else 0
+    flags = int(tc.flags) | PF_DUMPCORE | (PF_SIGNALED if signal else 0)
+    return x86_64.PrPsInfo(
+        pr_state=0,  # the dumping thread is running: "R"
+        pr_sname=b"R",
+        pr_zomb=0,
+        pr_nice=nice,
+        pr_flag=flags,
+        pr_uid=uid,
+        pr_gid=gid,
+        pr_pid=p.pid,
+        pr_ppid=ppid,
+        pr_pgrp=pgrp,
+        pr_sid=sid,
+        pr_fname=str(tc.comm).encode()[:15],
+        pr_psargs=psargs,
+    ).pack()
+
+
+def _auxv(mm: object) -> bytes:
+    """fill_auxv_note(): saved_auxv up to and including AT_NULL."""
+    raw = [int(v) for v in getattr(mm, "mm_saved_auxv", [])]
+    out: list[int] = []
+    for i in range(0, len(raw) - 1, 2):
+        out += [raw[i], raw[i + 1]]
+        if raw[i] == 0:
+            break
+    else:
+        out += [0, 0]
+    return struct.pack(f"<{len(out)}Q", *(v & 0xFFFFFFFFFFFFFFFF for v in out))
+
+
+def _nt_file(p: _Proc) -> bytes:
+    """fill_files_note(): count, page size, (start, end, pgoff in pages) per file-backed VMA,
+    then their NUL-terminated paths (d_path(), so unlinked files end in " (deleted)")."""
+    entries: list[tuple[int, int, int]] = []
+    names: list[bytes] = []
+    for vma in p.vmas:
+        mf = p.mapped(vma)
+        if mf is None:
+            if vma.has(VMA_AREA_SYSVIPC):
+                name = f"/SYSV{vma.shmid:08x} (deleted)"
+            elif vma.has(VMA_AREA_AIORING):
+                name = "/[aio] (deleted)"
+            else:
+                continue
+        else:
+            name = mf.name + (" (deleted)" if mf.deleted else "")
+        entries.append((vma.start, vma.end, vma.pgoff // PAGE_SIZE))
+        names.append(name.encode(errors="surrogateescape") + b"\0")
+    head = struct.pack("<QQ", len(entries), PAGE_SIZE)
+    body = b"".join(struct.pack("<QQQ", *e) for e in entries)
+    return head + body + b"".join(names)
+
+
+# --- the whole model ------------------------------------------------------------------------------
+
+
+def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar) -> CoreModel:
+    """The complete :class:`CoreModel` of process *pid*.
+
+    :raises ConversionError: missing or malformed images.
+    """
+    proc = images.process(pid)
+    mm = images.mm(pid)
+    warnings: list[str] = []
+    files = FileRoot(options.files_root)
+    try:
+        p = _Proc(images, pid, images.vmas(pid, mm), images.page_index(pid), files, warnings)
+        threads = [images.thread_core(tid) for tid in proc.threads]
+        mm_filter = _first(
+            options.coredump_filter, sidecar.coredump_filter, DEFAULT_COREDUMP_FILTER
+        )
+        signal = _first(options.signal, sidecar.signal, 0)
+        ppid = _first(_int(sidecar.extra.get("ppid")) if proc.ppid == 0 else None, proc.ppid, 0)
+        layout = _layout(sidecar)
+        p.vmas = split_vvar(p)
+        segments = [_segment(p, vma, vma_dump_size(p, vma, mm_filter)) for vma in p.vmas]
+        notes = build_notes(p, threads, mm, signal, ppid, layout)
+    except BaseException:
+        files.close()
+        raise
+    return CoreModel(pid, EM.X86_64, segments, notes, warnings, files)
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _first(*values: int | None) -> int:
+    for v in values:
+        if v is not None:
+            return v
+    raise AssertionError("no default")
+
+
+def _layout(sidecar: Sidecar) -> x86_64.XsaveLayout:
+    recorded = sidecar.extra.get("xsave_layout")
+    if isinstance(recorded, dict):
+        try:
+            return x86_64.XsaveLayout.from_dict(recorded)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ImageFormatError("livedump.json", f"bad xsave_layout: {e}") from e
+    return x86_64.host_xsave_layout()
