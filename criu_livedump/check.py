@@ -1,0 +1,273 @@
+"""``criu-livedump check``: can this host take live dumps, and how.
+
+:func:`run_check` gathers one :class:`Item` per fact (CRIU binary, ``criu check``, dirty
+tracking, privileges, core_pattern, core_uses_pid, scratch space). Items marked fatal mean live
+dumps cannot work here; the CLI prints the report and then fails with the first fatal reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from criu_livedump import criu, scratch
+from criu_livedump.errors import LivedumpError
+
+
+class CAP(IntEnum):
+    """Capability numbers used here (include/uapi/linux/capability.h)."""
+
+    SETGID = 6
+    SETUID = 7
+    SETPCAP = 8
+    SYS_PTRACE = 19
+    SYS_ADMIN = 21
+    SYS_NICE = 23
+    SYS_RESOURCE = 24
+    CHECKPOINT_RESTORE = 40
+
+
+def capabilities(pid: int | str = "self", which: str = "CapEff") -> int:
+    """A capability mask (``CapEff``, ``CapPrm``, ``CapBnd``...) from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(which + ":"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def has_cap(mask: int, cap: CAP) -> bool:
+    return bool(mask >> cap & 1)
+
+
+def cap_names(mask: int) -> list[str]:
+    """Names (``cap_sys_ptrace``...) of the capabilities set in *mask*, as setpriv spells them."""
+    return [_CAP_NAMES[bit] for bit in range(len(_CAP_NAMES)) if mask >> bit & 1]
+
+
+# include/uapi/linux/capability.h, in bit order.
+_CAP_NAMES = (
+    "cap_chown",
+    "cap_dac_override",
+    "cap_dac_read_search",
+    "cap_fowner",
+    "cap_fsetid",
+    "cap_kill",
+    "cap_setgid",
+    "cap_setuid",
+    "cap_setpcap",
+    "cap_linux_immutable",
+    "cap_net_bind_service",
+    "cap_net_broadcast",
+    "cap_net_admin",
+    "cap_net_raw",
+    "cap_ipc_lock",
+    "cap_ipc_owner",
+    "cap_sys_module",
+    "cap_sys_rawio",
+    "cap_sys_chroot",
+    "cap_sys_ptrace",
+    "cap_sys_pacct",
+    "cap_sys_admin",
+    "cap_sys_boot",
+    "cap_sys_nice",
+    "cap_sys_resource",
+    "cap_sys_time",
+    "cap_sys_tty_config",
+    "cap_mknod",
+    "cap_lease",
+    "cap_audit_write",
+    "cap_audit_control",
+    "cap_setfcap",
+    "cap_mac_override",
+    "cap_mac_admin",
+    "cap_syslog",
+    "cap_wake_alarm",
+    "cap_block_suspend",
+    "cap_audit_read",
+    "cap_perfmon",
+    "cap_bpf",
+    "cap_checkpoint_restore",
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the report.
+
+    :param key: stable name (JSON key).
+    :param text: the line a human reads.
+    :param fatal: live dumps cannot work while this holds.
+    :param data: the same facts for ``--json``.
+    :param hint: what to do about a fatal item.
+    """
+
+    key: str
+    text: str
+    fatal: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+    hint: str | None = None
+
+    @property
+    def label(self) -> str:
+        return _LABELS.get(self.key, self.key)
+
+
+_LABELS = {"criu_check": "criu check", "dirty_tracking": "dirty tracking"}
+_SETUP_HINT = "run `make setup`, or name a working binary with --criu PATH"
+
+
+@dataclass(frozen=True)
+class Report:
+    items: tuple[Item, ...]
+
+    @property
+    def problems(self) -> list[str]:
+        return [i.text for i in self.items if i.fatal]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def hint(self) -> str | None:
+        """The hint of the first fatal item."""
+        return next((i.hint for i in self.items if i.fatal), None)
+
+    def lines(self) -> list[str]:
+        return [f"{i.label}: {i.text}" for i in self.items]
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {i.key: i.data for i in self.items}
+        out["ok"] = self.ok
+        out["problems"] = self.problems
+        return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def _criu_items(explicit: str | None) -> list[Item]:
+    try:
+        binary = criu.find(explicit)
+    except LivedumpError as e:
+        return [
+            Item("criu", str(e), True, {"path": explicit, "error": str(e)}, e.hint or _SETUP_HINT)
+        ]
+    info: dict[str, Any] = {"path": str(binary.path), "source": binary.source}
+    if binary.skipped:
+        info["skipped"] = list(binary.skipped)
+    try:
+        ver = criu.version(binary)
+    except LivedumpError as e:
+        info["error"] = str(e)
+        return [Item("criu", str(e), True, info, e.hint or _SETUP_HINT)]
+    info["version"] = ver
+    too_old = criu.version_tuple(ver) < criu.MIN_VERSION
+    text = f"{binary.path} version {ver} ({binary.source})"
+    if too_old:
+        text += f": too old, need {'.'.join(map(str, criu.MIN_VERSION))} or later"
+    items = [Item("criu", text, too_old, info, _SETUP_HINT)]
+
+    try:
+        result = criu.check(binary)
+    except LivedumpError as e:
+        failed = {"passed": False, "message": str(e)}
+        return [*items, Item("criu_check", str(e), True, failed, e.hint or _SETUP_HINT)]
+    if result.passed:
+        check_text = f"passed ({result.message})"
+    else:
+        check_text = f"{binary.path}: `criu check` failed: {result.message}"
+    items.append(
+        Item(
+            "criu_check",
+            check_text,
+            not result.passed,
+            {"passed": result.passed, "message": result.message},
+            _SETUP_HINT,
+        )
+    )
+    dirty = result.passed and criu.feature(binary, "mem_dirty_track")
+    dirty_text = (
+        "available: pre-dump rounds shorten the freeze"
+        if dirty
+        else "unavailable (no soft-dirty tracking): no pre-dump rounds; the target stays frozen "
+        "while CRIU copies all its memory"
+    )
+    items.append(Item("dirty_tracking", dirty_text, False, {"available": dirty, "pre_dump": dirty}))
+    return items
+
+
+def _privilege_item() -> Item:
+    eff = capabilities()
+    euid = os.geteuid()
+    have = {c.name: has_cap(eff, c) for c in CAP}
+    can_cr = have["CHECKPOINT_RESTORE"] or have["SYS_ADMIN"]
+    data: dict[str, Any] = {"euid": euid, "root": euid == 0, "capabilities": have}
+    who = "root" if euid == 0 else f"uid {euid}"
+    if not can_cr:
+        return Item(
+            "privileges",
+            f"{who} without CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN): CRIU cannot dump; "
+            "live dumps need root or CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE",
+            True,
+            data,
+            "run as root, or grant CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE",
+        )
+    parts = [who, "CAP_CHECKPOINT_RESTORE" if have["CHECKPOINT_RESTORE"] else "CAP_SYS_ADMIN"]
+    notes = []
+    if have["SYS_PTRACE"]:
+        parts.append("CAP_SYS_PTRACE")
+    else:
+        notes.append("CAP_SYS_PTRACE missing: only your own processes can be dumped")
+    if not have["SYS_RESOURCE"]:
+        notes.append(
+            "CAP_SYS_RESOURCE missing: targets of other users are dumped by running CRIU as "
+            "their uid with ambient capabilities and --unprivileged"
+        )
+    data["notes"] = notes
+    text = " + ".join(parts) + ("; " + "; ".join(notes) if notes else "")
+    return Item("privileges", text, False, data)
+
+
+def _read_sysctl(name: str) -> str:
+    try:
+        return Path(f"/proc/sys/kernel/{name}").read_text().rstrip("\n")
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+
+
+def _scratch_item() -> Item:
+    data: dict[str, Any] = {}
+    texts = []
+    fatal = True
+    for label, path in (("tmpfs", scratch.TMPFS_SCRATCH), ("disk", scratch.DISK_SCRATCH)):
+        try:
+            sp = scratch.space(path)
+        except LivedumpError as e:
+            data[label] = {"path": str(path), "error": str(e)}
+            texts.append(f"{path} unusable ({e})")
+            continue
+        writable = os.access(path, os.W_OK | os.X_OK)
+        data[label] = {**sp.as_dict(), "writable": writable}
+        fatal = fatal and not writable
+        state = "" if writable else ", not writable"
+        texts.append(f"{path} ({sp.fstype}, {_gib(sp.free)} free{state})")
+    text = f"{texts[0]} when the target's RSS fits with margin, else {texts[1]}"
+    return Item("scratch", text, fatal, data, "make /var/tmp or /dev/shm writable")
+
+
+def run_check(criu_path: str | None = None) -> Report:
+    """Gather the report; never raises for a problem of the host (those are fatal items)."""
+    items = _criu_items(criu_path)
+    items.append(_privilege_item())
+    pattern = _read_sysctl("core_pattern")
+    uses_pid = _read_sysctl("core_uses_pid")
+    items.append(Item("core_pattern", pattern, False, {"value": pattern}))
+    items.append(Item("core_uses_pid", uses_pid, False, {"value": uses_pid}))
+    items.append(_scratch_item())
+    return Report(tuple(items))

@@ -1,0 +1,463 @@
+"""The ``criu-livedump`` command: a thin click shell over the library.
+
+stdout carries data only (JSON, or a core with ``dump -o -``); every message goes to stderr.
+:class:`LivedumpGroup` holds the one ``except`` ladder that turns library errors into
+``error: <message>`` lines, hints and :class:`ExitStatus` codes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from enum import IntEnum
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import click
+
+from criu_livedump import __version__
+from criu_livedump.errors import (
+    BlockerError,
+    ConvertFailedError,
+    CriuError,
+    CriuNotFoundError,
+    CriuUnusableError,
+    EnvironmentUnfitError,
+    LivedumpError,
+    PermissionDeniedError,
+    RequestError,
+    TargetError,
+)
+
+log = logging.getLogger("criu_livedump")
+
+
+class ExitStatus(IntEnum):
+    """Exit codes of ``criu-livedump``."""
+
+    OK = 0
+    FAILURE = 1  #: any other LivedumpError
+    USAGE = 2  #: bad command line (click's own code) or invalid option value
+    CRIU = 3  #: CRIU missing, unusable, or a CRIU command failed
+    PERMISSION = 4  #: the caller lacks a privilege
+    TARGET = 5  #: no such process, or it vanished
+    BLOCKED = 6  #: the target holds something CRIU cannot dump (refused before freezing)
+    CONVERSION = 7  #: the images could not be turned into a core
+    ENVIRONMENT = 8  #: `check` found that live dumps cannot work on this host
+    INTERRUPTED = 130  #: Ctrl-C
+    BROKEN_PIPE = 141  #: stdout closed early (128 + SIGPIPE)
+
+
+#: Most specific first: the first matching class decides the exit status.
+_STATUS_BY_ERROR: tuple[tuple[type[LivedumpError], ExitStatus], ...] = (
+    (RequestError, ExitStatus.USAGE),
+    (CriuNotFoundError, ExitStatus.CRIU),
+    (CriuUnusableError, ExitStatus.CRIU),
+    (CriuError, ExitStatus.CRIU),
+    (PermissionDeniedError, ExitStatus.PERMISSION),
+    (TargetError, ExitStatus.TARGET),
+    (BlockerError, ExitStatus.BLOCKED),
+    (ConvertFailedError, ExitStatus.CONVERSION),
+    (EnvironmentUnfitError, ExitStatus.ENVIRONMENT),
+)
+
+
+def _conversion_error() -> type[Exception]:
+    """converters' root error, imported lazily so that ``check`` works without the converter."""
+    try:
+        from converters.errors import ConversionError
+    except ImportError:  # pragma: no cover - converter package broken mid-development
+
+        class _NeverError(Exception):
+            pass
+
+        return _NeverError
+    return ConversionError
+
+
+def status_for(error: BaseException) -> ExitStatus:
+    """The exit status for a library error (see :data:`_STATUS_BY_ERROR`)."""
+    for cls, status in _STATUS_BY_ERROR:
+        if isinstance(error, cls):
+            return status
+    if isinstance(error, _conversion_error()):
+        return ExitStatus.CONVERSION
+    return ExitStatus.FAILURE
+
+
+def _say_error(message: str, hint: str | None = None) -> None:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+class LivedumpGroup(click.Group):
+    """A click group whose :meth:`invoke` is the one place errors become messages and codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        traceback = bool(ctx.params.get("traceback"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            if traceback:
+                raise
+            _say_error("interrupted")
+            ctx.exit(ExitStatus.INTERRUPTED)
+        except BrokenPipeError:
+            # Reader went away (e.g. `| head`): stop quietly; point stdout at /dev/null so that
+            # the interpreter's final flush does not raise again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(ExitStatus.BROKEN_PIPE)
+        except LivedumpError as e:
+            if traceback:
+                raise
+            _say_error(e.message, e.hint)
+            ctx.exit(status_for(e))
+        except Exception as e:
+            if not isinstance(e, _conversion_error()) or traceback:
+                raise
+            _say_error(str(e))
+            ctx.exit(ExitStatus.CONVERSION)
+
+
+@click.group(cls=LivedumpGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="criu-livedump")
+@click.option("--traceback", is_flag=True, help="Show the Python traceback of errors.")
+@click.option("-v", "--verbose", count=True, help="More messages on stderr (-vv: debug).")
+def cli(traceback: bool, verbose: int) -> None:
+    """Core dumps of running processes via CRIU, the process left running."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    _setup_logging(level)
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as ``warning: ...`` lines on the current stderr (CliRunner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(level: int) -> None:
+    for name in ("criu_livedump", "converters"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [_StderrHandler()]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def _emit_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=None, sort_keys=True))
+
+
+# --- check --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--criu", "criu_path", metavar="PATH", help="The CRIU binary to use.")
+def check(as_json: bool, criu_path: str | None) -> None:
+    """Report whether live dumps can work here, one line per fact."""
+    from criu_livedump.check import run_check
+
+    report = run_check(criu_path)
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        for line in report.lines():
+            click.echo(line)
+    if not report.ok:
+        raise EnvironmentUnfitError(
+            f"live dumps cannot work here: {report.problems[0]}",
+            hint=report.hint,
+        )
+
+
+# --- convert ------------------------------------------------------------------------------------
+
+
+def _parse_with(
+    parser: Callable[[str, str], int], flag: str
+) -> Callable[[click.Context, click.Parameter, str | None], int | None]:
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+        if value is None:
+            return None
+        return parser(value, f"{flag} {value}")
+
+    return callback
+
+
+def _parse_core_limit(value: str, culprit: str) -> int:
+    from criu_livedump.request import parse_size
+
+    return parse_size(value, culprit)
+
+
+def _parse_coredump_filter(value: str, culprit: str) -> int:
+    from criu_livedump.request import parse_coredump_filter
+
+    return parse_coredump_filter(value, culprit)
+
+
+def _parse_signal(value: str, culprit: str) -> int:
+    from criu_livedump.request import parse_signal
+
+    return parse_signal(value, culprit)
+
+
+@cli.command()
+@click.argument(
+    "images_dirs",
+    metavar="IMAGES_DIR...",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory for core.PID files (a subdirectory per IMAGES_DIR when several are given).",
+)
+@click.option("--pid", type=click.IntRange(min=1), help="Convert only this process of the tree.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--coredump-filter",
+    metavar="HEX",
+    callback=_parse_with(_parse_coredump_filter, "--coredump-filter"),
+    help="Override the recorded coredump_filter (default: from the images, else 0x33).",
+)
+@click.option(
+    "--core-limit",
+    metavar="BYTES|unlimited",
+    callback=_parse_with(_parse_core_limit, "--core-limit"),
+    help="Apply RLIMIT_CORE semantics (default: from the images, else unlimited).",
+)
+@click.option(
+    "--files-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Where mapped files are looked up.",
+)
+@click.option(
+    "--signal",
+    metavar="N",
+    callback=_parse_with(_parse_signal, "--signal"),
+    help="si_signo for the notes (default 0: no fatal signal).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def convert(
+    *,
+    images_dirs: tuple[Path, ...],
+    out_dir: Path,
+    pid: int | None,
+    jobs: int,
+    coredump_filter: int | None,
+    core_limit: int | None,
+    files_root: Path,
+    signal: int | None,
+    as_json: bool,
+) -> None:
+    """Convert CRIU image directories into ELF core files (core.PID per process)."""
+    from converters.options import ConvertOptions
+
+    options = ConvertOptions(
+        coredump_filter=coredump_filter,
+        core_limit=core_limit,
+        files_root=files_root,
+        signal=signal,
+        pid=pid,
+    )
+    targets = _output_dirs(images_dirs, out_dir)
+    for d in targets:
+        _make_dir(d)
+    outcomes = _run_conversions(list(zip(images_dirs, targets, strict=True)), options, jobs)
+
+    failed = [o for o in outcomes if o["error"] is not None]
+    if as_json:
+        _emit_json({"ok": not failed, "results": outcomes})
+    else:
+        for o in outcomes:
+            for core in o["cores"]:
+                mib = core["size"] / (1 << 20)
+                extra = " (truncated at the core limit)" if core["truncated"] else ""
+                click.echo(
+                    f"{core['path']}: {mib:.1f} MiB in {core['seconds']:.2f} s{extra}", err=True
+                )
+    if failed:
+        if len(outcomes) == 1:
+            raise ConvertFailedError(str(failed[0]["error"]))
+        for o in failed:
+            _say_error(str(o["error"]))
+        raise ConvertFailedError(f"{len(failed)} of {len(outcomes)} image directories failed")
+
+
+def _output_dirs(images_dirs: Sequence[Path], out_dir: Path) -> list[Path]:
+    """One output directory per image directory: *out_dir* itself for one, else a subdirectory
+    named after each image directory (numbered when names repeat)."""
+    if len(images_dirs) == 1:
+        return [out_dir]
+    seen: dict[str, int] = {}
+    dirs = []
+    for d in images_dirs:
+        name = d.resolve().name or "images"
+        seen[name] = seen.get(name, 0) + 1
+        dirs.append(out_dir / (name if seen[name] == 1 else f"{name}.{seen[name]}"))
+    return dirs
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LivedumpError(f"{path}: cannot create output directory: {e.strerror}") from e
+
+
+ProgressQueue = Any  # multiprocessing queue proxy: (index, done, total) tuples
+
+
+def _convert_one(
+    index: int, images_dir: Path, out_dir: Path, options: Any, progress: ProgressQueue | None
+) -> dict[str, Any]:
+    """Convert one directory (runs in a worker process); errors come back as data, since the
+    converter's exceptions need not be picklable."""
+    from converters import convert as convert_images
+    from converters.errors import ConversionError
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress.put((index, done, total))
+
+    outcome: dict[str, Any] = {"images_dir": str(images_dir), "cores": [], "error": None}
+    try:
+        results = convert_images(images_dir, out_dir, options, report)
+        outcome["cores"] = [r.as_dict() for r in results]
+    except ConversionError as e:
+        outcome["error"] = str(e)
+    except OSError as e:  # e.g. the images directory vanished
+        outcome["error"] = f"{images_dir}: {e.strerror or e}"
+    return outcome
+
+
+def _run_conversions(
+    work: list[tuple[Path, Path]], options: Any, jobs: int
+) -> list[dict[str, Any]]:
+    with _progress_bar(len(work)) as progress:
+        if jobs == 1 or len(work) == 1:
+            return [_convert_one(i, d, o, options, progress) for i, (d, o) in enumerate(work)]
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(jobs, len(work)), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            futures = [
+                pool.submit(_convert_one, i, d, o, options, progress)
+                for i, (d, o) in enumerate(work)
+            ]
+            return [f.result() for f in futures]
+
+
+@contextmanager
+def _progress_bar(count: int) -> Iterator[ProgressQueue | None]:
+    """A queue of (index, done, total) progress reports drawn as one bar (bytes done / total)
+    on stderr, or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    manager = multiprocessing.get_context("spawn").Manager()
+    reports: ProgressQueue = manager.Queue()
+    stop = threading.Event()
+
+    def draw() -> None:
+        done: dict[int, int] = {}
+        totals: dict[int, int] = {}
+        with click.progressbar(length=1, label="converting", file=sys.stderr) as bar:
+            while not stop.is_set() or not reports.empty():
+                try:
+                    index, d, t = reports.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                done[index], totals[index] = d, t
+                # Unknown totals of not-yet-started directories make the bar grow; that is fine.
+                bar.length = max(1, sum(totals.values()))
+                bar.update(sum(done.values()) - bar.pos)
+
+    drawer = threading.Thread(target=draw, daemon=True)
+    drawer.start()
+    try:
+        yield reports
+    finally:
+        stop.set()
+        drawer.join()
+        manager.shutdown()
+
+
+# --- dump ---------------------------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("pid", type=click.IntRange(min=1))
+@click.argument("spec", nargs=-1)
+@click.option("--core-limit", metavar="BYTES|unlimited", help="Core size limit (RLIMIT_CORE).")
+@click.option("--sched-prio", metavar="NICE", help="Nice value (-20..19) of CRIU and conversion.")
+@click.option("--io-prio", metavar="CLASS[:LEVEL]|N", help="I/O priority: N, idle, be:N, rt:N.")
+@click.option("--oom-adj", metavar="N|score:N", help="Legacy oom_adj (-17..15) or score:N.")
+@click.option("-o", "--output", metavar="PATH|-", help="Write the core here (- for stdout).")
+@click.option("--scratch", metavar="DIR", help="Parent directory for CRIU's images.")
+@click.option("--keep-images", is_flag=True, help="Keep CRIU's images (their path is printed).")
+@click.option("--coredump-filter", metavar="HEX", help="Override the target's coredump_filter.")
+@click.option("--pre-dump", metavar="N", help="Pre-dump rounds (needs dirty tracking).")
+@click.option("--signal", metavar="N", help="si_signo written to the notes (default 0).")
+@click.option("--force", is_flag=True, help="Dump a non-dumpable target (core owned by root).")
+@click.option("--tree", is_flag=True, help="Also write cores of the target's children.")
+@click.option("--method", metavar="auto|criu|clone", help="How to snapshot the target.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--criu", "criu_path", metavar="PATH", help="The CRIU binary to use.")
+def dump(
+    *,
+    pid: int,
+    spec: tuple[str, ...],
+    as_json: bool,
+    criu_path: str | None,
+    **flags: Any,
+) -> None:
+    """Write a core of running process PID, which keeps running.
+
+    SPEC words use the kernel livedump patch's syntax (core_limit=N|unlimited, sched_prio=N,
+    io_prio=N, oom_adj=N); flags win over them.
+    """
+    from criu_livedump.dump import live_dump
+    from criu_livedump.request import build_request
+
+    request = build_request(spec, **{k: v for k, v in flags.items() if v not in (None, False)})
+    report = live_dump(pid, request, criu_path=criu_path, stdout=_binary_stdout())
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        for line in report.lines():
+            click.echo(line, err=True)
+
+
+def _binary_stdout() -> IO[bytes]:
+    return sys.stdout.buffer
+
+
+def main() -> NoReturn:
+    """Console-script entry point."""
+    cli.main(prog_name="criu-livedump")
+    raise SystemExit(0)  # pragma: no cover - click's main always exits

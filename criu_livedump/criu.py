@@ -1,0 +1,629 @@
+"""Running CRIU: finding the binary, ``criu check``, and ``criu dump --leave-running``.
+
+This is the only module that starts CRIU (or any subprocess of the dump path). It also owns
+the promise the design makes to the user: whatever happens to CRIU, the target is running
+again when :func:`dump` returns or raises (:func:`ensure_running`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from criu_livedump.errors import (
+    CriuError,
+    CriuNotFoundError,
+    CriuUnusableError,
+    LivedumpError,
+    TargetError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Where ``make setup`` installs the CRIU it builds.
+DEFAULT_CRIU = Path("/usr/local/sbin/criu")
+#: Oldest CRIU that works on current kernels (3.17 fails on the ``[vvar_vclock]`` mapping).
+MIN_VERSION = (4, 1)
+#: Options every live dump gets. ``--tcp-close`` only skips dumping TCP state and leaves the
+#: target's connections alone, whereas ``--tcp-established`` puts live sockets in repair mode
+#: (clients stalled for hundreds of ms), so it is never used.
+LIVE_OPTIONS = (
+    "--leave-running",
+    "--tcp-close",
+    "--skip-in-flight",
+    "--shell-job",
+    "--file-locks",
+    "--network-lock",
+    "skip",
+)
+DUMP_LOG = "dump.log"
+PRE_DUMP_LOG = "pre-dump.log"
+STATS_DUMP = "stats-dump"
+#: Seconds ``criu check`` and ``criu --version`` may take.
+QUICK_TIMEOUT = 60.0
+#: Seconds to let CRIU finish after Ctrl-C before it is killed: interrupting it while its
+#: parasite is inside the target is worse than waiting.
+INTERRUPT_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class Criu:
+    """A CRIU binary and why it was chosen.
+
+    :param path: the executable.
+    :param source: how it was found ("given by --criu", "from $CRIU", ...).
+    :param skipped: candidates passed over on the way, each with the reason.
+    """
+
+    path: Path
+    source: str
+    skipped: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.source})"
+
+
+def find(
+    explicit: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Criu:
+    """Find CRIU: ``--criu PATH``, then ``$CRIU``, then ``criu`` on PATH, then :data:`DEFAULT_CRIU`.
+
+    A binary named explicitly (option or variable) must be usable; a ``criu`` on PATH that is
+    older than :data:`MIN_VERSION` is passed over in favour of the one setup installs.
+
+    :raises CriuUnusableError: an explicitly named binary is missing or not executable.
+    :raises CriuNotFoundError: nothing usable anywhere.
+    """
+    env = os.environ if environ is None else environ
+    if explicit is not None:
+        return Criu(_require_executable(Path(explicit)), "given by --criu")
+    if env.get("CRIU"):
+        return Criu(_require_executable(Path(env["CRIU"])), "from $CRIU")
+    skipped: list[str] = []
+    on_path = shutil.which("criu", path=env.get("PATH", os.defpath))
+    if on_path:
+        found = Path(on_path)
+        try:
+            ver = version(Criu(found, "PATH"))
+        except LivedumpError as e:
+            skipped.append(f"{found}: {e}")
+        else:
+            if version_tuple(ver) >= MIN_VERSION:
+                return Criu(found, "first criu on PATH")
+            skipped.append(f"{found}: version {ver} is older than {_dotted(MIN_VERSION)}")
+    if _is_executable(DEFAULT_CRIU):
+        return Criu(DEFAULT_CRIU, "setup's install location", tuple(skipped))
+    raise CriuNotFoundError(
+        ["--criu", "$CRIU", "PATH", str(DEFAULT_CRIU)] + [f"skipped {s}" for s in skipped]
+    )
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _require_executable(path: Path) -> Path:
+    if not path.exists():
+        raise CriuUnusableError(str(path), "no such file")
+    if not path.is_file():
+        raise CriuUnusableError(str(path), "not a regular file")
+    if not os.access(path, os.X_OK):
+        raise CriuUnusableError(str(path), "not executable", hint=f"chmod +x {path}, or fix --criu")
+    return path
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _dotted(ver: tuple[int, ...]) -> str:
+    return ".".join(str(v) for v in ver)
+
+
+def _run_quick(criu: Criu, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run a short CRIU command (no target involved) and capture its output."""
+    argv = [str(criu.path), *args]
+    try:
+        return subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=QUICK_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CriuUnusableError(
+            str(criu.path), f"`{' '.join(args)}` did not finish in {QUICK_TIMEOUT:.0f} s"
+        ) from e
+    except OSError as e:
+        raise CriuUnusableError(str(criu.path), _exec_problem(e)) from e
+
+
+def _exec_problem(e: OSError) -> str:
+    if e.errno == errno.ENOEXEC:
+        return "not an executable program (exec format error)"
+    if e.errno == errno.EACCES:
+        return "permission denied when executing it"
+    if e.errno == errno.ENOENT:
+        return "no such file (or its interpreter is missing)"
+    return f"cannot execute: {os.strerror(e.errno or 0)}"
+
+
+def version(criu: Criu) -> str:
+    """The version CRIU reports (``criu --version``), e.g. ``"4.2.1"``.
+
+    :raises CriuUnusableError: the binary does not run or does not print a CRIU version.
+    """
+    proc = _run_quick(criu, ["--version"])
+    for line in proc.stdout.splitlines():
+        if line.startswith("Version:"):
+            return line.split(":", 1)[1].strip()
+    what = _first_line(proc.stdout + proc.stderr) or f"exit status {proc.returncode}"
+    raise CriuUnusableError(str(criu.path), f"not a CRIU binary (`--version` said: {what})")
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _last_lines(text: str, n: int = 1) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " / ".join(lines[-n:])
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of ``criu check``: passed or not, and CRIU's own words."""
+
+    passed: bool
+    message: str
+
+
+def check(criu: Criu) -> CheckResult:
+    """Run ``criu check`` (the kernel has what CRIU needs to dump).
+
+    :raises CriuUnusableError: the binary cannot be executed at all.
+    """
+    proc = _run_quick(criu, ["check"])
+    text = proc.stdout + proc.stderr
+    if proc.returncode == 0:
+        return CheckResult(True, _last_lines(text) or "passed")
+    if proc.returncode < 0:
+        return CheckResult(False, f"killed by signal {-proc.returncode}")
+    errors = [ln.strip() for ln in text.splitlines() if "Error" in ln]
+    detail = errors[-1] if errors else _last_lines(text)
+    return CheckResult(False, detail or f"exit status {proc.returncode}")
+
+
+def require_working(criu: Criu) -> str:
+    """Check that *criu* runs, is recent enough and passes ``criu check``; return its version.
+
+    :raises CriuUnusableError: naming the binary and what is wrong with it.
+    """
+    ver = version(criu)
+    if version_tuple(ver) < MIN_VERSION:
+        raise CriuUnusableError(
+            str(criu.path),
+            f"CRIU {ver} is too old (need {_dotted(MIN_VERSION)} or later)",
+            hint="run `make setup` to build a current CRIU",
+        )
+    result = check(criu)
+    if not result.passed:
+        raise CriuUnusableError(str(criu.path), f"`criu check` failed: {result.message}")
+    return ver
+
+
+def feature(criu: Criu, name: str) -> bool:
+    """Whether ``criu check --feature NAME`` succeeds (e.g. ``mem_dirty_track``)."""
+    return _run_quick(criu, ["check", "--feature", name]).returncode == 0
+
+
+# --- dump ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DumpStats:
+    """CRIU's ``stats-dump`` (struct dump_stats_entry in images/stats.proto); times in µs."""
+
+    freezing_time: int = 0
+    frozen_time: int = 0
+    memdump_time: int = 0
+    memwrite_time: int = 0
+    pages_scanned: int = 0
+    pages_skipped_parent: int = 0
+    pages_written: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "freezing_time_us": self.freezing_time,
+            "frozen_time_us": self.frozen_time,
+            "memdump_time_us": self.memdump_time,
+            "memwrite_time_us": self.memwrite_time,
+            "pages_scanned": self.pages_scanned,
+            "pages_skipped_parent": self.pages_skipped_parent,
+            "pages_written": self.pages_written,
+        }
+
+
+@dataclass(frozen=True)
+class DumpJob:
+    """What to ask of CRIU for one live dump.
+
+    :param pid: root of the tree CRIU collects (CRIU always takes the whole tree below it).
+    :param scratch: private directory; rounds go to ``scratch/1 .. scratch/N+1``.
+    :param externals: ``--external`` resources (``file[mnt_id:inode]``, ``unix[ino]``).
+    :param pre_dump_rounds: ``criu pre-dump --track-mem`` rounds before the dump; only honoured
+        when the caller checked ``mem_dirty_track`` (see :func:`dump`).
+    :param extra_args: further CRIU options (e.g. ``--unprivileged``, ``--ghost-limit``).
+    :param preexec: run in CRIU's process before exec (priorities, credentials).
+    :param wrapper: argv prefix to run CRIU under (e.g. ``setpriv ... --``).
+    :param timeout: seconds before CRIU is killed.
+    """
+
+    pid: int
+    scratch: Path
+    externals: tuple[str, ...] = ()
+    pre_dump_rounds: int = 0
+    extra_args: tuple[str, ...] = ()
+    preexec: Callable[[], None] | None = None
+    wrapper: tuple[str, ...] = ()
+    timeout: float = 600.0
+    verbosity: int = 4
+    env: Mapping[str, str] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    """Where CRIU left the images and what it measured."""
+
+    images_dir: Path
+    stats: DumpStats
+    seconds: float
+    rounds: int
+    resumed_by_us: bool = False
+    commands: tuple[tuple[str, ...], ...] = ()
+
+
+def dump_argv(
+    criu: Criu,
+    pid: int,
+    images_dir: Path,
+    *,
+    action: str = "dump",
+    track_mem: bool = False,
+    prev_images_dir: str | None = None,
+    externals: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    verbosity: int = 4,
+) -> list[str]:
+    """The CRIU command line for one pre-dump or dump round.
+
+    :param action: ``"dump"`` or ``"pre-dump"``.
+    :param prev_images_dir: the previous round's directory *relative to images_dir* (CRIU
+        resolves it that way and links it as ``parent``).
+    """
+    if action not in ("dump", "pre-dump"):
+        raise ValueError(f"unknown CRIU action {action!r}")
+    log_name = DUMP_LOG if action == "dump" else PRE_DUMP_LOG
+    argv = [str(criu.path), action, "-t", str(pid), "-D", str(images_dir)]
+    argv += ["-o", log_name, f"-v{verbosity}"]
+    argv += LIVE_OPTIONS
+    if track_mem:
+        argv.append("--track-mem")
+    if prev_images_dir is not None:
+        argv += ["--prev-images-dir", prev_images_dir]
+    for ext in externals:
+        argv += ["--external", ext]
+    argv += extra_args
+    if "--tcp-established" in argv:
+        raise ValueError("--tcp-established stalls the target's clients; it is never used")
+    return argv
+
+
+def plan_rounds(criu: Criu, job: DumpJob) -> list[list[str]]:
+    """Every CRIU command of *job*, in order: pre-dump rounds, then the final dump.
+
+    Round *k* writes ``scratch/k``; each round after the first names the one before it as
+    ``--prev-images-dir ../k-1`` so that unchanged pages stay in the parent (the converter
+    follows ``parent`` links).
+    """
+    cmds: list[list[str]] = []
+    rounds = job.pre_dump_rounds
+    for k in range(1, rounds + 2):
+        action = "pre-dump" if k <= rounds else "dump"
+        cmds.append(
+            [
+                *job.wrapper,
+                *dump_argv(
+                    criu,
+                    job.pid,
+                    job.scratch / str(k),
+                    action=action,
+                    track_mem=rounds > 0,
+                    prev_images_dir=f"../{k - 1}" if k > 1 else None,
+                    externals=job.externals,
+                    extra_args=job.extra_args,
+                    verbosity=job.verbosity,
+                ),
+            ]
+        )
+    return cmds
+
+
+def dump(criu: Criu, job: DumpJob) -> DumpResult:
+    """Run the pre-dump rounds (if any) and ``criu dump --leave-running`` of *job*.
+
+    The caller decides ``job.pre_dump_rounds`` after :func:`feature` ``("mem_dirty_track")``;
+    pre-dump without dirty tracking would copy all memory each round for nothing.
+    Whatever happens, :func:`ensure_running` runs before this returns or raises.
+
+    :raises CriuError: a round failed (argv, return code and the tail of its log attached).
+    :raises TargetError: the target vanished.
+    """
+    was_stopped = _is_stopped(job.pid)
+    cmds = plan_rounds(criu, job)
+    start = time.monotonic()
+    resumed = False
+    try:
+        for argv in cmds:
+            images = Path(argv[argv.index("-D") + 1])
+            images.mkdir(mode=0o700, parents=True, exist_ok=False)
+            _run_round(argv, images, job)
+    finally:
+        resumed = ensure_running(job.pid, was_stopped)
+    seconds = time.monotonic() - start
+    final = Path(cmds[-1][cmds[-1].index("-D") + 1])
+    return DumpResult(
+        images_dir=final,
+        stats=read_stats(final / STATS_DUMP),
+        seconds=seconds,
+        rounds=len(cmds),
+        resumed_by_us=resumed,
+        commands=tuple(tuple(c) for c in cmds),
+    )
+
+
+def _run_round(argv: list[str], images: Path, job: DumpJob) -> None:
+    action = argv[len(job.wrapper) + 1]
+    log_path = images / (DUMP_LOG if action == "dump" else PRE_DUMP_LOG)
+    log.debug("running %s", " ".join(argv))
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C at the terminal must not reach CRIU while its parasite
+            # is inside the target; we decide when to stop it.
+            start_new_session=True,
+            preexec_fn=job.preexec,  # noqa: PLW1509 (the CLI is single-threaded here)
+            env=None if job.env is None else dict(job.env),
+        )
+    except OSError as e:
+        raise CriuUnusableError(argv[0], _exec_problem(e)) from e
+    out = _wait(proc, job.timeout, argv)
+    if proc.returncode != 0:
+        tail = _log_tail(log_path) or out
+        hint = None
+        if "Can't get rlimit" in tail or "Operation not permitted" in tail:
+            hint = "CRIU lacked a privilege; see `criu-livedump check`"
+        raise CriuError(argv, proc.returncode, tail, log_path=str(log_path), hint=hint)
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float, argv: Sequence[str]) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise CriuError(
+            argv, -signal.SIGKILL, f"killed after {timeout:.0f} s", hint="raise --timeout"
+        ) from None
+    except KeyboardInterrupt:
+        # Let CRIU finish (it leaves the target running); kill it only if it dawdles.
+        try:
+            proc.communicate(timeout=INTERRUPT_GRACE)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.communicate()
+        raise
+    return out.decode(errors="replace") if out else ""
+
+
+def _log_tail(path: Path, n: int = 15) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-n:])
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state from /proc/PID/status, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return line.split()[1]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def _is_stopped(pid: int) -> bool:
+    state = _proc_state(pid)
+    if state is None:
+        raise TargetError(pid, "no such process")
+    return state in ("T", "t")
+
+
+def _thread_states(pid: int) -> list[str]:
+    states: list[str] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return states
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                # The state follows the last ')' (comm may contain parentheses).
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    return states
+
+
+def ensure_running(pid: int, was_stopped: bool = False) -> bool:
+    """Make sure *pid* is not left stopped by the dump; return True if we had to resume it.
+
+    CRIU seizes every thread; if CRIU dies while they are seized, the kernel detaches them
+    on its exit (kernel/ptrace.c exit_ptrace()) but a pending group stop can leave them in
+    state T. A target that was stopped before the dump is left as it was.
+    """
+    if was_stopped:
+        return False
+    states = _thread_states(pid)
+    if not any(s in ("T", "t") for s in states):
+        return False
+    # Give a just-exited CRIU's detach a moment to land before deciding (tracer exit is
+    # asynchronous to us); then continue whatever is still stopped.
+    for _ in range(50):
+        states = _thread_states(pid)
+        if not any(s == "t" for s in states):
+            break
+        time.sleep(0.01)
+    if any(s in ("T", "t") for s in states):
+        log.warning("process %d was left stopped; sending SIGCONT", pid)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return False
+        return True
+    return False
+
+
+# --- stats-dump ---------------------------------------------------------------------------------
+
+#: CRIU image magics (criu/include/magic.h): service images start with IMG_SERVICE_MAGIC.
+IMG_SERVICE_MAGIC = 0x55105940
+STATS_MAGIC = 0x57093306
+_DUMP_STATS_FIELDS = {
+    1: "freezing_time",
+    2: "frozen_time",
+    3: "memdump_time",
+    4: "memwrite_time",
+    5: "pages_scanned",
+    6: "pages_skipped_parent",
+    7: "pages_written",
+}
+
+
+def read_stats(path: Path) -> DumpStats:
+    """Read CRIU's ``stats-dump``; a missing or unreadable file gives zeros (with a warning).
+
+    The converter's image reader is the one place that may decode images with pycriu; until it
+    exposes ``converters.images.read_stats``, :func:`_decode_stats_temporary` reads the few
+    varint fields itself.
+    """
+    reader: Callable[[Path], dict[str, int]]
+    try:
+        from converters.images import read_stats as reader
+    except ImportError:  # converter not importable yet: TEMPORARY fallback
+        reader = _read_stats_temporary
+    try:
+        raw = reader(path)
+        values = {k: int(raw.get(k, 0)) for k in _DUMP_STATS_FIELDS.values()}
+    except Exception as e:  # OSError, or the converter's ConversionError family
+        log.warning("%s: cannot read CRIU's statistics (%s)", path, e)
+        return DumpStats()
+    return DumpStats(**values)
+
+
+def _read_stats_temporary(path: Path) -> dict[str, int]:
+    return _decode_stats_temporary(path.read_bytes())
+
+
+def _decode_stats_temporary(data: bytes) -> dict[str, int]:
+    """TEMPORARY: decode stats-dump (two magics, u32 size, stats_entry protobuf) by hand.
+
+    To be replaced by ``converters.images.read_stats`` once the lead's image reader has it.
+
+    :raises ValueError: wrong magic or malformed protobuf.
+    """
+    if len(data) < 12:
+        raise ValueError("truncated")
+    m1, m2, size = struct.unpack_from("<III", data, 0)
+    if (m1, m2) != (IMG_SERVICE_MAGIC, STATS_MAGIC):
+        raise ValueError(f"wrong magic {m1:#x} {m2:#x}")
+    entry = data[12 : 12 + size]
+    dump_msg = b""
+    for num, wire, value in _pb_fields(entry):
+        if num == 1 and wire == 2 and isinstance(value, bytes):
+            dump_msg = value
+    out = dict.fromkeys(_DUMP_STATS_FIELDS.values(), 0)
+    for num, wire, value in _pb_fields(dump_msg):
+        if wire == 0 and num in _DUMP_STATS_FIELDS and isinstance(value, int):
+            out[_DUMP_STATS_FIELDS[num]] = value
+    return out
+
+
+def _pb_fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:
+    """TEMPORARY: the (field number, wire type, value) triples of a protobuf message."""
+    fields: list[tuple[int, int, int | bytes]] = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            fields.append((num, wire, value))
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > len(buf):
+                raise ValueError("truncated field")
+            fields.append((num, wire, buf[pos : pos + length]))
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return fields
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
