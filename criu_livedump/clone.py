@@ -1,0 +1,812 @@
+"""The clone snapshot: freeze the target for the time a fork takes, and let CRIU dump the fork.
+
+Steps (issue 5):
+
+1. PTRACE_SEIZE + PTRACE_INTERRUPT every thread until ``/proc/PID/task`` is stable; save each
+   thread's registers, FXSAVE and XSAVE areas and blocked-signal mask.
+2. In one thread, inject ``clone(flags=0)``: a copy-on-write copy of the process with no exit
+   signal, so the target never gets SIGCHLD for it and a plain ``waitpid(-1)`` never reaps it.
+3. The clone is auto-attached (PTRACE_O_TRACECLONE) with PTRACE_O_EXITKILL inherited at birth,
+   so it dies with this process and never runs a user instruction.
+4. Restore the injecting thread and detach every thread: the target runs on.
+5. In the clone: ``close_range(0, ~0U, 0)``, ``setsid()``, and mappings CRIU refuses (io_uring
+   rings, SysV shared memory) are copied to a side file and unmapped.
+
+:meth:`CloneSnapshot.release_for_criu` then leaves the clone asleep for ``criu dump -t CLONE``,
+and :meth:`CloneSnapshot.kill` makes sure, whatever happened, that the clone is gone (reaped
+from the target by one more injected ``wait4``) and the target runs.
+
+Registers are injected the way CRIU's compel does it (compel/src/lib/infect.c:
+``compel_execute_syscall()``, ``parasite_run()``, ``restore_thread_ctx()``; compel/arch/x86/src/
+lib/infect.c: ``parasite_setup_regs()`` sets orig_ax to -1 so no syscall-restart logic runs,
+``compel_get_task_regs()`` turns an interrupted syscall back into its restart), except that we
+never write code into the target: the ``syscall`` instruction is the one at rip-2 when the thread
+sits in a syscall, else one found in the vDSO, and PTRACE_SYSCALL stops us at its exit where
+compel traps on an ``int3`` of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from criu_livedump import ptrace
+from criu_livedump.errors import LivedumpError, TargetError
+from criu_livedump.ptrace import Event, Opt, PtraceError, UserRegs
+
+log = logging.getLogger(__name__)
+
+#: Test hook: when set to a step name, the snapshot stops there (printing ``paused STEP`` on
+#: stderr) so that a test can kill the tool at that point.
+PAUSE_ENV: Final = "CRIU_LIVEDUMP_CLONE_PAUSE"
+#: The steps :data:`PAUSE_ENV` accepts, in order.
+PAUSE_STEPS: Final = ("seized", "cloned", "detached", "prepared", "released")
+
+
+class SYS:
+    """x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)."""
+
+    munmap: Final = 11
+    pause: Final = 34
+    epoll_wait: Final = 232
+    epoll_pwait: Final = 281
+    epoll_pwait2: Final = 441
+    clone: Final = 56
+    wait4: Final = 61
+    setsid: Final = 112
+    restart_syscall: Final = 219
+    close_range: Final = 436
+
+
+# include/linux/errno.h: the kernel-internal restart codes a stopped syscall can show in rax
+ERESTARTSYS: Final = 512
+ERESTARTNOINTR: Final = 513
+ERESTARTNOHAND: Final = 514
+ERESTART_RESTARTBLOCK: Final = 516
+_SYSCALL_INSN: Final = b"\x0f\x05"
+_ALL_SIGNALS: Final = (1 << 64) - 1
+#: Syscalls that fail with EINTR on *any* wake-up, even a ptrace interrupt (fs/eventpoll.c:
+#: ep_poll() returns -EINTR whenever signal_pending(); signal(7) lists epoll_wait among the calls
+#: a SIGSTOP/SIGCONT cycle interrupts). See :func:`resume_regs`.
+_EINTR_ON_INTERRUPT: Final = {
+    # syscall number -> register holding its timeout (an int of milliseconds)
+    SYS.epoll_wait: "r10",
+    SYS.epoll_pwait: "r10",
+}
+_WNOHANG: Final = 1
+_U64: Final = (1 << 64) - 1
+
+
+class CloneError(LivedumpError):
+    """The clone snapshot failed; the target has been left running."""
+
+
+class CloneRefusedError(CloneError):
+    """The target cannot be snapshotted by cloning (``--method auto`` falls back to CRIU).
+
+    :param pid: the target.
+    :param reason: one sentence saying why.
+    """
+
+    def __init__(self, pid: int, reason: str) -> None:
+        super().__init__(
+            f"process {pid}: cannot use the clone method: {reason}",
+            hint="use --method criu",
+        )
+        self.pid = pid
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ThreadState:
+    """One thread of the target as it was at the freeze (step 1).
+
+    :ivar regs: ``struct user_regs_struct`` exactly as PTRACE_GETREGS returned it (for a thread
+        inside an interrupted syscall: rip after the syscall, rax the -ERESTART* code).
+    :ivar fpregs: the 512-byte FXSAVE area (NT_PRFPREG).
+    :ivar xstate: the XSAVE area (NT_X86_XSTATE), empty without XSAVE.
+    :ivar sigmask: blocked signals, bit N-1 for signal N.
+    """
+
+    tid: int
+    regs: bytes
+    fpregs: bytes
+    xstate: bytes
+    sigmask: int
+    comm: str
+    #: a signal the thread does not block is pending for it (its EINTR, if any, is real)
+    signal_pending: bool = False
+
+    @property
+    def user_regs(self) -> UserRegs:
+        return UserRegs.from_buffer_copy(self.regs)
+
+
+@dataclass(frozen=True)
+class SideMapping:
+    """A mapping CRIU refuses, copied out of the clone and unmapped there before CRIU ran.
+
+    :ivar kind: ``"sysv"`` or ``"io_uring"``.
+    :ivar name: the mapping's name in /proc/PID/maps (``/SYSV0000abcd (deleted)``).
+    :ivar data_file: where its bytes are (``end - start`` bytes at *data_offset*); None when the
+        bytes could not be read (the range becomes a hole).
+    """
+
+    start: int
+    end: int
+    perms: str
+    pgoff: int
+    dev: str
+    inode: int
+    name: str
+    kind: str
+    data_file: Path | None
+    data_offset: int
+
+
+@dataclass
+class CloneSnapshot:
+    """A stopped copy-on-write clone of a target, and the target's state at the clone.
+
+    Use it as a context manager (or call :meth:`kill`) so that the clone never outlives it.
+    """
+
+    pid: int
+    clone_pid: int
+    threads: tuple[ThreadState, ...]
+    freeze_seconds: float
+    pgid: int
+    sid: int
+    side_mappings: tuple[SideMapping, ...] = ()
+    #: the thread the clone was made from (its comm and TLS are the clone's)
+    injector_tid: int = 0
+    _pidfd: int = field(default=-1, repr=False)
+    _held: bool = field(default=True, repr=False)
+    _syscall_ip: int = field(default=0, repr=False)
+    _dead: bool = field(default=False, repr=False)
+
+    def release_for_criu(self) -> None:
+        """Detach from the clone, leaving it asleep in ``pause()`` for ``criu dump -t CLONE``.
+
+        Not a SIGSTOP: a group stop is reported to the real parent, the target, as SIGCHLD
+        (kernel/signal.c: ``do_notify_parent_cldstop()`` ignores the exit signal). The clone
+        instead enters ``pause()`` with every signal blocked (its mask was the injecting
+        thread's, all blocked, at the fork): only SIGKILL or CRIU's own PTRACE_INTERRUPT end it,
+        and CRIU then sees an ordinary interrupted syscall it restarts or kills.
+
+        :raises CloneError: the clone vanished.
+        """
+        if not self._held:
+            return
+        cpid = self.clone_pid
+        try:
+            regs = _syscall_regs(ptrace.get_regs(cpid), self._syscall_ip, SYS.pause)
+            ptrace.set_regs(cpid, regs)
+            ptrace.syscall(cpid)
+            _expect_syscall_stop(cpid)  # entry: detach from here runs the syscall itself
+            ptrace.detach(cpid)
+        except PtraceError as e:
+            raise CloneError(f"clone {cpid} of process {self.pid}: {e}") from e
+        self._held = False
+        _hook("released")
+
+    def kill(self) -> None:
+        """Kill the clone and reap it from the target; idempotent, never raises.
+
+        Whatever state the clone is in (held by us, stopped for CRIU, dumped and killed by CRIU),
+        it is gone afterwards. Its zombie belongs to the target (exit signal 0: a plain wait
+        there never sees it), so one thread of the target is briefly seized to ``wait4()`` it.
+        """
+        if self._dead:
+            return
+        self._dead = True
+        try:
+            if self._pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            if self._held:
+                # Tracer's wait: the tracee's exit is reported to us, then it is left to the
+                # real parent (kernel/exit.c: wait_task_zombie(), EXIT_TRACE).
+                with contextlib.suppress(ChildProcessError):
+                    _wait_exit(self.clone_pid)
+                self._held = False
+            _wait_zombie(self.clone_pid, timeout=5.0)
+            _reap_in_target(self.pid, self.clone_pid, self.injector_tid, self._syscall_ip)
+        except (PtraceError, OSError, LivedumpError) as e:
+            log.warning("clone %d of process %d: cleanup: %s", self.clone_pid, self.pid, e)
+        finally:
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    def __enter__(self) -> CloneSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def clone_snapshot(
+    pid: int, *, timeout: float = 10.0, side_dir: Path | None = None
+) -> CloneSnapshot:
+    """Steps 1-5: a stopped, prepared copy-on-write clone of process *pid*, target running.
+
+    :param timeout: seconds to wait for the target's threads to stop.
+    :param side_dir: where the bytes of mappings CRIU refuses are copied (default: a file in the
+        current directory is never written; without *side_dir* such mappings are refused).
+    :raises CloneRefusedError: the target is traced or runs under seccomp.
+    :raises TargetError: the target vanished.
+    :raises CloneError: anything else; the target is left running and no clone is alive.
+    """
+    _check_target(pid)
+    start = time.monotonic()
+    threads: dict[int, ThreadState] = {}
+    seized: list[int] = []
+    injector = 0
+    injector_saved: UserRegs | None = None
+    restore_regs: UserRegs | None = None
+    injector_mask = 0
+    clone_pid = 0
+    pidfd = -1
+    syscall_ip = 0
+    try:
+        _seize_all(pid, seized, timeout)
+        for tid in seized:
+            threads[tid] = _save_thread(pid, tid)
+            # Before anything else can go wrong: an EINTR our interrupt caused becomes a restart.
+            fixed = _eintr_fixup(threads[tid].user_regs, threads[tid].signal_pending)
+            if fixed is not None:
+                ptrace.set_regs(tid, fixed)
+        pgid, sid = _pgid_sid(pid)
+        _hook("seized")
+
+        injector = pid if pid in threads else seized[0]
+        injector_saved = UserRegs.from_buffer_copy(threads[injector].regs)
+        injector_mask = threads[injector].sigmask
+        syscall_ip = _syscall_address(pid, injector_saved)
+        restore_regs = resume_regs(injector_saved, signal_pending=threads[injector].signal_pending)
+        clone_pid = _inject_clone(injector, injector_saved, restore_regs, injector_mask, syscall_ip)
+        pidfd = os.pidfd_open(clone_pid)
+        _hook("cloned")
+
+        for tid in seized:
+            with contextlib.suppress(ProcessLookupError, PtraceError):
+                ptrace.detach(tid)
+        seized.clear()
+        freeze = time.monotonic() - start
+        _hook("detached")
+    except BaseException as e:
+        # Step 7: whatever failed, the target runs on and the clone dies with us.
+        if injector_saved is not None and injector in seized:
+            with contextlib.suppress(PtraceError):
+                ptrace.set_regs(injector, restore_regs or injector_saved)
+                ptrace.set_sigmask(injector, injector_mask)
+                ptrace.set_options(injector, Opt(0))
+        for tid in seized:
+            with contextlib.suppress(PtraceError):
+                ptrace.detach(tid)
+        if clone_pid:
+            snap_fail = CloneSnapshot(pid, clone_pid, (), 0.0, 0, 0, _pidfd=pidfd)
+            snap_fail.injector_tid = injector
+            snap_fail._syscall_ip = syscall_ip
+            snap_fail.kill()
+        if isinstance(e, PtraceError):
+            if e.errno == errno.ESRCH and not Path(f"/proc/{pid}").exists():
+                raise TargetError(pid, "exited during the clone snapshot") from e
+            raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
+        raise
+
+    snap = CloneSnapshot(
+        pid=pid,
+        clone_pid=clone_pid,
+        threads=tuple(threads[t] for t in sorted(threads)),
+        freeze_seconds=freeze,
+        pgid=pgid,
+        sid=sid,
+        injector_tid=injector,
+        _pidfd=pidfd,
+        _syscall_ip=syscall_ip,
+    )
+    try:
+        snap.side_mappings = _prepare_clone(snap, side_dir)
+        _hook("prepared")
+    except BaseException as e:
+        snap.kill()
+        if isinstance(e, PtraceError):
+            raise CloneError(f"clone {clone_pid} of process {pid}: {e}") from e
+        raise
+    return snap
+
+
+# --- step 0: refusals ---------------------------------------------------------------------------
+
+
+def _status_fields(path: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def _check_target(pid: int) -> None:
+    """Refuse, before anything is frozen, what the clone method cannot handle."""
+    try:
+        status = _status_fields(f"/proc/{pid}/status")
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError as e:
+        raise TargetError(pid, "no such process") from e
+    if status.get("State", "").startswith(("Z", "X")):
+        raise TargetError(pid, "is a zombie")
+    tracer = int(status.get("TracerPid", "0"))
+    if tracer:
+        raise CloneRefusedError(pid, f"it is already traced by process {tracer}")
+    if pid == os.getpid() or os.getpid() in tids:
+        raise CloneRefusedError(pid, "a process cannot snapshot itself")
+    for tid in tids:
+        with contextlib.suppress(FileNotFoundError):
+            st = _status_fields(f"/proc/{pid}/task/{tid}/status")
+            if st.get("Seccomp", "0") != "0":
+                raise CloneRefusedError(
+                    pid, f"thread {tid} runs under seccomp, which may forbid clone or close_range"
+                )
+
+
+# --- step 1: seize and save ---------------------------------------------------------------------
+
+
+def _list_tids(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return []
+
+
+def _seize_all(pid: int, seized: list[int], timeout: float) -> None:
+    """Seize and stop every thread, re-listing until no new thread appears (appends to *seized*)."""
+    deadline = time.monotonic() + timeout
+    known: set[int] = set()
+    while True:
+        new = [t for t in _list_tids(pid) if t not in known]
+        if not new:
+            break
+        fresh: list[int] = []
+        for tid in new:
+            known.add(tid)
+            try:
+                ptrace.seize(tid)
+                ptrace.interrupt(tid)
+            except PtraceError as e:
+                if e.errno == errno.ESRCH:  # exited meanwhile
+                    continue
+                if e.errno == errno.EPERM:
+                    raise CloneRefusedError(pid, f"cannot ptrace thread {tid}: {e.strerror}") from e
+                raise
+            seized.append(tid)
+            fresh.append(tid)
+        for tid in fresh:
+            if not _wait_stopped(tid, deadline):
+                seized.remove(tid)
+    if not seized:
+        raise TargetError(pid, "exited before it could be frozen")
+
+
+def _wait_stopped(tid: int, deadline: float) -> bool:
+    """Wait for *tid*'s PTRACE_EVENT_STOP; False when the thread exited instead.
+
+    A signal-delivery stop that comes first is passed on (PTRACE_CONT with the signal), as the
+    thread would have received it anyway; the pending interrupt stops it right after.
+    """
+    while True:
+        got, status = ptrace.wait(tid, _WNOHANG)
+        if got == 0:
+            if time.monotonic() > deadline:
+                raise CloneError(f"thread {tid}: did not stop in time (uninterruptible sleep?)")
+            time.sleep(0.0001)
+            continue
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return False
+        sig = os.WSTOPSIG(status)
+        if ptrace.stop_event(status) == Event.STOP:
+            return True
+        if sig != signal.SIGTRAP:
+            ptrace.cont(tid, sig)
+        else:
+            ptrace.cont(tid)
+
+
+def _read_comm(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().rstrip("\n")
+    except FileNotFoundError:
+        return ""
+
+
+def _save_thread(pid: int, tid: int) -> ThreadState:
+    sigmask = ptrace.get_sigmask(tid)
+    return ThreadState(
+        tid=tid,
+        regs=bytes(ptrace.get_regs(tid)),
+        fpregs=ptrace.get_fpregs(tid),
+        xstate=ptrace.get_xstate(tid),
+        sigmask=sigmask,
+        comm=_read_comm(pid, tid),
+        signal_pending=_signal_pending(pid, tid, sigmask),
+    )
+
+
+def _signal_pending(pid: int, tid: int, sigmask: int) -> bool:
+    """A signal that *tid* does not block is pending for it or for its process."""
+    try:
+        st = _status_fields(f"/proc/{pid}/task/{tid}/status")
+    except FileNotFoundError:
+        return False
+    pending = int(st.get("SigPnd", "0"), 16) | int(st.get("ShdPnd", "0"), 16)
+    return bool(pending & ~sigmask)
+
+
+def _pgid_sid(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    # fields after "(comm)": state ppid pgrp session ... (proc(5))
+    return int(rest[2]), int(rest[3])
+
+
+# --- step 2: registers and injection ------------------------------------------------------------
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value & (1 << 63) else value
+
+
+def in_syscall(regs: UserRegs) -> bool:
+    """The thread stopped inside (or at the exit of) a syscall: orig_rax holds its number."""
+    return _signed(regs.orig_rax) >= 0
+
+
+def resume_regs(regs: UserRegs, *, signal_pending: bool = False) -> UserRegs:
+    """The registers that continue *regs* as the kernel would after a stop with no signal.
+
+    An interrupted syscall is restarted, as arch/x86/kernel/signal.c:
+    ``arch_do_signal_or_restart()`` does when no handler runs: back to the ``syscall``
+    instruction, with rax the syscall number, or ``restart_syscall`` for -ERESTART_RESTARTBLOCK
+    (nanosleep, futex with timeout: the kernel's per-thread restart block, untouched by our
+    injected syscall, then resumes the remaining wait). We must do it by hand because the
+    injecting thread resumes from a syscall-exit stop, where that restart logic does not run.
+
+    An ``epoll_wait``/``epoll_pwait`` with no timeout that our interrupt made fail with EINTR is
+    restarted too, unless a signal is pending for the thread (*signal_pending*: then the EINTR is
+    the program's, as its handler runs next). With a finite timeout it keeps its EINTR: restarting
+    would stretch the wait, and the program cannot tell this EINTR from a SIGSTOP/SIGCONT one.
+    """
+    out = regs.copy()
+    if not in_syscall(regs):
+        return out
+    err = -_signed(regs.rax)
+    if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+        out.rax = regs.orig_rax
+        out.rip = regs.rip - 2
+    elif err == ERESTART_RESTARTBLOCK:
+        out.rax = SYS.restart_syscall
+        out.rip = regs.rip - 2
+    elif err == errno.EINTR and not signal_pending:
+        timeout_reg = _EINTR_ON_INTERRUPT.get(int(regs.orig_rax))
+        if timeout_reg is not None and _signed(getattr(regs, timeout_reg)) & 0xFFFFFFFF >= 1 << 31:
+            out.rax = regs.orig_rax
+            out.rip = regs.rip - 2
+    return out
+
+
+def _eintr_fixup(regs: UserRegs, pending: bool) -> UserRegs | None:
+    """For a thread resuming from its interrupt stop: the registers to set, or None (the kernel's
+    own restart logic suffices for -ERESTART* codes)."""
+    if not in_syscall(regs) or -_signed(regs.rax) != errno.EINTR:
+        return None
+    fixed = resume_regs(regs, signal_pending=pending)
+    return fixed if fixed.rip != regs.rip else None
+
+
+def criu_regs(regs: UserRegs) -> UserRegs:
+    """The registers CRIU would have saved for a thread stopped with *regs*.
+
+    compel/arch/x86/src/lib/infect.c: ``compel_get_task_regs()`` rewinds a restartable syscall
+    (rip - 2, rax = orig_rax) and turns -ERESTART_RESTARTBLOCK into -EINTR.
+    """
+    out = regs.copy()
+    if not in_syscall(regs):
+        return out
+    err = -_signed(regs.rax)
+    if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+        out.rax = regs.orig_rax
+        out.rip = regs.rip - 2
+    elif err == ERESTART_RESTARTBLOCK:
+        out.rax = (-errno.EINTR) & _U64
+    return out
+
+
+def _maps(pid: int) -> list[tuple[int, int, str, int, str, int, str]]:
+    """``(start, end, perms, pgoff, dev, inode, name)`` for each line of /proc/PID/maps."""
+    out = []
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(None, 5)
+            lo, hi = parts[0].split("-")
+            name = parts[5] if len(parts) > 5 else ""
+            out.append(
+                (
+                    int(lo, 16),
+                    int(hi, 16),
+                    parts[1],
+                    int(parts[2], 16),
+                    parts[3],
+                    int(parts[4]),
+                    name,
+                )
+            )
+    return out
+
+
+def _syscall_address(pid: int, regs: UserRegs) -> int:
+    """Where a ``syscall`` instruction is in the target: rip-2 inside a syscall, else the vDSO,
+    else any executable mapping."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        if in_syscall(regs) and regs.rip >= 2:
+            with contextlib.suppress(OSError):
+                if os.pread(fd, 2, regs.rip - 2) == _SYSCALL_INSN:
+                    return int(regs.rip) - 2
+        maps = _maps(pid)
+        ordered = [m for m in maps if m[6] == "[vdso]"] + [
+            m for m in maps if "x" in m[2] and m[6] != "[vdso]" and m[6] != "[vsyscall]"
+        ]
+        for start, end, perms, *_ in ordered:
+            if "x" not in perms:
+                continue
+            with contextlib.suppress(OSError):
+                chunk = os.pread(fd, min(end - start, 1 << 20), start)
+                i = chunk.find(_SYSCALL_INSN)
+                if i >= 0:
+                    return start + i
+    finally:
+        os.close(fd)
+    raise CloneError(f"process {pid}: no syscall instruction found in its executable mappings")
+
+
+def _run_syscall(tid: int, regs: UserRegs, *, expect_clone: bool = False) -> tuple[int, int]:
+    """Run the syscall set up in *regs* (rip at a ``syscall`` instruction) in stopped *tid*.
+
+    :returns: ``(rax at syscall exit, new child pid or 0)``.
+    """
+    ptrace.set_regs(tid, regs)
+    ptrace.syscall(tid)
+    _expect_syscall_stop(tid)  # entry
+    child = 0
+    ptrace.syscall(tid)
+    while True:
+        _, status = ptrace.wait(tid)
+        _check_stopped(tid, status)
+        event = ptrace.stop_event(status)
+        if expect_clone and event in (Event.CLONE, Event.FORK):
+            child = ptrace.get_event_msg(tid)
+            # The child inherited EXITKILL at birth; the target must not keep it.
+            ptrace.set_options(tid, Opt.TRACESYSGOOD)
+            ptrace.syscall(tid)
+            continue
+        if ptrace.is_syscall_stop(status):
+            break
+        raise CloneError(f"thread {tid}: unexpected stop {status:#x} during an injected syscall")
+    return _signed(ptrace.get_regs(tid).rax), child
+
+
+def _check_stopped(tid: int, status: int) -> None:
+    if not os.WIFSTOPPED(status):
+        raise CloneError(f"thread {tid}: exited during an injected syscall (status {status:#x})")
+
+
+def _expect_syscall_stop(tid: int) -> None:
+    _, status = ptrace.wait(tid)
+    _check_stopped(tid, status)
+    if not ptrace.is_syscall_stop(status):
+        raise CloneError(f"thread {tid}: unexpected stop {status:#x} before an injected syscall")
+
+
+def _syscall_regs(base: UserRegs, ip: int, nr: int, *args: int) -> UserRegs:
+    regs = base.copy()
+    regs.rip = ip
+    regs.rax = nr
+    # As compel's parasite_setup_regs(): no restart logic may rewrite rax/rip on the way out.
+    regs.orig_rax = _U64
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+        setattr(regs, name, value & _U64)
+    return regs
+
+
+def _inject_clone(
+    tid: int, saved: UserRegs, restore: UserRegs, sigmask: int, syscall_ip: int
+) -> int:
+    """Steps 2-3: fork the target from stopped thread *tid*; the clone is left stopped, traced.
+
+    EXITKILL is on the target's thread only from before the clone exists until its registers
+    are its own again, so that the child inherits it at birth (kernel/ptrace.c:
+    ``ptrace_init_task()``); should this process die in that window, the target dies rather
+    than running on with injected registers.
+    """
+    ptrace.set_options(tid, Opt.TRACESYSGOOD | Opt.TRACECLONE | Opt.TRACEFORK | Opt.EXITKILL)
+    # No signal handler may run while our registers are in place (compel's parasite_run()).
+    ptrace.set_sigmask(tid, _ALL_SIGNALS)
+    try:
+        # clone(flags = 0: no CLONE_VM, exit signal 0; newsp 0: same stack; no tids; no tls)
+        ret, child = _run_syscall(
+            tid, _syscall_regs(saved, syscall_ip, SYS.clone, 0, 0, 0, 0, 0), expect_clone=True
+        )
+    finally:
+        ptrace.set_regs(tid, restore)
+        ptrace.set_sigmask(tid, sigmask)
+        ptrace.set_options(tid, Opt(0))
+    if ret < 0 or not child:
+        raise CloneError(
+            f"thread {tid}: injected clone failed: {os.strerror(-ret) if ret < 0 else ret}"
+        )
+    _, status = ptrace.wait(child)
+    if not os.WIFSTOPPED(status):
+        raise CloneError(f"clone {child}: did not start stopped (status {status:#x})")
+    ptrace.set_options(child, Opt.TRACESYSGOOD | Opt.EXITKILL)
+    return child
+
+
+# --- step 5: prepare the clone ------------------------------------------------------------------
+
+
+def _clone_syscall(snap: CloneSnapshot, nr: int, *args: int) -> int:
+    base = ptrace.get_regs(snap.clone_pid)
+    ret, _ = _run_syscall(snap.clone_pid, _syscall_regs(base, snap._syscall_ip, nr, *args))
+    return ret
+
+
+def _side_kind(name: str) -> str | None:
+    if name.startswith("/SYSV"):
+        return "sysv"
+    if name == "anon_inode:[io_uring]":
+        return "io_uring"
+    return None
+
+
+def _prepare_clone(snap: CloneSnapshot, side_dir: Path | None) -> tuple[SideMapping, ...]:
+    """Step 5: drop the clone's files and session, move CRIU-refused mappings out of it."""
+    cpid = snap.clone_pid
+    ret = _clone_syscall(snap, SYS.close_range, 0, 0xFFFFFFFF, 0)
+    if ret < 0:
+        raise CloneError(f"clone {cpid}: close_range failed: {os.strerror(-ret)}")
+    ret = _clone_syscall(snap, SYS.setsid)
+    if ret < 0:
+        raise CloneError(f"clone {cpid}: setsid failed: {os.strerror(-ret)}")
+    side = [m for m in _maps(cpid) if _side_kind(m[6])]
+    if not side:
+        return ()
+    if side_dir is None:
+        raise CloneError(
+            f"process {snap.pid}: maps {side[0][6]}, which needs a side directory to copy it to"
+        )
+    out: list[SideMapping] = []
+    path = side_dir / f"side-{snap.pid}.bin"
+    mem = os.open(f"/proc/{cpid}/mem", os.O_RDONLY)
+    try:
+        with open(path, "wb") as f:
+            for start, end, perms, pgoff, dev, inode, name in side:
+                kind = _side_kind(name)
+                assert kind is not None
+                offset = f.tell()
+                data_file: Path | None = path
+                try:
+                    _copy_range(mem, f.fileno(), start, end - start)
+                except OSError as e:
+                    log.warning("clone %d: %s at %#x unreadable (%s): hole", cpid, name, start, e)
+                    f.truncate(offset)
+                    f.seek(offset)
+                    data_file = None
+                out.append(
+                    SideMapping(start, end, perms, pgoff, dev, inode, name, kind, data_file, offset)
+                )
+    finally:
+        os.close(mem)
+    for m in out:
+        ret = _clone_syscall(snap, SYS.munmap, m.start, m.end - m.start)
+        if ret < 0:
+            raise CloneError(f"clone {cpid}: munmap of {m.name} failed: {os.strerror(-ret)}")
+    return tuple(out)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        chunk = os.pread(src_fd, min(1 << 20, length - done), offset + done)
+        if not chunk:
+            raise OSError(errno.EIO, "short read")
+        os.write(dst_fd, chunk)
+        done += len(chunk)
+
+
+# --- step 7: cleanup ----------------------------------------------------------------------------
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return ""
+
+
+def _wait_exit(tid: int) -> None:
+    while True:
+        _, status = ptrace.wait(tid)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return
+
+
+def _wait_zombie(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _proc_state(pid) not in ("Z", "X", ""):
+        if time.monotonic() > deadline:
+            raise CloneError(f"clone {pid}: still alive after SIGKILL")
+        time.sleep(0.0005)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(_status_fields(f"/proc/{pid}/status").get("PPid", "0"))
+    except FileNotFoundError:
+        return 0
+
+
+def _reap_in_target(pid: int, clone_pid: int, tid: int, syscall_ip: int) -> None:
+    """Make the target ``wait4(CLONE, NULL, __WALL | WNOHANG, NULL)`` its clone's zombie.
+
+    One thread is seized for the duration of one syscall; the others run on.
+    """
+    if _proc_state(clone_pid) == "" or _ppid(clone_pid) != pid:
+        return  # already reaped (the target waits with __WALL), or not ours
+    if not tid or not Path(f"/proc/{pid}/task/{tid}").exists():
+        tids = _list_tids(pid)
+        if not tids:
+            return
+        tid = tids[0]
+    ptrace.seize(tid)
+    try:
+        ptrace.interrupt(tid)
+        if not _wait_stopped(tid, time.monotonic() + 10.0):
+            return
+        saved = ptrace.get_regs(tid)
+        mask = ptrace.get_sigmask(tid)
+        ip = syscall_ip or _syscall_address(pid, saved)
+        restore = resume_regs(saved)
+        ptrace.set_options(tid, Opt.TRACESYSGOOD)
+        ptrace.set_sigmask(tid, _ALL_SIGNALS)
+        try:
+            ret, _ = _run_syscall(
+                tid, _syscall_regs(saved, ip, SYS.wait4, clone_pid, 0, ptrace.WALL | _WNOHANG, 0)
+            )
+        finally:
+            ptrace.set_regs(tid, restore)
+            ptrace.set_sigmask(tid, mask)
+        if ret != clone_pid:
+            log.warning("process %d: reaping clone %d: wait4 returned %d", pid, clone_pid, ret)
+    finally:
+        with contextlib.suppress(PtraceError):
+            ptrace.detach(tid)
+
+
+def _hook(step: str) -> None:
+    if os.environ.get(PAUSE_ENV) == step:
+        print(f"paused {step}", file=sys.stderr, flush=True)
+        time.sleep(3600)
