@@ -474,6 +474,8 @@ class Note:
     owner: str
     type: int
     desc: bytes
+    #: file offset of the descriptor (for tests that edit a core in place)
+    offset: int = field(default=-1, compare=False)
 
     @property
     def type_name(self) -> str:
@@ -582,8 +584,11 @@ def parse_auxv(desc: bytes) -> list[tuple[int, int]]:
     return pairs
 
 
-def parse_notes(data: bytes) -> Iterator[Note]:
-    """ELF notes of a PT_NOTE segment (4-byte aligned name and descriptor, as cores use)."""
+def parse_notes(data: bytes, file_offset: int = 0) -> Iterator[Note]:
+    """ELF notes of a PT_NOTE segment (4-byte aligned name and descriptor, as cores use).
+
+    :param file_offset: where *data* starts in the file (sets :attr:`Note.offset`).
+    """
     pos = 0
     while pos + _NOTE_HEADER.size <= len(data):
         namesz, descsz, ntype = _NOTE_HEADER.unpack_from(data, pos)
@@ -593,8 +598,8 @@ def parse_notes(data: bytes) -> Iterator[Note]:
         desc = data[pos : pos + descsz]
         if len(desc) != descsz:
             raise HarnessError(f"note {name}/{ntype:#x} runs past its PT_NOTE segment")
+        yield Note(name, ntype, bytes(desc), file_offset + pos)
         pos += (descsz + 3) & ~3
-        yield Note(name, ntype, bytes(desc))
 
 
 class CoreView:
@@ -633,7 +638,7 @@ class CoreView:
                         )
                     )
                 elif seg["p_type"] == "PT_NOTE":
-                    self.notes.extend(parse_notes(seg.data()))
+                    self.notes.extend(parse_notes(seg.data(), seg["p_offset"]))
             self.phnum = elf.num_segments()
         except ELFError as e:
             raise HarnessError(f"{self.path}: {e}") from e

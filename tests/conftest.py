@@ -1,0 +1,80 @@
+"""Shared fixtures: built test programs, targets that are always reaped, command-line switches.
+
+``--soak`` and ``--fuzz-full`` select the full-size soak and fuzz runs (``make soak`` /
+``make fuzz``); ``make test`` runs them reduced.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from kernelcore import Target, start_target  # noqa: E402
+from programs import build as programs_build  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("criu-livedump")
+    group.addoption("--soak", action="store_true", help="run soak tests at full size")
+    group.addoption("--fuzz-full", action="store_true", help="run the fuzzers at full size")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    needs = [m for m in ("live", "kernel") if item.get_closest_marker(m)]
+    if needs and os.geteuid() != 0:
+        pytest.skip(f"{'/'.join(needs)} test: needs root (CRIU dump, core_pattern)")
+
+
+@pytest.fixture(scope="session")
+def soak(request: pytest.FixtureRequest) -> bool:
+    """True under ``--soak``: run the full-size soak."""
+    return bool(request.config.getoption("--soak"))
+
+
+@pytest.fixture(scope="session")
+def fuzz_full(request: pytest.FixtureRequest) -> bool:
+    """True under ``--fuzz-full``: run the fuzzers at full size."""
+    return bool(request.config.getoption("--fuzz-full"))
+
+
+@pytest.fixture(scope="session")
+def programs() -> dict[str, Path]:
+    """Every C program in tests/programs, built into tests/programs/bin: ``{stem: path}``."""
+    return programs_build.build_all()
+
+
+@pytest.fixture
+def mappings_datafile(tmp_path: Path) -> Path:
+    """A 32-page data file with a recognisable pattern, for ``mappings DATAFILE``."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    path = tmp_path / "mappings.data"
+    path.write_bytes(bytes((i * 7 + (i >> 12)) & 0xFF for i in range(32 * page)))
+    return path
+
+
+StartTarget = Callable[..., Target]
+
+
+@pytest.fixture
+def targets() -> Iterator[StartTarget]:
+    """A :func:`kernelcore.start_target` whose processes are all killed and reaped at teardown."""
+    started: list[Target] = []
+
+    def start(binary: str | os.PathLike[str], *args: object, **kwargs: object) -> Target:
+        target = start_target(binary, *(str(a) for a in args), **kwargs)  # type: ignore[arg-type]
+        started.append(target)
+        return target
+
+    try:
+        yield start
+    finally:
+        for target in started:
+            target.close()
