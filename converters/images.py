@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+from array import array
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,26 +197,20 @@ class Process:
 
 
 @dataclass
-class PageRun:
-    """A run of pages in a pagemap: ``nr`` pages from *vaddr*, at *offset* of *pages_file*."""
-
-    vaddr: int
-    nr: int
-    offset: int
-    #: None for runs whose bytes live in the parent image directory
-    pages_file: Path | None
-
-
-@dataclass
 class PageIndex:
     """The pages CRIU saved for one address space (or shmem object), sorted by address.
 
-    ``lookup`` walks a range in O(log n + runs); ``in_parent`` runs defer to :attr:`parent`.
+    Runs are kept in parallel integer arrays (a pagemap can hold a million entries);
+    :meth:`segments` walks a range in O(log n + runs). Runs whose bytes are in the parent image
+    directory (pre-dump chains) defer to :attr:`parent`.
     """
 
     source: str
-    starts: list[int] = field(default_factory=list)
-    runs: list[PageRun] = field(default_factory=list)
+    pages_file: Path
+    starts: array[int] = field(default_factory=lambda: array("Q"))
+    ends: array[int] = field(default_factory=lambda: array("Q"))
+    #: offset in :attr:`pages_file`, or -1 for a run that lives in the parent
+    offsets: array[int] = field(default_factory=lambda: array("q"))
     parent: PageIndex | None = None
 
     def segments(self, start: int, end: int) -> Iterator[tuple[int, int, Path, int]]:
@@ -222,18 +218,17 @@ class PageIndex:
 
         Addresses not yielded were not saved (never touched, or file-backed and unmodified).
         """
-        from bisect import bisect_right
-
         i = max(bisect_right(self.starts, start) - 1, 0)
-        while i < len(self.runs):
-            run = self.runs[i]
-            run_end = run.vaddr + run.nr * PAGE_SIZE
-            if run.vaddr >= end:
+        n = len(self.starts)
+        while i < n:
+            run_start, run_end = self.starts[i], self.ends[i]
+            if run_start >= end:
                 break
-            lo, hi = max(start, run.vaddr), min(end, run_end)
+            lo, hi = max(start, run_start), min(end, run_end)
             if lo < hi:
-                if run.pages_file is not None:
-                    yield lo, hi, run.pages_file, run.offset + (lo - run.vaddr)
+                off = self.offsets[i]
+                if off >= 0:
+                    yield lo, hi, self.pages_file, off + (lo - run_start)
                 elif self.parent is not None:
                     yield from self.parent.segments(lo, hi)
             i += 1
@@ -384,29 +379,34 @@ def _load_page_index(directory: Path, name: str, depth: int) -> PageIndex:
     path = directory / name
     if depth > MAX_PARENT_DEPTH:
         raise ImageFormatError(str(path), f"parent chain deeper than {MAX_PARENT_DEPTH}")
-    entries = list(_iter_entries(path, "PAGEMAP", [pb.pagemap_head, pb.pagemap_entry]))
-    if not entries:
+    entries = _iter_entries(path, "PAGEMAP", [pb.pagemap_head, pb.pagemap_entry])
+    head = next(entries, None)
+    if head is None:
         raise ImageFormatError(str(path), "no pagemap header")
-    pages_file = directory / f"pages-{entries[0].pages_id}.img"
-    index = PageIndex(source=str(path))
+    pages_file = directory / f"pages-{head.pages_id}.img"
     needs_parent = False
     offset = 0
-    items: list[tuple[int, int, int, Path | None, int]] = []
-    for i, e in enumerate(entries[1:], start=1):
+    raw_starts, raw_ends, raw_offsets, raw_numbers = array("Q"), array("Q"), array("q"), array("Q")
+    for i, e in enumerate(entries, start=1):
         flags = int(e.flags) if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
         nr = int(e.nr_pages)
         vaddr = int(e.vaddr)
         if vaddr % PAGE_SIZE:
             raise ImageFormatError(str(path), f"entry {i} address {vaddr:#x} not page aligned")
-        if nr <= 0 or nr > (1 << 52) // PAGE_SIZE or vaddr + nr * PAGE_SIZE > 1 << 64:
+        if nr <= 0 or vaddr + nr * PAGE_SIZE > 1 << 64:
             raise ImageFormatError(str(path), f"entry {i} has an absurd size of {nr} pages")
         if flags & PE_PARENT:
             needs_parent = True
-            items.append((vaddr, nr, 0, None, i))
+            off = -1
         elif flags & PE_PRESENT:
-            items.append((vaddr, nr, offset, pages_file, i))
+            off = offset
             offset += nr * PAGE_SIZE
-        # else: lazy pages not in this image set; they read as holes
+        else:
+            continue  # lazy pages not in this image set: they read as holes
+        raw_starts.append(vaddr)
+        raw_ends.append(vaddr + nr * PAGE_SIZE)
+        raw_offsets.append(off)
+        raw_numbers.append(i)
     if offset:
         try:
             have = pages_file.stat().st_size
@@ -416,14 +416,16 @@ def _load_page_index(directory: Path, name: str, depth: int) -> PageIndex:
             raise ImageFormatError(
                 str(path), f"points past the end of {pages_file.name} ({offset} > {have} bytes)"
             )
-    items.sort(key=lambda t: t[0])
-    prev_end, prev_i = -1, 0
-    for vaddr, nr, off, pf, i in items:
-        if vaddr < prev_end:
-            raise ImageFormatError(str(path), f"entry {i} overlaps entry {prev_i}")
-        prev_end, prev_i = vaddr + nr * PAGE_SIZE, i
-        index.starts.append(vaddr)
-        index.runs.append(PageRun(vaddr, nr, off, pf))
+    order = sorted(range(len(raw_starts)), key=raw_starts.__getitem__)
+    index = PageIndex(source=str(path), pages_file=pages_file)
+    prev_end, prev_i = 0, 0
+    for k in order:
+        if index.starts and raw_starts[k] < prev_end:
+            raise ImageFormatError(str(path), f"entry {raw_numbers[k]} overlaps entry {prev_i}")
+        prev_end, prev_i = raw_ends[k], raw_numbers[k]
+        index.starts.append(raw_starts[k])
+        index.ends.append(raw_ends[k])
+        index.offsets.append(raw_offsets[k])
     if needs_parent:
         parent_dir = directory / "parent"
         if not parent_dir.is_dir():
