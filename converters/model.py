@@ -370,6 +370,19 @@ def thread_regs(p: _Proc, thread: Thread) -> dict[str, int]:
     return regs
 
 
+def _times(times: dict[str, object], tid: int) -> tuple[int, int, int, int]:
+    """fill_prstatus()'s CPU times from the sidecar's ``times``: ``{"TID": [utime_us,
+    stime_us], "children": [cutime_us, cstime_us]}`` (the leader's entry is the group total)."""
+
+    def pair(key: str) -> tuple[int, int]:
+        v = times.get(key)
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x >= 0 for x in v):
+            return int(v[0]), int(v[1])
+        return 0, 0
+
+    return (*pair(str(tid)), *pair("children"))
+
+
 def _sigmask(signals: object) -> int:
     mask = 0
     for s in getattr(signals, "signals", []):
@@ -388,6 +401,7 @@ def build_notes(
     signal: int,
     ppid: int,
     layout: x86_64.XsaveLayout,
+    times: dict[str, object],
 ) -> list[Note]:
     """Notes in fill_note_info()'s order: the first thread's PRSTATUS, PRPSINFO, SIGINFO,
     AUXV, FILE and FP state, then each other thread's PRSTATUS and FP state, then the x86
@@ -416,6 +430,7 @@ def build_notes(
             pr_pgrp=proc.pgid,
             pr_sid=proc.sid,
             pr_reg=x86_64.pack_user_regs(thread_regs(p, t)),
+            times=_times(times, t.tid),
         ).pack()
 
     def fpnotes(t: Thread) -> list[Note]:
@@ -534,7 +549,10 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         layout = _layout(sidecar)
         p.vmas = split_vvar(p)
         segments = [_segment(p, vma, vma_dump_size(p, vma, mm_filter)) for vma in p.vmas]
-        notes = build_notes(p, threads, mm, signal, ppid, layout)
+        times = sidecar.extra.get("times")
+        notes = build_notes(
+            p, threads, mm, signal, ppid, layout, times if isinstance(times, dict) else {}
+        )
     except BaseException:
         files.close()
         raise

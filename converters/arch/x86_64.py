@@ -89,7 +89,10 @@ def pack_user_regs(regs: dict[str, int]) -> bytes:
 
 @dataclass(frozen=True)
 class PrStatus:
-    """struct elf_prstatus (include/linux/elfcore.h); times are zero: CRIU does not save them."""
+    """struct elf_prstatus (include/linux/elfcore.h).
+
+    CRIU does not save CPU times; the orchestrator records them in the sidecar (zeros
+    otherwise)."""
 
     si_signo: int
     pr_cursig: int
@@ -101,12 +104,15 @@ class PrStatus:
     pr_sid: int
     pr_reg: bytes
     pr_fpvalid: int = 1
+    #: pr_utime, pr_stime, pr_cutime, pr_cstime in microseconds
+    times: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def pack(self) -> bytes:
+        tv = [x for us in self.times for x in divmod(us, 1_000_000)]
         return PRSTATUS.pack(
             self.si_signo, 0, 0, self.pr_cursig, self.pr_sigpend, self.pr_sighold,
-            self.pr_pid, self.pr_ppid, self.pr_pgrp, self.pr_sid,
-            0, 0, 0, 0, 0, 0, 0, 0, self.pr_reg, self.pr_fpvalid,
+            self.pr_pid, self.pr_ppid, self.pr_pgrp, self.pr_sid, *tv, self.pr_reg,
+            self.pr_fpvalid,
         )  # fmt: skip
 
 
