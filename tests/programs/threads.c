@@ -3,8 +3,9 @@
  *
  * usage: threads [NTHREADS]   (default 12)
  * Prints "ready" on stdout once every thread is about to block, then blocks until killed.
- * Threads block only in calls that leave no time-dependent state behind (no nanosleep: an
- * interrupted nanosleep writes the remaining time to the stack). */
+ * Threads block only in calls that CRIU's seize and the harness's rseq query restart
+ * transparently, leaving no state behind: no nanosleep (an interrupted nanosleep writes the
+ * remaining time to the stack), no poll or epoll_wait (see below). */
 #define _GNU_SOURCE
 #include <linux/futex.h>
 #include <poll.h>
@@ -13,7 +14,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <sys/epoll.h>
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -22,6 +22,7 @@
 
 static int pipefd[2];
 static int listen_fd = -1;
+static int sockpair[2];
 static uint32_t futex_word;
 static volatile long sink;
 static pthread_barrier_t started;
@@ -40,20 +41,22 @@ __attribute__((noinline)) static void block_in_futex(void)
 		syscall(SYS_futex, &futex_word, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
 }
 
-__attribute__((noinline)) static void block_in_poll(void)
+/* ppoll, not poll: poll(2) turns an interruption into -ERESTART_RESTARTBLOCK, which CRIU
+ * resumes as -EINTR (compel), so the live target's poll() returns and the process changes
+ * between the two dumps; ppoll without a timeout restarts transparently (-ERESTARTNOHAND). */
+__attribute__((noinline)) static void block_in_ppoll(void)
 {
 	struct pollfd p = { .fd = pipefd[0], .events = POLLIN };
 	for (;;)
-		sink = poll(&p, 1, -1);
+		sink = ppoll(&p, 1, NULL, NULL);
 }
 
-__attribute__((noinline)) static void block_in_epoll(void)
+/* recv, not epoll_wait: epoll_wait returns -EINTR on every ptrace interruption. */
+__attribute__((noinline)) static void block_in_recv(void)
 {
-	int ep = epoll_create1(0);
-	struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 0x1234 };
-	epoll_ctl(ep, EPOLL_CTL_ADD, pipefd[0], &ev);
+	char c;
 	for (;;)
-		sink = epoll_wait(ep, &ev, 1, -1);
+		sink = recv(sockpair[0], &c, 1, 0);
 }
 
 __attribute__((noinline)) static void block_in_select(void)
@@ -124,7 +127,7 @@ __attribute__((noinline)) static void block_with_vector_registers(unsigned seed)
 
 typedef void (*blocker_fn)(void);
 static const blocker_fn blockers[] = {
-	block_in_read, block_in_futex, block_in_poll, block_in_epoll,
+	block_in_read, block_in_futex, block_in_ppoll, block_in_recv,
 	block_in_select, block_in_sigwait, block_in_accept,
 };
 #define NBLOCKERS (sizeof(blockers) / sizeof(blockers[0]))
@@ -170,6 +173,10 @@ int main(int argc, char **argv)
 	}
 	if (pipe(pipefd)) {
 		perror("pipe");
+		return 1;
+	}
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sockpair)) {
+		perror("socketpair");
 		return 1;
 	}
 	/* an autobound abstract unix socket: nothing on disk, nothing to clean up */

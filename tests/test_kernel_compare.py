@@ -1,0 +1,163 @@
+"""Acceptance: our core of a live process equals the kernel's own core of the same process.
+
+Each case starts a blocked test program, dumps it with ``criu dump --leave-running``, converts
+the images with :func:`converters.convert`, then lets the kernel dump the same unchanged process
+(SIGABRT) and compares the two cores field by field, with gdb's view of both.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kernelcore import (
+    NT,
+    CoreView,
+    MapEntry,
+    RseqArea,
+    compare_cores,
+    compare_syscall_regs,
+    criu_dump,
+    gdb_backtraces,
+    gdb_warnings,
+    kernel_core,
+    start_target,
+)
+from programs import build as programs_build
+
+import converters
+from converters.options import ConvertOptions
+
+pytestmark = [pytest.mark.live, pytest.mark.kernel, pytest.mark.slow]
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+#: -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK (linux/errno.h)
+ERESTART = {(1 << 64) - e for e in (512, 513, 514, 516)}
+
+
+@dataclass
+class Case:
+    """One target dumped twice: ``ours`` (CRIU + converter) and ``kernel`` (SIGABRT)."""
+
+    name: str
+    binary: Path
+    pid: int
+    ours: Path
+    kernel: Path
+    maps: list[MapEntry]
+    rseq: dict[int, RseqArea]
+    coredump_filter: int
+
+
+CASES = {
+    # program, args, coredump_filter (None: leave the kernel's default 0x33)
+    "mappings-0x33": ("mappings", ["DATA", "1024"], None),
+    "mappings-0x3f": ("mappings", ["DATA", "1024"], 0x3F),
+    "mappings-0x01": ("mappings", ["DATA", "1024"], 0x01),
+    "threads-0x33": ("threads", ["12"], None),
+}
+
+
+def _data_file(path: Path) -> Path:
+    # mappings.c maps 32 pages of it: 16 private, 8 shared at page 16, 4 read-only at page 4.
+    path.write_bytes(bytes((i * 7 + (i >> 12)) & 0xFF for i in range(32 * PAGE)))
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Case]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: CRIU dump and core_pattern")
+    program, args, coredump_filter = CASES[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    binary = programs_build.build(program)
+    argv = [str(_data_file(tmp / "data")) if a == "DATA" else a for a in args]
+    target = start_target(binary, *argv)
+    try:
+        if coredump_filter is not None:
+            target.coredump_filter = coredump_filter
+        dumped_filter = target.coredump_filter
+        images = criu_dump(target.pid, tmp / "images")
+        (tmp / "ours").mkdir()
+        results = converters.convert(images, tmp / "ours", ConvertOptions(signal=signal.SIGABRT))
+        assert [r.pid for r in results] == [target.pid]
+        ours = results[0].path
+        assert ours is not None and ours == tmp / "ours" / f"core.{target.pid}"
+        kernel = kernel_core(target, tmp / "kernel")
+        yield Case(
+            request.param,
+            binary,
+            target.pid,
+            ours,
+            kernel,
+            target.maps,
+            target.rseq,
+            dumped_filter,
+        )
+    finally:
+        target.close()
+
+
+@pytest.fixture
+def views(case: Case) -> Iterator[tuple[CoreView, CoreView]]:
+    with CoreView(case.ours) as ours, CoreView(case.kernel) as kernel:
+        yield ours, kernel
+
+
+def test_cores_equal(case: Case, views: tuple[CoreView, CoreView]) -> None:
+    ours, kernel = views
+    diffs = compare_cores(ours, kernel, maps=case.maps, rseq=case.rseq)
+    assert diffs == [], f"{case.name}: {len(diffs)} differences:\n" + "\n".join(diffs)
+
+
+def test_syscall_registers_differ_only_by_restart(views: tuple[CoreView, CoreView]) -> None:
+    """rax may differ only as the known trap: CRIU saves rax = orig_rax for a thread stopped in
+    a restartable syscall, the kernel's core holds -ERESTART* there."""
+    ours, kernel = views
+    bad = []
+    for k in kernel.threads:
+        o = ours.thread(k.pid)
+        assert o is not None
+        if o.regs["orig_rax"] != k.regs["orig_rax"]:
+            bad.append(f"thread {k.pid}: orig_rax ours {o.regs['orig_rax']:#x} kernel "
+                       f"{k.regs['orig_rax']:#x}")  # fmt: skip
+        if o.regs["rax"] != k.regs["rax"] and not (
+            o.regs["rax"] == o.regs["orig_rax"] and k.regs["rax"] in ERESTART
+        ):
+            bad.append(f"thread {k.pid}: rax ours {o.regs['rax']:#x} kernel {k.regs['rax']:#x}")
+    assert bad == [], "\n".join([*bad, "all:", *compare_syscall_regs(ours, kernel)])
+
+
+def test_gdb_backtraces_equal(case: Case) -> None:
+    ours = gdb_backtraces(case.binary, case.ours)
+    kernel = gdb_backtraces(case.binary, case.kernel)
+    assert ours == kernel
+
+
+def test_gdb_warns_no_more_on_ours(case: Case) -> None:
+    kernel = set(gdb_warnings(case.binary, case.kernel))
+    extra = [w for w in gdb_warnings(case.binary, case.ours) if w not in kernel]
+    assert extra == []
+
+
+def test_note_layout_matches(views: tuple[CoreView, CoreView]) -> None:
+    """Per-thread note sets and the process notes, in the kernel's order (kernel's list order
+    of non-dumping threads differs, so compare the shape)."""
+    ours, kernel = views
+    assert [(n.owner, n.type) for n in ours.notes[:7]] == [
+        (n.owner, n.type) for n in kernel.notes[:7]
+    ]
+    assert [n.type for n in kernel.notes[:5]] == [
+        NT.PRSTATUS,
+        NT.PRPSINFO,
+        NT.SIGINFO,
+        NT.AUXV,
+        NT.FILE,
+    ]
+    assert len(ours.notes) == len(kernel.notes)
