@@ -467,7 +467,7 @@ def _maps_blockers(pid: int, same_ipc_ns: bool) -> Iterator[Blocker]:
         parts = line.split(maxsplit=5)
         if len(parts) < 6:
             continue
-        span, path = parts[0], parts[5]
+        span, inode, path = parts[0], parts[4], parts[5]
         if path.startswith("/SYSV"):
             # criu/cr-dump.c:check_sysvipc_map_dump(): only dumpable with the IPC namespace.
             key = path.split()[0]
@@ -476,7 +476,8 @@ def _maps_blockers(pid: int, same_ipc_ns: bool) -> Iterator[Blocker]:
                 yield Blocker(
                     BlockerKind.SYSV_SHM,
                     pid,
-                    f"SysV shared memory segment (key 0x{key[5:]}) is attached at"
+                    # the inode column of a SysV mapping is the shmid (ipc/shm.c:newseg())
+                    f"SysV shared memory segment {inode} (key 0x{key[5:]}) is attached at"
                     f" 0x{span.split('-')[0]} in the host IPC namespace, which CRIU only dumps"
                     " together with its own IPC namespace",
                 )
@@ -632,16 +633,11 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
     """
     try:
         status = _status(_proc(pid, "status"))
-        fields = _stat_fields(pid)
-        core_soft, core_hard = _core_limits(pid)
-        coredump_filter = int(_proc(pid, "coredump_filter").read_text().strip(), 16)
         cmdline_raw = _proc(pid, "cmdline").read_bytes()
     except FileNotFoundError:
         raise TargetError(pid, "no such process") from None
-    except PermissionError as e:
-        raise PermissionDeniedError(f"process {pid}: cannot read {e.filename}") from e
-    except (OSError, ValueError) as e:
-        raise TargetError(pid, f"cannot read /proc ({e})") from e
+    except OSError as e:
+        raise TargetError(pid, f"cannot read /proc ({e.strerror})") from e
     if int(status.get("Tgid", pid)) != pid:
         raise TargetError(pid, f"is a thread of process {status['Tgid']}; name the process")
     state = status.get("State", "?")[:1]
@@ -649,6 +645,16 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
         raise TargetError(pid, "is a zombie; there is no memory left to dump")
     if int(status.get("Kthread", "0")) or (not cmdline_raw and int(status.get("PPid", 0)) == 2):
         raise TargetError(pid, "is a kernel thread")
+    try:
+        fields = _stat_fields(pid)
+        core_soft, core_hard = _core_limits(pid)
+        coredump_filter = int(_proc(pid, "coredump_filter").read_text().strip(), 16)
+    except FileNotFoundError:
+        raise TargetError(pid, "exited while being inspected") from None
+    except PermissionError as e:
+        raise PermissionDeniedError(f"process {pid}: cannot read {e.filename}") from e
+    except (OSError, ValueError) as e:
+        raise TargetError(pid, f"cannot read /proc ({e})") from e
     exe = _readlink(_proc(pid, "exe"))
     if exe is None and not cmdline_raw:
         raise TargetError(pid, "has no user memory (a kernel thread or exiting)")
@@ -660,7 +666,10 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
     cwd = _readlink(_proc(pid, "cwd"))
     root = _readlink(_proc(pid, "root"))
     if cwd is None or root is None:
-        raise PermissionDeniedError(f"process {pid}: cannot resolve its cwd and root")
+        raise PermissionDeniedError(
+            f"process {pid} ({status.get('Name', '?')}, uid {uids.real}): cannot read its cwd"
+            " and root in /proc; inspecting it needs its uid or CAP_SYS_PTRACE"
+        )
     return TargetFacts(
         pid=pid,
         ns_pid=nstgid[-1],
