@@ -330,7 +330,7 @@ def _make_dir(path: Path) -> None:
         raise LivedumpError(f"{path}: cannot create output directory: {e.strerror}") from e
 
 
-ProgressQueue = Any  # multiprocessing queue proxy: (index, done, total) tuples
+ProgressQueue = Any  # multiprocessing queue proxy carrying byte counts
 
 
 def _convert_one(
@@ -341,13 +341,13 @@ def _convert_one(
     from converters import convert as convert_images
     from converters.errors import ConversionError
 
-    def report(done: int, total: int) -> None:
+    def report(nbytes: int) -> None:
         if progress is not None:
-            progress.put((index, done, total))
+            progress.put(nbytes)
 
     outcome: dict[str, Any] = {"images_dir": str(images_dir), "cores": [], "error": None}
     try:
-        results = convert_images(images_dir, out_dir, options, report)
+        results = convert_images(images_dir, out_dir, options, report if progress else None)
         outcome["cores"] = [r.as_dict() for r in results]
     except ConversionError as e:
         outcome["error"] = str(e)
@@ -359,7 +359,7 @@ def _convert_one(
 def _run_conversions(
     work: list[tuple[Path, Path]], options: Any, jobs: int
 ) -> list[dict[str, Any]]:
-    with _progress_bar(len(work)) as progress:
+    with _progress_bar([d for d, _ in work], options) as progress:
         if jobs == 1 or len(work) == 1:
             return [_convert_one(i, d, o, options, progress) for i, (d, o) in enumerate(work)]
         with concurrent.futures.ProcessPoolExecutor(
@@ -373,29 +373,32 @@ def _run_conversions(
 
 
 @contextmanager
-def _progress_bar(count: int) -> Iterator[ProgressQueue | None]:
-    """A queue of (index, done, total) progress reports drawn as one bar (bytes done / total)
-    on stderr, or None when stderr is not a terminal."""
+def _progress_bar(images_dirs: list[Path], options: Any) -> Iterator[ProgressQueue | None]:
+    """A queue of byte counts drawn as one bar (bytes done / total) on stderr, or None when
+    stderr is not a terminal."""
     if not sys.stderr.isatty():
         yield None
         return
+    from converters.api import plan
+    from converters.errors import ConversionError
+
+    total = 0
+    for d in images_dirs:
+        try:
+            total += sum(nbytes for _, nbytes in plan(d, options))
+        except ConversionError:
+            continue  # its conversion will report the problem
     manager = multiprocessing.get_context("spawn").Manager()
     reports: ProgressQueue = manager.Queue()
     stop = threading.Event()
 
     def draw() -> None:
-        done: dict[int, int] = {}
-        totals: dict[int, int] = {}
-        with click.progressbar(length=1, label="converting", file=sys.stderr) as bar:
+        with click.progressbar(length=max(total, 1), label="converting", file=sys.stderr) as bar:
             while not stop.is_set() or not reports.empty():
                 try:
-                    index, d, t = reports.get(timeout=0.1)
+                    bar.update(reports.get(timeout=0.1))
                 except queue.Empty:
                     continue
-                done[index], totals[index] = d, t
-                # Unknown totals of not-yet-started directories make the bar grow; that is fine.
-                bar.length = max(1, sum(totals.values()))
-                bar.update(sum(done.values()) - bar.pos)
 
     drawer = threading.Thread(target=draw, daemon=True)
     drawer.start()

@@ -278,6 +278,7 @@ class DumpJob:
     :param preexec: run in CRIU's process before exec (priorities, credentials).
     :param wrapper: argv prefix to run CRIU under (e.g. ``setpriv ... --``).
     :param timeout: seconds before CRIU is killed.
+    :param owner: (uid, gid) to give each round's directory when CRIU runs as another user.
     """
 
     pid: int
@@ -290,6 +291,7 @@ class DumpJob:
     timeout: float = 600.0
     verbosity: int = 4
     env: Mapping[str, str] | None = field(default=None, compare=False)
+    owner: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,8 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
         for argv in cmds:
             images = Path(argv[argv.index("-D") + 1])
             images.mkdir(mode=0o700, parents=True, exist_ok=False)
+            if job.owner is not None:
+                os.chown(images, *job.owner)
             _run_round(argv, images, job)
     finally:
         resumed = ensure_running(job.pid, was_stopped)

@@ -13,7 +13,8 @@ step "criu-livedump check"
 step "build and start the sample program (tests/programs/demo.c)"
 bin=$(.venv/bin/python tests/programs/build.py demo)
 work=$(mktemp -d /tmp/criu-livedump-demo.XXXXXX)
-"$bin" >"$work/stdout" &
+# Like a shell with `ulimit -c unlimited`: the target's own RLIMIT_CORE decides the core's size.
+(ulimit -c "$(ulimit -H -c)"; exec "$bin") >"$work/stdout" &
 pid=$!
 cleanup() {
   kill "$pid" 2>/dev/null || true
@@ -41,7 +42,7 @@ ps -o pid,stat,nlwp,etime,cmd -p "$pid"
 ls -l "$core"
 
 step "gdb: info threads, thread apply all bt (read from the core)"
-gdb -batch -nx -q -ex 'info threads' -ex 'thread apply all bt' -ex 'print (char *)greeting' \
+gdb -batch -nx -q -ex 'info threads' -ex 'thread apply all bt' -ex 'print ticks' \
   "$bin" "$core"
 
 step "done: the core is kept in $work; the sample program is stopped now"
