@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +198,62 @@ def test_root_only_dumps_need_an_absolute_path() -> None:
         expand("core", f, signal=6, time=0)
     assert expand("/var/core", f, signal=6, time=0).path == Path("/var/core")
     assert expand("|/bin/h", f, signal=6, time=0).argv == ("/bin/h",)
+
+
+# --- against the kernel ----------------------------------------------------------------------
+
+ALL_SPECIFIERS = "%p %P %i %I %u %g %d %s %t %h %e %f %E %c %C %% x%zy"
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set core_pattern")
+def test_pipe_argv_matches_the_kernels(tmp_path: Path) -> None:
+    """The kernel's own expansion of every specifier, recorded by a pipe handler, equals ours."""
+    from criu_livedump.target import inspect
+    from tests.syslock import core_pattern
+
+    record = tmp_path / "argv"
+    handler = tmp_path / "handler.sh"
+    handler.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > {record}.tmp\n'
+        f"cat > /dev/null\nmv {record}.tmp {record}\n"
+    )
+    handler.chmod(0o755)
+    tmp_path.chmod(0o755)
+
+    def setup() -> None:
+        os.sched_setaffinity(0, {0})  # %C: the CPU it crashes on is the one inspected
+        resource.setrlimit(resource.RLIMIT_CORE, (8192, resource.getrlimit(4)[1]))
+
+    with core_pattern(f"|{handler} {ALL_SPECIFIERS}"):
+        proc = subprocess.Popen(
+            ["sh", "-c", "echo ready; exec sleep 600"],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=setup,  # noqa: PLW1509 - single-threaded test process
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+            comm = Path(f"/proc/{proc.pid}/comm")
+            for _ in range(1000):  # "ready" comes just before the exec
+                if comm.read_text().strip() == "sleep":
+                    break
+                time.sleep(0.01)
+            facts = inspect(proc.pid)
+            assert facts.comm == "sleep"
+            os.kill(proc.pid, signal.SIGSEGV)
+            proc.wait()
+            for _ in range(1000):  # the handler runs asynchronously; bounded wait, no timing
+                if record.exists():
+                    break
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    kernel_argv = tuple(record.read_text().splitlines())
+    assert kernel_argv, "the pipe handler recorded nothing"
+    when = int(kernel_argv[8])
+    ours = expand(f"|{handler} {ALL_SPECIFIERS}", facts, signal=signal.SIGSEGV, time=when)
+    assert ours.argv == (str(handler), *kernel_argv)
