@@ -1,0 +1,365 @@
+"""Step 6 of the clone snapshot: make CRIU's images of the clone describe the original process.
+
+CRIU dumped a one-thread fork; the rewritten set is what ``criu dump -t PID`` would have written
+for the original, as far as a core needs it, so that the converter (and ``crit``) see an
+ordinary image set:
+
+- ``pstree.img``: the original pid, its pgid and sid (the clone ran setsid()), every thread id;
+- ``core-TID.img`` per original thread, from the clone's core as template: task-level fields
+  (``tc``) for the leader only, per-thread registers from the freeze, stored as CRIU stores them
+  (:func:`criu_livedump.clone.criu_regs`), FXSAVE/XSAVE areas, blocked signals, comm;
+- ``mm``/``pagemap``/``ids``/``fs``/``core`` renamed from the clone's pid;
+- mappings copied out of the clone (SysV shm, io_uring rings) put back as VMAs, their bytes in
+  a shmem pagemap and pages image of their own.
+
+Not known per thread from ptrace and copied from the injecting thread or left empty (none of it
+is in a core): sigaltstack, clear_tid_addr, GDT TLS entries, credentials, scheduling policy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Final
+
+from converters.images import dump_image, load_image
+from criu_livedump.clone import CloneSnapshot, SideMapping, ThreadState, criu_regs
+from criu_livedump.errors import LivedumpError
+
+PAGE_SIZE: Final = 4096
+
+# criu/include/image.h (VMA_AREA_*), criu/include/pagemap.h (PE_PRESENT), <sys/mman.h>
+VMA_AREA_REGULAR: Final = 1 << 0
+VMA_FILE_SHARED: Final = 1 << 7
+VMA_ANON_SHARED: Final = 1 << 8
+VMA_AREA_SYSVIPC: Final = 1 << 10
+PE_PRESENT: Final = 1 << 2
+MAP_SHARED: Final = 0x01
+MAP_ANONYMOUS: Final = 0x20
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+O_RDWR: Final = 2
+SS_DISABLE: Final = 2
+
+#: CRIU's gpregs field names for ``struct user_regs_struct`` members (images/core-x86.proto).
+_GPREG_NAMES: Final = {
+    "rbp": "bp",
+    "rbx": "bx",
+    "rax": "ax",
+    "rcx": "cx",
+    "rdx": "dx",
+    "rsi": "si",
+    "rdi": "di",
+    "orig_rax": "orig_ax",
+    "rip": "ip",
+    "eflags": "flags",
+    "rsp": "sp",
+}
+
+# struct user_i387_struct / the legacy FXSAVE region (arch/x86/include/asm/user_64.h)
+_FXSAVE_HEAD: Final = struct.Struct("<HHHHQQII")
+_ST_SPACE: Final = struct.Struct("<32I")  # at 32
+_XMM_SPACE: Final = struct.Struct("<64I")  # at 160
+# XSAVE standard (non-compacted) format, as PTRACE_GETREGSET NT_X86_XSTATE returns it: the
+# header's XSTATE_BV at 512; each user component where CPUID leaf 0xD says (the offsets differ
+# between CPU vendors), kept in CRIU's fields (images/core-x86.proto: user_x86_xsave_entry,
+# filled by criu/arch/x86/crtools.c from compel's struct xsave_struct).
+_XSTATE_BV_OFF: Final = 512
+#: (CRIU field, xfeature number, struct of the component)
+_COMPONENTS: Final = (
+    ("ymmh_space", 2, struct.Struct("<64I")),
+    ("bndreg_state", 3, struct.Struct("<8Q")),
+    ("bndcsr_state", 4, struct.Struct("<8Q")),
+    ("opmask_reg", 5, struct.Struct("<8Q")),
+    ("zmm_upper", 6, struct.Struct("<64Q")),
+    ("hi16_zmm", 7, struct.Struct("<128Q")),
+    ("pkru", 9, struct.Struct("<I")),
+)
+# arch/x86/include/asm/user.h: the ptrace buffer's software-reserved bytes start with XCR0, the
+# set of components the buffer lays out (USER_XSTATE_XCR0_WORD).
+_XCR0_OFF: Final = 464
+
+
+class CloneImagesError(LivedumpError):
+    """The clone's image set cannot be rewritten (a file missing or not what CRIU writes)."""
+
+
+def gpregs(thread: ThreadState) -> dict[str, Any]:
+    """The thread's registers as CRIU's ``user_x86_regs_entry`` would hold them."""
+    regs = criu_regs(thread.user_regs).as_dict()
+    out: dict[str, Any] = {_GPREG_NAMES.get(k, k): v for k, v in regs.items()}
+    out["mode"] = "NATIVE"
+    return out
+
+
+def fpregs(thread: ThreadState) -> dict[str, Any] | None:
+    """The thread's FPU state as CRIU's ``user_x86_fpregs_entry`` (with ``xsave``), or None."""
+    area = thread.xstate if len(thread.xstate) >= 512 else thread.fpregs
+    if len(area) < 512:
+        return None
+    cwd, swd, twd, fop, rip, rdp, mxcsr, mxcsr_mask = _FXSAVE_HEAD.unpack_from(area, 0)
+    out: dict[str, Any] = {
+        "cwd": cwd,
+        "swd": swd,
+        "twd": twd,
+        "fop": fop,
+        "rip": rip,
+        "rdp": rdp,
+        "mxcsr": mxcsr,
+        "mxcsr_mask": mxcsr_mask,
+        "st_space": list(_ST_SPACE.unpack_from(area, 32)),
+        "xmm_space": list(_XMM_SPACE.unpack_from(area, 160)),
+    }
+    if len(thread.xstate) > _XSTATE_BV_OFF:
+        out["xsave"] = _xsave(thread.xstate)
+    return out
+
+
+def _xsave(x: bytes) -> dict[str, Any]:
+    (xcr0,) = struct.unpack_from("<Q", x, _XCR0_OFF)
+    (bv,) = struct.unpack_from("<Q", x, _XSTATE_BV_OFF)
+    out: dict[str, Any] = {"xstate_bv": bv}
+    for name, bit, st in _COMPONENTS:
+        if not xcr0 & (1 << bit):
+            continue
+        offset = xsave_offset(bit)
+        if offset and len(x) >= offset + st.size:
+            out[name] = list(st.unpack_from(x, offset))
+    return out
+
+
+@functools.cache
+def xsave_offset(feature: int) -> int:
+    """The standard-format offset of XSAVE component *feature* (CPUID.(EAX=0DH,ECX=n).EBX)."""
+    return _cpuid(0xD, feature)[1]
+
+
+# A tiny cpuid(leaf, subleaf, out[4]) in machine code (SysV ABI: edi, esi, rdx), since Python
+# has no other way to execute CPUID: push rbx; mov r8,rdx; mov eax,edi; mov ecx,esi; cpuid;
+# mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx; mov [r8+12],edx; pop rbx; ret
+_CPUID_CODE: Final = bytes.fromhex(
+    "534989d089f889f10fa24189004189580441894808418950 0c5bc3".replace(" ", "")
+)
+
+
+@functools.cache
+def _cpuid_function() -> tuple[Any, mmap.mmap]:
+    """The callable and the executable page holding it (kept alive together)."""
+    mem = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    mem.write(_CPUID_CODE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
+    return proto(addr), mem
+
+
+def _cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+    fn, _ = _cpuid_function()
+    out = (ctypes.c_uint32 * 4)()
+    fn(leaf, subleaf, ctypes.addressof(out))
+    return out[0], out[1], out[2], out[3]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise CloneImagesError(f"{path}: missing from the clone's images")
+    return load_image(path)
+
+
+def _entry(image: dict[str, Any], path: Path) -> dict[str, Any]:
+    entries = image.get("entries") or []
+    if len(entries) != 1:
+        raise CloneImagesError(f"{path}: {len(entries)} entries, expected 1")
+    entry: dict[str, Any] = entries[0]
+    return entry
+
+
+def rewrite_images(images_dir: Path, snap: CloneSnapshot) -> None:
+    """Rewrite CRIU's images of ``snap.clone_pid`` in *images_dir* to describe ``snap.pid``.
+
+    :raises CloneImagesError: an image CRIU should have written is missing or malformed.
+    :raises converters.errors.ConversionError: an image cannot be decoded or encoded.
+    """
+    cpid, pid = snap.clone_pid, snap.pid
+    _rewrite_pstree(images_dir, snap)
+
+    template_path = images_dir / f"core-{cpid}.img"
+    template = _load(template_path)
+    leader = pid if any(t.tid == pid for t in snap.threads) else snap.threads[0].tid
+    for t in snap.threads:
+        core = _thread_core(template, template_path, t, snap, leader=t.tid == leader)
+        dump_image(images_dir / f"core-{t.tid}.img", core)
+    if cpid not in {t.tid for t in snap.threads}:
+        template_path.unlink()
+
+    for stem in ("mm", "pagemap", "ids", "fs"):
+        src = images_dir / f"{stem}-{cpid}.img"
+        if src.exists():
+            os.replace(src, images_dir / f"{stem}-{pid}.img")
+    if snap.side_mappings:
+        _add_side_mappings(images_dir, pid, snap.side_mappings)
+
+
+def _rewrite_pstree(images_dir: Path, snap: CloneSnapshot) -> None:
+    path = images_dir / "pstree.img"
+    image = _load(path)
+    item = _entry(image, path)
+    if int(item["pid"]) != snap.clone_pid:
+        raise CloneImagesError(
+            f"{path}: describes process {item['pid']}, not clone {snap.clone_pid}"
+        )
+    item["pid"] = snap.pid
+    item["pgid"] = snap.pgid
+    item["sid"] = snap.sid
+    item["threads"] = [t.tid for t in snap.threads]
+    dump_image(path, image)
+
+
+def _thread_core(
+    template: dict[str, Any], path: Path, t: ThreadState, snap: CloneSnapshot, *, leader: bool
+) -> dict[str, Any]:
+    src = _entry(template, path)
+    core: dict[str, Any] = {"mtype": src["mtype"]}
+    info = dict(src["thread_info"])
+    info["gpregs"] = gpregs(t)
+    fp = fpregs(t)
+    if fp is not None:
+        # CET state comes from its own regset, not from the XSAVE user buffer: keep CRIU's.
+        cet = (info.get("fpregs") or {}).get("xsave", {}).get("cet")
+        if cet is not None and "xsave" in fp and t.tid == snap.injector_tid:
+            fp["xsave"]["cet"] = cet
+        info["fpregs"] = fp
+    if t.tid != snap.injector_tid:
+        info["clear_tid_addr"] = 0
+    core["thread_info"] = info
+
+    tcore = dict(src.get("thread_core") or {})
+    tcore["comm"] = t.comm or tcore.get("comm", "")
+    tcore["blk_sigset"] = t.sigmask
+    if t.tid != snap.injector_tid:
+        tcore["sas"] = {"ss_sp": 0, "ss_size": 0, "ss_flags": SS_DISABLE}
+        tcore.pop("rseq_entry", None)
+        tcore["futex_rla"] = 0
+    core["thread_core"] = tcore
+    if leader and "tc" in src:
+        tc = dict(src["tc"])
+        tc["blk_sigset"] = t.sigmask
+        tc["comm"] = t.comm or tc.get("comm", "")
+        core["tc"] = tc
+    return {"magic": template["magic"], "entries": [core]}
+
+
+# --- side mappings ------------------------------------------------------------------------------
+
+
+def _prot(perms: str) -> int:
+    return (
+        (PROT_READ if perms[0] == "r" else 0)
+        | (PROT_WRITE if perms[1] == "w" else 0)
+        | (PROT_EXEC if perms[2] == "x" else 0)
+    )
+
+
+_PAGES_RE: Final = re.compile(r"pages-(\d+)\.img$")
+
+
+def _next_pages_id(images_dir: Path) -> int:
+    ids = [int(m.group(1)) for p in images_dir.iterdir() if (m := _PAGES_RE.match(p.name))]
+    return max(ids, default=0) + 1
+
+
+def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]) -> None:
+    """Put the copied-out mappings back as VMAs, the way CRIU records such memory.
+
+    SysV segments become what CRIU writes for them in an IPC namespace dump
+    (criu/proc_parse.c: ``vma_get_mapfile()``: ANON_SHARED | SYSVIPC, shmid = the inode, which
+    /proc shows as the segment id), their bytes in ``pagemap-shmem-SHMID.img``. io_uring rings
+    are shared mappings of a file (``anon_inode:[io_uring]``, whose inode has one link, so the
+    kernel's vma_dump_size() files them under MAPPED_SHARED); their bytes are kept the same way.
+    """
+    mm_path = images_dir / f"mm-{pid}.img"
+    mm_image = _load(mm_path)
+    mm = _entry(mm_image, mm_path)
+    files_path = images_dir / "files.img"
+    files: dict[str, Any] = (
+        load_image(files_path) if files_path.exists() else {"magic": "FILES", "entries": []}
+    )
+    next_file_id = max((int(e.get("id", 0)) for e in files["entries"]), default=0) + 1
+    used_shmids = {int(v.get("shmid", 0)) for v in mm["vmas"]}
+
+    for m in side:
+        shmid = m.inode
+        vma: dict[str, Any] = {
+            "start": m.start,
+            "end": m.end,
+            "pgoff": m.pgoff,
+            "prot": _prot(m.perms),
+            "fd": -1,
+        }
+        if m.kind == "sysv":
+            vma["flags"] = MAP_SHARED | MAP_ANONYMOUS
+            vma["status"] = VMA_AREA_REGULAR | VMA_ANON_SHARED | VMA_AREA_SYSVIPC
+        else:
+            shmid = next_file_id
+            next_file_id += 1
+            files["entries"].append(_file_entry(shmid, m.name))
+            vma["flags"] = MAP_SHARED
+            vma["status"] = VMA_AREA_REGULAR | VMA_FILE_SHARED
+        while shmid in used_shmids and m.kind == "sysv":
+            shmid += 1 << 32  # keep clear of any shmem object CRIU saved itself
+        used_shmids.add(shmid)
+        vma["shmid"] = shmid
+        mm["vmas"].append(vma)
+        if m.data_file is not None:
+            _write_shmem_pages(images_dir, shmid, m)
+
+    mm["vmas"].sort(key=lambda v: int(v["start"]))
+    dump_image(mm_path, mm_image)
+    if any(m.kind != "sysv" for m in side):
+        dump_image(files_path, files)
+
+
+def _file_entry(file_id: int, name: str) -> dict[str, Any]:
+    return {
+        "type": "REG",
+        "id": file_id,
+        "reg": {
+            "id": file_id,
+            "flags": O_RDWR,
+            "pos": 0,
+            "fown": {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0},
+            "name": name,
+        },
+    }
+
+
+def _write_shmem_pages(images_dir: Path, shmid: int, m: SideMapping) -> None:
+    assert m.data_file is not None
+    pages_id = _next_pages_id(images_dir)
+    length = m.end - m.start
+    with m.data_file.open("rb") as src, (images_dir / f"pages-{pages_id}.img").open("wb") as dst:
+        done = 0
+        while done < length:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, m.data_offset + done)
+            if n == 0:
+                raise CloneImagesError(f"{m.data_file}: short copy of {m.name} at {m.start:#x}")
+            done += n
+    # A shmem pagemap is addressed by offset in the object (criu/shmem.c: dump_one_shmem()).
+    dump_image(
+        images_dir / f"pagemap-shmem-{shmid}.img",
+        {
+            "magic": "PAGEMAP",
+            "entries": [
+                {"pages_id": pages_id},
+                {
+                    "vaddr": m.pgoff,
+                    "compat_nr_pages": 0,
+                    "nr_pages": length // PAGE_SIZE,
+                    "flags": PE_PRESENT,
+                },
+            ],
+        },
+    )
