@@ -379,6 +379,7 @@ def criu_dump(pid: int, images_dir: str | os.PathLike[str]) -> Path:
     :raises CriuDumpError: CRIU failed (the message ends with the tail of dump.log).
     """
     from converters.options import write_sidecar
+    from criu_livedump.sidecar import dump_time_facts
 
     images = Path(images_dir)
     images.mkdir(parents=True, exist_ok=True)
@@ -408,7 +409,8 @@ def criu_dump(pid: int, images_dir: str | os.PathLike[str]) -> Path:
         except OSError:
             log = proc.stderr
         raise CriuDumpError(argv, proc.returncode, "\n".join(log.splitlines()[-40:]))
-    write_sidecar(images, coredump_filter=coredump_filter)
+    # the same dump-time facts the orchestrator records (criu_livedump/dump.py)
+    write_sidecar(images, coredump_filter=coredump_filter, **dump_time_facts(pid))
     return images
 
 

@@ -1,0 +1,58 @@
+"""Facts about the target that CRIU's images lack, read from /proc right after the dump.
+
+They travel to the converter in ``livedump.json`` (converters.options.write_sidecar): the real
+parent pid (CRIU records 0 for the root of the dumped tree), per-thread CPU times for
+NT_PRSTATUS (fill_prstatus() reports the group total for the leader), the boot id, and the
+CPU's XSAVE layout for NT_X86_XSTATE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from converters.arch.x86_64 import host_xsave_layout
+
+_PROC = Path("/proc")
+
+
+def _stat_fields(path: Path) -> list[str]:
+    # comm may hold spaces and parentheses: split after the last ")"
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def _us(ticks: str, hz: int) -> int:
+    return int(ticks) * 1_000_000 // hz
+
+
+def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
+    """``ppid``, ``times``, ``boot_id`` and ``xsave_layout`` of process *pid*.
+
+    Missing pieces (the target exited, a thread vanished) are simply left out: the converter
+    falls back to zeros for them.
+    """
+    facts: dict[str, Any] = {"xsave_layout": host_xsave_layout().as_dict()}
+    hz = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        facts["boot_id"] = (proc / "sys/kernel/random/boot_id").read_text().strip()
+    try:
+        fields = _stat_fields(proc / str(pid) / "stat")
+    except (OSError, IndexError):
+        return facts
+    # stat(5): field 4 ppid; 14-17 utime, stime, cutime, cstime (clock ticks)
+    facts["ppid"] = int(fields[1])
+    times: dict[str, list[int]] = {
+        str(pid): [_us(fields[11], hz), _us(fields[12], hz)],
+        "children": [_us(fields[13], hz), _us(fields[14], hz)],
+    }
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(proc / str(pid) / "task"):
+            if tid == str(pid):
+                continue
+            with contextlib.suppress(OSError, IndexError):
+                t = _stat_fields(proc / str(pid) / "task" / tid / "stat")
+                times[tid] = [_us(t[11], hz), _us(t[12], hz)]
+    facts["times"] = times
+    return facts
