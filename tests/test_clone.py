@@ -1,0 +1,298 @@
+"""The clone snapshot (issue 5): the target is never disturbed, the clone never outlives us, and
+the clone's CRIU images, rewritten, describe the original process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import StartTarget
+from kernelcore import Target, criu_binary
+
+from converters.images import load_image
+from criu_livedump import clone, clone_images, ptrace
+from criu_livedump.ptrace import UserRegs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- unit: the register conventions -------------------------------------------------------------
+
+
+def _regs(**kw: int) -> UserRegs:
+    return UserRegs.from_dict({"orig_rax": (1 << 64) - 1, **kw})
+
+
+@pytest.mark.parametrize(
+    ("code", "resume_rax", "criu_rax", "criu_back"),
+    [
+        (clone.ERESTARTSYS, 0, 0, 2),
+        (clone.ERESTARTNOHAND, 0, 0, 2),
+        (clone.ERESTARTNOINTR, 0, 0, 2),
+        (clone.ERESTART_RESTARTBLOCK, clone.SYS.restart_syscall, -errno.EINTR, 0),
+    ],
+)
+def test_restart_conventions(code: int, resume_rax: int, criu_rax: int, criu_back: int) -> None:
+    regs = _regs(orig_rax=35, rax=(-code) & ((1 << 64) - 1), rip=0x1002)
+    resumed = clone.resume_regs(regs)
+    assert resumed.rip == 0x1000
+    assert resumed.rax == (resume_rax or 35)
+    saved = clone.criu_regs(regs)
+    assert saved.rip == 0x1002 - criu_back
+    assert saved.rax == ((criu_rax or 35) & ((1 << 64) - 1))
+
+
+def test_epoll_eintr_restarted_only_without_timeout_or_pending_signal() -> None:
+    eintr = (-errno.EINTR) & ((1 << 64) - 1)
+    forever = _regs(orig_rax=clone.SYS.epoll_wait, rax=eintr, rip=0x2002, r10=(1 << 64) - 1)
+    assert clone.resume_regs(forever).rip == 0x2000
+    assert clone.resume_regs(forever, signal_pending=True).rip == 0x2002
+    finite = _regs(orig_rax=clone.SYS.epoll_wait, rax=eintr, rip=0x2002, r10=100)
+    assert clone.resume_regs(finite).rip == 0x2002
+    read = _regs(orig_rax=0, rax=eintr, rip=0x2002)
+    assert clone.resume_regs(read).rip == 0x2002
+
+
+def test_not_in_syscall_untouched() -> None:
+    regs = _regs(rax=(-clone.ERESTARTSYS) & ((1 << 64) - 1), rip=0x3000)
+    assert bytes(clone.resume_regs(regs)) == bytes(regs)
+    assert bytes(clone.criu_regs(regs)) == bytes(regs)
+
+
+# --- live: the target ---------------------------------------------------------------------------
+
+
+def _children(pid: int) -> dict[int, str]:
+    """``{pid: state}`` of every process whose parent is *pid*."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            out[int(entry)] = fields[0]
+    return out
+
+
+def _assert_running(target: Target) -> None:
+    status = Path(f"/proc/{target.pid}/status").read_text()
+    assert target.alive(), f"target exited with {target.proc.returncode}"
+    assert "TracerPid:\t0\n" in status
+    assert "State:\tT" not in status and "State:\tt" not in status
+
+
+@pytest.fixture
+def clone_target(programs: dict[str, Path], targets: StartTarget) -> Target:
+    return targets(programs["clone_target"], rseq=False)
+
+
+@pytest.mark.live
+def test_target_unaffected(clone_target: Target, tmp_path: Path) -> None:
+    """Threads in nanosleep/read/futex/epoll_wait see no EINTR, no short sleep, no SIGCHLD."""
+    freezes = []
+    for _ in range(10):
+        with clone.clone_snapshot(clone_target.pid, side_dir=tmp_path) as snap:
+            assert len(snap.threads) == 5
+            assert len(os.listdir(f"/proc/{snap.clone_pid}/task")) == 1
+            assert os.listdir(f"/proc/{snap.clone_pid}/fd") == []
+            freezes.append(snap.freeze_seconds)
+            snap.release_for_criu()
+        time.sleep(0.03)
+    time.sleep(0.5)  # the driver feeds every thread at least once more; the main thread sleeps
+    print("freeze ms:", " ".join(f"{f * 1000:.2f}" for f in freezes))
+    _assert_running(clone_target)
+    assert {p: s for p, s in _children(clone_target.pid).items()} == {}
+
+
+@pytest.mark.live
+def test_hundred_snapshots_leak_nothing(clone_target: Target, tmp_path: Path) -> None:
+    own_fds = len(os.listdir("/proc/self/fd"))
+    target_fds = len(os.listdir(f"/proc/{clone_target.pid}/fd"))
+    for i in range(100):
+        snap = clone.clone_snapshot(clone_target.pid, side_dir=tmp_path)
+        if i % 2:
+            snap.release_for_criu()
+        snap.kill()
+        snap.kill()  # idempotent
+    _assert_running(clone_target)
+    assert _children(clone_target.pid) == {}
+    assert len(os.listdir("/proc/self/fd")) == own_fds
+    assert len(os.listdir(f"/proc/{clone_target.pid}/fd")) == target_fds
+
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from criu_livedump import clone
+snap = clone.clone_snapshot(int(sys.argv[1]), side_dir=Path(sys.argv[2]))
+snap.release_for_criu()
+print("done", file=sys.stderr, flush=True)
+"""
+
+
+# "released" is not here: once released the clone belongs to CRIU, and the orchestrator that
+# runs CRIU kills it (CloneSnapshot.kill) whatever happens; a tool killed at that very point
+# leaves the clone asleep in pause() (see the module docstring of criu_livedump.clone).
+@pytest.mark.live
+@pytest.mark.parametrize("step", ["seized", "cloned", "detached", "prepared"])
+def test_sigkill_at_each_step(clone_target: Target, tmp_path: Path, step: str) -> None:
+    env = dict(os.environ, **{clone.PAUSE_ENV: step})
+    tool = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, str(clone_target.pid), str(tmp_path)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert tool.stderr is not None
+        line = tool.stderr.readline()
+        assert line.strip() == f"paused {step}", line
+        os.kill(tool.pid, signal.SIGKILL)
+    finally:
+        tool.kill()
+        tool.wait()
+        if tool.stderr is not None:
+            tool.stderr.close()
+    deadline = time.monotonic() + 5
+    while any(s not in ("Z", "X") for s in _children(clone_target.pid).values()):
+        assert time.monotonic() < deadline, f"clone alive: {_children(clone_target.pid)}"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    _assert_running(clone_target)
+
+
+@pytest.mark.live
+def test_refuses_traced_target(clone_target: Target) -> None:
+    tracer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom criu_livedump import ptrace\n"
+            "ptrace.seize(int(sys.argv[1]))\nprint('ok', flush=True)\ntime.sleep(60)",
+            str(clone_target.pid),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert tracer.stdout is not None
+        assert tracer.stdout.readline().strip() == "ok"
+        with pytest.raises(clone.CloneRefusedError, match="already traced by process"):
+            clone.clone_snapshot(clone_target.pid)
+    finally:
+        tracer.kill()
+        tracer.wait()
+        if tracer.stdout is not None:
+            tracer.stdout.close()
+    _assert_running(clone_target)
+
+
+@pytest.mark.live
+def test_refuses_seccomp_target(programs: dict[str, Path], targets: StartTarget) -> None:
+    target = targets(programs["clone_seccomp"], rseq=False)
+    with pytest.raises(clone.CloneRefusedError, match="seccomp"):
+        clone.clone_snapshot(target.pid)
+    _assert_running(target)
+
+
+# --- live: CRIU dumps the clone, the images are rewritten ---------------------------------------
+
+
+def _criu_dump_clone(snap: clone.CloneSnapshot, images: Path) -> None:
+    images.mkdir()
+    argv = [criu_binary(), "dump", "-t", str(snap.clone_pid), "-D", str(images)]
+    argv += ["--tcp-close", "--skip-in-flight", "--shell-job", "--file-locks"]
+    argv += ["--network-lock", "skip", "-o", "dump.log"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    log = (images / "dump.log").read_text(errors="replace")[-2000:]
+    assert proc.returncode == 0, log
+
+
+@pytest.mark.live
+def test_rewritten_images(programs: dict[str, Path], targets: StartTarget, tmp_path: Path) -> None:
+    target = targets(programs["clone_target"], "uring", "shm", rseq=False)
+    images = tmp_path / "images"
+    with clone.clone_snapshot(target.pid, side_dir=tmp_path) as snap:
+        assert {m.kind for m in snap.side_mappings} == {"sysv", "io_uring"}
+        snap.release_for_criu()
+        _criu_dump_clone(snap, images)
+        injector = next(t for t in snap.threads if t.tid == snap.injector_tid)
+        criu_core = load_image(images / f"core-{snap.clone_pid}.img")["entries"][0]
+        # Our FXSAVE/XSAVE mapping agrees with CRIU's own for the thread the clone came from.
+        ours = clone_images.fpregs(injector)
+        assert ours is not None
+        theirs = criu_core["thread_info"]["fpregs"]
+        for key, value in ours.items():
+            if key == "xsave":
+                for k, v in value.items():
+                    assert v == theirs["xsave"][k], k
+            else:
+                assert value == theirs[key], key
+        clone_images.rewrite_images(images, snap)
+    _assert_running(target)
+
+    pstree = load_image(images / "pstree.img")["entries"]
+    assert [(e["pid"], sorted(e["threads"])) for e in pstree] == [
+        (target.pid, sorted(t.tid for t in snap.threads))
+    ]
+    for t in snap.threads:
+        core = load_image(images / f"core-{t.tid}.img")["entries"][0]
+        regs = clone.criu_regs(t.user_regs)
+        assert core["thread_info"]["gpregs"]["ip"] == regs.rip
+        assert core["thread_info"]["gpregs"]["sp"] == regs.rsp
+        assert core["thread_info"]["gpregs"]["fs_base"] == regs.fs_base
+        assert core["thread_core"]["blk_sigset"] == t.sigmask
+        assert ("tc" in core) == (t.tid == target.pid)
+    for stem in ("mm", "pagemap", "ids", "fs"):
+        assert (images / f"{stem}-{target.pid}.img").exists()
+        assert not (images / f"{stem}-{snap.clone_pid}.img").exists()
+    assert not (images / f"core-{snap.clone_pid}.img").exists()
+
+    mm = load_image(images / f"mm-{target.pid}.img")["entries"][0]
+    sysv = [v for v in mm["vmas"] if v["status"] & clone_images.VMA_AREA_SYSVIPC]
+    assert len(sysv) == 1
+    pagemap = load_image(images / f"pagemap-shmem-{sysv[0]['shmid']}.img")["entries"]
+    pages = (images / f"pages-{pagemap[0]['pages_id']}.img").read_bytes()
+    assert pages == bytes((i * 13 + 5) & 0xFF for i in range(64 * 1024))
+    starts = [v["start"] for v in mm["vmas"]]
+    assert starts == sorted(starts)
+
+
+@pytest.mark.live
+def test_rewritten_images_convert(clone_target: Target, tmp_path: Path) -> None:
+    """The converter reads the rewritten set as an ordinary one: one core, every thread."""
+    from kernelcore import CoreView
+
+    import converters
+
+    images = tmp_path / "images"
+    with clone.clone_snapshot(clone_target.pid, side_dir=tmp_path) as snap:
+        snap.release_for_criu()
+        _criu_dump_clone(snap, images)
+        clone_images.rewrite_images(images, snap)
+    _assert_running(clone_target)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        results = converters.convert(images, out, converters.ConvertOptions())
+    except NotImplementedError:
+        pytest.skip("converters.convert has not landed yet")
+    assert [r.pid for r in results] == [clone_target.pid]
+    core = CoreView(out / f"core.{clone_target.pid}")
+    assert sorted(t.pid for t in core.threads) == sorted(t.tid for t in snap.threads)
+
+
+def test_ptrace_regs_layout() -> None:
+    assert len(bytes(ptrace.UserRegs())) == 216
