@@ -375,7 +375,9 @@ class ImageSet:
         return None
 
 
-def _load_page_index(directory: Path, name: str, depth: int) -> PageIndex:
+def _load_page_index(
+    directory: Path, name: str, depth: int, chain: tuple[Path, ...] = ()
+) -> PageIndex:
     path = directory / name
     if depth > MAX_PARENT_DEPTH:
         raise ImageFormatError(str(path), f"parent chain deeper than {MAX_PARENT_DEPTH}")
@@ -430,7 +432,13 @@ def _load_page_index(directory: Path, name: str, depth: int) -> PageIndex:
         parent_dir = directory / "parent"
         if not parent_dir.is_dir():
             raise MissingImageError(str(parent_dir), f"{path.name} (pages in parent)")
-        index.parent = _load_page_index(parent_dir, name, depth + 1)
+        # CRIU's parent is a symlink (../prev): compare real paths so that a chain looping
+        # back is named as such, instead of growing parent/parent/... until the kernel's ELOOP
+        here = Path(os.path.realpath(directory))
+        real_parent = Path(os.path.realpath(parent_dir))
+        if real_parent == here or real_parent in chain:
+            raise ImageFormatError(str(path), f"parent chain loops back to {real_parent}")
+        index.parent = _load_page_index(real_parent, name, depth + 1, (*chain, here))
     return index
 
 
