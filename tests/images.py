@@ -155,6 +155,8 @@ class Proc:
     pages_id: int | None = None
     #: add the default stack VMA holding argv (False: *vmas* are the whole address space)
     with_stack: bool = True
+    #: pagemap flags of saved pages (CRIU marks anonymous ones PE_LAZY|PE_PRESENT)
+    present_flags: int = PE_PRESENT
 
     @property
     def arg_start(self) -> int:
@@ -228,7 +230,7 @@ def pagemap_entries(p: Proc) -> tuple[list[dict[str, Any]], bytes]:
     data = bytearray()
     for vaddr, content in p.all_pages():
         assert len(content) % PAGE == 0 and content, "pages come in whole pages"
-        entries.append(_pme(vaddr, len(content) // PAGE, PE_PRESENT))
+        entries.append(_pme(vaddr, len(content) // PAGE, p.present_flags))
         data += content
     for vaddr, nr in p.parent_runs:
         entries.append(_pme(vaddr, nr, PE_PARENT))
