@@ -1,0 +1,1204 @@
+"""``make bench``: how long the target is frozen, how fast its core is written, at what cost.
+
+For each size (256, 1024, 4096 MiB; ``--quick``: 64 and 256) a workload (``bench/workload.c``:
+non-zero anonymous memory, 4 busy threads, a 1 ms heartbeat recording its longest gap) is
+dumped by each *freeze peer* in the same invocation, so that the figures are ratios between
+neighbours on a shared machine rather than absolute truths:
+
+- ``gcore``: ``gdb -p PID -batch -ex 'gcore FILE'``, the usual way to core a running process;
+- ``criu``: ``criu-livedump dump PID --method criu`` (the product; while its ``dump`` is not
+  usable yet, CRIU driven directly plus ``criu-livedump convert``, and the results say so);
+- ``clone``: ``criu-livedump dump PID --method clone``, when it exists.
+
+The freeze is what the target saw (its heartbeat's longest gap in a window around the dump) and,
+for CRIU, its own ``frozen_time`` from ``stats-dump``. Then the conversion alone: ``criu-livedump
+convert`` on the dump's images against ``cp --sparse=always`` of the pages images, its peak RSS,
+the core's apparent and allocated size; and CRIU's own ``coredump`` tool on a 16 MiB process.
+
+Results go to ``bench/results/<date>-<host>.json`` (and a PNG of freeze time against size), and
+``BENCHMARKS.md`` is regenerated from them. Scratch (images, cores) lives on tmpfs by default and
+is removed at the end; the workload is killed whatever happens. Progress goes to stderr only
+when it is a terminal; stdout gets the path of the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+MARKDOWN = REPO / "BENCHMARKS.md"
+CRIU_SRC = Path("/var/cache/criu-livedump/criu-4.2.1")
+CRIU_BIN = "/usr/local/sbin/criu"
+CRIU_DUMP_FLAGS = (
+    "--leave-running",
+    "--tcp-close",
+    "--skip-in-flight",
+    "--shell-job",
+    "--file-locks",
+    "--network-lock",
+    "skip",
+)
+SCHEMA = 1
+MIB = 1 << 20
+#: Sizes of a full run and of ``--quick``.
+FULL_SIZES = (256, 1024, 4096)
+QUICK_SIZES = (64, 256)
+#: CRIU's coredump tool is quadratic in the number of pages: one small process only.
+COREDUMP_TOOL_MIB = 16
+COREDUMP_TOOL_TIMEOUT = 300.0
+#: A peer whose first run takes longer than this runs once (the brief: 1 run for slow peers).
+SLOW_PEER_SECONDS = 20.0
+DUMP_TIMEOUT = 600.0
+#: Targets from the issues, checked against each run.
+CLONE_FREEZE_TARGET_MS = 50.0
+CLONE_FREEZE_TARGET_MIB = 4096
+CONVERT_SPEEDUP_TARGET = 100.0
+CONVERT_SPEEDUP_MIB = 1024
+CONVERT_RSS_TARGET_MIB = 100.0
+BUDGET_FULL_S = 15 * 60
+BUDGET_QUICK_S = 3 * 60
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message names the step and the cause."""
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+class Progress:
+    """Progress lines on stderr, only when stderr is a terminal."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"bench: {message}", file=self.stream, flush=True)
+
+
+def stat(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min and max of *values* (and the raw values, for the record)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"n": 0, "median": None, "min": None, "max": None, "values": []}
+    return {
+        "n": len(vals),
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "values": [round(v, 6) for v in vals],
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is unknown or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def median(s: dict[str, Any] | None) -> float | None:
+    return None if not s else s.get("median")
+
+
+def file_sizes(path: Path) -> tuple[int, int]:
+    """(apparent, allocated) bytes of *path*."""
+    st = path.stat()
+    return st.st_size, st.st_blocks * 512
+
+
+def pages_bytes(images_dir: Path) -> int:
+    """Bytes of memory CRIU dumped: the sum of the pages images."""
+    return sum(p.stat().st_size for p in images_dir.glob("pages-*.img"))
+
+
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def find_key(obj: Any, *names: str) -> Any:
+    """The first value under any key named in *names*, searched depth-first through dicts and
+    lists (the CLI's JSON report is read by key name, not by a fixed path)."""
+    if isinstance(obj, dict):
+        for name in names:
+            if name in obj and obj[name] is not None:
+                return obj[name]
+        for value in obj.values():
+            found = find_key(value, *names)
+            if found is not None:
+                return found
+    elif isinstance(obj, list):
+        for value in obj:
+            found = find_key(value, *names)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass
+class Child:
+    """A finished child process: output, wall time, and its own peak RSS."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    maxrss_kib: int
+
+    def check(self, what: str) -> Child:
+        if self.returncode != 0:
+            tail = (self.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise BenchError(f"{what}: exit status {self.returncode}: {tail}")
+        return self
+
+
+def run_child(
+    argv: Sequence[str], *, timeout: float = DUMP_TIMEOUT, env: dict[str, str] | None = None
+) -> Child:
+    """Run *argv* to completion, timing it and reading its peak RSS with wait4(): the rusage of
+    this one child, not of every child so far as RUSAGE_CHILDREN would give."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        deadline = start + timeout
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() > deadline:
+                    proc.kill()
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    proc.returncode = -9
+                    raise BenchError(f"{argv[0]}: timed out after {timeout:.0f} s")
+                time.sleep(0.005)
+        except BaseException:
+            with suppress(ProcessLookupError, ChildProcessError):
+                proc.kill()
+                os.waitpid(proc.pid, 0)
+            raise
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Child(proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss)
+
+
+def tool(name: str) -> str:
+    """The console script *name* of the running venv (else from PATH)."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise BenchError(f"{name}: not found next to {sys.executable} nor on PATH")
+    return found
+
+
+# --- the workload -------------------------------------------------------------------------------
+
+
+def build_workload(out_dir: Path) -> Path:
+    """Compile bench/workload.c into *out_dir*."""
+    exe = out_dir / "workload"
+    proc = subprocess.run(
+        [
+            "gcc",
+            "-O2",
+            "-pthread",
+            "-Wall",
+            "-Wextra",
+            "-o",
+            str(exe),
+            str(BENCH_DIR / "workload.c"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"workload.c: gcc failed: {proc.stderr.strip()}")
+    return exe
+
+
+class Workload:
+    """A running ``workload MIB``, spoken to over its stdin/stdout line protocol."""
+
+    def __init__(self, exe: Path, mib: int) -> None:
+        self.mib = mib
+        self.proc = subprocess.Popen(
+            [str(exe), str(mib)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        # The largest RLIMIT_CORE allowed: the product honours the target's own limit as the
+        # kernel does, and an inherited `ulimit -c 0` would mean no core at all.
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+        resource.prlimit(self.proc.pid, resource.RLIMIT_CORE, (hard, hard))
+        line = self._readline()
+        if not line.startswith("ready "):
+            self.stop()
+            raise BenchError(f"workload {mib} MiB: did not start ({line!r})")
+        self.pid = int(line.split()[1])
+
+    def _readline(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise BenchError(f"workload {self.mib} MiB: exited (status {self.proc.poll()})")
+        return line.strip()
+
+    def _ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._readline()
+
+    def reset(self) -> None:
+        """Start a new window for the longest heartbeat gap."""
+        if self._ask("reset") != "ok":
+            raise BenchError(f"workload {self.mib} MiB: bad answer to reset")
+
+    def gap_ms(self) -> float:
+        """The longest heartbeat gap since :meth:`reset`, in ms; fails if the workload is not
+        running any more (a dump must never harm it) or its heartbeat stopped."""
+        # Let the heartbeat wake up once after a thaw before asking.
+        time.sleep(0.02)
+        if self.proc.poll() is not None:
+            raise BenchError(f"workload {self.mib} MiB: died (status {self.proc.returncode})")
+        words = self._ask("gap").split()
+        if len(words) != 3 or words[0] != "gap":
+            raise BenchError(f"workload {self.mib} MiB: bad answer to gap: {words}")
+        if int(words[2]) == 0:
+            raise BenchError(f"workload {self.mib} MiB: heartbeat did not beat in the window")
+        return int(words[1]) / 1000.0
+
+    def state(self) -> str:
+        """The target's state letter from /proc (R, S, T, ...)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line.split()[1]
+        return "?"
+
+    def stop(self) -> None:
+        with suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                with suppress(OSError):
+                    f.close()
+
+
+@contextmanager
+def workload(exe: Path, mib: int) -> Iterator[Workload]:
+    w = Workload(exe, mib)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def baseline_gap_ms(w: Workload, seconds: float = 1.0) -> float:
+    """The longest heartbeat gap with nothing dumping: the noise floor of the machine."""
+    w.reset()
+    time.sleep(seconds)
+    return w.gap_ms()
+
+
+# --- freeze peers -------------------------------------------------------------------------------
+
+
+@dataclass
+class DumpRun:
+    """One dump of the workload by one peer."""
+
+    wall_s: float  #: end to end, as the user waits for it
+    gap_ms: float  #: the target's longest heartbeat gap in the window around the dump
+    frozen_ms: float | None = None  #: CRIU's frozen_time, or the tool's own freeze figure
+    core_apparent: int = 0
+    core_allocated: int = 0
+    dump_s: float | None = None  #: the snapshot alone (CRIU), when known
+    convert_s: float | None = None  #: the conversion alone, when known
+    images: Path | None = None  #: the images kept for the conversion benchmark
+
+
+class Peer:
+    """A way to take a core of a running process."""
+
+    name = ""
+
+    def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
+        raise NotImplementedError
+
+
+class GcorePeer(Peer):
+    name = "gcore"
+
+    def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
+        core = scratch / "gcore.core"
+        w.reset()
+        child = run_child(["gdb", "-p", str(w.pid), "-batch", "-nx", "-ex", f"gcore {core}"]).check(
+            "gcore"
+        )
+        gap = w.gap_ms()
+        if not core.exists():
+            raise BenchError(f"gcore: wrote no core ({child.stderr.strip()[-200:]})")
+        apparent, allocated = file_sizes(core)
+        core.unlink()
+        return DumpRun(child.seconds, gap, core_apparent=apparent, core_allocated=allocated)
+
+
+def criu_direct(pid: int, images: Path) -> Child:
+    """``criu dump --leave-running`` with the flags issue 4 settled on, into *images*."""
+    images.mkdir(mode=0o700)
+    argv = [CRIU_BIN, "dump", "-t", str(pid), "-D", str(images), *CRIU_DUMP_FLAGS]
+    return run_child([*argv, "-o", "dump.log", "-v2"]).check("criu dump")
+
+
+def frozen_ms_from(images: Path) -> float | None:
+    """CRIU's frozen_time (us in stats-dump) of the dump in *images*, in ms."""
+    from converters.images import read_stats
+
+    stats_path = images / "stats-dump"
+    if not stats_path.exists():
+        return None
+    frozen = read_stats(stats_path).get("frozen_time")
+    return None if frozen is None else frozen / 1000.0
+
+
+def convert_cli(images: Path, out_dir: Path) -> tuple[Child, Path]:
+    """``criu-livedump convert IMAGES -o OUT`` in a child; returns it and the one core."""
+    out_dir.mkdir(exist_ok=True)
+    child = run_child([tool("criu-livedump"), "convert", str(images), "-o", str(out_dir)])
+    child.check("criu-livedump convert")
+    cores = sorted(out_dir.glob("core.*"))
+    if len(cores) != 1:
+        raise BenchError(f"criu-livedump convert: expected one core in {out_dir}, got {cores}")
+    return child, cores[0]
+
+
+class CriuDirectPeer(Peer):
+    """CRIU run directly, then ``criu-livedump convert``: the product's two halves, used until
+    ``criu-livedump dump`` works."""
+
+    name = "criu"
+
+    def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
+        images = scratch / "criu-images"
+        out = scratch / "criu-out"
+        w.reset()
+        try:
+            dumped = criu_direct(w.pid, images)
+            converted, core = convert_cli(images, out)
+            gap = w.gap_ms()
+            apparent, allocated = file_sizes(core)
+            return DumpRun(
+                dumped.seconds + converted.seconds,
+                gap,
+                frozen_ms=frozen_ms_from(images),
+                core_apparent=apparent,
+                core_allocated=allocated,
+                dump_s=dumped.seconds,
+                convert_s=converted.seconds,
+                images=images if keep_images else None,
+            )
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+            if not keep_images:
+                shutil.rmtree(images, ignore_errors=True)
+
+
+class CliPeer(Peer):
+    """``criu-livedump dump PID --method METHOD -o CORE --json``: the product, end to end."""
+
+    def __init__(self, method: str) -> None:
+        self.name = method
+        self.method = method
+
+    def argv(self, pid: int, scratch: Path, core: Path, keep_images: bool) -> list[str]:
+        argv = [tool("criu-livedump"), "dump", str(pid), "--method", self.method]
+        argv += ["-o", str(core), "--scratch", str(scratch), "--json"]
+        return [*argv, "--keep-images"] if keep_images else argv
+
+    def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
+        work = scratch / f"{self.name}-scratch"
+        work.mkdir()
+        core = scratch / f"{self.name}.core"
+        w.reset()
+        try:
+            child = run_child(self.argv(w.pid, work, core, keep_images))
+            child.check(f"criu-livedump dump --method {self.method}")
+            gap = w.gap_ms()
+            report = json.loads(child.stdout)
+            if not core.exists():
+                why = find_key(report, "no_core_reason") or "no reason given"
+                raise BenchError(f"criu-livedump dump --method {self.method}: no core: {why}")
+            apparent, allocated = file_sizes(core)
+            images = None
+            if keep_images:
+                kept = find_key(report, "images_dir")
+                images = Path(kept) if isinstance(kept, str) else None
+            return DumpRun(
+                child.seconds,
+                gap,
+                frozen_ms=_report_ms(report),
+                core_apparent=apparent,
+                core_allocated=allocated,
+                dump_s=_report_s(report, "dump_seconds"),
+                convert_s=_report_s(report, "convert_seconds"),
+                images=images,
+            )
+        finally:
+            core.unlink(missing_ok=True)
+            if not keep_images:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def _report_ms(report: Any) -> float | None:
+    """The freeze the CLI's report gives (``frozen_time_us``: CRIU's frozen_time), in ms."""
+    value = find_key(report, "frozen_time_us")
+    return float(value) / 1000.0 if isinstance(value, int | float) and value > 0 else None
+
+
+def _report_s(report: Any, *names: str) -> float | None:
+    for name in names:
+        value = find_key(report, name)
+        if isinstance(value, int | float):
+            return float(value)
+    return None
+
+
+def probe_cli(method: str, exe: Path, scratch: Path) -> str | None:
+    """None when ``criu-livedump dump --method METHOD`` dumps an 8 MiB workload, else why not."""
+    work = scratch / f"probe-{method}"
+    work.mkdir()
+    try:
+        with workload(exe, 8) as w:
+            CliPeer(method).dump(w, work, keep_images=False)
+            if w.state() in ("T", "t"):
+                return "left the target stopped"
+    except BenchError as e:
+        return str(e)
+    except (json.JSONDecodeError, OSError) as e:
+        return f"criu-livedump dump --method {method}: {e}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return None
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    sizes: tuple[int, ...]
+    runs: int
+    quick: bool
+    gcore: bool
+    coredump_tool: bool
+    scratch_parent: Path
+    results_dir: Path
+    markdown: Path | None
+    plot: bool
+
+
+def measure_peer(
+    peer: Peer, w: Workload, scratch: Path, runs: int, keep_last: bool, say: Progress
+) -> tuple[dict[str, Any], Path | None]:
+    """Run *peer* up to *runs* times on *w* (once if its first run is slow)."""
+    done: list[DumpRun] = []
+    images = None
+    for i in range(runs):
+        keep = keep_last and (i == runs - 1 or (i == 0 and runs > 1 and _slow(done)))
+        run = peer.dump(w, scratch, keep_images=keep)
+        state = w.state()
+        if state in ("T", "t"):
+            raise BenchError(f"{peer.name}: left the workload stopped (state {state})")
+        done.append(run)
+        say(f"  {peer.name} {w.mib} MiB run {i + 1}: gap {run.gap_ms:.1f} ms, {run.wall_s:.2f} s")
+        if run.images is not None:
+            images = run.images
+        if i == 0 and run.wall_s > SLOW_PEER_SECONDS:
+            if keep_last and images is None:
+                # The one run did not keep its images: a second, kept run is needed anyway.
+                continue
+            break
+    result = {
+        "runs": len(done),
+        "gap_ms": stat([r.gap_ms for r in done]),
+        "wall_s": stat([r.wall_s for r in done]),
+        "frozen_ms": stat([r.frozen_ms for r in done if r.frozen_ms is not None]),
+        "dump_s": stat([r.dump_s for r in done if r.dump_s is not None]),
+        "convert_s": stat([r.convert_s for r in done if r.convert_s is not None]),
+        "core_apparent": done[-1].core_apparent,
+        "core_allocated": done[-1].core_allocated,
+    }
+    return result, images
+
+
+def _slow(done: list[DumpRun]) -> bool:
+    return bool(done) and done[0].wall_s > SLOW_PEER_SECONDS
+
+
+def measure_conversion(images: Path, scratch: Path, runs: int, say: Progress) -> dict[str, Any]:
+    """``criu-livedump convert`` of *images* against ``cp --sparse=always`` of its pages."""
+    nbytes = pages_bytes(images)
+    conv_s: list[float] = []
+    rss: list[float] = []
+    apparent = allocated = 0
+    out = scratch / "convert-out"
+    for _ in range(runs):
+        try:
+            child, core = convert_cli(images, out)
+            apparent, allocated = file_sizes(core)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        conv_s.append(child.seconds)
+        rss.append(child.maxrss_kib / 1024.0)
+    cp_s: list[float] = []
+    copy = scratch / "cp-out"
+    sources = [str(p) for p in sorted(images.glob("pages-*.img"))]
+    for _ in range(runs):
+        copy.mkdir()
+        try:
+            cp_s.append(
+                run_child(["cp", "--sparse=always", *sources, str(copy)]).check("cp").seconds
+            )
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+    mb = nbytes / 1e6
+    result: dict[str, Any] = {
+        "pages_bytes": nbytes,
+        "seconds": stat(conv_s),
+        "mb_s": stat([mb / s for s in conv_s]),
+        "peak_rss_mib": stat(rss),
+        "cp_seconds": stat(cp_s),
+        "cp_mb_s": stat([mb / s for s in cp_s]),
+        "core_apparent": apparent,
+        "core_allocated": allocated,
+    }
+    result["vs_cp"] = ratio(median(result["mb_s"]), median(result["cp_mb_s"]))
+    say(f"  convert {nbytes / MIB:.0f} MiB: {median(result['mb_s']):.0f} MB/s")
+    return result
+
+
+def measure_coredump_tool(exe: Path, scratch: Path, say: Progress) -> dict[str, Any]:
+    """CRIU's own ``coredump`` tool on a small process (it is quadratic), once, with a timeout;
+    the converter on the same images, for the per-byte comparison."""
+    images = scratch / "coredump-images"
+    out = scratch / "coredump-out"
+    tool_py = CRIU_SRC / "coredump" / "coredump"
+    result: dict[str, Any] = {"mib": COREDUMP_TOOL_MIB, "timeout_s": COREDUMP_TOOL_TIMEOUT}
+    try:
+        with workload(exe, COREDUMP_TOOL_MIB) as w:
+            criu_direct(w.pid, images)
+        nbytes = pages_bytes(images)
+        out.mkdir()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = f"{CRIU_SRC / 'lib'}:{CRIU_SRC / 'coredump'}"
+        try:
+            child = run_child(
+                [sys.executable, str(tool_py), "-i", str(images), "-o", str(out)],
+                timeout=COREDUMP_TOOL_TIMEOUT,
+                env=env,
+            ).check("criu coredump")
+        except BenchError as e:
+            result["error"] = str(e)
+            say(f"  criu coredump: {e}")
+            return result
+        cores = sorted(out.glob("core.*"))
+        result.update(
+            pages_bytes=nbytes,
+            seconds=child.seconds,
+            mb_s=nbytes / 1e6 / child.seconds,
+            peak_rss_mib=child.maxrss_kib / 1024.0,
+            core_apparent=cores[0].stat().st_size if cores else 0,
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        ours, _ = convert_cli(images, out)
+        result["ours_seconds"] = ours.seconds
+        result["ours_mb_s"] = nbytes / 1e6 / ours.seconds
+        say(f"  criu coredump {COREDUMP_TOOL_MIB} MiB: {result['mb_s']:.2f} MB/s")
+        return result
+    finally:
+        shutil.rmtree(images, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def machine_facts(scratch_parent: Path) -> dict[str, Any]:
+    def first(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+        except OSError:
+            return "unavailable"
+        return (out.stdout.strip().splitlines() or ["unavailable"])[0]
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    fs = first(["stat", "-f", "-c", "%T", str(scratch_parent)])
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_total_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+        "criu": first([CRIU_BIN, "--version"]),
+        "gdb": first(["gdb", "--version"]),
+        "python": platform.python_version(),
+        "scratch": f"{scratch_parent} ({fs})",
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
+    """Run every measurement of *cfg*; return the results document."""
+    started = time.monotonic()
+    now = datetime.datetime.now(datetime.UTC)
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "date": now.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "quick": cfg.quick,
+        "config": {
+            "sizes_mib": list(cfg.sizes),
+            "runs": cfg.runs,
+            "gcore": cfg.gcore,
+            "slow_peer_s": SLOW_PEER_SECONDS,
+        },
+        "machine": machine_facts(cfg.scratch_parent),
+        "peers": {},
+        "sizes": [],
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="criu-livedump-bench.", dir=cfg.scratch_parent))
+    try:
+        exe = build_workload(scratch)
+        peers: list[Peer] = []
+        if cfg.gcore:
+            peers.append(GcorePeer())
+            results["peers"]["gcore"] = "gdb -p PID -batch -ex 'gcore FILE'"
+        say("probing criu-livedump dump --method criu")
+        why = probe_cli("criu", exe, scratch)
+        if why is None:
+            peers.append(CliPeer("criu"))
+            results["peers"]["criu"] = "criu-livedump dump --method criu"
+        else:
+            peers.append(CriuDirectPeer())
+            results["peers"]["criu"] = (
+                "criu dump --leave-running + criu-livedump convert "
+                f"(criu-livedump dump unusable: {why})"
+            )
+        say("probing criu-livedump dump --method clone")
+        why = probe_cli("clone", exe, scratch)
+        if why is None:
+            peers.append(CliPeer("clone"))
+            results["peers"]["clone"] = "criu-livedump dump --method clone"
+        else:
+            results["peers"]["clone"] = f"not measured: {why}"
+
+        for mib in cfg.sizes:
+            results["sizes"].append(measure_size(exe, mib, peers, scratch, cfg, say))
+        if cfg.coredump_tool:
+            say(f"CRIU coredump tool on {COREDUMP_TOOL_MIB} MiB")
+            results["criu_coredump"] = measure_coredump_tool(exe, scratch, say)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def measure_size(
+    exe: Path, mib: int, peers: list[Peer], scratch: Path, cfg: Config, say: Progress
+) -> dict[str, Any]:
+    """Every peer on one workload of *mib* MiB, then the conversion of the criu peer's images."""
+    entry: dict[str, Any] = {"mib": mib, "freeze": {}}
+    # workload + images + core + a copy of the pages, with a margin for the other tenants.
+    need = (4 * mib + 1024) * MIB
+    if mem_available() < need:
+        entry["skipped"] = (
+            f"needs {need / 2**30:.1f} GiB available, have {mem_available() / 2**30:.1f} GiB"
+        )
+        say(f"{mib} MiB: skipped ({entry['skipped']})")
+        return entry
+    say(f"{mib} MiB: starting the workload")
+    size_dir = scratch / f"size-{mib}"
+    size_dir.mkdir()
+    try:
+        with workload(exe, mib) as w:
+            entry["baseline_gap_ms"] = baseline_gap_ms(w)
+            images = None
+            for peer in peers:
+                keep = peer.name == "criu"
+                try:
+                    figures, kept = measure_peer(peer, w, size_dir, cfg.runs, keep, say)
+                except BenchError as e:
+                    entry["freeze"][peer.name] = {"error": str(e)}
+                    say(f"  {peer.name}: {e}")
+                    continue
+                entry["freeze"][peer.name] = figures
+                images = kept or images
+        fr = entry["freeze"]
+        gcore_gap = median(fr.get("gcore", {}).get("gap_ms"))
+        for name in ("criu", "clone"):
+            if name in fr and "gap_ms" in fr[name]:
+                fr[name]["gcore_over_this"] = ratio(gcore_gap, median(fr[name]["gap_ms"]))
+        if images is not None:
+            entry["convert"] = measure_conversion(images, size_dir, cfg.runs, say)
+    finally:
+        shutil.rmtree(size_dir, ignore_errors=True)
+    return entry
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+def _size(results: dict[str, Any], mib: int) -> dict[str, Any] | None:
+    return next((s for s in results["sizes"] if s["mib"] == mib and "skipped" not in s), None)
+
+
+def _largest_converted(results: dict[str, Any]) -> dict[str, Any] | None:
+    done = [s for s in results["sizes"] if "convert" in s]
+    return max(done, key=lambda s: s["mib"]) if done else None
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issues' performance targets, each met, missed or not measured, with the reason."""
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, met: bool | None, detail: str) -> None:
+        targets.append({"target": name, "met": met, "detail": detail})
+
+    name = (
+        f"clone freezes a {CLONE_FREEZE_TARGET_MIB} MiB target under "
+        f"{CLONE_FREEZE_TARGET_MS:.0f} ms"
+    )
+    size = _size(results, CLONE_FREEZE_TARGET_MIB)
+    clone = (size or {}).get("freeze", {}).get("clone")
+    if size is None:
+        add(name, None, f"not measured: no {CLONE_FREEZE_TARGET_MIB} MiB run (--quick or skipped)")
+    elif clone is None:
+        add(name, False, f"--method clone unavailable: {results['peers'].get('clone')}")
+    elif "error" in clone:
+        add(name, False, f"--method clone failed: {clone['error']}")
+    else:
+        gap = median(clone["gap_ms"])
+        assert gap is not None
+        add(name, gap < CLONE_FREEZE_TARGET_MS, f"heartbeat gap median {gap:.1f} ms")
+
+    name = (
+        f"convert a {CONVERT_SPEEDUP_MIB} MiB dump >= {CONVERT_SPEEDUP_TARGET:.0f}x faster per "
+        f"byte than CRIU's coredump on {COREDUMP_TOOL_MIB} MiB"
+    )
+    tool_res = results.get("criu_coredump")
+    size = _size(results, CONVERT_SPEEDUP_MIB)
+    conv = (size or {}).get("convert") or (_largest_converted(results) or {}).get("convert")
+    if tool_res is None:
+        add(name, None, "not measured: coredump tool skipped")
+    elif "mb_s" not in tool_res:
+        add(name, None, f"not measured: coredump tool failed: {tool_res.get('error')}")
+    elif conv is None:
+        add(name, None, "not measured: no conversion ran")
+    else:
+        speedup = median(conv["mb_s"]) / tool_res["mb_s"]
+        where = "" if size else f" (measured at {conv['pages_bytes'] / MIB:.0f} MiB, not 1 GiB)"
+        add(name, speedup >= CONVERT_SPEEDUP_TARGET, f"{speedup:.0f}x{where}")
+
+    name = f"conversion peak RSS under {CONVERT_RSS_TARGET_MIB:.0f} MiB"
+    convs = [s for s in results["sizes"] if "convert" in s]
+    if not convs:
+        add(name, None, "not measured: no conversion ran")
+    else:
+        worst = max(c["convert"]["peak_rss_mib"]["max"] for c in convs)
+        add(name, worst < CONVERT_RSS_TARGET_MIB, f"max {worst:.0f} MiB over all sizes")
+
+    budget = BUDGET_QUICK_S if results["quick"] else BUDGET_FULL_S
+    what = "--quick" if results["quick"] else "make bench"
+    add(
+        f"{what} under {budget // 60} min",
+        results["elapsed_s"] < budget,
+        f"{results['elapsed_s']:.0f} s",
+    )
+    return targets
+
+
+# --- output: JSON, PNG, Markdown ----------------------------------------------------------------
+
+
+def results_name(results: dict[str, Any]) -> str:
+    date = results["date"][:10]
+    return f"{date}-{results['host']}" + ("-quick" if results["quick"] else "")
+
+
+def write_results(results: dict[str, Any], results_dir: Path) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{results_name(results)}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def latest_results(results_dir: Path) -> dict[str, Any]:
+    docs = [json.loads(p.read_text()) for p in results_dir.glob("*.json")]
+    if not docs:
+        raise BenchError(f"{results_dir}: no results")
+    return max(docs, key=lambda d: d["date"])
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    """Freeze time against size (log-log), one line per peer and measure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [
+        ("gcore", "gap_ms", "gcore (heartbeat gap)", "o-"),
+        ("criu", "gap_ms", "criu (heartbeat gap)", "s-"),
+        ("criu", "frozen_ms", "criu (CRIU frozen_time)", "s--"),
+        ("clone", "gap_ms", "clone (heartbeat gap)", "^-"),
+        ("clone", "frozen_ms", "clone (tool's freeze)", "^--"),
+    ]
+    drawn = 0
+    for peer, key, label, style in series:
+        xs, ys, lo, hi = [], [], [], []
+        for s in results["sizes"]:
+            fig_ = s.get("freeze", {}).get(peer, {})
+            st = fig_.get(key)
+            if st and st.get("median") is not None:
+                xs.append(s["mib"])
+                ys.append(st["median"])
+                lo.append(st["median"] - st["min"])
+                hi.append(st["max"] - st["median"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, label=label, capsize=3)
+            drawn += 1
+    base = [(s["mib"], s["baseline_gap_ms"]) for s in results["sizes"] if "baseline_gap_ms" in s]
+    if base:
+        ax.plot(
+            [b[0] for b in base],
+            [b[1] for b in base],
+            ":",
+            color="grey",
+            label="no dump (noise floor)",
+        )
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("target memory (MiB)")
+    ax.set_ylabel("freeze (ms, median; bars min-max)")
+    ax.set_title(f"Target freeze vs size ({results['host']}, {results['date'][:10]})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _f(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
+def _mm(st: dict[str, Any] | None, fmt: str = ".1f") -> str:
+    """'median (min-max)' of a stat, or '-'."""
+    if not st or st.get("median") is None:
+        return "-"
+    if st["n"] == 1:
+        return f"{st['median']:{fmt}} (1 run)"
+    return f"{st['median']:{fmt}} ({st['min']:{fmt}}-{st['max']:{fmt}})"
+
+
+def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
+    """BENCHMARKS.md from one results document."""
+    m = results["machine"]
+    out: list[str] = []
+    w = out.append
+    w("# Benchmarks")
+    w("")
+    w(
+        "Generated by `make bench` (`bench/run.py`) from "
+        f"[`{json_rel}`]({json_rel}); do not edit by hand. "
+        f"{'Quick run (`--quick`). ' if results['quick'] else ''}"
+        f"Run took {results['elapsed_s']:.0f} s."
+    )
+    w("")
+    w(
+        "The workload (`bench/workload.c`) holds N MiB of non-zero private anonymous memory, 4 "
+        "busy threads and a heartbeat thread that sleeps 1 ms at a time and records its longest "
+        "gap. The **freeze** is that longest gap in a window around each dump: what the target "
+        "itself saw. For CRIU the table also gives CRIU's own `frozen_time` from `stats-dump`. "
+        "Each cell is the median with (min-max) over the runs; all peers ran in the same "
+        "invocation on the same workload process, so compare them as ratios: the machine is "
+        "shared and absolute figures drift."
+    )
+    w("")
+    w("## Machine")
+    w("")
+    for key in ("kernel", "cpu", "cores", "mem_total_gib", "criu", "gdb", "python", "scratch"):
+        w(f"- {key}: {m.get(key)}")
+    w(
+        f"- load average at start / end: {' '.join(m['loadavg_start'])} / "
+        f"{' '.join(m.get('loadavg_end', []))}"
+    )
+    w("")
+    w("Peers:")
+    w("")
+    for name, what in results["peers"].items():
+        w(f"- `{name}`: {what}")
+    w("")
+    w("## Freeze of the target")
+    w("")
+    w(
+        "| size | no dump (noise) | gcore gap ms | criu gap ms | criu frozen_time ms "
+        "| clone gap ms | gcore / criu | gcore / clone |"
+    )
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in results["sizes"]:
+        if "skipped" in s:
+            w(f"| {s['mib']} MiB | skipped: {s['skipped']} |||||||")
+            continue
+        fr = s["freeze"]
+
+        def cell(peer: str, key: str, fr: dict[str, Any] = fr) -> str:
+            p = fr.get(peer)
+            if p is None:
+                return "n/a"
+            if "error" in p:
+                return "failed"
+            return _mm(p.get(key))
+
+        w(
+            f"| {s['mib']} MiB | {_f(s.get('baseline_gap_ms'))} | {cell('gcore', 'gap_ms')} "
+            f"| {cell('criu', 'gap_ms')} | {cell('criu', 'frozen_ms')} | {cell('clone', 'gap_ms')} "
+            f"| {_x(fr.get('criu', {}).get('gcore_over_this'))} "
+            f"| {_x(fr.get('clone', {}).get('gcore_over_this'))} |"
+        )
+    errors = [
+        (s["mib"], peer, p["error"])
+        for s in results["sizes"]
+        for peer, p in s.get("freeze", {}).items()
+        if "error" in p
+    ]
+    for mib, peer, err in errors:
+        w(f"\n- {peer} at {mib} MiB failed: {err}")
+    if png_rel:
+        w("")
+        w(f"![freeze time vs size]({png_rel})")
+    w("")
+    w("## End-to-end wall time (until the core is complete)")
+    w("")
+    w("| size | gcore s | criu s (dump + convert) | criu dump s | criu convert s | clone s |")
+    w("|---:|---:|---:|---:|---:|---:|")
+    for s in results["sizes"]:
+        if "skipped" in s:
+            continue
+        fr = s["freeze"]
+        w(
+            f"| {s['mib']} MiB | {_mm(fr.get('gcore', {}).get('wall_s'), '.2f')} "
+            f"| {_mm(fr.get('criu', {}).get('wall_s'), '.2f')} "
+            f"| {_mm(fr.get('criu', {}).get('dump_s'), '.2f')} "
+            f"| {_mm(fr.get('criu', {}).get('convert_s'), '.2f')} "
+            f"| {_mm(fr.get('clone', {}).get('wall_s'), '.2f')} |"
+        )
+    w("")
+    w("## Conversion (`criu-livedump convert` on the criu peer's images)")
+    w("")
+    w(
+        "Throughput counts the bytes of the pages images (the dumped memory) per second; "
+        "`cp --sparse=always` of the same pages images is the floor for moving those bytes. "
+        "Peak RSS is the converter process's own (wait4 rusage)."
+    )
+    w("")
+    w(
+        "| size | convert s | convert MB/s | cp MB/s | convert / cp | peak RSS MiB "
+        "| core apparent MiB | core allocated MiB |"
+    )
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in results["sizes"]:
+        c = s.get("convert")
+        if c is None:
+            continue
+        w(
+            f"| {s['mib']} MiB | {_mm(c['seconds'], '.2f')} | {_mm(c['mb_s'], '.0f')} "
+            f"| {_mm(c['cp_mb_s'], '.0f')} | {_f(c['vs_cp'], '.2f')} "
+            f"| {_mm(c['peak_rss_mib'], '.0f')} | {c['core_apparent'] / MIB:.1f} "
+            f"| {c['core_allocated'] / MIB:.1f} |"
+        )
+    tool_res = results.get("criu_coredump")
+    if tool_res:
+        w("")
+        w(
+            f"CRIU's own `coredump` tool on a {tool_res['mib']} MiB workload (one run, "
+            f"timeout {tool_res['timeout_s']:.0f} s; it is quadratic in the page count):"
+        )
+        w("")
+        if "mb_s" in tool_res:
+            w(
+                f"- CRIU coredump: {tool_res['seconds']:.2f} s, {tool_res['mb_s']:.2f} MB/s, "
+                f"peak RSS {tool_res['peak_rss_mib']:.0f} MiB"
+            )
+            w(
+                f"- criu-livedump convert, same images: {tool_res['ours_seconds']:.2f} s, "
+                f"{tool_res['ours_mb_s']:.0f} MB/s"
+            )
+        else:
+            w(f"- failed: {tool_res.get('error')}")
+    w("")
+    w("## Targets")
+    w("")
+    w("| target | result | detail |")
+    w("|---|---|---|")
+    for t in results["targets"]:
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+        w(f"| {t['target']} | {verdict} | {t['detail']} |")
+    w("")
+    w("## Reading these figures")
+    w("")
+    w(
+        "- The heartbeat gap includes scheduling noise: with 4 busy threads on 2 shared cores the "
+        "heartbeat misses its 1 ms beat by several ms even when nothing dumps (the `no dump` "
+        "column). A freeze is only meaningful well above that floor."
+    )
+    w(
+        "- `criu` freezes the target while CRIU copies every page (through its parasite into "
+        "the images), so its freeze grows with the memory size, as gcore's does; CRIU's "
+        "`frozen_time` and the heartbeat gap measure the same pause from two sides."
+    )
+    w(
+        "- Images and cores live on tmpfs, so the figures exclude disk speed; on a disk "
+        "the conversion and cp both slow down to the disk's write rate."
+    )
+    w("")
+    return "\n".join(out)
+
+
+def publish(results: dict[str, Any], cfg: Config) -> Path:
+    """Write the JSON, the PNG and the Markdown; return the JSON's path."""
+    json_path = write_results(results, cfg.results_dir)
+    png = None
+    if cfg.plot:
+        png = plot(results, json_path.with_suffix(".png"))
+    if cfg.markdown is not None:
+        base = cfg.markdown.parent
+        cfg.markdown.write_text(
+            render_markdown(
+                results,
+                os.path.relpath(json_path, base),
+                os.path.relpath(png, base) if png else None,
+            )
+        )
+    return json_path
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} MiB only")
+    p.add_argument("--sizes", help="comma-separated sizes in MiB (overrides --quick's)")
+    p.add_argument("--runs", type=int, default=3, help="runs per peer and size (default 3)")
+    p.add_argument("--no-gcore", action="store_true", help="skip the gcore peer")
+    p.add_argument("--no-coredump-tool", action="store_true", help="skip CRIU's coredump tool")
+    p.add_argument("--scratch", type=Path, default=Path("/dev/shm"), help="parent of scratch")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--markdown", type=Path, default=MARKDOWN, help="BENCHMARKS.md to regenerate")
+    p.add_argument("--no-markdown", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--report-only", action="store_true", help="regenerate BENCHMARKS.md from the latest JSON"
+    )
+    a = p.parse_args(argv)
+    if a.sizes:
+        try:
+            sizes = tuple(int(x) for x in a.sizes.split(","))
+        except ValueError:
+            p.error(f"--sizes {a.sizes}: not a comma-separated list of integers")
+    else:
+        sizes = QUICK_SIZES if a.quick else FULL_SIZES
+    if a.runs < 1 or any(s < 1 for s in sizes):
+        p.error("--runs and --sizes must be positive")
+    cfg = Config(
+        sizes=sizes,
+        runs=a.runs,
+        quick=a.quick or bool(a.sizes),
+        gcore=not a.no_gcore,
+        coredump_tool=not a.no_coredump_tool,
+        scratch_parent=a.scratch,
+        results_dir=a.results_dir,
+        markdown=None if a.no_markdown else a.markdown,
+        plot=not a.no_plot,
+    )
+    return cfg, a.report_only
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, report_only = parse_args(argv)
+    say = Progress()
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so that every finally runs: workloads killed, scratch removed
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        results = latest_results(cfg.results_dir) if report_only else run_bench(cfg, say)
+        path = publish(results, cfg)
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(path)
+    for t in results["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        say(f"target: {t['target']}: {verdict} ({t['detail']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
