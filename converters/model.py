@@ -98,6 +98,7 @@ class _Proc:
     files: FileRoot
     warnings: list[str]
     shmem: dict[int, PageIndex | None] = field(default_factory=dict)
+    sysv_keys: dict[int, int] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -110,8 +111,20 @@ class _Proc:
         return self.shmem[shmid]
 
     def mapped(self, vma: Vma) -> MappedFile | None:
-        if vma.file_backed or vma.has(VMA_ANON_SHARED | VMA_AREA_MEMFD | VMA_AREA_SYSVIPC):
+        """The file behind *vma* as the kernel names it, or None for anonymous memory.
+
+        ``shmid`` means a files.img id for file-backed and memfd VMAs, but a shmem object id
+        for shared anonymous memory and SysV segments, which have no files.img entry.
+        """
+        if vma.file_backed or vma.has(VMA_AREA_MEMFD):
             return self.images.mapped_file(vma)
+        if vma.has(VMA_AREA_SYSVIPC):
+            # d_path() of a SysV segment's shm file; the key comes from the sidecar, when the
+            # orchestrator copied the segment out (CRIU keeps it only for its own IPC ns)
+            key = self.sysv_keys.get(vma.shmid, 0)
+            return MappedFile(f"/SYSV{key:08x}", None, 0, deleted=True, shmid=vma.shmid)
+        if vma.has(VMA_ANON_SHARED):
+            return MappedFile("/dev/zero", None, 0, deleted=True, shmid=vma.shmid)
         return None
 
     def open_mapped(self, vma: Vma, mf: MappedFile) -> OpenedFile | None:
@@ -145,7 +158,9 @@ class _Proc:
         mf = self.mapped(vma)
         if mf is not None and mf.shmid is not None:
             shm = self.shmem_index(mf.shmid)
-        elif vma.has(VMA_ANON_SHARED) and not vma.has(VMA_AREA_MEMFD):
+        elif mf is not None and vma.shared and not mf.name.startswith("/"):
+            # anon_inode mappings (io_uring rings): the clone method saves their bytes as a
+            # shmem pagemap keyed by the files.img id
             shm = self.shmem_index(vma.shmid)
         if shm is not None:
             base = vma.pgoff - vma.start
@@ -511,9 +526,7 @@ def _nt_file(p: _Proc) -> bytes:
     for vma in p.vmas:
         mf = p.mapped(vma)
         if mf is None:
-            if vma.has(VMA_AREA_SYSVIPC):
-                name = f"/SYSV{vma.shmid:08x} (deleted)"
-            elif vma.has(VMA_AREA_AIORING):
+            if vma.has(VMA_AREA_AIORING):
                 name = "/[aio] (deleted)"
             else:
                 continue
@@ -547,6 +560,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         signal = _first(options.signal, sidecar.signal, 0)
         ppid = _first(_int(sidecar.extra.get("ppid")) if proc.ppid == 0 else None, proc.ppid, 0)
         layout = _layout(sidecar)
+        p.sysv_keys = _sysv_keys(sidecar)
         p.vmas = split_vvar(p)
         segments = [_segment(p, vma, vma_dump_size(p, vma, mm_filter)) for vma in p.vmas]
         times = sidecar.extra.get("times")
@@ -557,6 +571,17 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         files.close()
         raise
     return CoreModel(pid, EM.X86_64, segments, notes, warnings, files)
+
+
+def _sysv_keys(sidecar: Sidecar) -> dict[int, int]:
+    raw = sidecar.extra.get("sysv_keys")
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k, v in raw.items():
+        if isinstance(k, str) and k.isdigit() and isinstance(v, int):
+            out[int(k)] = v & 0xFFFFFFFF
+    return out
 
 
 def _int(v: object) -> int | None:
