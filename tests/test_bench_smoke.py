@@ -1,0 +1,209 @@
+"""``make bench`` kept from rotting: its logic on a tiny workload, and its report on made-up data.
+
+The live test runs ``bench/run.py`` end to end on an 8 MiB workload, one run per peer, into a
+temporary directory, and checks that every figure is there and plausible, that nothing is left
+running and that its scratch directory is gone. The other tests feed the target evaluation and
+the Markdown renderer hand-written results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _processes_under(prefix: Path) -> list[int]:
+    """PIDs whose command line starts under *prefix* (a workload binary built there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if argv0.startswith(str(prefix)):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.live
+@pytest.mark.slow
+def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    results_dir = tmp_path / "results"
+    markdown = tmp_path / "BENCHMARKS.md"
+    argv = ["--sizes", "8", "--runs", "1", "--no-coredump-tool", "--scratch", str(scratch)]
+    argv += ["--results-dir", str(results_dir), "--markdown", str(markdown)]
+
+    status = bench.main(argv)
+
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    json_path = Path(captured.out.strip())
+    assert json_path.parent == results_dir
+    results = json.loads(json_path.read_text())
+    assert results["schema"] == bench.SCHEMA
+    assert results["quick"] is True
+    (size,) = results["sizes"]
+    assert size["mib"] == 8
+    assert "skipped" not in size, size.get("skipped")
+    assert size["baseline_gap_ms"] > 0
+
+    freeze = size["freeze"]
+    assert {"gcore", "criu"} <= set(freeze)
+    for name in ("gcore", "criu"):
+        peer = freeze[name]
+        assert "error" not in peer, peer.get("error")
+        assert peer["runs"] == 1
+        # The heartbeat must have beaten (gap_ms raises otherwise) and the window must have
+        # seen at least one 1 ms beat.
+        assert peer["gap_ms"]["median"] >= 1.0
+        assert peer["wall_s"]["median"] > 0
+        assert peer["core_apparent"] >= 8 * MIB
+        assert peer["core_allocated"] >= 8 * MIB
+    assert freeze["criu"]["frozen_ms"]["n"] == 1
+    assert freeze["criu"]["frozen_ms"]["median"] > 0
+    assert freeze["criu"]["gcore_over_this"] > 0
+
+    conv = size["convert"]
+    assert conv["pages_bytes"] >= 8 * MIB
+    assert conv["mb_s"]["median"] > 0
+    assert conv["cp_mb_s"]["median"] > 0
+    assert conv["vs_cp"] > 0
+    assert 0 < conv["peak_rss_mib"]["median"] < 1024
+    assert conv["core_allocated"] >= 8 * MIB
+    assert conv["core_apparent"] >= conv["core_allocated"] - MIB
+
+    targets = {t["target"]: t for t in results["targets"]}
+    assert any("peak RSS" in name for name in targets)
+
+    text = markdown.read_text()
+    assert "| 8 MiB |" in text
+    assert "## Targets" in text
+    assert json_path.name in text
+    png = json_path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.name in text
+
+    # Nothing left behind: no workload running, no scratch directory.
+    assert _processes_under(scratch) == []
+    assert list(scratch.iterdir()) == []
+
+
+def _stat(value: float) -> dict[str, Any]:
+    return bench.stat([value])
+
+
+def _results(clone_gap: float | None, tool_mb_s: float, ours_mb_s: float, rss: float) -> Any:
+    freeze: dict[str, Any] = {"criu": {"gap_ms": _stat(900.0)}}
+    if clone_gap is not None:
+        freeze["clone"] = {"gap_ms": _stat(clone_gap)}
+    sizes = [
+        {
+            "mib": 1024,
+            "freeze": {"criu": {"gap_ms": _stat(300.0)}},
+            "baseline_gap_ms": 5.0,
+            "convert": {
+                "pages_bytes": 1024 * MIB,
+                "mb_s": _stat(ours_mb_s),
+                "peak_rss_mib": _stat(rss),
+            },
+        },
+        {"mib": 4096, "freeze": freeze, "baseline_gap_ms": 5.0},
+    ]
+    return {
+        "quick": False,
+        "elapsed_s": 100.0,
+        "peers": {"clone": "not measured: not built"},
+        "sizes": sizes,
+        "criu_coredump": {
+            "mib": 16,
+            "timeout_s": 300.0,
+            "seconds": 16.0 / tool_mb_s,
+            "mb_s": tool_mb_s,
+            "peak_rss_mib": 200.0,
+            "ours_seconds": 0.1,
+            "ours_mb_s": 160.0,
+        },
+    }
+
+
+def _verdicts(results: Any) -> dict[str, bool | None]:
+    return {t["target"].split()[0]: t["met"] for t in bench.evaluate_targets(results)}
+
+
+def test_targets_met() -> None:
+    v = _verdicts(_results(clone_gap=20.0, tool_mb_s=0.5, ours_mb_s=400.0, rss=40.0))
+    assert v == {"clone": True, "convert": True, "conversion": True, "make": True}
+
+
+def test_targets_missed() -> None:
+    v = _verdicts(_results(clone_gap=80.0, tool_mb_s=0.5, ours_mb_s=40.0, rss=150.0))
+    assert v == {"clone": False, "convert": False, "conversion": False, "make": True}
+
+
+def test_target_missed_when_clone_is_unavailable() -> None:
+    targets = bench.evaluate_targets(_results(None, 0.5, 400.0, 40.0))
+    clone = next(t for t in targets if t["target"].startswith("clone"))
+    assert clone["met"] is False
+    assert "not built" in clone["detail"]
+
+
+def test_targets_not_measured_in_quick_runs() -> None:
+    results = _results(20.0, 0.5, 400.0, 40.0)
+    results["sizes"] = results["sizes"][:1]
+    del results["criu_coredump"]
+    v = _verdicts(results)
+    assert v["clone"] is None
+    assert v["convert"] is None
+
+
+def test_markdown_lists_every_size_and_target() -> None:
+    results = _results(20.0, 0.5, 400.0, 40.0)
+    results.update(
+        date="2026-01-01T00:00:00+00:00",
+        host="h",
+        machine={"loadavg_start": ["0", "0", "0"], "loadavg_end": ["1", "1", "1"]},
+    )
+    results["sizes"][0]["convert"].update(
+        seconds=_stat(2.5),
+        cp_mb_s=_stat(2000.0),
+        vs_cp=0.2,
+        core_apparent=1100 * MIB,
+        core_allocated=1024 * MIB,
+    )
+    results["sizes"].append({"mib": 8192, "skipped": "needs 33 GiB"})
+    results["targets"] = bench.evaluate_targets(results)
+    text = bench.render_markdown(results, "r.json", "r.png")
+    for needle in ("| 1024 MiB |", "| 4096 MiB |", "| 8192 MiB | skipped: needs 33 GiB", "r.png"):
+        assert needle in text
+    assert text.count("| met |") == 4
+
+
+def test_stat_median_min_max() -> None:
+    s = bench.stat([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert bench.stat([])["median"] is None
