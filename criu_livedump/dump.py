@@ -236,6 +236,31 @@ def _pre_dump_rounds(request: DumpRequest, binary: criu.Criu, rss: int) -> int:
     return wanted
 
 
+def cpu_times(pid: int) -> dict[str, list[int]]:
+    """CPU times for NT_PRSTATUS in the sidecar's form: ``{"TID": [utime_us, stime_us],
+    "children": [cutime_us, cstime_us]}``; the leader's entry is the thread-group total, as
+    fs/binfmt_elf.c fill_prstatus() uses thread_group_cputime() for it."""
+    tick_us = 1_000_000 // os.sysconf("SC_CLK_TCK")
+
+    def fields(path: str) -> list[str]:
+        with open(path) as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    out: dict[str, list[int]] = {}
+    try:
+        group = fields(f"/proc/{pid}/stat")
+        # utime, stime, cutime, cstime are fields 14-17 of proc_pid_stat(5)
+        out[str(pid)] = [int(group[11]) * tick_us, int(group[12]) * tick_us]
+        out["children"] = [int(group[13]) * tick_us, int(group[14]) * tick_us]
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            if int(tid) != pid:
+                mine = fields(f"/proc/{pid}/task/{tid}/stat")
+                out[tid] = [int(mine[11]) * tick_us, int(mine[12]) * tick_us]
+    except (OSError, ValueError, IndexError):
+        pass  # the target exited: the converter writes zeros
+    return out
+
+
 def _boot_id() -> str | None:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -308,6 +333,9 @@ def live_dump(
             signal=signal,
             boot_id=_boot_id(),
             pid=pid,
+            # The images' pstree says 0 for the dumped root's parent; the kernel writes it.
+            ppid=facts.ppid,
+            times=cpu_times(pid),
         )
         options = ConvertOptions(
             coredump_filter=request.coredump_filter,
