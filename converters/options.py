@@ -89,10 +89,14 @@ def read_sidecar(images_dir: Path) -> Sidecar:
         return Sidecar()
     except OSError as e:
         raise ImageFormatError(str(path), os.strerror(e.errno or 0)) from e
+    except UnicodeDecodeError as e:
+        raise ImageFormatError(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         data = json.loads(raw)
     except ValueError as e:
         raise ImageFormatError(str(path), f"not JSON: {e}") from e
+    except RecursionError as e:  # deeply nested arrays: json's recursive decoder gives up
+        raise ImageFormatError(str(path), "not JSON: nested too deeply") from e
     if not isinstance(data, dict):
         raise ImageFormatError(str(path), "not a JSON object")
 
