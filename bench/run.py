@@ -889,14 +889,14 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = [
-        ("gcore", "gap_ms", "gcore (heartbeat gap)", "o-"),
-        ("criu", "gap_ms", "criu (heartbeat gap)", "s-"),
-        ("criu", "frozen_ms", "criu (CRIU frozen_time)", "s--"),
-        ("clone", "gap_ms", "clone (heartbeat gap)", "^-"),
-        ("clone", "frozen_ms", "clone (tool's freeze)", "^--"),
+        ("gcore", "gap_ms", "gcore (heartbeat gap)", "o-", "tab:red"),
+        ("criu", "gap_ms", "criu (heartbeat gap)", "s-", "tab:blue"),
+        ("criu", "frozen_ms", "criu (CRIU frozen_time)", "s--", "tab:blue"),
+        ("clone", "gap_ms", "clone (heartbeat gap)", "^-", "tab:green"),
+        ("clone", "frozen_ms", "clone (CRIU frozen_time of the clone)", "^--", "tab:green"),
     ]
     drawn = 0
-    for peer, key, label, style in series:
+    for peer, key, label, style, color in series:
         xs, ys, lo, hi = [], [], [], []
         for s in results["sizes"]:
             fig_ = s.get("freeze", {}).get(peer, {})
@@ -907,7 +907,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
                 lo.append(st["median"] - st["min"])
                 hi.append(st["max"] - st["median"])
         if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, label=label, capsize=3)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, label=label, capsize=3)
             drawn += 1
     base = [(s["mib"], s["baseline_gap_ms"]) for s in results["sizes"] if "baseline_gap_ms" in s]
     if base:
@@ -922,6 +922,9 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         plt.close(fig)
         return None
     ax.set_xscale("log", base=2)
+    sizes = [s["mib"] for s in results["sizes"] if "skipped" not in s]
+    ax.set_xticks(sizes, [str(m) for m in sizes])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("target memory (MiB)")
     ax.set_ylabel("freeze (ms, median; bars min-max)")
