@@ -58,7 +58,8 @@ def _copy(out_fd: int, in_fd: int, offset: int, length: int, *, out_is_file: boo
             while offset < end:
                 n = os.copy_file_range(in_fd, out_fd, min(end - offset, 1 << 30), offset)
                 if n == 0:
-                    raise OSError(errno.EIO, "source file ended early")
+                    _pad_zeros(out_fd, end - offset)
+                    return
                 offset += n
             return
         except OSError as e:
@@ -68,7 +69,8 @@ def _copy(out_fd: int, in_fd: int, offset: int, length: int, *, out_is_file: boo
         while offset < end:
             n = os.sendfile(out_fd, in_fd, offset, min(end - offset, 1 << 30))
             if n == 0:
-                raise OSError(errno.EIO, "source file ended early")
+                _pad_zeros(out_fd, end - offset)
+                return
             offset += n
         return
     except OSError as e:
@@ -77,9 +79,20 @@ def _copy(out_fd: int, in_fd: int, offset: int, length: int, *, out_is_file: boo
     while offset < end:
         chunk = os.pread(in_fd, min(end - offset, _CHUNK), offset)
         if not chunk:
-            raise OSError(errno.EIO, "source file ended early")
+            _pad_zeros(out_fd, end - offset)
+            return
         _write_all(out_fd, chunk)
         offset += len(chunk)
+
+
+def _pad_zeros(out_fd: int, length: int) -> None:
+    """The source ended early: the rest reads as zeros, as the tail of a file's last page does
+    in memory (filemap_fault() maps it zero-filled past i_size). Pages images were checked
+    against their pagemap when loaded, so only mapped files end here."""
+    while length > 0:
+        n = min(length, _CHUNK)
+        _write_all(out_fd, _ZEROS[:n])
+        length -= n
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
