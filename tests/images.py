@@ -260,16 +260,70 @@ def reg_file(file_id: int, name: str, size: int, mode: int = 0o100644) -> dict[s
     }
 
 
+def memfd_file(file_id: int, inode_id: int) -> dict[str, Any]:
+    """A files.img ``MEMFD`` entry pointing at memfd.img inode *inode_id*."""
+    return {
+        "type": "MEMFD",
+        "id": file_id,
+        "memfd": {
+            "id": file_id,
+            "flags": 2,
+            "pos": 0,
+            "fown": {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0},
+            "inode_id": inode_id,
+        },
+    }
+
+
+def memfd_inode(inode_id: int, name: str, size: int, shmid: int) -> dict[str, Any]:
+    """A memfd.img ``MEMFD_INODE`` entry whose pages are in ``pagemap-shmem-SHMID.img``."""
+    return {
+        "name": name,
+        "uid": 0,
+        "gid": 0,
+        "size": size,
+        "shmid": shmid,
+        "seals": 0,
+        "inode_id": inode_id,
+        "mode": 0o100777,
+    }
+
+
+def memfd_vma(start: int, end: int, file_id: int, *, pgoff: int = 0) -> dict[str, Any]:
+    """A shared mapping of a memfd (files.img entry *file_id*)."""
+    return vma(
+        start,
+        end,
+        flags=MAP_SHARED,
+        status=VMA_AREA_REGULAR | VMA_FILE_SHARED | VMA_AREA_MEMFD,
+        pgoff=pgoff,
+        shmid=file_id,
+    )
+
+
 def build(
     directory: Path,
     procs: list[Proc],
     *,
     files: list[dict[str, Any]] | None = None,
     memfds: list[dict[str, Any]] | None = None,
+    shmem: dict[int, list[tuple[int, bytes]]] | None = None,
     sidecar: dict[str, Any] | None = None,
 ) -> Path:
-    """Write an image set for *procs* into *directory* (created) and return it."""
+    """Write an image set for *procs* into *directory* (created) and return it.
+
+    :param shmem: per shmid, ``(offset in the object, bytes)`` saved in pagemap-shmem-SHMID.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    for shmid, chunks in (shmem or {}).items():
+        pages_id = 1000 + shmid
+        entries = [_pme(off, len(b) // PAGE, PE_PRESENT) for off, b in chunks]
+        write_image(
+            directory / f"pagemap-shmem-{shmid}.img",
+            "PAGEMAP",
+            [{"pages_id": pages_id}, *entries],
+        )
+        (directory / f"pages-{pages_id}.img").write_bytes(b"".join(b for _, b in chunks))
     pstree = []
     for p in procs:
         threads = p.threads or [p.pid]

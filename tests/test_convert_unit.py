@@ -429,3 +429,17 @@ def test_round_trip_against_the_model(tmp_path: Path) -> None:
     assert struct.unpack(f"<{len(auxv.desc) // 8}Q", auxv.desc) == tuple(proc.auxv)
     assert memory(core, BASE, PAGE) == images.pattern(BASE)
     assert memory(core, images.STACK_START + 3 * PAGE, 9) == proc.argv[:9]
+
+
+def test_file_mapping_ending_mid_page(tmp_path: Path) -> None:
+    """The last page of a file mapping past EOF reads as zeros (regression: EIO before)."""
+    root = tmp_path / "root"
+    (root / "lib").mkdir(parents=True)
+    content = bytes(range(256)) * 20 + b"tail"  # 5124 bytes: two pages, the second partial
+    (root / "lib" / "odd.so").write_bytes(content)
+    proc = images.Proc(100, vmas=[images.file_vma(BASE, BASE + 2 * PAGE, file_id=5)])
+    img = images.build(
+        tmp_path / "img", [proc], files=[images.reg_file(5, "/lib/odd.so", len(content))]
+    )
+    core = _convert(img, tmp_path / "out", coredump_filter=0x3F, files_root=root)
+    assert memory(core, BASE, 2 * PAGE) == content.ljust(2 * PAGE, b"\0")
