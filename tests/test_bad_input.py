@@ -1,0 +1,171 @@
+"""Bad input (issue 3, "Bad input"): each case gives one ConversionError naming the file and the
+problem, leaves no output file behind, and through the CLI one ``error:`` line and a non-zero
+exit without a traceback."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import images
+import pytest
+from click.testing import CliRunner
+
+from converters import ConvertOptions, convert
+from converters.errors import (
+    ConversionError,
+    ImageFormatError,
+    MissingImageError,
+    UnsupportedArchError,
+)
+
+Breaker = Callable[[Path], None]
+
+
+def _truncate(name: str, keep: int | None = None) -> Breaker:
+    def go(d: Path) -> None:
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: (len(data) // 2 if keep is None else keep)])
+
+    return go
+
+
+def _overwrite(name: str, at: int, data: bytes) -> Breaker:
+    def go(d: Path) -> None:
+        raw = bytearray((d / name).read_bytes())
+        raw[at : at + len(data)] = data
+        (d / name).write_bytes(bytes(raw))
+
+    return go
+
+
+def _wrong_magic(name: str, other: str) -> Breaker:
+    def go(d: Path) -> None:
+        (d / name).write_bytes((d / other).read_bytes())
+
+    return go
+
+
+def _delete(name: str) -> Breaker:
+    def go(d: Path) -> None:
+        (d / name).unlink()
+
+    return go
+
+
+def _aarch64(d: Path) -> None:
+    proc = images.Proc(100, mtype="AARCH64")
+    images.write_image(d / "core-100.img", "CORE", [images.core_entry(proc, 100, 0)])
+
+
+# (breaker, file named in the message, words of the problem, error class)
+CASES: dict[str, tuple[Breaker, str, str, type[ConversionError]]] = {
+    "truncated mm": (_truncate("mm-100.img"), "mm-100.img", "past the end", ImageFormatError),
+    "truncated magic": (_truncate("pstree.img", 2), "pstree.img", "truncated", ImageFormatError),
+    "truncated entry header": (
+        _truncate("core-100.img", 10),
+        "core-100.img",
+        "truncated entry header",
+        ImageFormatError,
+    ),
+    "corrupt core": (
+        _overwrite("core-100.img", 12, b"\xff" * 64),
+        "core-100.img",
+        "corrupt",
+        ImageFormatError,
+    ),
+    "entry size absurd": (
+        _overwrite("mm-100.img", 8, struct.pack("<I", 0xFFFFFFF0)),
+        "mm-100.img",
+        "past the end",
+        ImageFormatError,
+    ),
+    "wrong magic": (
+        _wrong_magic("pstree.img", "mm-100.img"),
+        "pstree.img",
+        "wrong magic MM, expected PSTREE",
+        ImageFormatError,
+    ),
+    "unknown magic": (
+        _overwrite("pagemap-100.img", 4, b"\x01\x02\x03\x04"),
+        "pagemap-100.img",
+        "wrong magic 0x04030201",
+        ImageFormatError,
+    ),
+    "missing pages file": (
+        _delete("pages-100.img"),
+        "pages-100.img",
+        "missing image",
+        MissingImageError,
+    ),
+    "missing pstree": (_delete("pstree.img"), "pstree.img", "missing image", MissingImageError),
+    "missing core": (_delete("core-100.img"), "core-100.img", "missing image", MissingImageError),
+    "missing mm": (_delete("mm-100.img"), "mm-100.img", "missing image", MissingImageError),
+    "missing pagemap": (
+        _delete("pagemap-100.img"),
+        "pagemap-100.img",
+        "missing image",
+        MissingImageError,
+    ),
+    "other architecture": (_aarch64, "core-100.img", "AARCH64", UnsupportedArchError),
+    "pagemap past the pages file": (
+        _truncate("pages-100.img", images.PAGE),
+        "pagemap-100.img",
+        "points past the end of pages-100.img",
+        ImageFormatError,
+    ),
+    "empty pstree": (_truncate("pstree.img", 8), "pstree.img", "no process", ImageFormatError),
+}
+
+
+@pytest.fixture
+def broken(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, str, str, type]:
+    breaker, culprit, problem, cls = CASES[request.param]
+    img = images.simple(tmp_path / "img")
+    breaker(img)
+    return img, culprit, problem, cls
+
+
+@pytest.mark.parametrize("broken", sorted(CASES), indirect=True)
+def test_library_error(broken: tuple[Path, str, str, type], tmp_path: Path) -> None:
+    img, culprit, problem, cls = broken
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionError) as exc:
+        convert(img, out, ConvertOptions())
+    msg = str(exc.value)
+    assert type(exc.value) is cls, msg
+    assert culprit in msg and problem in msg, msg
+    assert "\n" not in msg
+    assert list(out.iterdir()) == []  # no core, no temporary file
+
+
+@pytest.mark.parametrize("broken", sorted(CASES), indirect=True)
+def test_cli_error(broken: tuple[Path, str, str, type], tmp_path: Path) -> None:
+    from criu_livedump.cli import cli
+
+    img, culprit, problem, _ = broken
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["convert", str(img), "-o", str(out)])
+    assert result.exit_code not in (0, 1), result.output  # 1 would be an uncaught exception
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and culprit in lines[0] and problem in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(MissingImageError, match="file"):
+        convert(tmp_path / "file", tmp_path, ConvertOptions())
+
+
+def test_image_is_a_directory(tmp_path: Path) -> None:
+    img = images.simple(tmp_path / "img")
+    (img / "mm-100.img").unlink()
+    (img / "mm-100.img").mkdir()
+    with pytest.raises(ImageFormatError, match=r"mm-100\.img: is a directory"):
+        convert(img, tmp_path, ConvertOptions())
