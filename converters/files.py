@@ -8,10 +8,51 @@ opened file is the one we stat'ed).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+#: statfs() f_type of filesystems whose "regular files" are windows onto kernel or process
+#: state (include/uapi/linux/magic.h): /proc/kcore, /proc/PID/mem, sysfs attributes, ...
+_PSEUDO_FS = {
+    0x9FA0: "procfs",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroupfs",
+    0x63677270: "cgroup2fs",
+    0xCAFE4A11: "bpffs",
+    0x62656570: "configfs",
+    0xDE5E81E4: "efivarfs",
+    0x6165676C: "pstorefs",
+    0x1CD1: "devpts",
+}
+
+
+class _StatFs(ctypes.Structure):
+    # struct statfs (x86_64/aarch64 glibc): f_type comes first; the rest is not needed here
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _pseudo_fs(target: str | int) -> str | None:
+    """The name of the pseudo filesystem *target* (a path or an fd) lives on, if it does.
+
+    A file whose filesystem cannot be determined counts as pseudo: refusing is the safe side.
+    """
+    buf = _StatFs()
+    if isinstance(target, int):
+        rc = _libc.fstatfs(target, ctypes.byref(buf))
+    else:
+        rc = _libc.statfs(os.fsencode(target), ctypes.byref(buf))
+    if rc != 0:
+        return "a filesystem that cannot be identified"
+    return _PSEUDO_FS.get(buf.f_type & 0xFFFFFFFF)
 
 
 @dataclass
@@ -50,12 +91,19 @@ class FileRoot:
             return os.strerror(e.errno or 0)
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
+        pseudo = _pseudo_fs(candidate)
+        if pseudo:
+            return f"on {pseudo}, not a regular file's contents"
         try:
             fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             return os.strerror(e.errno or 0)
         fst = os.fstat(fd)
-        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+        if (
+            (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino)
+            or not stat.S_ISREG(fst.st_mode)
+            or _pseudo_fs(fd)
+        ):
             os.close(fd)
             return "changed while being opened"
         return OpenedFile(fd, fst.st_size)
