@@ -99,6 +99,8 @@ class _Proc:
     warnings: list[str]
     shmem: dict[int, PageIndex | None] = field(default_factory=dict)
     sysv_keys: dict[int, int] = field(default_factory=dict)
+    #: VMAs (by start) whose saved pages are a dumping artifact, not the process's own
+    no_saved_pages: frozenset[int] = frozenset()
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -166,7 +168,7 @@ class _Proc:
             base = vma.pgoff - vma.start
             for lo, hi, path, off in shm.segments(start + base, end + base):
                 saved.append(Run(lo - base, hi - base, "data", path, None, off))
-        else:
+        elif vma.start not in self.no_saved_pages:
             for lo, hi, path, off in self.index.segments(start, end):
                 saved.append(Run(lo, hi, "data", path, None, off))
         fill: Run | None = None  # how unsaved pages read: lo is the address of offset 0
@@ -248,7 +250,10 @@ def vma_dump_size(p: _Proc, vma: Vma, mm_filter: int) -> int:
         if mm_filter & (MMF.ANON_SHARED if unlinked else MMF.MAPPED_SHARED):
             return vma.size
         return 0
-    has_anon = next(p.index.segments(vma.start, vma.end), None) is not None
+    has_anon = (
+        vma.start not in p.no_saved_pages
+        and next(p.index.segments(vma.start, vma.end), None) is not None
+    )
     if has_anon and mm_filter & MMF.ANON_PRIVATE:
         return vma.size
     if not vma.file_backed:
@@ -561,6 +566,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         ppid = _first(_int(sidecar.extra.get("ppid")) if proc.ppid == 0 else None, proc.ppid, 0)
         layout = _layout(sidecar)
         p.sysv_keys = _sysv_keys(sidecar)
+        p.no_saved_pages = _no_saved_pages(sidecar, p.vmas)
         p.vmas = split_vvar(p)
         segments = [_segment(p, vma, vma_dump_size(p, vma, mm_filter)) for vma in p.vmas]
         times = sidecar.extra.get("times")
@@ -571,6 +577,20 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         files.close()
         raise
     return CoreModel(pid, EM.X86_64, segments, notes, warnings, files)
+
+
+def _no_saved_pages(sidecar: Sidecar, vmas: list[Vma]) -> frozenset[int]:
+    """Starts of private file VMAs the sidecar says had no anonymous pages in the target
+    (clone snapshots: CRIU's own syscall patch leaves a COW page in the clone)."""
+    raw = sidecar.extra.get("no_saved_pages")
+    if not isinstance(raw, list):
+        return frozenset()
+    exact = {(v.start, v.end): v for v in vmas if v.file_backed and not v.shared}
+    out = set()
+    for r in raw:
+        if isinstance(r, list) and len(r) == 2 and (vma := exact.get((r[0], r[1]))) is not None:
+            out.add(vma.start)
+    return frozenset(out)
 
 
 def _sysv_keys(sidecar: Sidecar) -> dict[int, int]:

@@ -177,8 +177,11 @@ def _entry(image: dict[str, Any], path: Path) -> dict[str, Any]:
     return entry
 
 
-def rewrite_images(images_dir: Path, snap: CloneSnapshot) -> None:
+def rewrite_images(images_dir: Path, snap: CloneSnapshot) -> dict[str, Any]:
     """Rewrite CRIU's images of ``snap.clone_pid`` in *images_dir* to describe ``snap.pid``.
+
+    :returns: facts for the sidecar that the images cannot carry (``sysv_keys``: the key of
+        each SysV segment put back, by shmid, for its NT_FILE name).
 
     :raises CloneImagesError: an image CRIU should have written is missing or malformed.
     :raises converters.errors.ConversionError: an image cannot be decoded or encoded.
@@ -200,7 +203,9 @@ def rewrite_images(images_dir: Path, snap: CloneSnapshot) -> None:
         if src.exists():
             os.replace(src, images_dir / f"{stem}-{pid}.img")
     if snap.side_mappings:
-        _add_side_mappings(images_dir, pid, snap.side_mappings)
+        keys = _add_side_mappings(images_dir, pid, snap.side_mappings)
+        return {"sysv_keys": {str(k): v for k, v in keys.items()}}
+    return {}
 
 
 def _rewrite_pstree(images_dir: Path, snap: CloneSnapshot) -> None:
@@ -271,7 +276,7 @@ def _next_pages_id(images_dir: Path) -> int:
     return max(ids, default=0) + 1
 
 
-def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]) -> None:
+def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]) -> dict[int, int]:
     """Put the copied-out mappings back as VMAs, the way CRIU records such memory.
 
     SysV segments become what CRIU writes for them in an IPC namespace dump
@@ -289,6 +294,7 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
     )
     next_file_id = max((int(e.get("id", 0)) for e in files["entries"]), default=0) + 1
     used_shmids = {int(v.get("shmid", 0)) for v in mm["vmas"]}
+    sysv_keys: dict[int, int] = {}
 
     for m in side:
         shmid = m.inode
@@ -311,6 +317,8 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
         while shmid in used_shmids and m.kind == "sysv":
             shmid += 1 << 32  # keep clear of any shmem object CRIU saved itself
         used_shmids.add(shmid)
+        if m.kind == "sysv" and (key := _SYSV_NAME.match(m.name)):
+            sysv_keys[shmid] = int(key.group(1), 16)
         vma["shmid"] = shmid
         mm["vmas"].append(vma)
         if m.data_file is not None:
@@ -320,6 +328,11 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
     dump_image(mm_path, mm_image)
     if any(m.kind != "sysv" for m in side):
         dump_image(files_path, files)
+    return sysv_keys
+
+
+#: /proc/PID/maps name of a SysV segment: the key in hex (ipc/shm.c newseg() "SYSV%08x")
+_SYSV_NAME = re.compile(r"/SYSV([0-9a-f]{8})")
 
 
 def _file_entry(file_id: int, name: str) -> dict[str, Any]:

@@ -279,6 +279,7 @@ class DumpJob:
     :param wrapper: argv prefix to run CRIU under (e.g. ``setpriv ... --``).
     :param timeout: seconds before CRIU is killed.
     :param owner: (uid, gid) to give each round's directory when CRIU runs as another user.
+    :param leave_running: pass ``--leave-running`` (always, except for a disposable clone).
     """
 
     pid: int
@@ -292,6 +293,8 @@ class DumpJob:
     verbosity: int = 4
     env: Mapping[str, str] | None = field(default=None, compare=False)
     owner: tuple[int, int] | None = None
+    #: False for a clone snapshot: CRIU then kills the dumped clone, which is what we want
+    leave_running: bool = True
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,7 @@ def dump_argv(
     externals: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     verbosity: int = 4,
+    leave_running: bool = True,
 ) -> list[str]:
     """The CRIU command line for one pre-dump or dump round.
 
@@ -329,7 +333,7 @@ def dump_argv(
     log_name = DUMP_LOG if action == "dump" else PRE_DUMP_LOG
     argv = [str(criu.path), action, "-t", str(pid), "-D", str(images_dir)]
     argv += ["-o", log_name, f"-v{verbosity}"]
-    argv += LIVE_OPTIONS
+    argv += LIVE_OPTIONS if leave_running else LIVE_OPTIONS[1:]
     if track_mem:
         argv.append("--track-mem")
     if prev_images_dir is not None:
@@ -366,6 +370,7 @@ def plan_rounds(criu: Criu, job: DumpJob) -> list[list[str]]:
                     externals=job.externals,
                     extra_args=job.extra_args,
                     verbosity=job.verbosity,
+                    leave_running=job.leave_running,
                 ),
             ]
         )
@@ -394,7 +399,8 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
                 os.chown(images, *job.owner)
             _run_round(argv, images, job)
     finally:
-        resumed = ensure_running(job.pid, was_stopped)
+        # a disposable clone is killed by CRIU; only a live target must run on
+        resumed = ensure_running(job.pid, was_stopped) if job.leave_running else False
     seconds = time.monotonic() - start
     final = Path(cmds[-1][cmds[-1].index("-D") + 1])
     return DumpResult(

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from converters.options import UNLIMITED, ConvertOptions, write_sidecar
-from criu_livedump import criu, job, scratch, target
+from criu_livedump import clone, clone_images, criu, job, scratch, target
 from criu_livedump.check import CAP, cap_names, capabilities, has_cap
-from criu_livedump.errors import LivedumpError, PermissionDeniedError, RequestError
+from criu_livedump.errors import BlockerError, LivedumpError, PermissionDeniedError
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
+from criu_livedump.sidecar import dump_time_facts, unmodified_file_mappings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class DumpReport:
 
     pid: int
     comm: str
+    method: str = "criu"
     destination: str | None = None
     core_path: str | None = None
     size: int = 0
@@ -60,6 +62,7 @@ class DumpReport:
         return {
             "pid": self.pid,
             "comm": self.comm,
+            "method": self.method,
             "destination": self.destination,
             "core_path": self.core_path,
             "size": self.size,
@@ -88,8 +91,9 @@ class DumpReport:
             f"{head}: core written to {self.destination} ({_size(self.size)}"
             + (", truncated at the core limit" if self.truncated else "")
             + ")",
-            f"frozen {self.frozen_us / 1000:.1f} ms; dump {self.dump_seconds:.2f} s, "
-            f"conversion {self.convert_seconds:.2f} s, total {self.total_seconds:.2f} s",
+            f"frozen {self.frozen_us / 1000:.1f} ms ({self.method});"
+            f" dump {self.dump_seconds:.2f} s, conversion {self.convert_seconds:.2f} s,"
+            f" total {self.total_seconds:.2f} s",
         ]
         if self.images_dir:
             out.append(f"images kept in {self.images_dir}")
@@ -236,36 +240,41 @@ def _pre_dump_rounds(request: DumpRequest, binary: criu.Criu, rss: int) -> int:
     return wanted
 
 
-def cpu_times(pid: int) -> dict[str, list[int]]:
-    """CPU times for NT_PRSTATUS in the sidecar's form: ``{"TID": [utime_us, stime_us],
-    "children": [cutime_us, cstime_us]}``; the leader's entry is the thread-group total, as
-    fs/binfmt_elf.c fill_prstatus() uses thread_group_cputime() for it."""
-    tick_us = 1_000_000 // os.sysconf("SC_CLK_TCK")
-
-    def fields(path: str) -> list[str]:
-        with open(path) as f:
-            return f.read().rsplit(")", 1)[1].split()
-
-    out: dict[str, list[int]] = {}
-    try:
-        group = fields(f"/proc/{pid}/stat")
-        # utime, stime, cutime, cstime are fields 14-17 of proc_pid_stat(5)
-        out[str(pid)] = [int(group[11]) * tick_us, int(group[12]) * tick_us]
-        out["children"] = [int(group[13]) * tick_us, int(group[14]) * tick_us]
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            if int(tid) != pid:
-                mine = fields(f"/proc/{pid}/task/{tid}/stat")
-                out[tid] = [int(mine[11]) * tick_us, int(mine[12]) * tick_us]
-    except (OSError, ValueError, IndexError):
-        pass  # the target exited: the converter writes zeros
-    return out
+#: What the clone method copies out of the target itself, so CRIU never sees it.
+CLONE_HANDLES = {target.BlockerKind.IO_URING, target.BlockerKind.SYSV_SHM}
 
 
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
+def choose_method(requested: Method, facts: target.TargetFacts) -> tuple[Method, tuple[str, ...]]:
+    """The method a dump uses and the CRIU options it needs; refusals before freezing.
+
+    ``clone`` dumps a copy-on-write clone of the target alone: io_uring rings and SysV segments
+    are copied out before CRIU runs, the clone holds no file descriptors, and the target's
+    children are not involved. It needs a target that is neither traced (ptrace would fail)
+    nor under seccomp (a filter may forbid the injected clone/close_range). ``criu`` dumps the
+    whole tree below the target with ``--leave-running``. ``auto`` takes clone when it can.
+
+    :raises BlockerError: the chosen (or every) method cannot dump this target.
+    """
+    why_not_clone = None
+    if facts.tracer_pid:
+        why_not_clone = f"it is traced by process {facts.tracer_pid}"
+    elif facts.seccomp:
+        why_not_clone = "it runs under seccomp, which may forbid the injected syscalls"
+    own = [b for b in facts.blockers if b.pid == facts.pid]
+    clone_refusals = [b for b in own if b.refuse and b.kind not in CLONE_HANDLES]
+    if requested == Method.CLONE or (requested == Method.AUTO and why_not_clone is None):
+        if why_not_clone is not None:
+            raise BlockerError(
+                facts.pid, f"--method clone: {why_not_clone}", hint="use --method criu"
+            )
+        if clone_refusals:
+            raise BlockerError(facts.pid, "; ".join(b.detail for b in clone_refusals))
+        options: dict[str, None] = {}
+        for b in own:
+            for opt in b.criu_options:
+                options.setdefault(opt, None)
+        return Method.CLONE, tuple(options)
+    return Method.CRIU, target.check_blockers(facts)
 
 
 def live_dump(
@@ -277,15 +286,14 @@ def live_dump(
     :raises LivedumpError: a refusal (before anything is frozen) or a failure, one line each.
     """
     started = time.monotonic()
-    if request.method == Method.CLONE:
-        raise RequestError("--method clone: not available yet in this build; use --method criu")
 
-    # 1. Facts and refusals: nothing is frozen yet.
-    facts = target.inspect(pid, tree=request.tree)
+    # 1. Facts and refusals: nothing is frozen yet. CRIU collects the whole tree below the
+    # target, so its blockers are looked for there too.
+    facts = target.inspect(pid, tree=True)
     target.check_ptrace_allowed(facts, force=request.force)
-    blocker_options = target.check_blockers(facts)
+    method, blocker_options = choose_method(request.method, facts)
     check_privileges(request, target_core_hard=facts.core_hard)
-    report = DumpReport(pid=pid, comm=facts.comm)
+    report = DumpReport(pid=pid, comm=facts.comm, method=method.value)
     signal = request.signal or 0
     limit = effective_limit(request, facts)
     sink, no_core = resolve_sink(request, facts, signal, limit)
@@ -299,16 +307,25 @@ def live_dump(
     binary = criu.find(criu_path)
     creds = criu_credentials(facts)
     report.criu_ran_as = creds.description
-    rounds = _pre_dump_rounds(request, binary, facts.rss)
+    rounds = _pre_dump_rounds(request, binary, facts.rss) if method == Method.CRIU else 0
     priorities = job.Priorities(request.sched_prio, request.io_prio, request.oom_score_adj)
 
     # 2. CRIU into a private scratch directory.
     parent = scratch.choose_parent(facts.rss, request.scratch)
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     keep = request.keep_images
+    snap: clone.CloneSnapshot | None = None
     try:
+        extra_facts: dict[str, Any] = {}
+        if method == Method.CLONE:
+            # The target's freeze is the snapshot's (steps 1-4); CRIU then works on the clone.
+            side = work / "side"
+            side.mkdir(mode=0o700)
+            snap = clone.clone_snapshot(pid, side_dir=side)
+            report.frozen_us = round(snap.freeze_seconds * 1_000_000)
+            snap.release_for_criu()
         dump_job = criu.DumpJob(
-            pid=pid,
+            pid=pid if snap is None else snap.clone_pid,
             scratch=work,
             externals=(),
             pre_dump_rounds=rounds,
@@ -316,14 +333,20 @@ def live_dump(
             preexec=job.scheduling_preexec(priorities),
             wrapper=creds.wrapper,
             owner=None if creds.uid is None else (creds.uid, creds.gid or 0),
+            leave_running=snap is None,
         )
         report.criu_options = (*blocker_options, *creds.extra_args)
         result = criu.dump(binary, dump_job)
         report.dump_seconds = result.seconds
-        report.frozen_us = result.stats.frozen_time
-        report.freezing_us = result.stats.freezing_time
         report.pre_dump_rounds = rounds
         report.resumed_by_us = result.resumed_by_us
+        if snap is None:
+            report.frozen_us = result.stats.frozen_time
+            report.freezing_us = result.stats.freezing_time
+        else:
+            extra_facts = clone_images.rewrite_images(result.images_dir, snap)
+            extra_facts["no_saved_pages"] = unmodified_file_mappings(pid)
+            snap.kill()
 
         # 3. Facts the images lack, then the conversion at the requested priorities.
         write_sidecar(
@@ -331,11 +354,9 @@ def live_dump(
             coredump_filter=facts.coredump_filter,
             core_limit=None if sink.kind == job.SinkKind.PIPE else limit,
             signal=signal,
-            boot_id=_boot_id(),
             pid=pid,
-            # The images' pstree says 0 for the dumped root's parent; the kernel writes it.
-            ppid=facts.ppid,
-            times=cpu_times(pid),
+            **dump_time_facts(pid),
+            **extra_facts,
         )
         options = ConvertOptions(
             coredump_filter=request.coredump_filter,
@@ -359,6 +380,8 @@ def live_dump(
         if outcome.path is None and sink.kind == job.SinkKind.FILE:
             report.no_core_reason = "; ".join(outcome.warnings) or "the converter wrote nothing"
     except BaseException:
+        if snap is not None:
+            snap.kill()
         if keep:
             log.warning("images kept in %s", work)
         else:

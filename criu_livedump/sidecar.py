@@ -56,3 +56,34 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
                 times[tid] = [_us(t[11], hz), _us(t[12], hz)]
     facts["times"] = times
     return facts
+
+
+def unmodified_file_mappings(pid: int, proc: Path = _PROC) -> list[list[int]]:
+    """``[start, end]`` of every private file mapping of *pid* without anonymous pages.
+
+    For the clone method: CRIU's compel briefly writes a syscall instruction into the first
+    executable VMA of the task it infects (and restores it), which leaves a copy-on-write page
+    there. In the clone that page is CRIU's doing, not the target's: the converter treats
+    these ranges as having no saved pages, as the kernel would for the target.
+    """
+    ranges: list[list[int]] = []
+    current: list[int] | None = None
+    private_file = False
+    anon = 0
+    try:
+        lines = (proc / str(pid) / "smaps").read_text().splitlines()
+    except OSError:
+        return ranges
+    for line in [*lines, "0-0 ---- 0 00:00 0"]:
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:
+            if current is not None and private_file and anon == 0:
+                ranges.append(current)
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            current = [lo, hi]
+            perms, inode = head[1], int(head[4]) if len(head) > 4 else 0
+            private_file = perms.endswith("p") and inode != 0
+            anon = 0
+        elif head and head[0] in ("Anonymous:", "Swap:"):
+            anon += int(head[1])
+    return ranges

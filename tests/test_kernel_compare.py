@@ -31,6 +31,8 @@ from programs import build as programs_build
 
 import converters
 from converters.options import ConvertOptions
+from criu_livedump.dump import live_dump
+from criu_livedump.request import build_request
 
 pytestmark = [pytest.mark.live, pytest.mark.kernel, pytest.mark.slow]
 
@@ -54,12 +56,38 @@ class Case:
 
 
 CASES = {
-    # program, args, coredump_filter (None: leave the kernel's default 0x33)
-    "mappings-0x33": ("mappings", ["DATA", "1024"], None),
-    "mappings-0x3f": ("mappings", ["DATA", "1024"], 0x3F),
-    "mappings-0x01": ("mappings", ["DATA", "1024"], 0x01),
-    "threads-0x33": ("threads", ["12"], None),
+    # program, args, coredump_filter (None: leave the kernel's default 0x33), how we dump:
+    # "criu" is CRIU + converter driven by the harness; "livedump-criu" and "livedump-clone"
+    # are the product's `dump` with each --method.
+    "mappings-0x33": ("mappings", ["DATA", "1024"], None, "criu"),
+    "mappings-0x3f": ("mappings", ["DATA", "1024"], 0x3F, "criu"),
+    "mappings-0x01": ("mappings", ["DATA", "1024"], 0x01, "criu"),
+    "threads-0x33": ("threads", ["12"], None, "criu"),
+    "mappings-livedump-criu": ("mappings", ["DATA", "1024"], None, "livedump-criu"),
+    "mappings-livedump-clone": ("mappings", ["DATA", "1024"], None, "livedump-clone"),
+    "mappings-0x3f-livedump-clone": ("mappings", ["DATA", "1024"], 0x3F, "livedump-clone"),
+    "threads-livedump-clone": ("threads", ["12"], None, "livedump-clone"),
 }
+
+
+def _our_core(how: str, pid: int, tmp: Path) -> Path:
+    """Our core of *pid*, taken the way *how* names (see :data:`CASES`)."""
+    (tmp / "ours").mkdir()
+    if how == "criu":
+        images = criu_dump(pid, tmp / "images")
+        results = converters.convert(images, tmp / "ours", ConvertOptions(signal=signal.SIGABRT))
+        assert [r.pid for r in results] == [pid]
+        assert results[0].path is not None
+        return results[0].path
+    method = how.removeprefix("livedump-")
+    out = tmp / "ours" / f"core.{pid}"
+    request = build_request(
+        output=str(out), signal=int(signal.SIGABRT), core_limit="unlimited", method=method
+    )
+    report = live_dump(pid, request)
+    assert report.method == method
+    assert report.core_path is not None and Path(report.core_path) == out
+    return out
 
 
 def _data_file(path: Path) -> Path:
@@ -74,7 +102,7 @@ def case(
 ) -> Iterator[Case]:
     if os.geteuid() != 0:
         pytest.skip("needs root: CRIU dump and core_pattern")
-    program, args, coredump_filter = CASES[request.param]
+    program, args, coredump_filter, how = CASES[request.param]
     tmp = tmp_path_factory.mktemp(request.param)
     binary = programs_build.build(program)
     argv = [str(_data_file(tmp / "data")) if a == "DATA" else a for a in args]
@@ -83,12 +111,7 @@ def case(
         if coredump_filter is not None:
             target.coredump_filter = coredump_filter
         dumped_filter = target.coredump_filter
-        images = criu_dump(target.pid, tmp / "images")
-        (tmp / "ours").mkdir()
-        results = converters.convert(images, tmp / "ours", ConvertOptions(signal=signal.SIGABRT))
-        assert [r.pid for r in results] == [target.pid]
-        ours = results[0].path
-        assert ours is not None and ours == tmp / "ours" / f"core.{target.pid}"
+        ours = _our_core(how, target.pid, tmp)
         kernel = kernel_core(target, tmp / "kernel")
         yield Case(
             request.param,
