@@ -31,6 +31,8 @@ PAGE_SIZE = 4096
 _U32 = struct.Struct("<I")
 #: No sane image entry is larger than this (CRIU's own limit for an entry is far smaller).
 _MAX_ENTRY = 64 << 20
+#: pid_t is a signed 32-bit int
+_PID_MAX = 0x7FFFFFFF
 #: A chain of pre-dump parents longer than this is a loop or an absurd image set.
 MAX_PARENT_DEPTH = 64
 
@@ -261,6 +263,17 @@ class ImageSet:
             threads = tuple(int(t) for t in e.threads) or (int(e.pid),)
             if e.pid in seen:
                 raise ImageFormatError(str(directory / "pstree.img"), f"pid {e.pid} twice")
+            # pid_t is an int: the notes pack these as signed 32-bit (struct elf_prstatus)
+            for what, v in (("pid", e.pid), ("ppid", e.ppid), ("pgid", e.pgid), ("sid", e.sid)):
+                if v > _PID_MAX:
+                    raise ImageFormatError(
+                        str(directory / "pstree.img"), f"{what} {v} out of range"
+                    )
+            if any(t > _PID_MAX for t in threads):
+                bad = next(t for t in threads if t > _PID_MAX)
+                raise ImageFormatError(
+                    str(directory / "pstree.img"), f"thread id {bad} out of range"
+                )
             seen.add(e.pid)
             processes.append(Process(int(e.pid), int(e.ppid), int(e.pgid), int(e.sid), threads))
         files_path = directory / "files.img"

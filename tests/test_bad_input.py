@@ -169,3 +169,15 @@ def test_image_is_a_directory(tmp_path: Path) -> None:
     (img / "mm-100.img").mkdir()
     with pytest.raises(ImageFormatError, match=r"mm-100\.img: is a directory"):
         convert(img, tmp_path, ConvertOptions())
+
+
+@pytest.mark.parametrize("field", ["pid", "ppid", "pgid", "sid"])
+def test_pid_out_of_range(tmp_path: Path, field: str) -> None:
+    """Regression (fuzz): a pstree id above INT_MAX crashed packing NT_PRSTATUS."""
+    proc = images.Proc(100, pgid=100, sid=100)
+    img = images.build(tmp_path / "img", [proc])
+    entry = {"pid": 100, "ppid": 1, "pgid": 100, "sid": 100, "threads": [100]}
+    entry[field] = 0xFFFFFFFF
+    images.write_image(img / "pstree.img", "PSTREE", [entry])
+    with pytest.raises(ImageFormatError, match=rf"pstree\.img: {field} 4294967295 out of range"):
+        convert(img, tmp_path, ConvertOptions())
