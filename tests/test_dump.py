@@ -581,6 +581,8 @@ def test_blockers_refused_before_freezing(blocker_target: int, tmp_path: Path) -
         str(blocker_target),
         "-o",
         str(tmp_path / "c"),
+        "--method",
+        "criu",
         "--criu",
         str(recording_criu(tmp_path)),
     )
@@ -590,6 +592,31 @@ def test_blockers_refused_before_freezing(blocker_target: int, tmp_path: Path) -
     assert criu_calls(tmp_path) == []
     assert state(blocker_target) in ("S", "R")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("method", ["clone", "auto"])
+@pytest.mark.parametrize("blocker_target", ["io_uring", "sysv_shm"], indirect=True)
+def test_clone_dumps_what_criu_refuses(
+    blocker_target: int, method: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    core = tmp_path / "c"
+    proc = cli(
+        "dump", str(blocker_target), "-o", str(core), "--method", method, "--core-limit",
+        "unlimited", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["method"] == "clone"
+    assert state(blocker_target) in ("S", "R")
+    with CoreView(core) as view:
+        names = [f.name for f in view.files]
+    sysv = request.node.callspec.params["blocker_target"] == "sysv_shm"
+    wanted = "/SYSV" if sysv else "anon_inode:[io_uring]"
+    assert any(n.startswith(wanted) for n in names), names
+    if sysv:
+        # sysv_shm.c fills its 64 KiB segment with 0x5a: those bytes are in the core
+        with CoreView(core) as view:
+            (seg,) = [f for f in view.files if f.name.startswith("/SYSV")]
+            assert view.read(seg.start, 1 << 16) == b"\x5a" * (1 << 16)
 
 
 @pytest.mark.parametrize("blocker_target", ["nondumpable"], indirect=True)
