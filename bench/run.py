@@ -745,8 +745,9 @@ def measure_size(
 ) -> dict[str, Any]:
     """Every peer on one workload of *mib* MiB, then the conversion of the criu peer's images."""
     entry: dict[str, Any] = {"mib": mib, "freeze": {}}
-    # workload + images + core + a copy of the pages, with a margin for the other tenants.
-    need = (4 * mib + 1024) * MIB
+    # At the peak the workload, its images and a core (or a copy of the pages) coexist on
+    # tmpfs; plus a margin for the other tenants of the machine.
+    need = (3 * mib + 1024) * MIB
     if mem_available() < need:
         entry["skipped"] = (
             f"needs {need / 2**30:.1f} GiB available, have {mem_available() / 2**30:.1f} GiB"
