@@ -1034,7 +1034,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
     w("")
     w("## End-to-end wall time (until the core is complete)")
     w("")
-    w("| size | gcore s | criu s (dump + convert) | criu dump s | criu convert s | clone s |")
+    w("| size | gcore s | criu s (all of `dump`) | criu dump s (CRIU) | criu convert s | clone s |")
     w("|---:|---:|---:|---:|---:|---:|")
     for s in results["sizes"]:
         if "skipped" in s:
@@ -1053,7 +1053,10 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
     w(
         "Throughput counts the bytes of the pages images (the dumped memory) per second; "
         "`cp --sparse=always` of the same pages images is the floor for moving those bytes. "
-        "Peak RSS is the converter process's own (wait4 rusage)."
+        "Peak RSS is the converter process's own (wait4 rusage). Measured after the workload "
+        "was stopped, so the converter and cp have the CPUs to themselves (the `criu convert` "
+        "column above is the same conversion inside `dump`, sharing the CPUs with the "
+        "workload's busy threads)."
     )
     w("")
     w(
@@ -1099,6 +1102,28 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         w(f"| {t['target']} | {verdict} | {t['detail']} |")
     w("")
+    w("## Core size")
+    w("")
+    w(
+        "Apparent size (st_size) and allocated size (st_blocks), MiB: the converter leaves holes "
+        "where the memory was never touched, gcore writes zeros."
+    )
+    w("")
+    w(
+        "| size | gcore apparent | gcore allocated | criu apparent | criu allocated "
+        "| clone apparent | clone allocated |"
+    )
+    w("|---:|---:|---:|---:|---:|---:|---:|")
+    for s in results["sizes"]:
+        if "skipped" in s:
+            continue
+        cells = []
+        for peer in ("gcore", "criu", "clone"):
+            p = s["freeze"].get(peer, {})
+            for key in ("core_apparent", "core_allocated"):
+                cells.append(f"{p[key] / MIB:.1f}" if key in p else "-")
+        w(f"| {s['mib']} MiB | " + " | ".join(cells) + " |")
+    w("")
     w("## Reading these figures")
     w("")
     w(
@@ -1114,6 +1139,12 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
     w(
         "- Images and cores live on tmpfs, so the figures exclude disk speed; on a disk "
         "the conversion and cp both slow down to the disk's write rate."
+    )
+    w(
+        "- Every tool competes with the workload's 4 busy threads for 2 cores (and with other "
+        "tenants of the machine): wall times, the conversion inside `dump` in particular (it "
+        "runs at the caller's nice value unless `sched_prio` says otherwise), are those of a "
+        "loaded machine. The standalone conversion table shows the converter's own speed."
     )
     w("")
     return "\n".join(out)
