@@ -773,9 +773,12 @@ def measure_size(
                 images = kept or images
         fr = entry["freeze"]
         gcore_gap = median(fr.get("gcore", {}).get("gap_ms"))
+        criu_gap = median(fr.get("criu", {}).get("gap_ms"))
         for name in ("criu", "clone"):
             if name in fr and "gap_ms" in fr[name]:
                 fr[name]["gcore_over_this"] = ratio(gcore_gap, median(fr[name]["gap_ms"]))
+        if "gap_ms" in fr.get("clone", {}):
+            fr["clone"]["criu_over_this"] = ratio(criu_gap, median(fr["clone"]["gap_ms"]))
         if images is not None:
             entry["convert"] = measure_conversion(images, size_dir, cfg.runs, say)
     finally:
@@ -894,7 +897,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         ("criu", "gap_ms", "criu (heartbeat gap)", "s-", "tab:blue"),
         ("criu", "frozen_ms", "criu (CRIU frozen_time)", "s--", "tab:blue"),
         ("clone", "gap_ms", "clone (heartbeat gap)", "^-", "tab:green"),
-        ("clone", "frozen_ms", "clone (CRIU frozen_time of the clone)", "^--", "tab:green"),
+        ("clone", "frozen_ms", "clone (the tool's own freeze figure)", "^--", "tab:green"),
     ]
     drawn = 0
     for peer, key, label, style, color in series:
@@ -973,7 +976,8 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         "The workload (`bench/workload.c`) holds N MiB of non-zero private anonymous memory, 4 "
         "busy threads and a heartbeat thread that sleeps 1 ms at a time and records its longest "
         "gap. The **freeze** is that longest gap in a window around each dump: what the target "
-        "itself saw. For CRIU the table also gives CRIU's own `frozen_time` from `stats-dump`. "
+        "itself saw. For CRIU the table also gives CRIU's own `frozen_time` from `stats-dump`, "
+        "for clone the tool's own figure (seize to detach, steps 1-4 of issue 5). "
         "Each cell is the median with (min-max) over the runs; all peers ran in the same "
         "invocation on the same workload process, so compare them as ratios: the machine is "
         "shared and absolute figures drift."
@@ -997,12 +1001,12 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
     w("")
     w(
         "| size | no dump (noise) | gcore gap ms | criu gap ms | criu frozen_time ms "
-        "| clone gap ms | gcore / criu | gcore / clone |"
+        "| clone gap ms | clone freeze (tool) ms | gcore / criu | gcore / clone | criu / clone |"
     )
-    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in results["sizes"]:
         if "skipped" in s:
-            w(f"| {s['mib']} MiB | skipped: {s['skipped']} |||||||")
+            w(f"| {s['mib']} MiB | skipped: {s['skipped']} |||||||||")
             continue
         fr = s["freeze"]
 
@@ -1017,8 +1021,10 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         w(
             f"| {s['mib']} MiB | {_f(s.get('baseline_gap_ms'))} | {cell('gcore', 'gap_ms')} "
             f"| {cell('criu', 'gap_ms')} | {cell('criu', 'frozen_ms')} | {cell('clone', 'gap_ms')} "
+            f"| {cell('clone', 'frozen_ms')} "
             f"| {_x(fr.get('criu', {}).get('gcore_over_this'))} "
-            f"| {_x(fr.get('clone', {}).get('gcore_over_this'))} |"
+            f"| {_x(fr.get('clone', {}).get('gcore_over_this'))} "
+            f"| {_x(fr.get('clone', {}).get('criu_over_this'))} |"
         )
     errors = [
         (s["mib"], peer, p["error"])

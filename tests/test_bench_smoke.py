@@ -84,6 +84,11 @@ def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFix
         assert peer["wall_s"]["median"] > 0
         assert peer["core_apparent"] >= 8 * MIB
         assert peer["core_allocated"] >= 8 * MIB
+    if results["peers"]["clone"].startswith("criu-livedump dump"):
+        clone = freeze["clone"]
+        assert "error" not in clone, clone.get("error")
+        assert clone["gap_ms"]["median"] >= 1.0
+        assert clone["core_allocated"] >= 8 * MIB
     assert freeze["criu"]["frozen_ms"]["n"] == 1
     assert freeze["criu"]["frozen_ms"]["median"] > 0
     assert freeze["criu"]["gcore_over_this"] > 0
