@@ -249,9 +249,10 @@ def choose_method(requested: Method, facts: target.TargetFacts) -> tuple[Method,
 
     ``clone`` dumps a copy-on-write clone of the target alone: io_uring rings and SysV segments
     are copied out before CRIU runs, the clone holds no file descriptors, and the target's
-    children are not involved. It needs a target that is neither traced (ptrace would fail)
-    nor under seccomp (a filter may forbid the injected clone/close_range). ``criu`` dumps the
-    whole tree below the target with ``--leave-running``. ``auto`` takes clone when it can.
+    children are not involved. It needs a target that is neither traced (ptrace would fail),
+    nor under seccomp (a filter may forbid the injected clone/close_range), nor stopped.
+    ``criu`` dumps the whole tree below the target with ``--leave-running``. ``auto`` takes
+    clone when it can.
 
     :raises BlockerError: the chosen (or every) method cannot dump this target.
     """
@@ -260,6 +261,9 @@ def choose_method(requested: Method, facts: target.TargetFacts) -> tuple[Method,
         why_not_clone = f"it is traced by process {facts.tracer_pid}"
     elif facts.seccomp:
         why_not_clone = "it runs under seccomp, which may forbid the injected syscalls"
+    elif facts.state in ("T", "t"):
+        # a job-control stop would end in the injected syscall; CRIU leaves it as it was
+        why_not_clone = "it is stopped (state T)"
     own = [b for b in facts.blockers if b.pid == facts.pid]
     clone_refusals = [b for b in own if b.refuse and b.kind not in CLONE_HANDLES]
     if requested == Method.CLONE or (requested == Method.AUTO and why_not_clone is None):
