@@ -174,9 +174,10 @@ class _Proc:
         fill: Run | None = None  # how unsaved pages read: lo is the address of offset 0
         file_end = end
         if shm is not None:
-            fill = Run(0, 0, "zeros", None, None, 0)
-            if mf is not None and mf.size is not None:
-                file_end = vma.start + max(_page_up(mf.size) - vma.pgoff, 0)
+            # Unsaved shmem pages read as zeros. The kernel faults them in (shmem has a
+            # ->fault) and writes zero pages; we leave holes: the same bytes, and an image
+            # claiming a huge shared mapping cannot make us write unbounded zeros.
+            fill = None
         elif mf is not None and vma.file_backed:
             opened = self.open_mapped(vma, mf)
             if opened is not None:
