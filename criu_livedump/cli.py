@@ -224,7 +224,7 @@ def _parse_signal(value: str, culprit: str) -> int:
     metavar="IMAGES_DIR...",
     nargs=-1,
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=click.Path(exists=True, path_type=Path),
 )
 @click.option(
     "-o",
@@ -275,7 +275,11 @@ def convert(
     signal: int | None,
     as_json: bool,
 ) -> None:
-    """Convert CRIU image directories into ELF core files (core.PID per process)."""
+    """Convert CRIU image directories into ELF core files (core.PID per process).
+
+    An IMAGES_DIR may also be a checkpoint archive (.tar, .tar.gz, .tar.zst, images at the top
+    or under checkpoint/, as Podman and Kubernetes write them).
+    """
     from converters.options import ConvertOptions
 
     options = ConvertOptions(
@@ -339,6 +343,7 @@ def _convert_one(
     """Convert one directory (runs in a worker process); errors come back as data, since the
     converter's exceptions need not be picklable."""
     from converters import convert as convert_images
+    from converters.archive import open_images
     from converters.errors import ConversionError
 
     def report(nbytes: int) -> None:
@@ -347,7 +352,8 @@ def _convert_one(
 
     outcome: dict[str, Any] = {"images_dir": str(images_dir), "cores": [], "error": None}
     try:
-        results = convert_images(images_dir, out_dir, options, report if progress else None)
+        with open_images(images_dir) as opened:
+            results = convert_images(opened, out_dir, options, report if progress else None)
         outcome["cores"] = [r.as_dict() for r in results]
     except ConversionError as e:
         outcome["error"] = str(e)

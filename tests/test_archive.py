@@ -222,3 +222,29 @@ def test_removed_even_when_the_body_fails(tmp_path: Path, image_dir: Path) -> No
         raise RuntimeError("boom")
     assert not any(p.name.startswith("criu-livedump-archive-") for p in tmp_path.iterdir())
     shutil.rmtree(image_dir)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    exe = Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "criu-livedump"
+    if not exe.exists():
+        exe = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "criu-livedump"
+    return subprocess.run([str(exe), *args], capture_output=True, check=False)
+
+
+def test_cli_converts_archives(tmp_path: Path, image_dir: Path) -> None:
+    archive = _pack(image_dir, tmp_path / "c.tar.zst", "checkpoint/")
+    proc = _cli("convert", str(archive), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    convert(image_dir, ref, ConvertOptions())
+    assert (tmp_path / "out" / "core.100").read_bytes() == (ref / "core.100").read_bytes()
+
+
+def test_cli_refuses_hostile_archive(tmp_path: Path) -> None:
+    archive = _hostile(tmp_path, _member("checkpoint/evil", tarfile.SYMTYPE, "/etc/shadow"))
+    proc = _cli("convert", str(archive), "-o", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    (line,) = proc.stderr.decode().splitlines()
+    assert line.startswith(f"error: {archive}: entry 'checkpoint/evil'")
+    assert not list((tmp_path / "out").glob("core.*"))
