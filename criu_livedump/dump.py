@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from converters.options import UNLIMITED, ConvertOptions, write_sidecar
 from criu_livedump import clone, clone_images, criu, job, scratch, target
 from criu_livedump.check import CAP, cap_names, capabilities, has_cap
-from criu_livedump.errors import BlockerError, LivedumpError, PermissionDeniedError
+from criu_livedump.errors import BlockerError, LivedumpError, PermissionDeniedError, RequestError
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
 from criu_livedump.sidecar import dump_time_facts, unmodified_file_mappings
@@ -57,6 +57,8 @@ class DumpReport:
     handler_status: int | None = None
     criu_options: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
+    #: with --tree: one report per child process (destination, core_path, size, ...)
+    children: list[DumpReport] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class DumpReport:
             "handler_status": self.handler_status,
             "criu_options": list(self.criu_options),
             "warnings": list(self.warnings),
+            "children": [c.as_dict() for c in self.children],
         }
 
     def lines(self) -> list[str]:
@@ -95,6 +98,8 @@ class DumpReport:
             f" dump {self.dump_seconds:.2f} s, conversion {self.convert_seconds:.2f} s,"
             f" total {self.total_seconds:.2f} s",
         ]
+        for c in self.children:
+            out += c.lines()[:1]
         if self.images_dir:
             out.append(f"images kept in {self.images_dir}")
         out += [f"warning: {w}" for w in self.warnings]
@@ -244,7 +249,9 @@ def _pre_dump_rounds(request: DumpRequest, binary: criu.Criu, rss: int) -> int:
 CLONE_HANDLES = {target.BlockerKind.IO_URING, target.BlockerKind.SYSV_SHM}
 
 
-def choose_method(requested: Method, facts: target.TargetFacts) -> tuple[Method, tuple[str, ...]]:
+def choose_method(
+    requested: Method, facts: target.TargetFacts, *, tree: bool = False
+) -> tuple[Method, tuple[str, ...]]:
     """The method a dump uses and the CRIU options it needs; refusals before freezing.
 
     ``clone`` dumps a copy-on-write clone of the target alone: io_uring rings and SysV segments
@@ -264,6 +271,8 @@ def choose_method(requested: Method, facts: target.TargetFacts) -> tuple[Method,
     elif facts.state in ("T", "t"):
         # a job-control stop would end in the injected syscall; CRIU leaves it as it was
         why_not_clone = "it is stopped (state T)"
+    elif tree:
+        why_not_clone = "--tree needs the whole process tree, which only CRIU collects"
     own = [b for b in facts.blockers if b.pid == facts.pid]
     clone_refusals = [b for b in own if b.refuse and b.kind not in CLONE_HANDLES]
     if requested == Method.CLONE or (requested == Method.AUTO and why_not_clone is None):
@@ -281,6 +290,48 @@ def choose_method(requested: Method, facts: target.TargetFacts) -> tuple[Method,
     return Method.CRIU, target.check_blockers(facts)
 
 
+def _child_core(
+    pid: int, request: DumpRequest, images_dir: Path, signal: int, priorities: job.Priorities
+) -> DumpReport:
+    """With ``--tree``: the core of one child from the same images, written where the kernel
+    would put that child's core (its own core_pattern expansion and RLIMIT_CORE), or next to
+    ``-o PATH`` as ``PATH.PID``."""
+    try:
+        facts = target.inspect(pid)
+    except LivedumpError as e:
+        return DumpReport(pid=pid, comm="?", no_core_reason=f"gone after the dump ({e.message})")
+    report = DumpReport(pid=pid, comm=facts.comm, method=Method.CRIU.value)
+    limit = effective_limit(request, facts)
+    if request.output is not None:
+        request_for_child = replace(request, output=f"{request.output}.{pid}")
+    else:
+        request_for_child = request
+    try:
+        sink, no_core = resolve_sink(request_for_child, facts, signal, limit)
+    except LivedumpError as e:
+        report.no_core_reason = e.message
+        return report
+    if sink is None:
+        report.no_core_reason = no_core
+        return report
+    report.destination = sink.describe()
+    options = ConvertOptions(
+        coredump_filter=request.coredump_filter or facts.coredump_filter,
+        core_limit=UNLIMITED if sink.kind == job.SinkKind.PIPE else limit,
+        signal=signal,
+        pid=pid,
+    )
+    try:
+        outcome = job.run_conversion(images_dir, pid, sink, options, priorities)
+    except LivedumpError as e:
+        report.no_core_reason = e.message
+        return report
+    report.core_path, report.size, report.truncated = outcome.path, outcome.size, outcome.truncated
+    report.convert_seconds = outcome.seconds
+    report.warnings += outcome.warnings
+    return report
+
+
 def live_dump(
     pid: int, request: DumpRequest, *, criu_path: str | None = None, stdout: IO[bytes] | None = None
 ) -> DumpReport:
@@ -295,7 +346,7 @@ def live_dump(
     # target, so its blockers are looked for there too.
     facts = target.inspect(pid, tree=True)
     target.check_ptrace_allowed(facts, force=request.force)
-    method, blocker_options = choose_method(request.method, facts)
+    method, blocker_options = choose_method(request.method, facts, tree=request.tree)
     check_privileges(request, target_core_hard=facts.core_hard)
     report = DumpReport(pid=pid, comm=facts.comm, method=method.value)
     signal = request.signal or 0
@@ -305,6 +356,8 @@ def live_dump(
         report.no_core_reason = no_core
         report.total_seconds = time.monotonic() - started
         return report
+    if request.tree and sink.kind == job.SinkKind.STDOUT:
+        raise RequestError("--tree writes one core per process; -o - takes only one")
     if sink.kind == job.SinkKind.FILE and sink.path is not None and os.path.lexists(sink.path):
         raise LivedumpError(f"{sink.path}: already exists; refusing to overwrite it")
     report.destination = sink.describe()
@@ -383,6 +436,12 @@ def live_dump(
         report.warnings += outcome.warnings
         if outcome.path is None and sink.kind == job.SinkKind.FILE:
             report.no_core_reason = "; ".join(outcome.warnings) or "the converter wrote nothing"
+        if request.tree:
+            for child in facts.tree:
+                if child != pid:
+                    report.children.append(
+                        _child_core(child, request, result.images_dir, signal, priorities)
+                    )
     except BaseException:
         if snap is not None:
             snap.kill()

@@ -3,6 +3,7 @@ options and limits act as the kernel patch's, refusals happen before anything is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -664,3 +665,64 @@ def test_stopped_target_stays_stopped(demo: subprocess.Popen[bytes], tmp_path: P
         assert state(demo.pid) == "T"
     finally:
         os.kill(demo.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def process_tree() -> Iterator[tuple[int, list[int]]]:
+    """A shell with two sleeping children: (shell pid, children pids)."""
+    shell = subprocess.Popen(
+        ["bash", "-c", "sleep 300 & sleep 301 & wait"], stdin=subprocess.DEVNULL
+    )
+    try:
+        children: list[int] = []
+        for _ in range(200):
+            path = Path(f"/proc/{shell.pid}/task/{shell.pid}/children")
+            children = [int(c) for c in path.read_text().split()]
+            if len(children) == 2:
+                break
+            time.sleep(0.01)
+        assert len(children) == 2
+        yield shell.pid, children
+    finally:
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGKILL)
+        shell.kill()
+        shell.wait()
+
+
+def test_tree_writes_a_core_per_process(
+    process_tree: tuple[int, list[int]], tmp_path: Path
+) -> None:
+    shell, children = process_tree
+    out = tmp_path / "core"
+    data = report(cli("dump", str(shell), "--tree", "-o", str(out), "--core-limit", "unlimited",
+                      "--json"))  # fmt: skip
+    assert data["method"] == "criu"
+    got = {c["pid"]: c["core_path"] for c in data["children"]}  # type: ignore[union-attr]
+    assert got == {c: f"{out}.{c}" for c in children}
+    for c in children:
+        info = subprocess.run(
+            ["gdb", "-batch", "-nx", "-ex", "info proc", "--core", f"{out}.{c}"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert "sleep 30" in info.stdout
+    assert state(shell) in ("S", "R") and all(state(c) in ("S", "R") for c in children)
+
+
+def test_without_tree_only_the_target(process_tree: tuple[int, list[int]], tmp_path: Path) -> None:
+    shell, _ = process_tree
+    out = tmp_path / "core"
+    data = report(cli("dump", str(shell), "-o", str(out), "--core-limit", "unlimited", "--json"))
+    assert data["children"] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["core"]
+
+
+def test_tree_refuses_clone_and_stdout(process_tree: tuple[int, list[int]], tmp_path: Path) -> None:
+    shell, _ = process_tree
+    proc = cli("dump", str(shell), "--tree", "--method", "clone", "-o", str(tmp_path / "c"))
+    assert proc.returncode == ExitStatus.BLOCKED
+    assert "--tree needs the whole process tree" in proc.stderr.decode()
+    proc = cli("dump", str(shell), "--tree", "-o", "-", "--core-limit", "unlimited")
+    assert proc.returncode == ExitStatus.USAGE
+    assert proc.stderr.decode().startswith("error: --tree writes one core per process")
