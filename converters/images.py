@@ -408,14 +408,23 @@ def _load_page_index(
         vaddr = int(e.vaddr)
         if vaddr % PAGE_SIZE:
             raise ImageFormatError(str(path), f"entry {i} address {vaddr:#x} not page aligned")
-        if nr <= 0 or vaddr + nr * PAGE_SIZE > 1 << 64:
+        # the end must fit the u64 index arrays: a run reaching 2^64 is past any address space
+        if nr <= 0:
             raise ImageFormatError(str(path), f"entry {i} has an absurd size of {nr} pages")
+        if vaddr + nr * PAGE_SIZE >= 1 << 64:
+            raise ImageFormatError(
+                str(path), f"entry {i} ({nr} pages at {vaddr:#x}) runs past the address space"
+            )
         if flags & PE_PARENT:
             needs_parent = True
             off = -1
         elif flags & PE_PRESENT:
             off = offset
             offset += nr * PAGE_SIZE
+            if offset >= 1 << 63:  # no pages file is this long (and offsets are signed)
+                raise ImageFormatError(
+                    str(path), f"entry {i} puts pages past the end of {pages_file.name}"
+                )
         else:
             continue  # lazy pages not in this image set: they read as holes
         raw_starts.append(vaddr)
