@@ -108,11 +108,15 @@ def read_sidecar(images_dir: Path) -> Sidecar:
             raise ImageFormatError(str(path), f"{key} is not an integer")
         return value
 
+    signal = opt_int("signal")
+    # si_signo is an int in the notes; a real signal number is 1.._NSIG (64) on Linux
+    if signal is not None and not 0 <= signal <= 64:
+        raise ImageFormatError(str(path), f"signal {signal} out of range")
     boot_id = data.get("boot_id")
     return Sidecar(
         coredump_filter=opt_int("coredump_filter"),
         core_limit=opt_int("core_limit"),
-        signal=opt_int("signal"),
+        signal=signal,
         boot_id=boot_id if isinstance(boot_id, str) else None,
         extra={
             k: v
