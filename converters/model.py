@@ -564,7 +564,13 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
             options.coredump_filter, sidecar.coredump_filter, DEFAULT_COREDUMP_FILTER
         )
         signal = _first(options.signal, sidecar.signal, 0)
-        ppid = _first(_int(sidecar.extra.get("ppid")) if proc.ppid == 0 else None, proc.ppid, 0)
+        recorded_ppid = _int(sidecar.extra.get("ppid")) if proc.ppid == 0 else None
+        if recorded_ppid is not None and not 0 <= recorded_ppid <= 0x7FFFFFFF:
+            # pid_t in NT_PRSTATUS/NT_PRPSINFO: struct.pack would fail on it later
+            raise ImageFormatError(
+                str(images.directory / "livedump.json"), f"ppid {recorded_ppid} out of range"
+            )
+        ppid = _first(recorded_ppid, proc.ppid, 0)
         layout = _layout(sidecar)
         p.sysv_keys = _sysv_keys(sidecar)
         p.no_saved_pages = _no_saved_pages(sidecar, p.vmas)
