@@ -66,6 +66,8 @@ NR_RESTART_SYSCALL = 219
 _RESTARTNOHAND = {34, 130, 7, 23, 270, 271}
 SYSCALL_INSN = b"\x0f\x05"
 PF_DUMPCORE = 0x200
+#: more segment bytes than this cannot come from a real process (see build())
+MAX_CORE_BYTES = 1 << 60
 PF_SIGNALED = 0x400
 
 
@@ -576,6 +578,14 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         p.no_saved_pages = _no_saved_pages(sidecar, p.vmas)
         p.vmas = split_vvar(p)
         segments = [_segment(p, vma, vma_dump_size(p, vma, mm_filter)) for vma in p.vmas]
+        total = sum(s.filesz for s in segments)
+        if total > MAX_CORE_BYTES:
+            # no address space holds this much (x86_64 user space is at most 2^57 bytes); the
+            # offsets would overflow lseek() and the u64 p_offset fields
+            raise ImageFormatError(
+                str(images.directory / f"mm-{pid}.img"),
+                f"VMAs to dump total {total} bytes, more than any address space",
+            )
         times = sidecar.extra.get("times")
         notes = build_notes(
             p, threads, mm, signal, ppid, layout, times if isinstance(times, dict) else {}
