@@ -78,6 +78,8 @@ class FileRoot:
     def _open_uncached(self, name: str) -> OpenedFile | str:
         if not name.startswith("/"):
             return "not an absolute path"
+        if "\0" in name:  # no kernel path holds one; os.stat() would raise ValueError
+            return "name holds a NUL byte"
         candidate = os.path.realpath(os.path.join(self.root, name.lstrip("/")))
         if candidate != str(self.root) and not candidate.startswith(
             str(self.root).rstrip("/") + "/"
