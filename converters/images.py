@@ -260,7 +260,8 @@ class ImageSet:
         processes = []
         seen: set[int] = set()
         for e in pstree:
-            threads = tuple(int(t) for t in e.threads) or (int(e.pid),)
+            # tuple() and max() run in C: a crafted pstree entry may list 10^6 threads
+            threads = tuple(e.threads) or (int(e.pid),)
             if e.pid in seen:
                 raise ImageFormatError(str(directory / "pstree.img"), f"pid {e.pid} twice")
             # pid_t is an int: the notes pack these as signed 32-bit (struct elf_prstatus)
@@ -269,8 +270,7 @@ class ImageSet:
                     raise ImageFormatError(
                         str(directory / "pstree.img"), f"{what} {v} out of range"
                     )
-            if any(t > _PID_MAX for t in threads):
-                bad = next(t for t in threads if t > _PID_MAX)
+            if (bad := max(threads)) > _PID_MAX:
                 raise ImageFormatError(
                     str(directory / "pstree.img"), f"thread id {bad} out of range"
                 )
