@@ -172,6 +172,8 @@ class CloneSnapshot:
     _held: bool = field(default=True, repr=False)
     _syscall_ip: int = field(default=0, repr=False)
     _dead: bool = field(default=False, repr=False)
+    #: (pid, write end of its pipe) of the watchdog that kills the clone should we die
+    _watchdog: tuple[int, int] = field(default=(0, -1), repr=False)
 
     def release_for_criu(self) -> None:
         """Detach from the clone, leaving it asleep in ``pause()`` for ``criu dump -t CLONE``.
@@ -226,6 +228,19 @@ class CloneSnapshot:
             if self._pidfd >= 0:
                 os.close(self._pidfd)
                 self._pidfd = -1
+            self._dismiss_watchdog()
+
+    def _dismiss_watchdog(self) -> None:
+        """Tell the watchdog the clone is dealt with (one byte, then EOF) and reap it."""
+        wpid, wfd = self._watchdog
+        self._watchdog = (0, -1)
+        if wfd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(wfd, b"x")
+            os.close(wfd)
+        if wpid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(wpid, 0)
 
     def __enter__(self) -> CloneSnapshot:
         return self
@@ -257,6 +272,7 @@ def clone_snapshot(
     clone_pid = 0
     pidfd = -1
     syscall_ip = 0
+    watchdog = (0, -1)
     try:
         _seize_all(pid, seized, timeout)
         for tid in seized:
@@ -282,6 +298,7 @@ def clone_snapshot(
                 ptrace.detach(tid)
         seized.clear()
         freeze = time.monotonic() - start
+        watchdog = _start_watchdog(pid, clone_pid, pidfd, injector, syscall_ip)
         _hook("detached")
     except BaseException as e:
         # Step 7: whatever failed, the target runs on and the clone dies with us.
@@ -294,7 +311,9 @@ def clone_snapshot(
             with contextlib.suppress(PtraceError):
                 ptrace.detach(tid)
         if clone_pid:
-            snap_fail = CloneSnapshot(pid, clone_pid, (), 0.0, 0, 0, _pidfd=pidfd)
+            snap_fail = CloneSnapshot(
+                pid, clone_pid, (), 0.0, 0, 0, _pidfd=pidfd, _watchdog=watchdog
+            )
             snap_fail.injector_tid = injector
             snap_fail._syscall_ip = syscall_ip
             snap_fail.kill()
@@ -314,6 +333,7 @@ def clone_snapshot(
         injector_tid=injector,
         _pidfd=pidfd,
         _syscall_ip=syscall_ip,
+        _watchdog=watchdog,
     )
     try:
         snap.side_mappings = _prepare_clone(snap, side_dir)
@@ -804,6 +824,65 @@ def _reap_in_target(pid: int, clone_pid: int, tid: int, syscall_ip: int) -> None
     finally:
         with contextlib.suppress(PtraceError):
             ptrace.detach(tid)
+
+
+# --- the watchdog -------------------------------------------------------------------------------
+
+
+def _start_watchdog(
+    pid: int, clone_pid: int, pidfd: int, tid: int, syscall_ip: int
+) -> tuple[int, int]:
+    """Fork a watchdog that kills and reaps the clone if this process dies without doing it.
+
+    Once released for CRIU the clone is no longer traced by us, so PTRACE_O_EXITKILL no longer
+    ties it to our life: were we SIGKILLed then, it would sleep in ``pause()`` for ever as the
+    target's child. The watchdog holds the read end of a pipe whose only write end is ours
+    (non-inheritable, so CRIU never holds it; the conversion child is forked only after
+    :meth:`CloneSnapshot.kill`): EOF without the byte :meth:`CloneSnapshot.kill` sends means we
+    died. It then kills the clone through its pidfd (no pid reuse) and reaps it in the target.
+    It runs in its own session, so a signal to our process group (Ctrl-C, ``kill -- -PGID``)
+    leaves it to clean up after us.
+
+    :returns: (watchdog pid, write end of its pipe).
+    """
+    rfd, wfd = os.pipe()
+    try:
+        child = os.fork()
+    except OSError:
+        os.close(rfd)
+        os.close(wfd)
+        raise
+    if child == 0:  # pragma: no cover - runs in the forked watchdog
+        try:
+            os.close(wfd)
+            _watchdog(rfd, pid, clone_pid, pidfd, tid, syscall_ip)
+        finally:
+            os._exit(0)
+    os.close(rfd)
+    return child, wfd
+
+
+def _watchdog(  # pragma: no cover - forked child
+    rfd: int, pid: int, clone_pid: int, pidfd: int, tid: int, syscall_ip: int
+) -> None:
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTSTP):
+        signal.signal(sig, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    keep = {0, 1, 2, rfd, pidfd}
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+    if os.read(rfd, 1):
+        return  # the tool dealt with the clone
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(PtraceError, OSError, LivedumpError):
+        _wait_zombie(clone_pid, timeout=5.0)
+        _reap_in_target(pid, clone_pid, tid, syscall_ip)
 
 
 def _hook(step: str) -> None:
