@@ -437,6 +437,8 @@ def _run_round(argv: list[str], images: Path, job: DumpJob) -> None:
         hint = None
         if "Can't get rlimit" in tail or "Operation not permitted" in tail:
             hint = "CRIU lacked a privilege; see `criu-livedump check`"
+        elif "No space left on device" in tail:
+            hint = f"{job.scratch.parent} is full; choose another --scratch DIR"
         raise CriuError(argv, proc.returncode, tail, log_path=str(log_path), hint=hint)
 
 
@@ -469,7 +471,11 @@ def _log_tail(path: Path, n: int = 15) -> str:
             data = f.read().decode(errors="replace")
     except OSError:
         return ""
-    return "\n".join(data.splitlines()[-n:])
+    lines = data.splitlines()
+    if lines and not data.endswith("\n"):
+        # CRIU could not finish this line (its log shares the full scratch filesystem)
+        lines.pop()
+    return "\n".join(lines[-n:])
 
 
 def _proc_state(pid: int) -> str | None:

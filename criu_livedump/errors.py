@@ -76,11 +76,16 @@ class CriuError(LivedumpError):
 
 
 def _last_error_line(log_tail: str) -> str:
-    """The most telling line of a CRIU log: the last ``Error`` line, else the last line."""
+    """The most telling line of a CRIU log: the last ``Error`` line, else the last line.
+
+    CRIU's closing summary (``Dumping FAILED.``, from criu/cr-dump.c) says nothing about the
+    cause; an ``Error`` line before it (``No space left on device``) is preferred.
+    """
     lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if "Error" in line:
-            return line
+    errors = [ln for ln in lines if "Error" in ln]
+    specific = [ln for ln in errors if not ln.endswith("FAILED.")]
+    if specific or errors:
+        return (specific or errors)[-1]
     return lines[-1] if lines else ""
 
 
