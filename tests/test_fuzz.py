@@ -1,18 +1,23 @@
 """Fuzzing the image reader and converter (issue 7, "Hostile input").
 
-Mutated image sets (flipped bytes, truncations, absurd counts and sizes, overlapping pagemap
-entries, parent loops, hostile file names) must each end in success or one ConversionError:
-never another exception, never a hang, never an allocation proportional to a claimed size.
+Two fuzzers, both requiring every case to end in success or one ConversionError (one line,
+naming a file), never another exception, a hang, or an allocation proportional to a claimed
+size:
 
-``make test`` runs a few hundred cases per test; ``make fuzz`` (``--fuzz-full``, or
-``FUZZ_FULL=1``) runs the full count; ``FUZZ_EXAMPLES=N`` sets it explicitly. Each test prints
-its figures (cases, outcomes, slowest case, peak RSS growth) for docs/RELIABILITY.md.
+- the fast mutation fuzzer (tests/fuzz/driver.py): ``make test`` runs a few thousand cases
+  with a fixed seed, ``make fuzz`` (``--fuzz-full``) 120,000; ``FUZZ_CASES=N`` sets the count.
+  It runs in two worker processes under RLIMIT_AS, one second per case;
+- hypothesis (structure-aware edits through pycriu's dict form): a few dozen examples per test
+  in ``make test``, 2,000 under ``--fuzz-full``; ``FUZZ_EXAMPLES=N`` sets the count.
+
+Every defect found is replayed from tests/fuzz/regressions/ (see make_regressions.py).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -28,11 +33,13 @@ from typing import Any
 import images
 import pycriu.images as pyimages
 import pytest
+from fuzz import driver
+from fuzz import seeds as seedlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from converters import ConvertOptions, convert
-from converters.errors import ConversionError
+from converters.errors import ConversionError, MissingImageError
 
 PAGE = images.PAGE
 U64 = (1 << 64) - 1
@@ -40,7 +47,9 @@ U64 = (1 << 64) - 1
 HANG_SECONDS = 10
 #: growth of peak RSS allowed for one case (the inputs are a few MiB at most)
 RSS_BUDGET = 256 << 20
-REDUCED, FULL = 150, 20_000
+REDUCED, FULL = 30, 2_000
+DRIVER_REDUCED, DRIVER_FULL = 3_000, 120_000
+REGRESSIONS = Path(__file__).resolve().parent / "fuzz" / "regressions"
 
 
 def _examples(fuzz_full: bool) -> int:
@@ -52,90 +61,82 @@ def _examples(fuzz_full: bool) -> int:
 # --- the corpus -----------------------------------------------------------------------------------
 
 
-def rich_set(directory: Path, root: Path) -> Path:
-    """Two processes, threads, anonymous, file-backed and memfd mappings, a vDSO-like VMA."""
-    (root / "lib").mkdir(parents=True, exist_ok=True)
-    (root / "lib" / "libx.so").write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
-    base = 0x1000_0000
-    p1 = images.Proc(
-        100,
-        threads=[100, 101, 102],
-        regs={101: {"orig_ax": 0, "ax": 0, "ip": 0x1000_0000}},
-        vmas=[
-            images.vma(base, base + 8 * PAGE),
-            images.file_vma(base + 16 * PAGE, base + 19 * PAGE, file_id=3),
-            images.memfd_vma(base + 32 * PAGE, base + 36 * PAGE, file_id=4),
-            images.vma(
-                base + 40 * PAGE,
-                base + 42 * PAGE,
-                prot=images.PROT_R | images.PROT_X,
-                status=images.VMA_AREA_REGULAR | images.VMA_AREA_VDSO,
-            ),
-        ],
-        pages=[
-            (base + PAGE, images.pattern(base + PAGE, 3)),
-            (base + 17 * PAGE, images.pattern(base + 17 * PAGE)),
-            (base + 40 * PAGE, images.pattern(base + 40 * PAGE, 2)),
-        ],
-        parent_runs=[],
-    )
-    p2 = images.Proc(
-        200,
-        ppid=100,
-        vmas=[images.vma(base, base + 2 * PAGE)],
-        pages=[(base, images.pattern(base))],
-        lazy_runs=[(base + PAGE, 1)],
-    )
-    return images.build(
-        directory,
-        [p1, p2],
-        files=[
-            images.reg_file(3, "/lib/libx.so", 4 + 256 * 40, 0o100755),
-            images.memfd_file(4, 9),
-        ],
-        memfds=[images.memfd_inode(9, "shm", 4 * PAGE, 77)],
-        shmem={77: [(0, images.pattern(0, 1, tag=5)), (2 * PAGE, images.pattern(2 * PAGE))]},
-        sidecar={"coredump_filter": 0x3F},
-    )
+@pytest.fixture(scope="module")
+def fuzz_seeds() -> list[seedlib.Seed]:
+    """Synthetic seeds, and a real CRIU dump of a tiny C program when this host can make one."""
+    return seedlib.make_seeds()
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Base image sets to mutate: synthetic ones, and a real CRIU dump when this host can."""
+def corpus(fuzz_seeds: list[seedlib.Seed], tmp_path_factory: pytest.TempPathFactory) -> dict[
+    str, tuple[Path, Path]
+]:  # fmt: skip
+    """The seeds on disk for hypothesis: ``{name: (images dir, files root)}``."""
     top = tmp_path_factory.mktemp("corpus")
-    root = top / "root"
-    sets = {
-        "rich": rich_set(top / "rich", root),
-        "simple": images.simple(top / "simple"),
-    }
-    real = _real_dump(top / "real")
-    if real is not None:
-        sets["real"] = real
-    return sets
+    out = {}
+    for seed in fuzz_seeds:
+        img = driver.write_case(seed, top / seed.name)
+        out[seed.name] = (img, driver.files_root(seed, top / seed.name))
+    return out
 
 
-def _real_dump(directory: Path) -> Path | None:
-    """A CRIU dump of a small `sleep` (empty environment), or None without root and CRIU."""
-    import subprocess
+# --- the fast mutation fuzzer ---------------------------------------------------------------------
 
-    criu = Path("/usr/local/sbin/criu")
-    if os.geteuid() != 0 or not criu.exists() or shutil.which("sleep") is None:
-        return None
-    directory.mkdir()
-    proc = subprocess.Popen(["sleep", "1000"], env={}, stdin=subprocess.DEVNULL)
-    try:
-        time.sleep(0.2)  # let it reach nanosleep; not a timed assertion
-        done = subprocess.run(
-            [str(criu), "dump", "-t", str(proc.pid), "-D", str(directory), "--leave-running",
-             "--tcp-close", "--skip-in-flight", "--shell-job", "--file-locks",
-             "--network-lock", "skip"],
-            capture_output=True,
-            check=False,
-        )  # fmt: skip
-    finally:
-        proc.kill()
-        proc.wait()
-    return directory if done.returncode == 0 else None
+
+def test_fuzz_driver(
+    fuzz_seeds: list[seedlib.Seed], fuzz_full: bool, tmp_path: Path, capsys: Any
+) -> None:
+    """Thousands of mutated image sets: no crash, no hang, no MemoryError under 1 GiB."""
+    full = fuzz_full or os.environ.get("FUZZ_FULL") == "1"
+    cases = int(os.environ.get("FUZZ_CASES", DRIVER_FULL if full else DRIVER_REDUCED))
+    crashes = driver.CRASHES_DIR if full else tmp_path / "crashes"
+    totals = driver.run(cases, seed=1 if full else 0, workers=2, timeout=1.0, mem_mib=1024,
+                        crashes=crashes, seeds=fuzz_seeds)  # fmt: skip
+    with capsys.disabled():
+        print("\n" + totals.report())
+    assert totals.cases == cases
+    bad = {k: totals.outcomes[k] for k in ("crash", "hang", "memory") if totals.outcomes[k]}
+    assert not bad, f"{bad}; cases saved in {crashes}\n{totals.report()}"
+    # the mutations must reach the converter, not only its first sanity check
+    assert totals.outcomes["ok"] > cases // 10 and totals.outcomes["error"] > cases // 10
+
+
+def _regressions() -> list[str]:
+    return sorted(p.name for p in REGRESSIONS.iterdir() if (p / "expected.json").exists())
+
+
+@pytest.mark.parametrize("name", _regressions())
+def test_fuzz_regression(name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every defect the fuzzers found stays fixed (tests/fuzz/regressions/NAME)."""
+    case = REGRESSIONS / name
+    expected = json.loads((case / "expected.json").read_text())
+    root = case / "root" if (case / "root").is_dir() else tmp_path
+    out = tmp_path / "out"
+    out.mkdir()
+    with caplog.at_level(logging.WARNING):
+        if expected["outcome"] == "error":
+            with pytest.raises(ConversionError) as exc:
+                convert(case / "img", out, ConvertOptions(files_root=root))
+            msg = str(exc.value)
+            assert expected["message"] in msg and "\n" not in msg, msg
+            assert list(out.iterdir()) == []
+        else:
+            results = convert(case / "img", out, ConvertOptions(files_root=root))
+            warnings = [w for r in results for w in r.warnings]
+            assert any(expected["warning"] in w for w in warnings), warnings
+
+
+def test_fuzz_million_threads(tmp_path: Path) -> None:
+    """A crafted pstree entry listing 10^6 threads ends at the first missing core image
+    (built here: 3 MB of varints is no fixture to commit)."""
+    img = images.simple(tmp_path / "img")
+    _write_pstree_threads(img / "pstree.img", [{"pid": 100, "ppid": 1, "pgid": 100, "sid": 100}],
+                          1_000_000)  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(MissingImageError, match=r"core-101\.img: missing image"):
+        convert(img, out, ConvertOptions(files_root=tmp_path))
+    assert list(out.iterdir()) == []
 
 
 # --- running one case -----------------------------------------------------------------------------
@@ -277,14 +278,13 @@ _SETTINGS = {
 
 @pytest.mark.parametrize("base", ["rich", "simple", "real"])
 def test_fuzz_bytes(
-    corpus: dict[str, Path], tmp_path: Path, fuzz_full: bool, base: str, capsys: Any
+    corpus: dict[str, tuple[Path, Path]], tmp_path: Path, fuzz_full: bool, base: str, capsys: Any
 ) -> None:
     if base not in corpus:
-        pytest.skip("no real CRIU dump on this host (needs root and CRIU)")
-    src = corpus[base]
+        pytest.skip("no real CRIU dump on this host (needs root, gcc and CRIU)")
+    src, root = corpus[base]
     names = _files(src)
     stats = Stats(f"bytes/{base}")
-    root = src.parent / "root"
 
     @settings(max_examples=_examples(fuzz_full), **_SETTINGS)
     @given(st.lists(byte_mutation(names), min_size=1, max_size=4))
@@ -530,12 +530,11 @@ EDITS: dict[str, Edit] = {
 
 @pytest.mark.parametrize("base", ["rich", "real"])
 def test_fuzz_structure(
-    corpus: dict[str, Path], tmp_path: Path, fuzz_full: bool, base: str, capsys: Any
+    corpus: dict[str, tuple[Path, Path]], tmp_path: Path, fuzz_full: bool, base: str, capsys: Any
 ) -> None:
     if base not in corpus:
-        pytest.skip("no real CRIU dump on this host (needs root and CRIU)")
-    src = corpus[base]
-    root = src.parent / "root"
+        pytest.skip("no real CRIU dump on this host (needs root, gcc and CRIU)")
+    src, root = corpus[base]
     stats = Stats(f"structure/{base}")
 
     @settings(max_examples=_examples(fuzz_full), **_SETTINGS)
