@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,14 @@ def create(parent: Path, *, uid: int | None = None, gid: int | None = None) -> P
     :param uid: hand the directory to this owner (CRIU may run as the target's uid).
     :raises ScratchError: *parent* is missing, not a directory, or not writable.
     """
-    if not parent.is_dir():
+    try:
+        # Path.is_dir() raises on EACCES (an unreachable --scratch): ask stat() ourselves
+        is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+    except FileNotFoundError:
+        is_dir = False
+    except OSError as e:
+        raise ScratchError(str(parent), f"cannot use it: {e.strerror}") from e
+    if not is_dir:
         raise ScratchError(str(parent), "not a directory", hint="pass an existing --scratch DIR")
     try:
         path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))  # mode 0700 by mkdtemp
