@@ -533,3 +533,183 @@ def test_heartbeat_freeze_reported(
     assert_running(heartbeat)
     assert heartbeat.checksum() == checksum
     assert os.listdir(scratch) == []
+
+
+# --- who may dump what --------------------------------------------------------------------------
+
+
+def test_symlink_planted_during_the_dump_is_not_followed(
+    heartbeat: Heartbeat, tmp_path: Path, dirs: tuple[Path, Path]
+) -> None:
+    """The destination is checked before CRIU runs; a symlink planted there *while* CRIU runs
+    (after that check) must still not be followed: the core is created O_EXCL|O_NOFOLLOW."""
+    scratch, out = dirs
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    planter = tmp_path / "criu-planter"
+    planter.write_text(f'#!/bin/sh\nln -s {victim} {out / "core"}\nexec {REAL_CRIU} "$@"\n')
+    planter.chmod(0o755)
+    for method in ("criu", "clone"):
+        (out / "core").unlink(missing_ok=True)
+        proc = run_tool(
+            heartbeat.pid,
+            "--method",
+            method,
+            "-o",
+            str(out / "core"),
+            "--scratch",
+            str(scratch),
+            "--criu",
+            str(planter),
+        )
+        assert_one_error(proc)
+        assert victim.read_text() == "keep me"
+        assert (out / "core").is_symlink()
+        assert os.listdir(out) == ["core"]  # no temporary file left beside it
+        assert os.listdir(scratch) == []
+    assert_running(heartbeat)
+
+
+def test_scratch_is_private_and_unguessable(tmp_path: Path) -> None:
+    from criu_livedump import scratch
+
+    made = {scratch.create(tmp_path) for _ in range(20)}
+    assert len(made) == 20
+    for path in made:
+        assert (path.stat().st_mode & 0o777) == 0o700
+        suffix = path.name.removeprefix(scratch.PREFIX)
+        assert len(suffix) >= 8 and suffix not in {str(os.getpid()), str(int(time.time()))}
+        scratch.remove(path)
+    assert os.listdir(tmp_path) == []
+
+
+UNPRIV_USER = "cld-faults"
+#: The venv's interpreter lives under /root, which other users cannot enter; the system python
+#: (same 3.11 ABI) runs the source tree and the venv's site-packages, both world-readable.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[tuple[int, int, Path]]:
+    """(uid, gid, a directory it can reach) of a system user created for the test; the user and
+    the directory are deleted afterwards (pytest's tmp_path sits below a 0700 directory)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    site = next((Path(sys.prefix) / "lib").glob("python3*/site-packages"))
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import click, google.protobuf, elftools"],
+        env={"PYTHONPATH": str(site)},
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"{SYSTEM_PYTHON} cannot import the venv's packages")
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", UNPRIV_USER],
+        check=True,
+        capture_output=True,
+    )
+    base = Path(tempfile.mkdtemp(prefix="cld-faults."))
+    try:
+        entry = pwd.getpwnam(UNPRIV_USER)
+        base.chmod(0o755)
+        for sub in ("out", "scratch"):
+            (base / sub).mkdir()
+            (base / sub).chmod(0o777)
+        yield entry.pw_uid, entry.pw_gid, base
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", UNPRIV_USER], check=False)
+        subprocess.run(["userdel", UNPRIV_USER], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _as_user(uid: int, gid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+
+
+def _tool_as_user(uid: int, gid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    site = next((Path(sys.prefix) / "lib").glob("python3*/site-packages"))
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [
+            *_as_user(uid, gid),
+            SYSTEM_PYTHON,
+            "-c",
+            "from criu_livedump.cli import main; main()",
+            "dump",
+            *args,
+            *UNLIMITED,
+        ],
+        env={"PYTHONPATH": f"{root}:{site}", "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("method", ["criu", "clone"])
+def test_unprivileged_user_refused_on_roots_process(
+    heartbeat: Heartbeat, unprivileged: tuple[int, int, Path], method: str
+) -> None:
+    """A user without capabilities may not dump another uid's process: refused by the kernel's
+    ptrace rules before anything is frozen (nothing in the scratch, no core)."""
+    uid, gid, base = unprivileged
+    out, scratch = base / "out", base / "scratch"
+    proc = _tool_as_user(
+        uid,
+        gid,
+        str(heartbeat.pid),
+        "--method",
+        method,
+        "-o",
+        str(out / "core"),
+        "--scratch",
+        str(scratch),
+    )
+    error = assert_one_error(proc)
+    assert proc.returncode == 4, proc.stderr
+    assert "needs its uid or CAP_SYS_PTRACE" in error
+    assert os.listdir(out) == [] and os.listdir(scratch) == []
+    assert_running(heartbeat)
+
+
+@pytest.mark.parametrize("method", ["criu", "clone"])
+def test_unprivileged_user_on_own_process(
+    programs: dict[str, Path], unprivileged: tuple[int, int, Path], method: str
+) -> None:
+    """Its own process passes the ptrace rules, but CRIU needs capabilities the user lacks: one
+    error line, the target runs on, no clone or core left behind."""
+    uid, gid, base = unprivileged
+    out, scratch = base / "out", base / "scratch"
+    proc = subprocess.Popen(
+        [*_as_user(uid, gid), str(programs["heartbeat"])],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    hb = Heartbeat(proc)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        result = _tool_as_user(
+            uid,
+            gid,
+            str(hb.pid),
+            "--method",
+            method,
+            "-o",
+            str(out / "core"),
+            "--scratch",
+            str(scratch),
+        )
+        error = assert_one_error(result)
+        assert result.returncode == 3, result.stderr
+        assert "capability" in error
+        assert _wait_no_children(hb.pid) == {}
+        assert_running(hb)
+        assert os.listdir(out) == [] and os.listdir(scratch) == []
+    finally:
+        hb.close()
