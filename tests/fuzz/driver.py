@@ -10,8 +10,10 @@ an empty output directory under ``RLIMIT_AS`` and reports one outcome:
   file, with no temporary file left in the output directory and no descriptor leaked;
 - ``crash``: anything else (another exception, a multi-line or anonymous message, leftovers, a
   leaked descriptor, a worker that died): the case is saved with its traceback;
-- ``hang``: no answer within the time limit, twice (the case is retried once in a fresh worker
-  so that a loaded machine is not mistaken for a hang); the worker is killed;
+- ``hang``: the conversion used more than the time limit (one second) of CPU time, or ran for
+  20 s of wall-clock time, twice (the case is retried once in a fresh worker); the worker is
+  killed. CPU time, read from /proc/PID/stat, is what is measured, so that a worker waiting for
+  a core on a loaded machine is not mistaken for a hang;
 - ``memory``: MemoryError under the address-space limit.
 
 Usage::
@@ -57,6 +59,9 @@ OUTCOMES = ("ok", "error", "crash", "hang", "memory")
 CRASHES_DIR = FUZZ_DIR / "crashes"
 #: time a worker may take to build and write a case before the conversion starts
 BUILD_SECONDS = 30.0
+#: a conversion still running after this much wall-clock time is a hang whatever its CPU time
+STARVED_SECONDS = 20.0
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def case_rng(seed: int, case: int) -> random.Random:
@@ -178,8 +183,14 @@ def _worker(conn: Connection, seeds: list[Seed], seed: int, scratch: str, mem: i
     top = Path(scratch) / f"w{os.getpid()}"
     out = top / "out"
     written: dict[str, object] = {}
+    parent = os.getppid()
     try:
         while True:
+            # a worker also holds the pool's ends of its siblings' pipes (fork), so the
+            # parent's death does not always show as EOF: watch the parent pid instead
+            while not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
             job = conn.recv()
             if job is None:
                 break
@@ -191,13 +202,13 @@ def _worker(conn: Connection, seeds: list[Seed], seed: int, scratch: str, mem: i
             out.mkdir()
             _hwm_reset()
             conn.send(("go", case_no))  # the time limit runs from here
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             try:
                 outcome, detail = run_one(img, files_root(case, top / "case"), out)
             except MemoryError:
                 outcome, detail = "memory", "MemoryError outside the conversion"
-            seconds = time.perf_counter() - started
-            conn.send((case_no, outcome, detail, seconds, _hwm()))
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+            conn.send((case_no, outcome, detail, seconds, cpu, _hwm()))
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
@@ -210,7 +221,9 @@ class Totals:
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     by_seed: Counter[str] = field(default_factory=Counter)
-    slowest: tuple[float, int] = (0.0, -1)
+    #: (CPU seconds, wall seconds, case) of the case that used the most CPU time
+    slowest: tuple[float, float, int] = (0.0, 0.0, -1)
+    slowest_wall: tuple[float, int] = (0.0, -1)
     peak_rss: int = 0
     failures: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -220,13 +233,15 @@ class Totals:
         return sum(self.outcomes.values())
 
     def add(self, case_no: int, seed_name: str, outcome: str, detail: str, secs: float,
-            rss: int) -> None:  # fmt: skip
+            cpu: float, rss: int) -> None:  # fmt: skip
         self.outcomes[outcome] += 1
         self.by_seed[seed_name] += 1
         if outcome == "error":
             self.errors[detail.split(":", 1)[0]] += 1
-        if secs > self.slowest[0]:
-            self.slowest = (secs, case_no)
+        if cpu > self.slowest[0]:
+            self.slowest = (cpu, secs, case_no)
+        if secs > self.slowest_wall[0]:
+            self.slowest_wall = (secs, case_no)
         self.peak_rss = max(self.peak_rss, rss)
         if outcome in ("crash", "hang", "memory"):
             self.failures.append((case_no, outcome, detail))
@@ -238,8 +253,10 @@ class Totals:
             "  outcomes: " + ", ".join(f"{k} {self.outcomes[k]}" for k in OUTCOMES),
             "  errors: " + ", ".join(f"{k} {v}" for k, v in self.errors.most_common()),
             "  seeds: " + ", ".join(f"{k} {v}" for k, v in sorted(self.by_seed.items())),
-            f"  slowest case: #{self.slowest[1]} {self.slowest[0] * 1000:.1f} ms; "
-            f"peak RSS of a case: {self.peak_rss / (1 << 20):.0f} MiB",
+            f"  slowest case: #{self.slowest[2]} {self.slowest[0] * 1000:.1f} ms CPU "
+            f"({self.slowest[1] * 1000:.1f} ms wall); longest wall: #{self.slowest_wall[1]} "
+            f"{self.slowest_wall[0] * 1000:.1f} ms; peak RSS of a case: "
+            f"{self.peak_rss / (1 << 20):.0f} MiB (VmHWM, interpreter included)",
         ]
         for case_no, outcome, detail in self.failures[:20]:
             lines.append(f"  {outcome} #{case_no}: {detail.strip().splitlines()[-1][:200]}")
@@ -258,6 +275,7 @@ class _Slot:
         self.retry = False
         #: False while the worker builds the case (the fuzzer's time, not the converter's)
         self.converting = False
+        self.cpu_at_go = 0.0
 
     def send(self, case_no: int, retry: bool = False) -> None:
         self.job, self.sent, self.retry = case_no, time.monotonic(), retry
@@ -266,6 +284,15 @@ class _Slot:
 
     def limit(self, timeout: float) -> float:
         return timeout if self.converting else BUILD_SECONDS
+
+    def cpu(self) -> float:
+        """CPU seconds the worker has used (utime + stime from /proc/PID/stat)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, IndexError, ValueError):
+            return float("inf")
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -309,8 +336,9 @@ def run(
     def spawn() -> _Slot:
         return _Slot(ctx, seeds, seed, scratch, mem_mib << 20)
 
-    def record(case_no: int, outcome: str, detail: str, secs: float, rss: int) -> None:
-        totals.add(case_no, seeds[case_no % len(seeds)].name, outcome, detail, secs, rss)
+    def record(case_no: int, outcome: str, detail: str, secs: float, cpu: float,
+               rss: int) -> None:  # fmt: skip
+        totals.add(case_no, seeds[case_no % len(seeds)].name, outcome, detail, secs, cpu, rss)
         if outcome in ("crash", "hang", "memory") and crashes is not None:
             save_case(crashes, seeds, seed, case_no, outcome, detail)
 
@@ -336,20 +364,30 @@ def run(
                     except EOFError:  # the worker died (a signal, an abort in C code)
                         slot.proc.join(1)
                         msg = (slot.job, "crash", f"worker died (exit {slot.proc.exitcode})",
-                               0.0, 0)  # fmt: skip
+                               0.0, 0.0, 0)  # fmt: skip
                         slot.kill()
                         slots[i] = spawn()
                     if msg[0] == "go":
                         slot.sent, slot.converting = time.monotonic(), True
+                        slot.cpu_at_go = slot.cpu()
                         continue
                     record(*msg)
                     slot.job = None
                 elif time.monotonic() - slot.sent > slot.limit(timeout):
+                    # On a loaded machine a worker may wait for a CPU: the budget is CPU time,
+                    # with a wall-clock backstop of STARVED_SECONDS.
+                    if (
+                        slot.converting
+                        and slot.cpu() - slot.cpu_at_go < timeout
+                        and time.monotonic() - slot.sent < STARVED_SECONDS
+                    ):
+                        continue
                     case_no, was_retry = slot.job, slot.retry
                     slot.kill()
                     slots[i] = spawn()
                     if was_retry:
-                        record(case_no, "hang", f"no answer within {timeout} s, twice", timeout, 0)
+                        record(case_no, "hang", f"over {timeout} s of CPU time, twice", timeout,
+                               timeout, 0)  # fmt: skip
                     else:
                         retries.append(case_no)
             if progress and time.monotonic() - last_print > 10:
