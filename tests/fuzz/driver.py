@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 FUZZ_DIR = Path(__file__).resolve().parent
@@ -97,6 +98,8 @@ def write_case(case: Seed, top: Path, last: dict[str, object] | None = None) -> 
         if rel not in last:
             path = top / rel
             path.parent.mkdir(parents=True, exist_ok=True)
+            # never write through a symlink a previous case left here (it may name /etc/shadow)
+            path.unlink(missing_ok=True)
             path.write_bytes(data)
             last[rel] = data
     for rel, target in case.links.items():
@@ -106,7 +109,10 @@ def write_case(case: Seed, top: Path, last: dict[str, object] | None = None) -> 
             with contextlib.suppress(FileExistsError, FileNotFoundError):
                 if path.is_symlink() or path.exists():
                     path.unlink()
-                os.symlink(target, path)
+                if target == mutate.FIFO:
+                    os.mkfifo(path)
+                else:
+                    os.symlink(target, path)
             last[f"{rel}@"] = target
     (top / "img").mkdir(exist_ok=True)
     (top / "root").mkdir(exist_ok=True)
@@ -225,6 +231,7 @@ class Totals:
     slowest: tuple[float, float, int] = (0.0, 0.0, -1)
     slowest_wall: tuple[float, int] = (0.0, -1)
     peak_rss: int = 0
+    rss: list[int] = field(default_factory=list)
     failures: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -243,6 +250,8 @@ class Totals:
         if secs > self.slowest_wall[0]:
             self.slowest_wall = (secs, case_no)
         self.peak_rss = max(self.peak_rss, rss)
+        if rss:
+            self.rss.append(rss)
         if outcome in ("crash", "hang", "memory"):
             self.failures.append((case_no, outcome, detail))
 
@@ -255,8 +264,9 @@ class Totals:
             "  seeds: " + ", ".join(f"{k} {v}" for k, v in sorted(self.by_seed.items())),
             f"  slowest case: #{self.slowest[2]} {self.slowest[0] * 1000:.1f} ms CPU "
             f"({self.slowest[1] * 1000:.1f} ms wall); longest wall: #{self.slowest_wall[1]} "
-            f"{self.slowest_wall[0] * 1000:.1f} ms; peak RSS of a case: "
-            f"{self.peak_rss / (1 << 20):.0f} MiB (VmHWM, interpreter included)",
+            f"{self.slowest_wall[0] * 1000:.1f} ms",
+            f"  peak RSS of a case: {self.peak_rss / (1 << 20):.0f} MiB, median "
+            f"{median(self.rss or [0]) / (1 << 20):.0f} MiB (worker VmHWM, interpreter included)",
         ]
         for case_no, outcome, detail in self.failures[:20]:
             lines.append(f"  {outcome} #{case_no}: {detail.strip().splitlines()[-1][:200]}")

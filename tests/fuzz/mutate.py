@@ -36,6 +36,8 @@ HOSTILE_NAMES = [b"/etc/shadow", b"/dev/sda", b"/dev/zero", b"/dev/urandom", b"/
                  b"/tmp", b"/", b"/lib/libx.so\0trailing"]  # fmt: skip
 
 Case = Seed
+#: a "link" target that write_case() makes a FIFO instead of a symlink
+FIFO = "\0fifo"
 Mutation = Callable[[random.Random, Case], str]
 
 
@@ -473,13 +475,24 @@ def m_sidecar(rng: random.Random, case: Case) -> str:
     return f"livedump.json: {key}={value!r:.30}"
 
 
+#: what a mapped file under the files root may be replaced with: symlinks out of the root
+#: (absolute, relative, to devices and procfs), a FIFO (opening one would block forever)
+SPECIAL_FILES = ["/etc/shadow", "../../../../../../etc/passwd", "/dev/zero", "/dev/sda",
+                 "/proc/self/mem", "/proc/kcore", ".", "libx.so", FIFO]  # fmt: skip
+
+
 def m_mapped_file(rng: random.Random, case: Case) -> str:
-    """The mapped file on disk changes: shorter, empty, longer, or gone."""
+    """The mapped file on disk changes: shorter, empty, longer, gone, a symlink out of the
+    files root or to a device, or a FIFO."""
     names = [n for n in case.files if n.startswith("root/")]
     if not names:
         return m_string(rng, case)
     name = rng.choice(names)
-    op = rng.choice(["short", "empty", "long", "gone"])
+    op = rng.choice(["short", "empty", "long", "gone", "special", "special"])
+    if op == "special":
+        del case.files[name]
+        case.links[name] = rng.choice(SPECIAL_FILES)
+        return f"{name} -> {case.links[name]!r}"
     if op == "gone":
         del case.files[name]
     elif op == "long":
