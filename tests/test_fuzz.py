@@ -101,6 +101,42 @@ def test_fuzz_driver(
     assert totals.outcomes["ok"] > cases // 10 and totals.outcomes["error"] > cases // 10
 
 
+def _burn(*args: object, **kwargs: object) -> None:
+    while True:
+        pass
+
+
+def _allocate(*args: object, **kwargs: object) -> None:
+    bytearray(4 << 30)
+
+
+def _traceback(*args: object, **kwargs: object) -> None:
+    raise KeyError("not a ConversionError")
+
+
+def _two_lines(*args: object, **kwargs: object) -> None:
+    raise ConversionError("pstree.img: one line\nand another")
+
+
+@pytest.mark.parametrize(
+    ("fake", "outcome"),
+    [(_burn, "hang"), (_allocate, "memory"), (_traceback, "crash"), (_two_lines, "crash")],
+)
+def test_fuzz_driver_catches(
+    fake: Callable[..., None], outcome: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The driver itself: a converter that spins, allocates 4 GiB, raises another exception or
+    a two-line message is reported as such, and the case is saved with its traceback."""
+    monkeypatch.setattr(driver, "convert", fake)  # the fork-started workers inherit it
+    simple = [s for s in seedlib.synthetic_seeds(tmp_path / "seeds") if s.name == "simple"]
+    totals = driver.run(2, seed=0, workers=2, timeout=0.3, crashes=tmp_path / "crashes",
+                        seeds=simple)  # fmt: skip
+    assert totals.outcomes == Counter({outcome: 2})
+    saved = [p for p in (tmp_path / "crashes").iterdir() if p.is_dir()]
+    assert len(saved) == 2
+    assert all((p / "traceback.txt").read_text() for p in saved)
+
+
 def _regressions() -> list[str]:
     return sorted(p.name for p in REGRESSIONS.iterdir() if (p / "expected.json").exists())
 
