@@ -509,15 +509,21 @@ def test_core_pattern_pidfd_refused(demo: subprocess.Popen[bytes], tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def test_user() -> pwd.struct_passwd:
+def test_user() -> Iterator[pwd.struct_passwd]:
+    """A system user for the test, removed afterwards unless it existed before."""
     try:
-        return pwd.getpwnam(TEST_USER)
+        yield pwd.getpwnam(TEST_USER)
+        return
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
-        return pwd.getpwnam(TEST_USER)
+        pass
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+        check=True,
+    )
+    try:
+        yield pwd.getpwnam(TEST_USER)
+    finally:
+        subprocess.run(["userdel", TEST_USER], check=False, capture_output=True)
 
 
 def test_target_of_another_uid(test_user: pwd.struct_passwd, tmp_path: Path) -> None:
