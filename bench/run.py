@@ -66,7 +66,7 @@ QUICK_SIZES = (64, 256)
 #: CRIU's coredump tool is quadratic in the number of pages: one small process only.
 COREDUMP_TOOL_MIB = 16
 COREDUMP_TOOL_TIMEOUT = 300.0
-#: A peer whose first run takes longer than this runs once (the brief: 1 run for slow peers).
+#: gcore runs once when its first run takes longer than this (1 run for slow reference peers).
 SLOW_PEER_SECONDS = 60.0
 DUMP_TIMEOUT = 600.0
 #: Targets from the issues, checked against each run.
@@ -356,6 +356,8 @@ class Peer:
     """A way to take a core of a running process."""
 
     name = ""
+    #: a reference peer that may run once when slow (the product's peers always run in full)
+    slow = False
 
     def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
         raise NotImplementedError
@@ -363,6 +365,7 @@ class Peer:
 
 class GcorePeer(Peer):
     name = "gcore"
+    slow = True
 
     def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
         core = scratch / "gcore.core"
@@ -533,14 +536,32 @@ class Config:
 
 
 def measure_peer(
-    peer: Peer, w: Workload, scratch: Path, runs: int, keep_last: bool, say: Progress
+    peer: Peer,
+    w: Workload,
+    scratch: Path,
+    runs: int,
+    keep_images: bool,
+    deadline: float,
+    say: Progress,
 ) -> tuple[dict[str, Any], Path | None]:
-    """Run *peer* up to *runs* times on *w* (once if its first run is slow)."""
+    """Run *peer* up to *runs* times on *w*, keeping the images of the last run when asked.
+
+    A slow peer (gcore) runs once when its first run exceeds :data:`SLOW_PEER_SECONDS`; any
+    peer stops early when another run would pass *deadline* (the run's time budget). Whether a
+    run is the last is decided before it starts, so that the last one can keep its images.
+    """
     done: list[DumpRun] = []
     images = None
     for i in range(runs):
-        keep = keep_last and (i == runs - 1 or (i == 0 and runs > 1 and _slow(done)))
-        run = peer.dump(w, scratch, keep_images=keep)
+        final = i == runs - 1
+        if done:
+            slow = peer.slow and done[0].wall_s > SLOW_PEER_SECONDS
+            late = time.monotonic() + done[-1].wall_s > deadline
+            if slow or late:
+                if not keep_images:
+                    break
+                final = True  # one more run, to keep its images for the conversion
+        run = peer.dump(w, scratch, keep_images=keep_images and final)
         state = w.state()
         if state in ("T", "t"):
             raise BenchError(f"{peer.name}: left the workload stopped (state {state})")
@@ -548,10 +569,7 @@ def measure_peer(
         say(f"  {peer.name} {w.mib} MiB run {i + 1}: gap {run.gap_ms:.1f} ms, {run.wall_s:.2f} s")
         if run.images is not None:
             images = run.images
-        if i == 0 and run.wall_s > SLOW_PEER_SECONDS:
-            if keep_last and images is None:
-                # The one run did not keep its images: a second, kept run is needed anyway.
-                continue
+        if final:
             break
     result = {
         "runs": len(done),
@@ -564,10 +582,6 @@ def measure_peer(
         "core_allocated": done[-1].core_allocated,
     }
     return result, images
-
-
-def _slow(done: list[DumpRun]) -> bool:
-    return bool(done) and done[0].wall_s > SLOW_PEER_SECONDS
 
 
 def measure_conversion(images: Path, scratch: Path, runs: int, say: Progress) -> dict[str, Any]:
@@ -685,6 +699,9 @@ def machine_facts(scratch_parent: Path) -> dict[str, Any]:
 def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
     """Run every measurement of *cfg*; return the results document."""
     started = time.monotonic()
+    # Peers stop repeating runs past 80% of the budget, leaving room for the conversion, the
+    # coredump tool and the report.
+    deadline = started + 0.8 * (BUDGET_QUICK_S if cfg.quick else BUDGET_FULL_S)
     now = datetime.datetime.now(datetime.UTC)
     results: dict[str, Any] = {
         "schema": SCHEMA,
@@ -696,6 +713,7 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
             "runs": cfg.runs,
             "gcore": cfg.gcore,
             "slow_peer_s": SLOW_PEER_SECONDS,
+            "repeat_deadline_s": round(deadline - started),
         },
         "machine": machine_facts(cfg.scratch_parent),
         "peers": {},
@@ -728,7 +746,7 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
             results["peers"]["clone"] = f"not measured: {why}"
 
         for mib in cfg.sizes:
-            results["sizes"].append(measure_size(exe, mib, peers, scratch, cfg, say))
+            results["sizes"].append(measure_size(exe, mib, peers, scratch, cfg, deadline, say))
         if cfg.coredump_tool:
             say(f"CRIU coredump tool on {COREDUMP_TOOL_MIB} MiB")
             results["criu_coredump"] = measure_coredump_tool(exe, scratch, say)
@@ -741,7 +759,13 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
 
 
 def measure_size(
-    exe: Path, mib: int, peers: list[Peer], scratch: Path, cfg: Config, say: Progress
+    exe: Path,
+    mib: int,
+    peers: list[Peer],
+    scratch: Path,
+    cfg: Config,
+    deadline: float,
+    say: Progress,
 ) -> dict[str, Any]:
     """Every peer on one workload of *mib* MiB, then the conversion of the criu peer's images."""
     entry: dict[str, Any] = {"mib": mib, "freeze": {}}
@@ -764,7 +788,7 @@ def measure_size(
             for peer in peers:
                 keep = peer.name == "criu"
                 try:
-                    figures, kept = measure_peer(peer, w, size_dir, cfg.runs, keep, say)
+                    figures, kept = measure_peer(peer, w, size_dir, cfg.runs, keep, deadline, say)
                 except BenchError as e:
                     entry["freeze"][peer.name] = {"error": str(e)}
                     say(f"  {peer.name}: {e}")
@@ -984,7 +1008,9 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         "for clone the tool's own figure (seize to detach, steps 1-4 of issue 5). "
         "Each cell is the median with (min-max) over the runs; all peers ran in the same "
         "invocation on the same workload process, so compare them as ratios: the machine is "
-        "shared and absolute figures drift."
+        "shared and absolute figures drift. gcore runs once at a size where its first run "
+        "takes over a minute, and no peer starts another run past 80% of the time budget; "
+        "cells from a single run say so."
     )
     w("")
     w("## Machine")
