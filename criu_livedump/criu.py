@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -544,102 +543,25 @@ def ensure_running(pid: int, was_stopped: bool = False) -> bool:
 
 # --- stats-dump ---------------------------------------------------------------------------------
 
-#: CRIU image magics (criu/include/magic.h): service images start with IMG_SERVICE_MAGIC.
-IMG_SERVICE_MAGIC = 0x55105940
-STATS_MAGIC = 0x57093306
-_DUMP_STATS_FIELDS = {
-    1: "freezing_time",
-    2: "frozen_time",
-    3: "memdump_time",
-    4: "memwrite_time",
-    5: "pages_scanned",
-    6: "pages_skipped_parent",
-    7: "pages_written",
-}
+_DUMP_STATS_FIELDS = (
+    "freezing_time",
+    "frozen_time",
+    "memdump_time",
+    "memwrite_time",
+    "pages_scanned",
+    "pages_skipped_parent",
+    "pages_written",
+)
 
 
 def read_stats(path: Path) -> DumpStats:
-    """Read CRIU's ``stats-dump``; a missing or unreadable file gives zeros (with a warning).
+    """Read CRIU's ``stats-dump``; a missing or unreadable file gives zeros (with a warning)."""
+    from converters.errors import ConversionError
+    from converters.images import read_stats as reader
 
-    The converter's image reader is the one place that may decode images with pycriu; until it
-    exposes ``converters.images.read_stats``, :func:`_decode_stats_temporary` reads the few
-    varint fields itself.
-    """
-    reader: Callable[[Path], dict[str, int]]
-    try:
-        from converters.images import read_stats as reader
-    except ImportError:  # converter not importable yet: TEMPORARY fallback
-        reader = _read_stats_temporary
     try:
         raw = reader(path)
-        values = {k: int(raw.get(k, 0)) for k in _DUMP_STATS_FIELDS.values()}
-    except Exception as e:  # OSError, or the converter's ConversionError family
+    except ConversionError as e:
         log.warning("%s: cannot read CRIU's statistics (%s)", path, e)
         return DumpStats()
-    return DumpStats(**values)
-
-
-def _read_stats_temporary(path: Path) -> dict[str, int]:
-    return _decode_stats_temporary(path.read_bytes())
-
-
-def _decode_stats_temporary(data: bytes) -> dict[str, int]:
-    """TEMPORARY: decode stats-dump (two magics, u32 size, stats_entry protobuf) by hand.
-
-    To be replaced by ``converters.images.read_stats`` once the lead's image reader has it.
-
-    :raises ValueError: wrong magic or malformed protobuf.
-    """
-    if len(data) < 12:
-        raise ValueError("truncated")
-    m1, m2, size = struct.unpack_from("<III", data, 0)
-    if (m1, m2) != (IMG_SERVICE_MAGIC, STATS_MAGIC):
-        raise ValueError(f"wrong magic {m1:#x} {m2:#x}")
-    entry = data[12 : 12 + size]
-    dump_msg = b""
-    for num, wire, value in _pb_fields(entry):
-        if num == 1 and wire == 2 and isinstance(value, bytes):
-            dump_msg = value
-    out = dict.fromkeys(_DUMP_STATS_FIELDS.values(), 0)
-    for num, wire, value in _pb_fields(dump_msg):
-        if wire == 0 and num in _DUMP_STATS_FIELDS and isinstance(value, int):
-            out[_DUMP_STATS_FIELDS[num]] = value
-    return out
-
-
-def _pb_fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:
-    """TEMPORARY: the (field number, wire type, value) triples of a protobuf message."""
-    fields: list[tuple[int, int, int | bytes]] = []
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            fields.append((num, wire, value))
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > len(buf):
-                raise ValueError("truncated field")
-            fields.append((num, wire, buf[pos : pos + length]))
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    return fields
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, pos
+    return DumpStats(**{k: int(raw.get(k, 0)) for k in _DUMP_STATS_FIELDS})
