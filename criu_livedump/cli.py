@@ -23,6 +23,7 @@ from typing import IO, Any, NoReturn
 
 import click
 
+from converters.errors import ConversionError
 from criu_livedump import __version__
 from criu_livedump.errors import (
     BlockerError,
@@ -70,25 +71,12 @@ _STATUS_BY_ERROR: tuple[tuple[type[LivedumpError], ExitStatus], ...] = (
 )
 
 
-def _conversion_error() -> type[Exception]:
-    """converters' root error, imported lazily so that ``check`` works without the converter."""
-    try:
-        from converters.errors import ConversionError
-    except ImportError:  # pragma: no cover - converter package broken mid-development
-
-        class _NeverError(Exception):
-            pass
-
-        return _NeverError
-    return ConversionError
-
-
 def status_for(error: BaseException) -> ExitStatus:
     """The exit status for a library error (see :data:`_STATUS_BY_ERROR`)."""
     for cls, status in _STATUS_BY_ERROR:
         if isinstance(error, cls):
             return status
-    if isinstance(error, _conversion_error()):
+    if isinstance(error, ConversionError):
         return ExitStatus.CONVERSION
     return ExitStatus.FAILURE
 
@@ -125,7 +113,7 @@ class LivedumpGroup(click.Group):
             _say_error(e.message, e.hint)
             ctx.exit(status_for(e))
         except Exception as e:
-            if not isinstance(e, _conversion_error()) or traceback:
+            if not isinstance(e, ConversionError) or traceback:
                 raise
             _say_error(str(e))
             ctx.exit(ExitStatus.CONVERSION)
