@@ -495,6 +495,10 @@ def _prpsinfo(
     if th is not None and th.HasField("creds"):
         uid, gid = int(th.creds.uid), int(th.creds.gid)
     nice = int(th.sched_nice) if th is not None and th.HasField("sched_nice") else 0
+    if not -20 <= nice <= 19:  # MIN_NICE..MAX_NICE; pr_nice is a char
+        raise ImageFormatError(
+            str(p.images.directory / f"core-{main.tid}.img"), f"sched_nice {nice} out of range"
+        )
     flags = int(tc.flags) | PF_DUMPCORE | (PF_SIGNALED if signal else 0)
     return x86_64.PrPsInfo(
         pr_state=0,  # the dumping thread is running: "R"
