@@ -72,6 +72,13 @@ def nul_in_file_name(d: Path) -> None:
     )  # fmt: skip
 
 
+def sched_nice(d: Path) -> None:
+    img = images.simple(d / "img")
+    core = images.core_entry(images.Proc(100), 100, 0)
+    core["thread_core"]["sched_nice"] = 1_000_000
+    images.write_image(img / "core-100.img", "CORE", [core])
+
+
 #: name -> (builder, expected)
 CASES: dict[str, tuple[Callable[[Path], None], dict[str, str]]] = {
     "pagemap-end-at-2^64": (pagemap_end_2_64, {
@@ -94,6 +101,9 @@ CASES: dict[str, tuple[Callable[[Path], None], dict[str, str]]] = {
     "nul-in-mapped-file-name": (nul_in_file_name, {
         "outcome": "ok", "warning": "name holds a NUL byte",
         "found": "ValueError: embedded null byte (os.path.realpath)"}),
+    "sched-nice-10^6": (sched_nice, {
+        "outcome": "error", "message": "core-100.img: sched_nice 1000000 out of range",
+        "found": "struct.error: byte format requires -128 <= number <= 127 (pr_nice)"}),
 }  # fmt: skip
 
 
