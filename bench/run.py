@@ -302,6 +302,13 @@ class Workload:
             raise BenchError(f"workload {self.mib} MiB: heartbeat did not beat in the window")
         return int(words[1]) / 1000.0
 
+    def fork_ms(self) -> float:
+        """How long fork() of the workload takes (it forks itself), in ms."""
+        words = self._ask("fork").split()
+        if len(words) != 2 or words[0] != "fork":
+            raise BenchError(f"workload {self.mib} MiB: bad answer to fork: {words}")
+        return int(words[1]) / 1000.0
+
     def state(self) -> str:
         """The target's state letter from /proc (R, S, T, ...)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -683,6 +690,10 @@ def machine_facts(scratch_parent: Path) -> dict[str, Any]:
             cpu = line.split(":", 1)[1].strip()
             break
     fs = first(["stat", "-f", "-c", "%T", str(scratch_parent)])
+    thp = "unknown"
+    with suppress(OSError):
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        thp = text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip()
     return {
         "kernel": platform.release(),
         "cpu": cpu,
@@ -692,6 +703,7 @@ def machine_facts(scratch_parent: Path) -> dict[str, Any]:
         "gdb": first(["gdb", "--version"]),
         "python": platform.python_version(),
         "scratch": f"{scratch_parent} ({fs})",
+        "thp": thp,
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
     }
 
@@ -784,6 +796,9 @@ def measure_size(
     try:
         with workload(exe, mib) as w:
             entry["baseline_gap_ms"] = baseline_gap_ms(w)
+            # fork() is the floor of any copy-on-write snapshot: the kernel copies the page
+            # tables (dup_mmap()) while the target waits.
+            entry["fork_ms"] = stat([w.fork_ms() for _ in range(cfg.runs)])
             images = None
             for peer in peers:
                 keep = peer.name == "criu"
@@ -848,6 +863,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         own = median(clone.get("frozen_ms"))
         if own is not None:
             detail += f"; the tool's own freeze figure {own:.1f} ms"
+        fork = median(size.get("fork_ms"))
+        if fork is not None:
+            detail += (
+                f"; fork() of the same process alone takes {fork:.1f} ms here (the kernel "
+                "copies its page tables; transparent huge pages: "
+                f"{results.get('machine', {}).get('thp', 'unknown')}, the workload does not "
+                "madvise)"
+            )
         add(name, gap < CLONE_FREEZE_TARGET_MS, detail)
 
     name = (
@@ -1005,7 +1028,9 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         "busy threads and a heartbeat thread that sleeps 1 ms at a time and records its longest "
         "gap. The **freeze** is that longest gap in a window around each dump: what the target "
         "itself saw. For CRIU the table also gives CRIU's own `frozen_time` from `stats-dump`, "
-        "for clone the tool's own figure (seize to detach, steps 1-4 of issue 5). "
+        "for clone the tool's own figure (seize to detach, steps 1-4 of issue 5). `fork() alone` "
+        "is the workload forking itself: the kernel's page-table copy, the floor of any "
+        "copy-on-write snapshot. "
         "Each cell is the median with (min-max) over the runs; all peers ran in the same "
         "invocation on the same workload process, so compare them as ratios: the machine is "
         "shared and absolute figures drift. gcore runs once at a size where its first run "
@@ -1015,7 +1040,8 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
     w("")
     w("## Machine")
     w("")
-    for key in ("kernel", "cpu", "cores", "mem_total_gib", "criu", "gdb", "python", "scratch"):
+    keys = ("kernel", "cpu", "cores", "mem_total_gib", "thp", "criu", "gdb", "python", "scratch")
+    for key in keys:
         w(f"- {key}: {m.get(key)}")
     w(
         f"- load average at start / end: {' '.join(m['loadavg_start'])} / "
@@ -1031,12 +1057,13 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
     w("")
     w(
         "| size | no dump (noise) | gcore gap ms | criu gap ms | criu frozen_time ms "
-        "| clone gap ms | clone freeze (tool) ms | gcore / criu | gcore / clone | criu / clone |"
+        "| clone gap ms | clone freeze (tool) ms | fork() alone ms | gcore / criu "
+        "| gcore / clone | criu / clone |"
     )
-    w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in results["sizes"]:
         if "skipped" in s:
-            w(f"| {s['mib']} MiB | skipped: {s['skipped']} |||||||||")
+            w(f"| {s['mib']} MiB | skipped: {s['skipped']} ||||||||||")
             continue
         fr = s["freeze"]
 
@@ -1051,7 +1078,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         w(
             f"| {s['mib']} MiB | {_f(s.get('baseline_gap_ms'))} | {cell('gcore', 'gap_ms')} "
             f"| {cell('criu', 'gap_ms')} | {cell('criu', 'frozen_ms')} | {cell('clone', 'gap_ms')} "
-            f"| {cell('clone', 'frozen_ms')} "
+            f"| {cell('clone', 'frozen_ms')} | {_mm(s.get('fork_ms'))} "
             f"| {_x(fr.get('criu', {}).get('gcore_over_this'))} "
             f"| {_x(fr.get('clone', {}).get('gcore_over_this'))} "
             f"| {_x(fr.get('clone', {}).get('criu_over_this'))} |"

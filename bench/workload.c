@@ -13,6 +13,8 @@
  * around each dump without signals (a signal would itself interrupt the syscalls under test):
  *   "reset\n" -> longest gap := 0, answers "ok"
  *   "gap\n"   -> answers "gap <longest gap us> <beats since reset>"
+ *   "fork\n"  -> answers "fork <us>": how long fork() of this process takes, the floor of any
+ *                copy-on-write snapshot (the kernel copies the page tables in dup_mmap())
  *   EOF       -> exit (the workload never outlives the benchmark that feeds its stdin)
  * It prints "ready <pid>" once its memory is filled. PR_SET_PDEATHSIG kills it with its parent.
  */
@@ -27,6 +29,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -126,6 +129,19 @@ int main(int argc, char **argv)
 			printf("gap %llu %llu\n",
 			       (unsigned long long)(atomic_load(&longest_gap_ns) / 1000),
 			       (unsigned long long)atomic_load(&beats));
+		} else if (strcmp(line, "fork\n") == 0) {
+			uint64_t t0 = now_ns(), t1;
+			pid_t child = fork();
+
+			if (child == 0)
+				_exit(0);
+			t1 = now_ns();
+			if (child < 0) {
+				printf("error fork: %s\n", strerror(errno));
+				continue;
+			}
+			waitpid(child, NULL, 0);
+			printf("fork %llu\n", (unsigned long long)((t1 - t0) / 1000));
 		} else {
 			printf("error unknown command\n");
 		}

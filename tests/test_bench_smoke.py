@@ -71,6 +71,8 @@ def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFix
     assert size["mib"] == 8
     assert "skipped" not in size, size.get("skipped")
     assert size["baseline_gap_ms"] > 0
+    assert size["fork_ms"]["n"] == 1
+    assert size["fork_ms"]["median"] > 0
 
     freeze = size["freeze"]
     assert {"gcore", "criu"} <= set(freeze)
