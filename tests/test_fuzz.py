@@ -95,7 +95,7 @@ def test_fuzz_driver(
     with capsys.disabled():
         print("\n" + totals.report())
     assert totals.cases == cases
-    bad = {k: totals.outcomes[k] for k in ("crash", "hang", "memory") if totals.outcomes[k]}
+    bad = {k: totals.outcomes[k] for k in driver.FAILURES if totals.outcomes[k]}
     assert not bad, f"{bad}; cases saved in {crashes}\n{totals.report()}"
     # the mutations must reach the converter, not only its first sanity check
     assert totals.outcomes["ok"] > cases // 10 and totals.outcomes["error"] > cases // 10

@@ -32,6 +32,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -56,7 +57,9 @@ from seeds import Seed  # noqa: E402
 from converters import ConvertOptions, convert  # noqa: E402
 from converters.errors import ConversionError  # noqa: E402
 
-OUTCOMES = ("ok", "error", "crash", "hang", "memory")
+OUTCOMES = ("ok", "error", "crash", "hang", "memory", "fuzzer")
+#: outcomes that fail a run ("fuzzer": the fuzzer could not build the case, its own bug)
+FAILURES = ("crash", "hang", "memory", "fuzzer")
 CRASHES_DIR = FUZZ_DIR / "crashes"
 #: time a worker may take to build and write a case before the conversion starts
 BUILD_SECONDS = 30.0
@@ -201,8 +204,13 @@ def _worker(conn: Connection, seeds: list[Seed], seed: int, scratch: str, mem: i
             if job is None:
                 break
             case_no: int = job
-            case, _ = make_case(seeds, seed, case_no)
-            img = write_case(case, top / "case", written)
+            try:
+                case, _ = make_case(seeds, seed, case_no)
+                img = write_case(case, top / "case", written)
+            except Exception:  # a bug of the fuzzer's own, not of the converter
+                conn.send((case_no, "fuzzer", traceback.format_exc(), 0.0, 0.0, 0))
+                written.clear()
+                continue
             if out.exists():
                 shutil.rmtree(out)
             out.mkdir()
@@ -252,7 +260,7 @@ class Totals:
         self.peak_rss = max(self.peak_rss, rss)
         if rss:
             self.rss.append(rss)
-        if outcome in ("crash", "hang", "memory"):
+        if outcome in FAILURES:
             self.failures.append((case_no, outcome, detail))
 
     def report(self) -> str:
@@ -350,7 +358,10 @@ def run(
                rss: int) -> None:  # fmt: skip
         totals.add(case_no, seeds[case_no % len(seeds)].name, outcome, detail, secs, cpu, rss)
         if outcome in ("crash", "hang", "memory") and crashes is not None:
-            save_case(crashes, seeds, seed, case_no, outcome, detail)
+            try:
+                save_case(crashes, seeds, seed, case_no, outcome, detail)
+            except Exception as e:  # keep the run (and its figures) going
+                print(f"case {case_no}: cannot save it: {e!r}", file=sys.stderr)
 
     try:
         slots = [spawn() for _ in range(workers)]
@@ -458,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", type=int, metavar="CASE", help="print a case's mutations and exit")
     ap.add_argument("--replay", type=Path, metavar="DIR", help="convert one saved case")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: workers are stopped and the scratch directory removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.replay:
         outcome, detail = replay(args.replay)
         print(outcome, detail)
@@ -473,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         args.first, progress=True,
     )  # fmt: skip
     print(totals.report())
-    bad = sum(totals.outcomes[k] for k in ("crash", "hang", "memory"))
+    bad = sum(totals.outcomes[k] for k in FAILURES)
     return 1 if bad else 0
 
 

@@ -432,7 +432,8 @@ def m_threads(rng: random.Random, case: Case) -> str:
     op = rng.choice(["million", "million", "dup", "ids", "empty"])
     if op == "million":
         del e.threads[:]  # type: ignore[attr-defined]
-        e.threads.extend(range(e.pid, e.pid + 1_000_000))  # type: ignore[attr-defined]
+        first = min(e.pid, 0xFFFFFFFF - 1_000_000)  # type: ignore[attr-defined]
+        e.threads.extend(range(first, first + 1_000_000))  # type: ignore[attr-defined]
     elif op == "dup":
         e.threads.extend(list(e.threads) or [e.pid])  # type: ignore[attr-defined]
     elif op == "ids":
