@@ -930,7 +930,8 @@ def latest_results(results_dir: Path) -> dict[str, Any]:
     docs = [json.loads(p.read_text()) for p in results_dir.glob("*.json")]
     if not docs:
         raise BenchError(f"{results_dir}: no results")
-    return max(docs, key=lambda d: d["date"])
+    # A full run outranks any later --quick run: BENCHMARKS.md shows the full sizes.
+    return max(docs, key=lambda d: (not d["quick"], d["date"]))
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
@@ -1253,7 +1254,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     p.add_argument("--no-markdown", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
-        "--report-only", action="store_true", help="regenerate BENCHMARKS.md from the latest JSON"
+        "--report-only",
+        action="store_true",
+        help="regenerate BENCHMARKS.md from the latest full results (else the latest quick ones)",
     )
     a = p.parse_args(argv)
     if a.sizes:
