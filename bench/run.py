@@ -1051,8 +1051,9 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
     w("")
     w("Peers:")
     w("")
-    for name, what in results["peers"].items():
-        w(f"- `{name}`: {what}")
+    for name in ("gcore", "criu", "clone"):
+        if name in results["peers"]:
+            w(f"- `{name}`: {results['peers'][name]}")
     w("")
     w("## Freeze of the target")
     w("")
