@@ -943,7 +943,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     series = [
         ("gcore", "gap_ms", "gcore (heartbeat gap)", "o-", "tab:red"),
         ("criu", "gap_ms", "criu (heartbeat gap)", "s-", "tab:blue"),
@@ -974,6 +974,15 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
             color="grey",
             label="no dump (noise floor)",
         )
+    forks = [(s["mib"], s["fork_ms"]["median"]) for s in results["sizes"] if "fork_ms" in s]
+    if forks:
+        ax.plot(
+            [f[0] for f in forks],
+            [f[1] for f in forks],
+            ":",
+            color="tab:green",
+            label="fork() alone (page-table copy floor)",
+        )
     if not drawn:
         plt.close(fig)
         return None
@@ -986,7 +995,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("freeze (ms, median; bars min-max)")
     ax.set_title(f"Target freeze vs size ({results['host']}, {results['date'][:10]})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
