@@ -34,13 +34,14 @@ import images
 import pycriu.images as pyimages
 import pytest
 from fuzz import driver
-from fuzz import seeds as seedlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from converters import ConvertOptions, convert
 from converters.errors import ConversionError, MissingImageError
 
+#: the driver's own seeds module (it imports its siblings as top-level modules)
+seedlib = driver.seedlib
 PAGE = images.PAGE
 U64 = (1 << 64) - 1
 #: a case running longer than this is a hang (the budget is one second; this guards the run)
