@@ -43,21 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from criu_livedump.criu import LIVE_OPTIONS
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 MARKDOWN = REPO / "BENCHMARKS.md"
 CRIU_SRC = Path("/var/cache/criu-livedump/criu-4.2.1")
 CRIU_BIN = "/usr/local/sbin/criu"
-CRIU_DUMP_FLAGS = (
-    "--leave-running",
-    "--tcp-close",
-    "--skip-in-flight",
-    "--shell-job",
-    "--file-locks",
-    "--network-lock",
-    "skip",
-)
 SCHEMA = 1
 MIB = 1 << 20
 #: Sizes of a full run and of ``--quick``.
@@ -391,7 +384,7 @@ class GcorePeer(Peer):
 def criu_direct(pid: int, images: Path) -> Child:
     """``criu dump --leave-running`` with the flags issue 4 settled on, into *images*."""
     images.mkdir(mode=0o700)
-    argv = [CRIU_BIN, "dump", "-t", str(pid), "-D", str(images), *CRIU_DUMP_FLAGS]
+    argv = [CRIU_BIN, "dump", "-t", str(pid), "-D", str(images), *LIVE_OPTIONS]
     return run_child([*argv, "-o", "dump.log", "-v2"]).check("criu dump")
 
 

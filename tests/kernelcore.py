@@ -379,6 +379,7 @@ def criu_dump(pid: int, images_dir: str | os.PathLike[str]) -> Path:
     :raises CriuDumpError: CRIU failed (the message ends with the tail of dump.log).
     """
     from converters.options import write_sidecar
+    from criu_livedump.criu import LIVE_OPTIONS
     from criu_livedump.sidecar import dump_time_facts
 
     images = Path(images_dir)
@@ -391,13 +392,8 @@ def criu_dump(pid: int, images_dir: str | os.PathLike[str]) -> Path:
         str(pid),
         "-D",
         str(images),
-        "--leave-running",
-        "--tcp-close",
-        "--skip-in-flight",
-        "--shell-job",
-        "--file-locks",
-        "--network-lock",
-        "skip",
+        # the product's options, so both dumps see the same CRIU behaviour
+        *LIVE_OPTIONS,
         "-o",
         "dump.log",
         "-v4",
