@@ -513,10 +513,9 @@ def resume_regs(regs: UserRegs, *, signal_pending: bool = False) -> UserRegs:
     if not in_syscall(regs):
         return out
     err = -_signed(regs.rax)
-    if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
-        out.rax = regs.orig_rax
-        out.rip = regs.rip - 2
-    elif err == ERESTART_RESTARTBLOCK:
+    if _rewind_restartable(regs, out, err):
+        return out
+    if err == ERESTART_RESTARTBLOCK:
         out.rax = SYS.restart_syscall
         out.rip = regs.rip - 2
     elif err == errno.EINTR and not signal_pending:
@@ -546,12 +545,20 @@ def criu_regs(regs: UserRegs) -> UserRegs:
     if not in_syscall(regs):
         return out
     err = -_signed(regs.rax)
-    if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
-        out.rax = regs.orig_rax
-        out.rip = regs.rip - 2
-    elif err == ERESTART_RESTARTBLOCK:
+    if not _rewind_restartable(regs, out, err) and err == ERESTART_RESTARTBLOCK:
         out.rax = (-errno.EINTR) & _U64
     return out
+
+
+def _rewind_restartable(regs: UserRegs, out: UserRegs, err: int) -> bool:
+    """Set *out* to re-enter the syscall *regs* was interrupted in, for the -ERESTART* codes
+    the kernel's own signal path restarts (arch/x86/kernel/signal.c: arch_do_signal_or_restart()
+    without a handler); False for any other *err*."""
+    if err not in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+        return False
+    out.rax = regs.orig_rax
+    out.rip = regs.rip - 2
+    return True
 
 
 def _maps(pid: int) -> list[tuple[int, int, str, int, str, int, str]]:
