@@ -66,9 +66,9 @@ NR_RESTART_SYSCALL = 219
 _RESTARTNOHAND = {34, 130, 7, 23, 270, 271}
 SYSCALL_INSN = b"\x0f\x05"
 PF_DUMPCORE = 0x200
+PF_SIGNALED = 0x400
 #: more segment bytes than this cannot come from a real process (see build())
 MAX_CORE_BYTES = 1 << 60
-PF_SIGNALED = 0x400
 
 
 @dataclass
