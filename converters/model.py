@@ -24,9 +24,11 @@ from converters.images import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    VMA_ANON_PRIVATE,
     VMA_ANON_SHARED,
     VMA_AREA_AIORING,
     VMA_AREA_MEMFD,
+    VMA_AREA_REGULAR,
     VMA_AREA_SYSVIPC,
     VMA_AREA_VDSO,
     VMA_AREA_VSYSCALL,
@@ -103,6 +105,8 @@ class _Proc:
     sysv_keys: dict[int, int] = field(default_factory=dict)
     #: VMAs (by start) whose saved pages are a dumping artifact, not the process's own
     no_saved_pages: frozenset[int] = frozenset()
+    #: VMAs (by start) the images lack but the process had (MADV_DONTFORK under a clone)
+    absent: frozenset[int] = frozenset()
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -240,6 +244,8 @@ def vma_dump_size(p: _Proc, vma: Vma, mm_filter: int) -> int:
     ``vma->anon_vma`` is not in the images; a private VMA with pages in the pagemap has one
     (CRIU saves exactly the anonymous pages), which is the case that matters.
     """
+    if vma.start in p.absent:
+        return 0
     # always_dump_vma(): the gate (vsyscall) VMA and special mappings with a name (vdso, vvar)
     if vma.has(VMA_AREA_VDSO | VMA_AREA_VVAR | VMA_AREA_VSYSCALL):
         return vma.size
@@ -580,6 +586,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         layout = _layout(sidecar)
         p.sysv_keys = _sysv_keys(sidecar)
         p.no_saved_pages = _no_saved_pages(sidecar, p.vmas)
+        _fork_excluded(p, sidecar)
         p.vmas = split_vvar(p)
         segments = [_segment(p, vma, vma_dump_size(p, vma, mm_filter)) for vma in p.vmas]
         total = sum(s.filesz for s in segments)
@@ -598,6 +605,40 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         files.close()
         raise
     return CoreModel(pid, EM.X86_64, segments, notes, warnings, files)
+
+
+def _fork_excluded(p: _Proc, sidecar: Sidecar) -> None:
+    """Put back, without bytes, the MADV_DONTFORK VMAs a clone snapshot could not see, and say
+    which MADV_WIPEONFORK VMAs read as zeros (sidecar ``dontfork``/``wipeonfork``)."""
+    added: list[Vma] = []
+    for r in sidecar.extra.get("dontfork") or []:
+        if not (isinstance(r, list) and len(r) == 3 and isinstance(r[2], str)):
+            continue
+        start, end, perms = r
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end < 1 << 64):
+            continue
+        if start % PAGE_SIZE or end % PAGE_SIZE:
+            continue
+        if any(v.start < end and start < v.end for v in p.vmas + added):
+            continue
+        prot = (
+            (PROT_READ if "r" in perms else 0)
+            | (PROT_WRITE if "w" in perms else 0)
+            | (PROT_EXEC if "x" in perms else 0)
+        )
+        added.append(Vma(start, end, 0, 0, prot, 0x22, VMA_AREA_REGULAR | VMA_ANON_PRIVATE, 0))
+        p.warn(
+            f"[{start:#x}, {end:#x}) is MADV_DONTFORK: absent from the clone snapshot, written"
+            " without bytes (use --method criu for them)"
+        )
+    for r in sidecar.extra.get("wipeonfork") or []:
+        if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r):
+            p.warn(
+                f"[{r[0]:#x}, {r[1]:#x}) is MADV_WIPEONFORK: the clone snapshot sees it as zeros"
+            )
+    if added:
+        p.absent = frozenset(v.start for v in added)
+        p.vmas = sorted(p.vmas + added, key=lambda v: v.start)
 
 
 def _no_saved_pages(sidecar: Sidecar, vmas: list[Vma]) -> frozenset[int]:

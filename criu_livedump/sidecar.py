@@ -87,3 +87,32 @@ def unmodified_file_mappings(pid: int, proc: Path = _PROC) -> list[list[int]]:
         elif head and head[0] in ("Anonymous:", "Swap:"):
             anon += int(head[1])
     return ranges
+
+
+def fork_excluded_mappings(pid: int, proc: Path = _PROC) -> dict[str, list[list[Any]]]:
+    """The target's mappings a fork does not copy as they are, from smaps ``VmFlags``.
+
+    MADV_DONTFORK areas (``dc``, VM_DONTCOPY) are absent from a clone; MADV_WIPEONFORK areas
+    (``wf``) are present but empty (kernel/fork.c: dup_mmap()). The clone method records them so
+    the converter can still list the former and say which bytes it could not see.
+
+    :returns: ``{"dontfork": [[start, end, perms], ...], "wipeonfork": [[start, end], ...]}``
+    """
+    out: dict[str, list[list[Any]]] = {"dontfork": [], "wipeonfork": []}
+    try:
+        lines = (proc / str(pid) / "smaps").read_text().splitlines()
+    except OSError:
+        return out
+    current: list[Any] = []
+    for line in lines:
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            current = [lo, hi, head[1]]
+        elif head and head[0] == "VmFlags:" and current:
+            flags = set(head[1:])
+            if "dc" in flags:
+                out["dontfork"].append(current)
+            elif "wf" in flags:
+                out["wipeonfork"].append(current[:2])
+    return out
