@@ -104,6 +104,7 @@ fi
 system_criu=$(command -v criu || true)
 if [ -n "$system_criu" ] && [ "$system_criu" != "$criu_bin" ] && criu_ok "$system_criu"; then
   say "using $system_criu"
+  criu_bin=$system_criu
 elif ! cmp -s "$src/criu/criu" "$criu_bin" 2>/dev/null; then
   install -D -m 0755 "$src/criu/criu" "$criu_bin"
   say "installed $criu_bin"
