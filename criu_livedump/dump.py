@@ -22,11 +22,7 @@ from criu_livedump.check import CAP, cap_names, capabilities, has_cap
 from criu_livedump.errors import BlockerError, LivedumpError, PermissionDeniedError, RequestError
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
-from criu_livedump.sidecar import (
-    dump_time_facts,
-    fork_excluded_mappings,
-    unmodified_file_mappings,
-)
+from criu_livedump.sidecar import clone_facts, dump_time_facts
 
 log = logging.getLogger(__name__)
 
@@ -406,8 +402,7 @@ def live_dump(
             report.freezing_us = result.stats.freezing_time
         else:
             extra_facts = clone_images.rewrite_images(result.images_dir, snap)
-            extra_facts["no_saved_pages"] = unmodified_file_mappings(pid)
-            extra_facts.update(fork_excluded_mappings(pid))
+            extra_facts.update(clone_facts(pid))
             snap.kill()
 
         # 3. Facts the images lack, then the conversion at the requested priorities.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,61 +59,56 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
     return facts
 
 
-def unmodified_file_mappings(pid: int, proc: Path = _PROC) -> list[list[int]]:
-    """``[start, end]`` of every private file mapping of *pid* without anonymous pages.
+@dataclass
+class _SmapsEntry:
+    start: int
+    end: int
+    perms: str
+    inode: int
+    anon_kb: int = 0
+    vmflags: frozenset[str] = frozenset()
 
-    For the clone method: CRIU's compel briefly writes a syscall instruction into the first
-    executable VMA of the task it infects (and restores it), which leaves a copy-on-write page
-    there. In the clone that page is CRIU's doing, not the target's: the converter treats
-    these ranges as having no saved pages, as the kernel would for the target.
-    """
-    ranges: list[list[int]] = []
-    current: list[int] | None = None
-    private_file = False
-    anon = 0
+
+def _smaps(pid: int, proc: Path) -> list[_SmapsEntry]:
+    """/proc/PID/smaps, one entry per VMA (empty when the process is gone)."""
+    entries: list[_SmapsEntry] = []
     try:
         lines = (proc / str(pid) / "smaps").read_text().splitlines()
     except OSError:
-        return ranges
-    for line in [*lines, "0-0 ---- 0 00:00 0"]:
-        head = line.split()
-        if head and "-" in head[0] and ":" not in head[0]:
-            if current is not None and private_file and anon == 0:
-                ranges.append(current)
-            lo, hi = (int(x, 16) for x in head[0].split("-"))
-            current = [lo, hi]
-            perms, inode = head[1], int(head[4]) if len(head) > 4 else 0
-            private_file = perms.endswith("p") and inode != 0
-            anon = 0
-        elif head and head[0] in ("Anonymous:", "Swap:"):
-            anon += int(head[1])
-    return ranges
-
-
-def fork_excluded_mappings(pid: int, proc: Path = _PROC) -> dict[str, list[list[Any]]]:
-    """The target's mappings a fork does not copy as they are, from smaps ``VmFlags``.
-
-    MADV_DONTFORK areas (``dc``, VM_DONTCOPY) are absent from a clone; MADV_WIPEONFORK areas
-    (``wf``) are present but empty (kernel/fork.c: dup_mmap()). The clone method records them so
-    the converter can still list the former and say which bytes it could not see.
-
-    :returns: ``{"dontfork": [[start, end, perms], ...], "wipeonfork": [[start, end], ...]}``
-    """
-    out: dict[str, list[list[Any]]] = {"dontfork": [], "wipeonfork": []}
-    try:
-        lines = (proc / str(pid) / "smaps").read_text().splitlines()
-    except OSError:
-        return out
-    current: list[Any] = []
+        return entries
     for line in lines:
         head = line.split()
-        if head and "-" in head[0] and ":" not in head[0]:
+        if not head:
+            continue
+        if "-" in head[0] and ":" not in head[0]:
             lo, hi = (int(x, 16) for x in head[0].split("-"))
-            current = [lo, hi, head[1]]
-        elif head and head[0] == "VmFlags:" and current:
-            flags = set(head[1:])
-            if "dc" in flags:
-                out["dontfork"].append(current)
-            elif "wf" in flags:
-                out["wipeonfork"].append(current[:2])
+            inode = int(head[4]) if len(head) > 4 else 0
+            entries.append(_SmapsEntry(lo, hi, head[1], inode))
+        elif entries and head[0] in ("Anonymous:", "Swap:"):
+            entries[-1].anon_kb += int(head[1])
+        elif entries and head[0] == "VmFlags:":
+            entries[-1].vmflags = frozenset(head[1:])
+    return entries
+
+
+def clone_facts(pid: int, proc: Path = _PROC) -> dict[str, list[list[Any]]]:
+    """What a clone of *pid* shows differently from *pid* itself, from one read of its smaps.
+
+    - ``no_saved_pages``: ``[start, end]`` of every private file mapping without anonymous
+      pages. CRIU's compel briefly writes a syscall instruction into the first executable VMA
+      of the task it infects (and restores it), which leaves a copy-on-write page there; in
+      the clone that page is CRIU's doing, not the target's, and the converter ignores it.
+    - ``dontfork``: ``[start, end, perms]`` of MADV_DONTFORK areas (``dc``, VM_DONTCOPY),
+      absent from a clone; ``wipeonfork``: ``[start, end]`` of MADV_WIPEONFORK areas (``wf``),
+      empty in it (kernel/fork.c: dup_mmap()). The converter lists the former without bytes
+      and names both.
+    """
+    out: dict[str, list[list[Any]]] = {"no_saved_pages": [], "dontfork": [], "wipeonfork": []}
+    for e in _smaps(pid, proc):
+        if e.perms.endswith("p") and e.inode != 0 and e.anon_kb == 0:
+            out["no_saved_pages"].append([e.start, e.end])
+        if "dc" in e.vmflags:
+            out["dontfork"].append([e.start, e.end, e.perms])
+        elif "wf" in e.vmflags:
+            out["wipeonfork"].append([e.start, e.end])
     return out
