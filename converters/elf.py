@@ -96,8 +96,8 @@ def pack_note_parts(note: Note) -> list[tuple[bytes, int]]:
 class Piece:
     """Part of a segment's bytes.
 
-    kind ``data``: *length* bytes of file *path* at *offset*; ``zeros``: zero bytes that the
-    kernel would have written (counted against the limit); ``hole``: never-present pages.
+    kind ``data``: *length* bytes of file *path* (or *fd*) at *offset*; ``hole``: pages that
+    read as zeros and are left unwritten.
     """
 
     kind: str
@@ -203,22 +203,6 @@ class Emitter:
         self.sink.copy_from(fd, offset, length)
         self._done(length)
 
-    def emit_zeros(self, length: int) -> None:
-        if self.limit is not None:
-            fit = max(self.limit - self.written, 0) // PAGE_SIZE * PAGE_SIZE
-            if fit < length:
-                if fit:
-                    self.emit_zeros(fit)
-                raise LimitReached
-        self._flush_skip()
-        left = length
-        zeros = bytes(min(left, 1 << 20))
-        while left:
-            n = min(left, len(zeros))
-            self.sink.write(zeros[:n])
-            left -= n
-        self._done(length)
-
     def finish(self) -> None:
         """Mirror do_coredump(): a trailing skip is closed by writing its last byte."""
         if self.to_skip:
@@ -261,8 +245,6 @@ def write_core(
             for piece in seg.pieces:
                 if piece.kind == "hole":
                     out.skip(piece.length)
-                elif piece.kind == "zeros":
-                    out.emit_zeros(piece.length)
                 elif piece.fd is not None:
                     out.emit_pages(piece.fd, piece.offset, piece.length)
                 else:

@@ -201,7 +201,7 @@ class _Proc:
 
 
 class Run(NamedTuple):
-    """``[lo, hi)`` of a VMA: ``data`` from *path* or *fd* at *offset*, ``zeros`` or ``hole``."""
+    """``[lo, hi)`` of a VMA: ``data`` from *path* or *fd* at *offset*, or a ``hole``."""
 
     lo: int
     hi: int
@@ -217,7 +217,7 @@ def _gap(lo: int, hi: int, fill: Run | None, file_end: int) -> Iterator[Run]:
         return
     mid = min(max(file_end, lo), hi)
     if mid > lo:
-        yield Run(lo, mid, fill.kind, None, fill.fd, lo - fill.lo if fill.kind == "data" else 0)
+        yield Run(lo, mid, "data", None, fill.fd, lo - fill.lo)
     if hi > mid:
         yield Run(mid, hi, "hole", None, None, 0)
 
