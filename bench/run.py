@@ -252,6 +252,10 @@ class Workload:
             stderr=subprocess.DEVNULL,
             text=True,
             bufsize=1,
+            # its own session: CRIU refuses a process whose session leader is outside its PID
+            # namespace (a bench run entered into a container); PR_SET_PDEATHSIG still ties
+            # the workload to us
+            start_new_session=True,
         )
         # The largest RLIMIT_CORE allowed: the product honours the target's own limit as the
         # kernel does, and an inherited `ulimit -c 0` would mean no core at all.

@@ -246,7 +246,12 @@ def _pre_dump_rounds(request: DumpRequest, binary: criu.Criu, rss: int) -> int:
 
 
 #: What the clone method copies out of the target itself, so CRIU never sees it.
-CLONE_HANDLES = {target.BlockerKind.IO_URING, target.BlockerKind.SYSV_SHM}
+CLONE_HANDLES = {
+    target.BlockerKind.IO_URING,
+    target.BlockerKind.SYSV_SHM,
+    # the clone calls setsid() before CRIU sees it (clone.py, step 5)
+    target.BlockerKind.FOREIGN_SESSION,
+}
 
 
 def choose_method(
@@ -287,7 +292,12 @@ def choose_method(
             for opt in b.criu_options:
                 options.setdefault(opt, None)
         return Method.CLONE, tuple(options)
-    return Method.CRIU, target.check_blockers(facts)
+    try:
+        return Method.CRIU, target.check_blockers(facts)
+    except BlockerError as e:
+        if why_not_clone is None and not clone_refusals:
+            e.hint = "--method clone can dump it"
+        raise
 
 
 def _child_core(

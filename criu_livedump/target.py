@@ -97,6 +97,7 @@ class BlockerKind(enum.StrEnum):
     DELETED_FILE = "deleted_file"
     EXTERNAL_UNIX = "external_unix"
     TRACED = "traced"
+    FOREIGN_SESSION = "foreign_session"
 
 
 @dataclass(frozen=True)
@@ -577,10 +578,37 @@ def _unix_blockers(
                 )
 
 
+def _session_blocker(pid: int, status: dict[str, str]) -> Blocker | None:
+    """CRIU 4.2 refuses a task whose getsid() is 0 in its own PID namespace: its session
+    leader lives outside that namespace (criu/cr-dump.c:dump_one_task(), "A session leader of
+    ... is outside of its pid namespace"), whatever the options. That is every process of a
+    container entered with ``nsenter``/``docker exec`` that did not call setsid(). The last
+    NSsid entry of /proc/PID/status is the sid in the innermost namespace, 0 when invisible
+    there (fs/proc/array.c:task_state())."""
+    nssid = status.get("NSsid", "").split()
+    if not nssid or int(nssid[-1]) != 0:
+        return None
+    return Blocker(
+        BlockerKind.FOREIGN_SESSION,
+        pid,
+        "its session leader is outside its PID namespace (session id 0 there), and CRIU"
+        " cannot dump such a process",
+    )
+
+
 def _blockers(
     pid: int, tree: tuple[int, ...], status: dict[str, str], nstgid: tuple[int, ...]
 ) -> tuple[Blocker, ...]:
     found: list[Blocker] = []
+    for p in tree:  # the target first; one foreign session is enough to name
+        try:
+            member_status = status if p == pid else _status(_proc(p, "status"))
+        except OSError:
+            continue  # a child that exited meanwhile
+        session = _session_blocker(p, member_status)
+        if session is not None:
+            found.append(session)
+            break
     if len(nstgid) > 1 and nstgid[-1] != 1:
         found.append(
             Blocker(

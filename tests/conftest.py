@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,24 @@ if str(TESTS_DIR) not in sys.path:
 
 from kernelcore import Target, start_target  # noqa: E402
 from programs import build as programs_build  # noqa: E402
+
+#: include/uapi/linux/prctl.h
+PR_SET_PDEATHSIG = 1
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Lead a session of our own when ours is led from outside our PID namespace.
+
+    CRIU refuses any process whose session id is 0 in its PID namespace (see
+    :func:`criu_livedump.target._session_blocker`), and a test runner entered into a container
+    without setsid() (CI's case) would pass that session to every target it starts. Leading a
+    session here gives the targets one CRIU can dump; tests/test_foreign_session.py covers the
+    other case on purpose. The parent-death signal keeps us from outliving a killed ``make``.
+    """
+    if os.getsid(0) == 0:
+        os.setsid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
