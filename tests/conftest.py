@@ -35,10 +35,21 @@ def pytest_configure(config: pytest.Config) -> None:
     session here gives the targets one CRIU can dump; tests/test_foreign_session.py covers the
     other case on purpose. The parent-death signal keeps us from outliving a killed ``make``.
     """
-    if os.getsid(0) == 0:
+    if os.getsid(0) != 0:
+        return
+    try:
         os.setsid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except PermissionError:  # we lead a process group: targets keep the foreign session
+        config.issue_config_time_warning(
+            pytest.PytestWarning(
+                "the session leader is outside this PID namespace and pytest leads a process"
+                " group, so it cannot setsid(): tests of --method criu will be refused"
+            ),
+            stacklevel=2,
+        )
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

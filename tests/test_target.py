@@ -264,6 +264,23 @@ def test_pid_namespace_member_but_not_its_init() -> None:
         assert g.blockers == ()
 
 
+@needs_root
+def test_session_led_from_outside_the_pid_namespace() -> None:
+    """Without setsid() in the namespace, its processes keep a session whose leader they cannot
+    see: getsid() is 0 for them and CRIU refuses them (tests/test_foreign_session.py)."""
+    with running([str(build("pidns")), "foreign"]) as (_, line):
+        init, member = int(line[1]), int(line[2])
+        g = inspect(init)
+        assert [b.kind for b in g.blockers] == [BlockerKind.FOREIGN_SESSION]
+        with pytest.raises(BlockerError, match="its session leader is outside its PID namespace"):
+            check_blockers(g)
+        f = inspect(member)
+        assert [b.kind for b in f.blockers] == [
+            BlockerKind.FOREIGN_SESSION,
+            BlockerKind.PID_NAMESPACE,
+        ]
+
+
 def _deleted_file_option(pid: int, fd: int) -> str:
     ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
     mnt = next(

@@ -1,13 +1,18 @@
 /* Blocker: a process that is not the init of its PID namespace.
  *
- * The program unshares a PID namespace (root only), forks its init (PID 1 there), which forks
- * the target (PID 2 there). It prints "ready INIT TARGET" with both host PIDs, then waits.
- * Both children die with their parent (PR_SET_PDEATHSIG), and the namespace with its init. */
+ * The program unshares a PID namespace (root only), forks its init (PID 1 there), which calls
+ * setsid() and forks the target (PID 2 there). It prints "ready INIT TARGET" with both host
+ * PIDs, then waits. Both children die with their parent (PR_SET_PDEATHSIG), and the namespace
+ * with its init.
+ *
+ * usage: pidns [foreign]   With "foreign" the init skips setsid(): both keep our session,
+ * whose leader is outside their namespace (getsid() is 0 there), which CRIU refuses. */
 #define _GNU_SOURCE
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -31,8 +36,10 @@ static pid_t first_child(pid_t pid)
 	return -1;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	int foreign = argc > 1 && strcmp(argv[1], "foreign") == 0;
+
 	if (unshare(CLONE_NEWPID) != 0) {
 		perror("unshare");
 		return 1;
@@ -44,6 +51,10 @@ int main(void)
 	}
 	if (init == 0) {
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (!foreign && setsid() < 0) {
+			perror("setsid");
+			return 1;
+		}
 		pid_t target = fork();
 		if (target == 0) {
 			for (;;)
