@@ -434,11 +434,30 @@ def _run_round(argv: list[str], images: Path, job: DumpJob) -> None:
     if proc.returncode != 0:
         tail = _log_tail(log_path) or out
         hint = None
+        full = "No space left on device" in tail
+        if not full and _nearly_full(images):
+            # CRIU's log shares the full filesystem: its Error line may never have been written
+            full = True
+            tail += f"\n(its log was cut short: no space left on {job.scratch.parent})"
         if "Can't get rlimit" in tail or "Operation not permitted" in tail:
             hint = "CRIU lacked a privilege; see `criu-livedump check`"
-        elif "No space left on device" in tail:
+        elif full:
             hint = f"{job.scratch.parent} is full; choose another --scratch DIR"
         raise CriuError(argv, proc.returncode, tail, log_path=str(log_path), hint=hint)
+
+
+#: Free bytes (to unprivileged users, f_bavail) under which a failed CRIU's scratch filesystem
+#: counts as the cause. CRIU splices pages into its images (criu/page-xfer.c), and a splice
+#: fills what fits before ENOSPC, so a filesystem that stopped CRIU has next to nothing left.
+FULL_MARGIN = 1 << 20
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_MARGIN
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float, argv: Sequence[str]) -> str:

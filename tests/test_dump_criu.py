@@ -226,3 +226,30 @@ def test_ioprio_roundtrip_in_child() -> None:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_scratch_filled_before_criu_could_log_why(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """CRIU's log shares the scratch filesystem: when that fills up, the log can end in the
+    middle of a line with no Error line at all. The failure still says the filesystem is full."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        binary = fake_criu(
+            tmp_path,
+            STOP_TARGET + 'printf "(00.03) page-xfer: \\tp 0x7f00 - 0x7f" > "$DIR/dump.log"\n'
+            'cat /dev/zero > "$DIR/pages-1.img" 2>/dev/null\n'
+            "exit 1\n",
+        )
+        with pytest.raises(CriuError) as info:
+            criu.dump(binary, criu.DumpJob(pid=sleeper.pid, scratch=small / "s"))
+        assert str(info.value) == (
+            f"criu dump failed (exit status 1): (its log was cut short: no space left on {small})"
+        )
+        assert info.value.hint == f"{small} is full; choose another --scratch DIR"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    wait_state(sleeper.pid, "S")
