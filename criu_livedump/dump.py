@@ -278,6 +278,10 @@ def choose_method(
         why_not_clone = "it is stopped (state T)"
     elif tree:
         why_not_clone = "--tree needs the whole process tree, which only CRIU collects"
+    elif len(facts.nstgid) > 1:
+        # criu/namespaces.c: "Can't dump a pid namespace without the process init"; a clone
+        # would be process 2 there
+        why_not_clone = "it is the init of a PID namespace, which CRIU dumps only from the init"
     own = [b for b in facts.blockers if b.pid == facts.pid]
     clone_refusals = [b for b in own if b.refuse and b.kind not in CLONE_HANDLES]
     if requested == Method.CLONE or (requested == Method.AUTO and why_not_clone is None):
@@ -329,10 +333,10 @@ def _child_core(
         coredump_filter=request.coredump_filter or facts.coredump_filter,
         core_limit=UNLIMITED if sink.kind == job.SinkKind.PIPE else limit,
         signal=signal,
-        pid=pid,
+        pid=facts.ns_pid,
     )
     try:
-        outcome = job.run_conversion(images_dir, pid, sink, options, priorities)
+        outcome = job.run_conversion(images_dir, facts.ns_pid, sink, options, priorities)
     except LivedumpError as e:
         report.no_core_reason = e.message
         return report
@@ -407,6 +411,10 @@ def live_dump(
         report.dump_seconds = result.seconds
         report.pre_dump_rounds = rounds
         report.resumed_by_us = result.resumed_by_us
+        # CRIU names processes by their pids in the target's PID namespace (it dumps that
+        # namespace when the target is its init), as the kernel's core does; the clone's
+        # images are rewritten with the target's pids, and the clone is refused in a namespace
+        image_pid = facts.ns_pid
         if snap is None:
             report.frozen_us = result.stats.frozen_time
             report.freezing_us = result.stats.freezing_time
@@ -421,7 +429,7 @@ def live_dump(
             coredump_filter=facts.coredump_filter,
             core_limit=None if sink.kind == job.SinkKind.PIPE else limit,
             signal=signal,
-            pid=pid,
+            pid=image_pid,
             **dump_time_facts(pid),
             **extra_facts,
         )
@@ -429,13 +437,13 @@ def live_dump(
             coredump_filter=request.coredump_filter,
             core_limit=None,
             signal=signal,
-            pid=pid,
+            pid=image_pid,
         )
         out_fd = (
             stdout.fileno() if stdout is not None and sink.kind == job.SinkKind.STDOUT else None
         )
         outcome = job.run_conversion(
-            result.images_dir, pid, sink, options, priorities, stdout_fd=out_fd
+            result.images_dir, image_pid, sink, options, priorities, stdout_fd=out_fd
         )
         report.convert_seconds = outcome.seconds
         report.conversion_pid = outcome.child_pid

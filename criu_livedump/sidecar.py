@@ -28,11 +28,23 @@ def _us(ticks: str, hz: int) -> int:
     return int(ticks) * 1_000_000 // hz
 
 
+def _ns_ids(status: Path, key: str) -> list[int]:
+    """The NStgid or NSpid line of a /proc status file: the id in /proc's PID namespace first,
+    the one in the task's own namespace last (fs/proc/array.c:task_state())."""
+    for line in status.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return [int(x) for x in line.split()[1:]]
+    raise OSError(f"{status}: no {key} line")
+
+
 def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
     """``ppid``, ``times``, ``boot_id`` and ``xsave_layout`` of process *pid*.
 
-    Missing pieces (the target exited, a thread vanished) are simply left out: the converter
-    falls back to zeros for them.
+    Ids are those of the target's own PID namespace, as in CRIU's images and as the kernel's
+    core (written from the target's context) gives them: a thread is keyed by its last NSpid
+    entry, and the parent of a namespace's init, being outside it, is 0. Missing pieces (the
+    target exited, a thread vanished) are simply left out: the converter falls back to zeros
+    for them.
     """
     facts: dict[str, Any] = {"xsave_layout": host_xsave_layout().as_dict()}
     hz = os.sysconf("SC_CLK_TCK")
@@ -40,21 +52,32 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
         facts["boot_id"] = (proc / "sys/kernel/random/boot_id").read_text().strip()
     try:
         fields = _stat_fields(proc / str(pid) / "stat")
-    except (OSError, IndexError):
+        nstgid = _ns_ids(proc / str(pid) / "status", "NStgid")
+    except (OSError, IndexError, ValueError):
         return facts
+    depth = len(nstgid) - 1
     # stat(5): field 4 ppid; 14-17 utime, stime, cutime, cstime (clock ticks)
-    facts["ppid"] = int(fields[1])
+    ppid = int(fields[1])
+    if depth and ppid:
+        try:
+            parent = _ns_ids(proc / str(ppid) / "status", "NStgid")
+            ppid = parent[depth] if len(parent) > depth else 0
+        except (OSError, ValueError):
+            ppid = 0
+    facts["ppid"] = ppid
     times: dict[str, list[int]] = {
-        str(pid): [_us(fields[11], hz), _us(fields[12], hz)],
+        str(nstgid[-1]): [_us(fields[11], hz), _us(fields[12], hz)],
         "children": [_us(fields[13], hz), _us(fields[14], hz)],
     }
     with contextlib.suppress(OSError):
         for tid in os.listdir(proc / str(pid) / "task"):
             if tid == str(pid):
                 continue
-            with contextlib.suppress(OSError, IndexError):
-                t = _stat_fields(proc / str(pid) / "task" / tid / "stat")
-                times[tid] = [_us(t[11], hz), _us(t[12], hz)]
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                task = proc / str(pid) / "task" / tid
+                t = _stat_fields(task / "stat")
+                ns_tid = _ns_ids(task / "status", "NSpid")[-1]
+                times[str(ns_tid)] = [_us(t[11], hz), _us(t[12], hz)]
     facts["times"] = times
     return facts
 

@@ -1,0 +1,158 @@
+"""A target that is the init of its own PID namespace: the main process of a container.
+
+CRIU dumps the namespace with it and names every process and thread by its id *there*, which
+is also what the kernel's own core of that process says (fill_prstatus() and fill_psinfo() use
+task_pid_vnr() and friends from the dumping task's side). So the core says pid 1, ppid 0 and
+LWP 1..N, and the conversion must look the target up by that id. A clone would be process 2 of
+the namespace, which CRIU refuses ("Can't dump a pid namespace without the process init"), so
+``auto`` takes ``criu`` and ``--method clone`` is refused before anything is frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kernelcore import CoreView
+
+pytestmark = [pytest.mark.live]
+
+TOOL = Path(sys.executable).parent / "criu-livedump"
+BLOCKED = 6
+
+
+@dataclass
+class Namespaced:
+    """``unshare --pid --fork`` running *argv* as PID 1 of a new namespace."""
+
+    unshare: subprocess.Popen[str]
+    init: int  #: the namespace's init, as we see it
+
+    def ns_ids(self, pid: int, key: str = "NStgid") -> list[int]:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return [int(x) for x in line.split()[1:]]
+        raise AssertionError(f"no {key} for {pid}")
+
+    def children(self, pid: int) -> list[int]:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(x) for x in text.split()]
+
+
+@pytest.fixture
+def namespaced(programs: dict[str, Path]) -> Iterator[Namespaced]:
+    """The threads program (3 workers) under ``sh`` as the namespace's init, which leads its
+    own session (setsid), as a container's init does: sh -> threads."""
+    argv = [
+        "unshare", "--pid", "--fork", "--kill-child", "--",
+        "setsid", "sh", "-c", f"{programs['threads']} 3; :",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("ready")
+        deadline = time.monotonic() + 10
+        kids: list[int] = []
+        while not kids and time.monotonic() < deadline:
+            kids = Namespaced(proc, 0).children(proc.pid)
+        (init,) = kids
+        yield Namespaced(proc, init)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # --kill-child takes the namespace with it
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def dump(pid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TOOL), "dump", str(pid), "--core-limit", "unlimited", "--json", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def gdb_lwps(binary: Path, core: Path) -> list[int]:
+    out = subprocess.run(
+        ["gdb", "-batch", "-nx", "-ex", "info threads", str(binary), str(core)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "LC_ALL": "C", "DEBUGINFOD_URLS": ""},
+    ).stdout
+    return sorted({int(x) for x in re.findall(r"\(LWP (\d+)\)", out)})
+
+
+def test_the_namespace_init_is_dumped_by_criu_with_its_namespace_ids(
+    namespaced: Namespaced, tmp_path: Path
+) -> None:
+    init = namespaced.init
+    assert namespaced.ns_ids(init)[-1] == 1
+    proc = dump(init, "-o", str(tmp_path / "core"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["method"] == "criu"
+    core = CoreView(tmp_path / "core")
+    try:
+        psinfo = core.prpsinfo
+        threads = sorted(t.pid for t in core.threads)
+        ppids = {t.prstatus["pr_ppid"] for t in core.threads}
+    finally:
+        core.close()
+    # the kernel's view from inside: pid 1, its parent outside the namespace, its own session
+    assert (psinfo["pr_pid"], psinfo["pr_ppid"], psinfo["pr_pgrp"], psinfo["pr_sid"]) == (
+        1, 0, 1, 1,
+    )  # fmt: skip
+    assert ppids == {0}
+    assert threads == [1]  # sh has one thread
+    assert os.kill(init, 0) is None  # still running
+
+
+def test_tree_children_are_found_by_their_namespace_ids(
+    namespaced: Namespaced, programs: dict[str, Path], tmp_path: Path
+) -> None:
+    init = namespaced.init
+    (child,) = namespaced.children(init)
+    ns_child = namespaced.ns_ids(child)[-1]
+    ns_tids = sorted(
+        namespaced.ns_ids(int(t), "NSpid")[-1] for t in os.listdir(f"/proc/{child}/task")
+    )
+    assert ns_child == 2 and len(ns_tids) == 4
+    proc = dump(init, "--tree", "-o", str(tmp_path / "core"))
+    assert proc.returncode == 0, proc.stderr
+    (kid,) = json.loads(proc.stdout)["children"]
+    assert kid["pid"] == child
+    assert kid["core_path"] == f"{tmp_path / 'core'}.{child}"
+    core = Path(kid["core_path"])
+    view = CoreView(core)
+    try:
+        assert sorted(t.pid for t in view.threads) == ns_tids
+        assert view.prpsinfo["pr_pid"] == 2
+        assert view.prpsinfo["pr_ppid"] == 1
+    finally:
+        view.close()
+    assert gdb_lwps(programs["threads"], core) == ns_tids
+    assert os.kill(child, 0) is None
+
+
+def test_method_clone_is_refused_before_freezing(namespaced: Namespaced) -> None:
+    init = namespaced.init
+    proc = dump(init, "--method", "clone", "-o", "/nonexistent/never-written")
+    assert proc.returncode == BLOCKED, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: process {init}: cannot be dumped: --method clone: it is the init of a PID"
+        " namespace, which CRIU dumps only from the init",
+        "hint: use --method criu",
+    ]
