@@ -40,7 +40,7 @@ class _StatFs(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _pseudo_fs(target: str | int) -> str | None:
+def pseudo_fs(target: str | int) -> str | None:
     """The name of the pseudo filesystem *target* (a path or an fd) lives on, if it does.
 
     A file whose filesystem cannot be determined counts as pseudo: refusing is the safe side.
@@ -93,7 +93,7 @@ class FileRoot:
             return os.strerror(e.errno or 0)
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
-        pseudo = _pseudo_fs(candidate)
+        pseudo = pseudo_fs(candidate)
         if pseudo:
             return f"on {pseudo}, not a regular file's contents"
         try:
@@ -104,7 +104,7 @@ class FileRoot:
         if (
             (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino)
             or not stat.S_ISREG(fst.st_mode)
-            or _pseudo_fs(fd)
+            or pseudo_fs(fd)
         ):
             os.close(fd)
             return "changed while being opened"

@@ -10,7 +10,7 @@ import ctypes
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -107,6 +107,8 @@ class _Proc:
     no_saved_pages: frozenset[int] = frozenset()
     #: VMAs (by start) the images lack but the process had (MADV_DONTFORK under a clone)
     absent: frozenset[int] = frozenset()
+    #: ConvertOptions.mapped_fds
+    mapped_fds: Mapping[int, int] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -136,6 +138,9 @@ class _Proc:
         return None
 
     def open_mapped(self, vma: Vma, mf: MappedFile) -> OpenedFile | None:
+        held = self._held_file(vma, mf)
+        if held is not None:
+            return held
         if mf.deleted:
             self.warn(f"{mf.name}: deleted file at {vma.start:#x}; its unsaved pages are holes")
             return None
@@ -146,6 +151,21 @@ class _Proc:
         if mf.size is not None and opened.size != mf.size:
             self.warn(f"{mf.name}: size changed since the dump ({mf.size} -> {opened.size})")
         return opened
+
+    def _held_file(self, vma: Vma, mf: MappedFile) -> OpenedFile | None:
+        """The caller's descriptor of *vma*'s file, if it still names the file CRIU saw."""
+        fd = self.mapped_fds.get(vma.start)
+        if fd is None:
+            return None
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            size = os.fstat(fd).st_size
+        except OSError:
+            return None
+        if link.removesuffix(" (deleted)") != mf.name:
+            self.warn(f"{mf.name}: the mapping at {vma.start:#x} now maps {link}; read by name")
+            return None
+        return OpenedFile(fd, size)
 
     def read(self, addr: int, size: int) -> bytes:
         """Best-effort read of the process's memory as the core would show it."""
@@ -571,6 +591,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
     files = FileRoot(options.files_root)
     try:
         p = _Proc(images, pid, images.vmas(pid, mm), images.page_index(pid), files, warnings)
+        p.mapped_fds = options.mapped_fds
         threads = [images.thread_core(tid) for tid in proc.threads]
         mm_filter = _first(
             options.coredump_filter, sidecar.coredump_filter, DEFAULT_COREDUMP_FILTER

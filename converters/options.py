@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ class ConvertOptions:
     :param signal: si_signo written to NT_PRSTATUS/NT_SIGINFO; None means "from the sidecar,
         else 0".
     :param pid: convert only this process of the tree.
+    :param mapped_fds: open descriptors of mapped files by VMA start, from a live process's
+        /proc/PID/map_files: read instead of looking the name up under *files_root* when the
+        descriptor still names the file the images record. It is the file the kernel reads
+        (vma->vm_file), also when it was deleted or replaced since, or lives in another mount
+        namespace. The caller keeps ownership.
     """
 
     coredump_filter: int | None = None
@@ -39,6 +45,7 @@ class ConvertOptions:
     files_root: Path = Path("/")
     signal: int | None = None
     pid: int | None = None
+    mapped_fds: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from converters.options import UNLIMITED, ConvertOptions, write_sidecar
 from criu_livedump import clone, clone_images, criu, job, scratch, target
 from criu_livedump.check import CAP, cap_names, capabilities, has_cap
 from criu_livedump.errors import BlockerError, LivedumpError, PermissionDeniedError, RequestError
+from criu_livedump.mapped_files import close_mapped_files, open_mapped_files
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
 from criu_livedump.sidecar import clone_facts, dump_time_facts
@@ -334,12 +335,15 @@ def _child_core(
         core_limit=UNLIMITED if sink.kind == job.SinkKind.PIPE else limit,
         signal=signal,
         pid=facts.ns_pid,
+        mapped_fds=open_mapped_files(pid),
     )
     try:
         outcome = job.run_conversion(images_dir, facts.ns_pid, sink, options, priorities)
     except LivedumpError as e:
         report.no_core_reason = e.message
         return report
+    finally:
+        close_mapped_files(options.mapped_fds)
     report.core_path, report.size, report.truncated = outcome.path, outcome.size, outcome.truncated
     report.convert_seconds = outcome.seconds
     report.warnings += outcome.warnings
@@ -386,6 +390,7 @@ def live_dump(
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     keep = request.keep_images
     snap: clone.CloneSnapshot | None = None
+    held: dict[int, int] = {}
     try:
         extra_facts: dict[str, Any] = {}
         if method == Method.CLONE:
@@ -394,6 +399,8 @@ def live_dump(
             side.mkdir(mode=0o700)
             snap = clone.clone_snapshot(pid, side_dir=side)
             report.frozen_us = round(snap.freeze_seconds * 1_000_000)
+            # the stopped clone's mappings are the snapshot's; CRIU kills it when done
+            held = open_mapped_files(snap.clone_pid)
             snap.release_for_criu()
         dump_job = criu.DumpJob(
             pid=pid if snap is None else snap.clone_pid,
@@ -418,6 +425,7 @@ def live_dump(
         if snap is None:
             report.frozen_us = result.stats.frozen_time
             report.freezing_us = result.stats.freezing_time
+            held = open_mapped_files(pid)
         else:
             extra_facts = clone_images.rewrite_images(result.images_dir, snap)
             extra_facts.update(clone_facts(pid))
@@ -438,6 +446,7 @@ def live_dump(
             core_limit=None,
             signal=signal,
             pid=image_pid,
+            mapped_fds=held,
         )
         out_fd = (
             stdout.fileno() if stdout is not None and sink.kind == job.SinkKind.STDOUT else None
@@ -461,6 +470,7 @@ def live_dump(
                         _child_core(child, request, result.images_dir, signal, priorities)
                     )
     except BaseException:
+        close_mapped_files(held)
         if snap is not None:
             snap.kill()
         if keep:
@@ -468,6 +478,7 @@ def live_dump(
         else:
             scratch.remove(work)
         raise
+    close_mapped_files(held)
     if keep:
         report.images_dir = str(result.images_dir)
     else:

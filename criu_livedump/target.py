@@ -98,6 +98,7 @@ class BlockerKind(enum.StrEnum):
     EXTERNAL_UNIX = "external_unix"
     TRACED = "traced"
     FOREIGN_SESSION = "foreign_session"
+    FOREIGN_MOUNT = "foreign_mount"
 
 
 @dataclass(frozen=True)
@@ -423,13 +424,23 @@ def _external_file(pid: int, what: str, link: str, mnt_id: int, st: os.stat_resu
     )
 
 
+def _mount_ids(pid: int) -> set[int] | None:
+    """The mount ids of *pid*'s mount namespace (first column of mountinfo), None if unknown."""
+    try:
+        return {int(line.split()[0]) for line in _proc(pid, "mountinfo").read_text().splitlines()}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _fd_blockers(pid: int, sockets: dict[int, int]) -> Iterator[Blocker]:
-    """io_uring and oversized deleted files among the fds; collects socket inodes -> fd."""
+    """io_uring, oversized deleted files and files of mounts the target's mount namespace does
+    not have among the fds; collects socket inodes -> fd."""
     fd_dir = _proc(pid, "fd")
     try:
         fds = sorted(int(x) for x in os.listdir(fd_dir))
     except OSError as e:
         raise TargetError(pid, f"cannot list its files ({e.strerror})") from e
+    mounts = _mount_ids(pid)
     for fd in fds:
         link = _readlink(fd_dir / str(fd))
         if link is None:
@@ -447,12 +458,22 @@ def _fd_blockers(pid: int, sockets: dict[int, int]) -> Iterator[Blocker]:
                 st = os.stat(fd_dir / str(fd))
             except OSError:
                 continue
-            if _is_ghost(st, link):
-                mnt_id = _fd_mnt_id(_proc(pid, f"fdinfo/{fd}"))
-                if mnt_id is not None:
-                    yield _external_file(
-                        pid, f"fd {fd}", link.removesuffix(" (deleted)"), mnt_id, st
-                    )
+            mnt_id = _fd_mnt_id(_proc(pid, f"fdinfo/{fd}"))
+            if mnt_id is None:
+                continue
+            if mounts is not None and mnt_id not in mounts:
+                # opened before the process entered its mount namespace (a container's
+                # inherited stdio): files-reg.c:dump_one_reg_file() fails with "Can't lookup
+                # mount" unless the file is declared external, which it checks first
+                yield Blocker(
+                    BlockerKind.FOREIGN_MOUNT,
+                    pid,
+                    f"fd {fd} is {link} on mount {mnt_id}, which its mount namespace does not"
+                    " have; it is declared external",
+                    (f"--external=file[{mnt_id:x}:{st.st_ino:x}]",),
+                )
+            elif _is_ghost(st, link):
+                yield _external_file(pid, f"fd {fd}", link.removesuffix(" (deleted)"), mnt_id, st)
 
 
 def _maps_blockers(pid: int, same_ipc_ns: bool) -> Iterator[Blocker]:

@@ -443,3 +443,48 @@ def test_file_mapping_ending_mid_page(tmp_path: Path) -> None:
     )
     core = _convert(img, tmp_path / "out", coredump_filter=0x3F, files_root=root)
     assert memory(core, BASE, 2 * PAGE) == content.ljust(2 * PAGE, b"\0")
+
+
+def _replaced_library(tmp_path: Path) -> tuple[Path, Path, bytes, int]:
+    """Images mapping *lib* (two pages), then *lib* replaced on disk: (images, lib, old bytes,
+    a descriptor of the old, now deleted, file)."""
+    lib = tmp_path / "lib.so"
+    old = bytes(range(256)) * (2 * PAGE // 256)
+    lib.write_bytes(old)
+    fd = os.open(lib, os.O_RDONLY)
+    (tmp_path / "new.so").write_bytes(b"\xee" * len(old))
+    (tmp_path / "new.so").rename(lib)
+    proc = images.Proc(100, vmas=[images.file_vma(BASE, BASE + 2 * PAGE, file_id=5)])
+    img = images.build(tmp_path / "img", [proc], files=[images.reg_file(5, str(lib), len(old))])
+    return img, lib, old, fd
+
+
+def test_held_descriptor_reads_the_mapped_file_not_the_name(tmp_path: Path) -> None:
+    """A live dump hands over /proc/PID/map_files descriptors: the kernel reads the mapped
+    inode, so a library replaced on disk must not leak its new bytes into the core."""
+    img, _, old, fd = _replaced_library(tmp_path)
+    try:
+        held = _convert(img, tmp_path / "held", coredump_filter=0x3F, mapped_fds={BASE: fd})
+        by_name = _convert(img, tmp_path / "by-name", coredump_filter=0x3F)
+    finally:
+        os.close(fd)
+    assert memory(held, BASE, 2 * PAGE) == old
+    assert memory(by_name, BASE, 2 * PAGE) == b"\xee" * len(old)
+
+
+def test_held_descriptor_of_another_file_is_not_used(tmp_path: Path) -> None:
+    img, lib, _, fd = _replaced_library(tmp_path)
+    os.close(fd)
+    other = tmp_path / "other.so"
+    other.write_bytes(b"\x11" * 2 * PAGE)
+    fd = os.open(other, os.O_RDONLY)
+    (tmp_path / "out").mkdir()
+    try:
+        (result,) = convert(
+            img, tmp_path / "out", ConvertOptions(coredump_filter=0x3F, mapped_fds={BASE: fd})
+        )
+    finally:
+        os.close(fd)
+    assert result.path is not None
+    assert memory(result.path, BASE, 2 * PAGE) == b"\xee" * 2 * PAGE
+    assert result.warnings == [f"{lib}: the mapping at {BASE:#x} now maps {other}; read by name"]

@@ -20,6 +20,7 @@ from kernelcore import (
     CoreView,
     MapEntry,
     RseqArea,
+    Target,
     compare_cores,
     compare_syscall_regs,
     criu_dump,
@@ -68,6 +69,15 @@ CASES = {
     "mappings-livedump-clone": ("mappings", ["DATA", "1024"], None, "livedump-clone"),
     "mappings-0x3f-livedump-clone": ("mappings", ["DATA", "1024"], 0x3F, "livedump-clone"),
     "threads-livedump-clone": ("threads", ["12"], None, "livedump-clone"),
+    # the mapped data file replaced on disk after the start, as an upgrade replaces a library:
+    # the kernel reads the mapped (now deleted) inode, not what the name leads to now
+    "mappings-replaced-livedump-criu": ("mappings", ["DATA", "1024"], None, "livedump-criu"),
+    "mappings-replaced-livedump-clone": ("mappings", ["DATA", "1024"], None, "livedump-clone"),
+    "mappings-replaced-0x3f-livedump-clone": ("mappings", ["DATA", "1024"], 0x3F, "livedump-clone"),
+    # a container's view: its own mount namespace, the data file on a tmpfs only it can see,
+    # and stdin inherited from outside (CRIU needs it declared external)
+    "mappings-mntns-livedump-criu": ("mappings", ["DATA", "1024"], None, "livedump-criu"),
+    "mappings-mntns-livedump-clone": ("mappings", ["DATA", "1024"], None, "livedump-clone"),
     # what --method criu refuses: the clone copies these out before CRIU runs
     "sysv-livedump-clone": ("blockers/sysv_shm", [], None, "livedump-clone"),
     "io_uring-livedump-clone": ("blockers/io_uring", [], None, "livedump-clone"),
@@ -111,6 +121,28 @@ def _data_file(path: Path) -> Path:
     return path
 
 
+def _replace(path: Path) -> None:
+    """A new file of the same size under *path*; the old one lives on only in the mappings."""
+    new = path.with_suffix(".new")
+    new.write_bytes(bytes((i * 13 + 5) & 0xFF for i in range(path.stat().st_size)))
+    new.rename(path)
+
+
+def _start_in_mount_namespace(binary: Path, argv: list[str], tmp: Path) -> Target:
+    """*binary* in a mount namespace of its own, its data file moved to a tmpfs mounted there
+    only: the name the images record leads nowhere from here."""
+    private = tmp / "private"
+    private.mkdir()
+    data = argv[0]
+    script = (
+        f"mount -t tmpfs -o size=1m tmpfs {private} && cp {data} {private}/data && "
+        f'exec {binary} {private}/data "$@"'
+    )
+    return start_target(
+        "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv[1:]
+    )
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -121,8 +153,13 @@ def case(
     tmp = tmp_path_factory.mktemp(request.param)
     binary = _binary(program, tmp)
     argv = [str(_data_file(tmp / "data")) if a == "DATA" else a for a in args]
-    target = start_target(binary, *argv)
+    if "-mntns" in request.param:
+        target = _start_in_mount_namespace(binary, argv, tmp)
+    else:
+        target = start_target(binary, *argv)
     try:
+        if "-replaced" in request.param:
+            _replace(tmp / "data")
         if coredump_filter is not None:
             target.coredump_filter = coredump_filter
         dumped_filter = target.coredump_filter

@@ -462,3 +462,21 @@ def test_target_in_a_child_user_namespace() -> None:
         check_ptrace_allowed(f, caller=_caller(0, 0))
         with pytest.raises(PermissionDeniedError):
             check_ptrace_allowed(f, caller=_caller(1000, 1000))
+
+
+@needs_root
+def test_file_from_outside_its_mount_namespace_is_declared_external() -> None:
+    """stdin opened before the target entered a mount namespace of its own: CRIU cannot place
+    that mount ("Can't lookup mount") unless the file is declared external."""
+    script = "print('ready', flush=True); import time; time.sleep(600)"
+    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script]
+    with running(argv) as (proc, _):
+        f = inspect(proc.pid)
+        (b,) = [b for b in f.blockers if b.detail.startswith("fd 0 ")]
+        ino = os.stat(f"/proc/{proc.pid}/fd/0").st_ino
+        fdinfo = Path(f"/proc/{proc.pid}/fdinfo/0").read_text()
+        mnt = int(next(ln for ln in fdinfo.splitlines() if ln.startswith("mnt_id:")).split()[1])
+        assert b.kind == BlockerKind.FOREIGN_MOUNT
+        assert b.criu_options == (f"--external=file[{mnt:x}:{ino:x}]",)
+        assert b.detail.startswith(f"fd 0 is /dev/null on mount {mnt}, which its mount namespace")
+        assert b.criu_options[0] in check_blockers(f)
