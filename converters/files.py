@@ -57,8 +57,16 @@ def pseudo_fs(target: str | int) -> str | None:
 
 @dataclass
 class OpenedFile:
+    """An open source of a mapped file's bytes.
+
+    :param extents: None when offset N of the file is offset N of *fd*; otherwise the file is
+        stored piecewise in *fd* (a CRIU ghost-file image): ``(file offset, length, fd
+        offset)`` sorted, and the rest of the file reads as zeros.
+    """
+
     fd: int
     size: int
+    extents: tuple[tuple[int, int, int], ...] | None = None
 
 
 class FileRoot:
@@ -109,6 +117,18 @@ class FileRoot:
             os.close(fd)
             return "changed while being opened"
         return OpenedFile(fd, fst.st_size)
+
+    def keep(self, key: str, opened: OpenedFile) -> None:
+        """Cache *opened* (not found by name: a ghost image) under *key*; :meth:`close` closes
+        it with the rest. Keys start with a NUL byte, which no name holds."""
+        self._open[key] = opened
+
+    def keep_reason(self, key: str, reason: str) -> None:
+        """Cache that *key* has no file, for *reason*."""
+        self._open[key] = reason
+
+    def kept(self, key: str) -> OpenedFile | str | None:
+        return self._open.get(key)
 
     def close(self) -> None:
         for entry in self._open.values():

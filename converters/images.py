@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pycriu.images as pyimages
 from google.protobuf.message import DecodeError, Message
@@ -37,6 +38,8 @@ _PID_MAX = 0x7FFFFFFF
 MAX_PARENT_DEPTH = 64
 
 _MAGIC = pyimages.magic.by_name
+_REMAP_LINKED = pb.remap_type.Value("LINKED")
+_REMAP_GHOST = pb.remap_type.Value("GHOST")
 _COMMON = _MAGIC["IMG_COMMON"]
 _SERVICE = _MAGIC["IMG_SERVICE"]
 
@@ -117,6 +120,53 @@ def _iter_entries(path: Path, magic: str, messages: list[type[Message]]) -> Iter
         yield msg
 
 
+def _read_message(
+    path: Path, f: BinaryIO, pos: int, message: type[Message], what: str
+) -> tuple[Any, int]:
+    """The length-prefixed protobuf *message* at *pos* of open image *f*, and where it ends."""
+    f.seek(pos)
+    head = f.read(4)
+    if len(head) < 4:
+        raise ImageFormatError(str(path), f"truncated {what} header at byte {pos}")
+    (size,) = _U32.unpack(head)
+    raw = f.read(size) if size <= _MAX_ENTRY else b""
+    if len(raw) != size:
+        raise ImageFormatError(str(path), f"{what} claims {size} bytes, past the end of the file")
+    msg: Any = message()
+    try:
+        msg.ParseFromString(raw)
+        if not msg.IsInitialized():
+            missing = ", ".join(msg.FindInitializationErrors())
+            raise ImageFormatError(str(path), f"{what} lacks required {missing}")
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ImageFormatError(str(path), f"{what} is corrupt ({e})") from e
+    return msg, pos + 4 + size
+
+
+def _read_ghost(path: Path, f: BinaryIO) -> GhostFile | None:
+    total = os.fstat(f.fileno()).st_size
+    pos = _check_magic(path, f.read(8), "GHOST_FILE")
+    gfe, pos = _read_message(path, f, pos, pb.ghost_file_entry, "ghost file entry")
+    if not stat.S_ISREG(gfe.mode):
+        return None  # a ghost directory, fifo or symlink: nothing a mapping reads
+    if not gfe.chunks:
+        return GhostFile(path, total - pos, ((0, total - pos, pos),))
+    file_size = int(gfe.size)
+    extents: list[tuple[int, int, int]] = []
+    end = 0
+    while pos < total:
+        chunk, data = _read_message(path, f, pos, pb.ghost_chunk_entry, f"chunk at byte {pos}")
+        off, length = int(chunk.off), int(chunk.len)
+        if off < end or off + length > file_size or data + length > total:
+            raise ImageFormatError(
+                str(path), f"chunk at byte {pos} ({length} bytes at {off}) is out of place"
+            )
+        extents.append((off, length, data))
+        end = off + length
+        pos = data + length
+    return GhostFile(path, file_size, tuple(extents))
+
+
 def _check_magic(path: Path, data: bytes, magic: str) -> int:
     want = _MAGIC[magic]
     if len(data) < 4:
@@ -184,6 +234,21 @@ class MappedFile:
 
 
 @dataclass(frozen=True)
+class GhostFile:
+    """A deleted file's bytes as CRIU copied them into ``ghost-file-ID.img``
+    (criu/files-reg.c:dump_ghost_file()): a GhostFileEntry, then either the whole content, or,
+    from 3 pages up, chunks (GhostChunkEntry: offset, length, then the bytes) with the file's
+    holes left out.
+
+    :param extents: ``(file offset, length, offset in path)``, sorted; the rest reads as zeros.
+    """
+
+    path: Path
+    size: int
+    extents: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
 class Thread:
     tid: int
     core: Any  # pb.core_entry
@@ -245,6 +310,8 @@ class ImageSet:
     files: dict[int, Any]
     memfd_inodes: dict[int, Any]
     ghost_ids: frozenset[int]
+    #: files.img id -> remap id of its ghost-file image (remap_type GHOST)
+    ghost_remaps: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, directory: Path) -> ImageSet:
@@ -287,13 +354,19 @@ class ImageSet:
             for me in read_entries(memfd_path, "MEMFD_INODE", pb.memfd_inode_entry):
                 memfd[int(me.inode_id)] = me
         ghosts: set[int] = set()
+        remaps: dict[int, int] = {}
         remap_path = directory / "remap-fpath.img"
         if remap_path.exists():
             for r in read_entries(remap_path, "REMAP_FPATH", pb.remap_file_path_entry):
-                # remap_type GHOST (0) / LINKED (1): the file was unlinked when dumped
-                if not r.HasField("remap_type") or r.remap_type in (0, 1):
+                # images/remap-file-path.proto: LINKED (0) or GHOST (1) means the file was
+                # unlinked when dumped (PROCFS is a dead process's /proc entry); an old
+                # image without the field is LINKED
+                kind = r.remap_type if r.HasField("remap_type") else _REMAP_LINKED
+                if kind in (_REMAP_LINKED, _REMAP_GHOST):
                     ghosts.add(int(r.orig_id))
-        return cls(directory, processes, files, memfd, frozenset(ghosts))
+                if kind == _REMAP_GHOST:
+                    remaps[int(r.orig_id)] = int(r.remap_id)
+        return cls(directory, processes, files, memfd, frozenset(ghosts), remaps)
 
     def process(self, pid: int) -> Process:
         for p in self.processes:
@@ -356,6 +429,26 @@ class ImageSet:
         if not (self.directory / name).exists():
             return None
         return _load_page_index(self.directory, name, 0)
+
+    def ghost_file(self, file_id: int) -> GhostFile | None:
+        """Where CRIU saved the bytes of deleted file *file_id*, if it did (a regular file
+        under CRIU's ghost limit; larger ones are link-remapped or external).
+
+        :raises MissingImageError: remap-fpath.img names a ghost image that is not there.
+        :raises ImageFormatError: the ghost image is truncated or its chunks overlap or run
+            past the file's size.
+        """
+        remap_id = self.ghost_remaps.get(file_id)
+        if remap_id is None:
+            return None
+        path = self.directory / f"ghost-file-{remap_id:x}.img"
+        try:
+            with path.open("rb") as f:
+                return _read_ghost(path, f)
+        except FileNotFoundError as e:
+            raise MissingImageError(str(path)) from e
+        except OSError as e:
+            raise ImageFormatError(str(path), os.strerror(e.errno or 0)) from e
 
     def mapped_file(self, vma: Vma) -> MappedFile | None:
         """Resolve a file-backed or memfd VMA's ``shmid`` through files.img."""

@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import struct
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -142,14 +143,34 @@ class _Proc:
         if held is not None:
             return held
         if mf.deleted:
-            self.warn(f"{mf.name}: deleted file at {vma.start:#x}; its unsaved pages are holes")
-            return None
+            ghost = self._ghost(vma)
+            if ghost is None:
+                self.warn(f"{mf.name}: deleted file at {vma.start:#x}; its unsaved pages are holes")
+            return ghost
         opened = self.files.open(mf.name)
         if isinstance(opened, str):
             self.warn(f"{mf.name}: {opened}; mapping at {vma.start:#x} written as holes")
             return None
         if mf.size is not None and opened.size != mf.size:
             self.warn(f"{mf.name}: size changed since the dump ({mf.size} -> {opened.size})")
+        return opened
+
+    def _ghost(self, vma: Vma) -> OpenedFile | None:
+        """The bytes CRIU saved of *vma*'s deleted file (its ghost-file image), if it did."""
+        key = f"\0ghost:{vma.shmid}"
+        kept = self.files.kept(key)
+        if kept is not None:
+            return kept if isinstance(kept, OpenedFile) else None
+        ghost = self.images.ghost_file(vma.shmid)
+        if ghost is None:
+            self.files.keep_reason(key, "no ghost image")
+            return None
+        try:
+            fd = os.open(ghost.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ImageFormatError(str(ghost.path), os.strerror(e.errno or 0)) from e
+        opened = OpenedFile(fd, ghost.size, ghost.extents)
+        self.files.keep(key, opened)
         return opened
 
     def _held_file(self, vma: Vma, mf: MappedFile) -> OpenedFile | None:
@@ -197,27 +218,25 @@ class _Proc:
         elif vma.start not in self.no_saved_pages:
             for lo, hi, path, off in self.index.segments(start, end):
                 saved.append(Run(lo, hi, "data", path, None, off))
-        fill: Run | None = None  # how unsaved pages read: lo is the address of offset 0
+        opened: OpenedFile | None = None  # where unsaved pages read from
         file_end = end
-        if shm is not None:
-            # Unsaved shmem pages read as zeros. The kernel faults them in (shmem has a
-            # ->fault) and writes zero pages; we leave holes: the same bytes, and an image
-            # claiming a huge shared mapping cannot make us write unbounded zeros.
-            fill = None
-        elif mf is not None and vma.file_backed:
+        # Unsaved shmem pages read as zeros. The kernel faults them in (shmem has a ->fault)
+        # and writes zero pages; we leave holes: the same bytes, and an image claiming a huge
+        # shared mapping cannot make us write unbounded zeros.
+        if shm is None and mf is not None and vma.file_backed:
             opened = self.open_mapped(vma, mf)
             if opened is not None:
-                fill = Run(vma.start - vma.pgoff, 0, "data", None, opened.fd, 0)
                 # pages past the end of the file would SIGBUS: the kernel leaves holes there
                 file_end = vma.start + max(_page_up(opened.size) - vma.pgoff, 0)
+        base = vma.start - vma.pgoff  # the address of file offset 0
         pos = start
         for run in saved:
             if run.lo > pos:
-                yield from _gap(pos, run.lo, fill, file_end)
+                yield from _gap(pos, run.lo, opened, base, file_end)
             yield run
             pos = run.hi
         if pos < end:
-            yield from _gap(pos, end, fill, file_end)
+            yield from _gap(pos, end, opened, base, file_end)
 
 
 class Run(NamedTuple):
@@ -231,15 +250,41 @@ class Run(NamedTuple):
     offset: int
 
 
-def _gap(lo: int, hi: int, fill: Run | None, file_end: int) -> Iterator[Run]:
-    if fill is None:
+def _gap(lo: int, hi: int, opened: OpenedFile | None, base: int, file_end: int) -> Iterator[Run]:
+    """Unsaved pages ``[lo, hi)``: from the mapped file (at address *base* + offset) up to
+    *file_end*, holes past it or without a file."""
+    if opened is None:
         yield Run(lo, hi, "hole", None, None, 0)
         return
     mid = min(max(file_end, lo), hi)
     if mid > lo:
-        yield Run(lo, mid, "data", None, fill.fd, lo - fill.lo)
+        if opened.extents is None:
+            yield Run(lo, mid, "data", None, opened.fd, lo - base)
+        else:
+            yield from _extent_runs(lo, mid, opened.fd, opened.extents, base)
     if hi > mid:
         yield Run(mid, hi, "hole", None, None, 0)
+
+
+def _extent_runs(
+    lo: int, hi: int, fd: int, extents: tuple[tuple[int, int, int], ...], base: int
+) -> Iterator[Run]:
+    """``[lo, hi)`` of a file stored piecewise: data where an extent covers it, holes (the
+    file's own holes, zeros) elsewhere."""
+    pos = lo
+    first = max(bisect_right(extents, (lo - base, 1 << 64)) - 1, 0)
+    for off, length, at in extents[first:]:
+        a, b = max(base + off, pos), min(base + off + length, hi)
+        if a >= hi:
+            break
+        if b <= a:
+            continue
+        if a > pos:
+            yield Run(pos, a, "hole", None, None, 0)
+        yield Run(a, b, "data", None, fd, at + (a - base - off))
+        pos = b
+    if pos < hi:
+        yield Run(pos, hi, "hole", None, None, 0)
 
 
 def _page_up(n: int) -> int:

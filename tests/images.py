@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pycriu.images as pyimages
+from pycriu.images import pb
 
 PAGE = 4096
 
@@ -390,3 +391,37 @@ def simple(directory: Path, pid: int = 100, **kwargs: Any) -> Path:
         **kwargs,
     )
     return build(directory, [proc])
+
+
+def ghost_image(
+    path: Path, content: bytes, *, chunks: list[tuple[int, int]] | None = None, mode: int = 0o100644
+) -> None:
+    """A ghost-file image of *content* as criu/files-reg.c:dump_ghost_file() writes it: whole,
+    or (``chunks`` of ``(offset, length)``) as GhostChunkEntry records with the bytes after
+    each, the rest of the file being holes."""
+    head = struct.pack(
+        "<II", pyimages.magic.by_name["IMG_COMMON"], pyimages.magic.by_name["GHOST_FILE"]
+    )
+    gfe = pb.ghost_file_entry(uid=0, gid=0, mode=mode)
+    if chunks is not None:
+        gfe.chunks = True
+        gfe.size = len(content)
+    body = [_length_prefixed(gfe)]
+    if chunks is None:
+        body.append(content)
+    else:
+        for off, length in chunks:
+            body.append(_length_prefixed(pb.ghost_chunk_entry(off=off, len=length)))
+            body.append(content[off : off + length])
+    path.write_bytes(head + b"".join(body))
+
+
+def _length_prefixed(msg: Any) -> bytes:
+    raw = msg.SerializeToString()
+    return struct.pack("<I", len(raw)) + raw
+
+
+def remap_ghost(directory: Path, *pairs: tuple[int, int]) -> None:
+    """remap-fpath.img saying each files.img id of ``(orig_id, remap_id)`` is a ghost."""
+    entries = [{"orig_id": o, "remap_id": r, "remap_type": "GHOST"} for o, r in pairs]
+    write_image(directory / "remap-fpath.img", "REMAP_FPATH", entries)

@@ -59,6 +59,30 @@ def _aarch64(d: Path) -> None:
     images.write_image(d / "core-100.img", "CORE", [images.core_entry(proc, 100, 0)])
 
 
+def _ghost(chunks: list[tuple[int, int]] | None, *, cut: int | None = None) -> Breaker:
+    """Replace the image set by one mapping a deleted 4-page file whose ghost-file image
+    holds *chunks* of ``(offset, length)`` (each written with the bytes that exist), cut to
+    *cut* bytes."""
+
+    def go(d: Path) -> None:
+        page = images.PAGE
+        content = bytes(range(256)) * (4 * page // 256)
+        proc = images.Proc(100, vmas=[images.file_vma(0x10000, 0x10000 + 4 * page, 5)])
+        images.build(d, [proc], files=[images.reg_file(5, "/gone.so", len(content))])
+        images.remap_ghost(d, (5, 1))
+        ghost = d / "ghost-file-1.img"
+        images.ghost_image(ghost, content, chunks=chunks)
+        if cut is not None:
+            ghost.write_bytes(ghost.read_bytes()[:cut])
+
+    return go
+
+
+def _ghost_missing(d: Path) -> None:
+    _ghost(None)(d)
+    (d / "ghost-file-1.img").unlink()
+
+
 # (breaker, file named in the message, words of the problem, error class)
 CASES: dict[str, tuple[Breaker, str, str, type[ConversionError]]] = {
     "truncated mm": (_truncate("mm-100.img"), "mm-100.img", "past the end", ImageFormatError),
@@ -116,6 +140,30 @@ CASES: dict[str, tuple[Breaker, str, str, type[ConversionError]]] = {
         ImageFormatError,
     ),
     "empty pstree": (_truncate("pstree.img", 8), "pstree.img", "no process", ImageFormatError),
+    "ghost image missing": (
+        _ghost_missing,
+        "ghost-file-1.img",
+        "missing image",
+        MissingImageError,
+    ),
+    "ghost entry truncated": (
+        _ghost(None, cut=14),
+        "ghost-file-1.img",
+        "ghost file entry claims",
+        ImageFormatError,
+    ),
+    "ghost chunk past the image": (
+        _ghost([(0, images.PAGE), (3 * images.PAGE, 2 * images.PAGE)]),
+        "ghost-file-1.img",
+        "is out of place",
+        ImageFormatError,
+    ),
+    "ghost chunks overlapping": (
+        _ghost([(0, 2 * images.PAGE), (images.PAGE, images.PAGE)]),
+        "ghost-file-1.img",
+        "is out of place",
+        ImageFormatError,
+    ),
 }
 
 

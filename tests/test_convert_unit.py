@@ -488,3 +488,57 @@ def test_held_descriptor_of_another_file_is_not_used(tmp_path: Path) -> None:
     assert result.path is not None
     assert memory(result.path, BASE, 2 * PAGE) == b"\xee" * 2 * PAGE
     assert result.warnings == [f"{lib}: the mapping at {BASE:#x} now maps {other}; read by name"]
+
+
+# --- deleted mapped files: CRIU's ghost-file images -------------------------------------------
+
+
+def _ghost_images(tmp_path: Path, *, chunks: list[tuple[int, int]] | None) -> tuple[Path, bytes]:
+    """A private mapping of a 4-page file deleted before the dump, whose bytes CRIU copied
+    into ghost-file-1.img (whole, or as *chunks*)."""
+    content = bytes((i * 11 + (i >> 12)) & 0xFF for i in range(4 * PAGE))
+    proc = images.Proc(100, vmas=[images.file_vma(BASE, BASE + 4 * PAGE, file_id=5)])
+    img = images.build(
+        tmp_path / "img", [proc], files=[images.reg_file(5, "/gone/lib.so", len(content))]
+    )
+    images.remap_ghost(img, (5, 1))
+    images.ghost_image(img / "ghost-file-1.img", content, chunks=chunks)
+    return img, content
+
+
+def test_deleted_file_read_from_its_ghost_image(tmp_path: Path) -> None:
+    img, content = _ghost_images(tmp_path, chunks=None)
+    (result,) = convert(img, _out(tmp_path), ConvertOptions(coredump_filter=0x3F))
+    assert result.path is not None and result.warnings == []
+    assert memory(result.path, BASE, 4 * PAGE) == content
+
+
+def test_deleted_file_ghost_chunks_and_holes(tmp_path: Path) -> None:
+    """Chunked ghosts leave the file's holes out: those pages read as zeros, as the file's."""
+    img, content = _ghost_images(tmp_path, chunks=[(0, PAGE + 100), (3 * PAGE, PAGE)])
+    (result,) = convert(img, _out(tmp_path), ConvertOptions(coredump_filter=0x3F))
+    assert result.path is not None and result.warnings == []
+    want = content[: PAGE + 100] + bytes(2 * PAGE - 100) + content[3 * PAGE :]
+    assert memory(result.path, BASE, 4 * PAGE) == want
+
+
+def test_deleted_file_without_ghost_image_is_holes_with_a_warning(tmp_path: Path) -> None:
+    """A LINKED remap (CRIU linked the file back instead of copying it): nothing to read."""
+    img, _ = _ghost_images(tmp_path, chunks=None)
+    images.write_image(
+        img / "remap-fpath.img",
+        "REMAP_FPATH",
+        [{"orig_id": 5, "remap_id": 1, "remap_type": "LINKED"}],
+    )
+    (result,) = convert(img, _out(tmp_path), ConvertOptions(coredump_filter=0x3F))
+    assert result.path is not None
+    assert memory(result.path, BASE, 4 * PAGE) == bytes(4 * PAGE)
+    assert result.warnings == [
+        f"/gone/lib.so: deleted file at {BASE:#x}; its unsaved pages are holes"
+    ]
+
+
+def _out(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    return out

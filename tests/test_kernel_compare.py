@@ -70,7 +70,10 @@ CASES = {
     "mappings-0x3f-livedump-clone": ("mappings", ["DATA", "1024"], 0x3F, "livedump-clone"),
     "threads-livedump-clone": ("threads", ["12"], None, "livedump-clone"),
     # the mapped data file replaced on disk after the start, as an upgrade replaces a library:
-    # the kernel reads the mapped (now deleted) inode, not what the name leads to now
+    # the kernel reads the mapped (now deleted) inode, not what the name leads to now. The
+    # converter alone reads CRIU's copy (a ghost-file image); `dump` reads /proc/PID/map_files.
+    "mappings-replaced-0x33": ("mappings", ["DATA", "1024"], None, "criu"),
+    "mappings-replaced-0x3f": ("mappings", ["DATA", "1024"], 0x3F, "criu"),
     "mappings-replaced-livedump-criu": ("mappings", ["DATA", "1024"], None, "livedump-criu"),
     "mappings-replaced-livedump-clone": ("mappings", ["DATA", "1024"], None, "livedump-clone"),
     "mappings-replaced-0x3f-livedump-clone": ("mappings", ["DATA", "1024"], 0x3F, "livedump-clone"),
