@@ -11,7 +11,9 @@ they still name the file CRIU recorded, and by name otherwise.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,10 +48,7 @@ def open_mapped_files(pid: int) -> dict[int, int]:
                 continue
             start = int(parts[0].split("-")[0], 16)
             try:
-                fd = os.open(
-                    f"/proc/{pid}/map_files/{parts[0]}",
-                    os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY,
-                )
+                fd = _open(f"/proc/{pid}/map_files/{parts[0]}")
             except OSError:
                 continue
             st = os.fstat(fd)
@@ -65,6 +64,22 @@ def open_mapped_files(pid: int) -> dict[int, int]:
         close_mapped_files(fds)
         raise
     return fds
+
+
+def _open(path: str) -> int:
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+    # a process mapping more distinct files than our soft RLIMIT_NOFILE: raise it to the hard
+    # limit, which needs no privilege, and try once more
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return os.open(path, flags)
 
 
 def close_mapped_files(fds: Mapping[int, int]) -> None:

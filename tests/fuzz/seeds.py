@@ -98,6 +98,7 @@ def rich_set(directory: Path, root: Path) -> Path:
                 prot=images.PROT_R | images.PROT_X,
                 status=images.VMA_AREA_REGULAR | images.VMA_AREA_VDSO,
             ),
+            images.file_vma(base + 48 * PAGE, base + 52 * PAGE, file_id=6),
         ],
         pages=[
             (base + PAGE, images.pattern(base + PAGE, 3)),
@@ -112,17 +113,23 @@ def rich_set(directory: Path, root: Path) -> Path:
         pages=[(base, images.pattern(base))],
         lazy_runs=[(base + PAGE, 1)],
     )
-    return images.build(
+    img = images.build(
         directory,
         [p1, p2],
         files=[
             images.reg_file(3, "/lib/libx.so", 4 + 256 * 40, 0o100755),
             images.memfd_file(4, 9),
+            images.reg_file(6, "/lib/gone.so", 4 * PAGE),
         ],
         memfds=[images.memfd_inode(9, "shm", 4 * PAGE, 77)],
         shmem={77: [(0, images.pattern(0, 1, tag=5)), (2 * PAGE, images.pattern(2 * PAGE))]},
         sidecar={"coredump_filter": 0x3F},
     )
+    # /lib/gone.so was deleted before the dump: CRIU kept it as a chunked ghost-file image
+    images.remap_ghost(img, (6, 1))
+    gone = images.pattern(0, 4, tag=9)
+    images.ghost_image(img / "ghost-file-1.img", gone, chunks=[(0, PAGE), (2 * PAGE, PAGE)])
+    return img
 
 
 def chain_set(top: Path) -> Path:
