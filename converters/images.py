@@ -67,6 +67,11 @@ PE_PRESENT = 1 << 2
 # <sys/mman.h>
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED = 0x01
+#: include/uapi/asm-generic/mman.h; CRIU keeps the mmap flags of every VMA
+MAP_HUGETLB = 0x40000
+#: d_path() of the hugetlbfs file behind MAP_ANONYMOUS|MAP_HUGETLB (mm/mmap.c ksys_mmap_pgoff()
+#: -> hugetlb_file_setup(HUGETLB_ANON_FILE)), which CRIU records as anonymous memory
+ANON_HUGEPAGE = "/anon_hugepage"
 MADV_DONTDUMP = 16
 
 
@@ -208,6 +213,10 @@ class Vma:
     @property
     def shared(self) -> bool:
         return bool(self.flags & MAP_SHARED)
+
+    @property
+    def hugetlb(self) -> bool:
+        return bool(self.flags & MAP_HUGETLB)
 
     @property
     def dontdump(self) -> bool:
@@ -468,9 +477,10 @@ class ImageSet:
             if inode is None:
                 return None
             name = str(inode.name)
-            # The kernel names memfd files "memfd:NAME"; shared anonymous memory, which CRIU
-            # 4.x saves through the memfd path, is the kernel's "/dev/zero" shmem file.
-            shown = name if name == "/dev/zero" else f"/memfd:{name}"
+            # criu/memfd.c:memfd_dump() strips "/memfd:" from a memfd's name and keeps any
+            # other shmem-like file's whole path: shared anonymous memory is "/dev/zero", shared
+            # anonymous hugetlb "/anon_hugepage"
+            shown = name if name.startswith("/") else f"/memfd:{name}"
             return MappedFile(
                 name=shown,
                 size=int(inode.size),

@@ -22,6 +22,7 @@ from converters.elf import EM, NT, PAGE_SIZE, PF, Note, Piece, Segment
 from converters.errors import ImageFormatError
 from converters.files import FileRoot, OpenedFile
 from converters.images import (
+    ANON_HUGEPAGE,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
@@ -316,6 +317,10 @@ def vma_dump_size(p: _Proc, vma: Vma, mm_filter: int) -> int:
         return vma.size
     if vma.dontdump:
         return 0
+    # is_vm_hugetlb_page(): whole or nothing, by the hugetlb bits alone
+    if vma.hugetlb:
+        bit = MMF.HUGETLB_SHARED if vma.shared else MMF.HUGETLB_PRIVATE
+        return vma.size if mm_filter & bit else 0
     mf = p.mapped(vma)
     if vma.shared:
         unlinked = (
@@ -611,6 +616,9 @@ def _nt_file(p: _Proc) -> bytes:
         if mf is None:
             if vma.has(VMA_AREA_AIORING):
                 name = "/[aio] (deleted)"
+            elif vma.hugetlb and vma.has(VMA_ANON_PRIVATE):
+                # private anonymous hugetlb has a file (vm_file) the kernel lists
+                name = ANON_HUGEPAGE + " (deleted)"
             else:
                 continue
         else:

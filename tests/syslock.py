@@ -62,3 +62,20 @@ def core_pattern(pattern: str, uses_pid: int = 0) -> Iterator[None]:
             # The pattern first: a failed core_uses_pid restore must not leave our temp path.
             CORE_PATTERN.write_text(saved_pattern)
             CORE_USES_PID.write_text(saved_uses_pid)
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+@contextmanager
+def hugepages(count: int) -> Iterator[bool]:
+    """Reserve *count* default-size huge pages (vm.nr_hugepages) under the lock; restore the
+    old value on exit. Yields False when the kernel could not find that many."""
+    with system_settings_lock():
+        saved = NR_HUGEPAGES.read_text()
+        try:
+            if int(saved) < count:
+                NR_HUGEPAGES.write_text(f"{count}\n")
+            yield int(NR_HUGEPAGES.read_text()) >= count
+        finally:
+            NR_HUGEPAGES.write_text(saved)

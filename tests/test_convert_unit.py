@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from converters import ConvertOptions, convert
 from converters.errors import ImageFormatError, MissingImageError
-from converters.images import PageIndex
+from converters.images import MAP_HUGETLB, PageIndex
 from converters.model import build as build_model
 from converters.options import Sidecar
 
@@ -542,3 +542,34 @@ def _out(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     out.mkdir()
     return out
+
+
+# --- hugetlb ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mm_filter", "dumped"),
+    [(0x33, True), (0x13, False), (0x20, True), (0x03, False)],
+)
+def test_private_hugetlb_follows_its_own_filter_bit(
+    tmp_path: Path, mm_filter: int, dumped: bool
+) -> None:
+    """is_vm_hugetlb_page(): HUGETLB_PRIVATE (0x20) alone decides, whole or nothing, whatever
+    ANON_PRIVATE says; NT_FILE lists the mapping's hugetlbfs file."""
+    size = 2 << 20
+    flags = images.MAP_PRIVATE | images.MAP_ANONYMOUS | MAP_HUGETLB
+    proc = images.Proc(
+        100,
+        vmas=[images.vma(BASE, BASE + size, flags=flags)],
+        pages=[(BASE, images.pattern(BASE, 2))],
+    )
+    img = images.build(tmp_path / "img", [proc])
+    core = _convert(img, tmp_path / "out", coredump_filter=mm_filter)
+    with core.open("rb") as f:
+        (load,) = [s for s in ELFFile(f).iter_segments() if s["p_vaddr"] == BASE]
+        assert load["p_memsz"] == size
+        assert load["p_filesz"] == (size if dumped else 0)
+    if dumped:
+        assert memory(core, BASE, 2 * PAGE) == images.pattern(BASE, 2)
+    (nt_file,) = [n for n in read_notes(core) if n.type == 0x46494C45]
+    assert nt_file.desc.endswith(b"/anon_hugepage (deleted)\0")

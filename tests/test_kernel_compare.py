@@ -7,6 +7,7 @@ the images with :func:`converters.convert`, then lets the kernel dump the same u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from kernelcore import (
     start_target,
 )
 from programs import build as programs_build
+from syslock import hugepages
 
 import converters
 from converters.options import ConvertOptions
@@ -77,6 +79,11 @@ CASES = {
     "mappings-replaced-livedump-criu": ("mappings", ["DATA", "1024"], None, "livedump-criu"),
     "mappings-replaced-livedump-clone": ("mappings", ["DATA", "1024"], None, "livedump-clone"),
     "mappings-replaced-0x3f-livedump-clone": ("mappings", ["DATA", "1024"], 0x3F, "livedump-clone"),
+    # hugetlb: its own filter bits (0x20 private is in the default 0x33, 0x40 shared is not)
+    "hugetlb-0x33": ("hugetlb", [], None, "criu"),
+    "hugetlb-0x73": ("hugetlb", [], 0x73, "criu"),
+    "hugetlb-0x13-livedump-criu": ("hugetlb", [], 0x13, "livedump-criu"),
+    "hugetlb-0x73-livedump-clone": ("hugetlb", [], 0x73, "livedump-clone"),
     # a container's view: its own mount namespace, the data file on a tmpfs only it can see,
     # and stdin inherited from outside (CRIU needs it declared external)
     "mappings-mntns-livedump-criu": ("mappings", ["DATA", "1024"], None, "livedump-criu"),
@@ -156,11 +163,15 @@ def case(
     tmp = tmp_path_factory.mktemp(request.param)
     binary = _binary(program, tmp)
     argv = [str(_data_file(tmp / "data")) if a == "DATA" else a for a in args]
-    if "-mntns" in request.param:
-        target = _start_in_mount_namespace(binary, argv, tmp)
-    else:
-        target = start_target(binary, *argv)
-    try:
+    with contextlib.ExitStack() as stack:
+        # hugetlb pages for the whole case: the kernel's core is taken after ours
+        if program == "hugetlb" and not stack.enter_context(hugepages(8)):
+            pytest.skip("the kernel could not reserve 8 huge pages")
+        if "-mntns" in request.param:
+            target = _start_in_mount_namespace(binary, argv, tmp)
+        else:
+            target = start_target(binary, *argv)
+        stack.callback(target.close)
         if "-replaced" in request.param:
             _replace(tmp / "data")
         if coredump_filter is not None:
@@ -178,8 +189,6 @@ def case(
             target.rseq,
             dumped_filter,
         )
-    finally:
-        target.close()
 
 
 @pytest.fixture
