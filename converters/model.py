@@ -686,9 +686,11 @@ def _fork_excluded(p: _Proc, sidecar: Sidecar) -> None:
     which MADV_WIPEONFORK VMAs read as zeros (sidecar ``dontfork``/``wipeonfork``)."""
     added: list[Vma] = []
     for r in sidecar.extra.get("dontfork") or []:
-        if not (isinstance(r, list) and len(r) == 3 and isinstance(r[2], str)):
+        # [start, end, perms] or [start, end, perms, has_bytes]
+        if not (isinstance(r, list) and len(r) in (3, 4) and isinstance(r[2], str)):
             continue
-        start, end, perms = r
+        start, end, perms = r[:3]
+        has_bytes = r[3] if len(r) == 4 else True
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end < 1 << 64):
             continue
         if start % PAGE_SIZE or end % PAGE_SIZE:
@@ -701,10 +703,11 @@ def _fork_excluded(p: _Proc, sidecar: Sidecar) -> None:
             | (PROT_EXEC if "x" in perms else 0)
         )
         added.append(Vma(start, end, 0, 0, prot, 0x22, VMA_AREA_REGULAR | VMA_ANON_PRIVATE, 0))
-        p.warn(
-            f"[{start:#x}, {end:#x}) is MADV_DONTFORK: absent from the clone snapshot, written"
-            " without bytes (use --method criu for them)"
-        )
+        if has_bytes is not False:
+            p.warn(
+                f"[{start:#x}, {end:#x}) is MADV_DONTFORK: absent from the clone snapshot,"
+                " written without bytes (use --method criu for them)"
+            )
     for r in sidecar.extra.get("wipeonfork") or []:
         if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r):
             p.warn(

@@ -12,6 +12,10 @@ Steps (issue 5):
 5. In the clone: ``close_range(0, ~0U, 0)``, ``setsid()``, and mappings CRIU refuses (io_uring
    rings, SysV shared memory) are copied to a side file and unmapped.
 
+Between 3 and 4, while the target is still frozen, the pages a fork does not copy
+(MADV_DONTFORK, MADV_WIPEONFORK) are read from the target into a side file
+(:mod:`criu_livedump.fork_lost`).
+
 :meth:`CloneSnapshot.release_for_criu` then leaves the clone asleep for ``criu dump -t CLONE``,
 and :meth:`CloneSnapshot.kill` makes sure, whatever happened, that the clone is gone (reaped
 from the target by one more injected ``wait4``) and the target runs.
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from criu_livedump import ptrace
+from criu_livedump import fork_lost, ptrace
 from criu_livedump.errors import LivedumpError, TargetError
 from criu_livedump.ptrace import Event, Opt, PtraceError, UserRegs
 
@@ -166,6 +170,8 @@ class CloneSnapshot:
     pgid: int
     sid: int
     side_mappings: tuple[SideMapping, ...] = ()
+    #: MADV_DONTFORK / MADV_WIPEONFORK areas whose pages were copied from the frozen target
+    fork_lost: tuple[fork_lost.ForkLostArea, ...] = ()
     #: the thread the clone was made from (its comm and TLS are the clone's)
     injector_tid: int = 0
     _pidfd: int = field(default=-1, repr=False)
@@ -262,6 +268,8 @@ def clone_snapshot(
     :raises CloneError: anything else; the target is left running and no clone is alive.
     """
     _check_target(pid)
+    # before the freeze: reading smaps walks every page table, allocating pages takes time
+    copier = fork_lost.prepare(pid, side_dir) if side_dir is not None else None
     start = time.monotonic()
     threads: dict[int, ThreadState] = {}
     seized: list[int] = []
@@ -291,6 +299,8 @@ def clone_snapshot(
         restore_regs = resume_regs(injector_saved, signal_pending=threads[injector].signal_pending)
         clone_pid = _inject_clone(injector, injector_saved, restore_regs, injector_mask, syscall_ip)
         pidfd = os.pidfd_open(clone_pid)
+        if copier is not None:
+            copier.copy()
         _hook("cloned")
 
         for tid in seized:
@@ -300,8 +310,11 @@ def clone_snapshot(
         freeze = time.monotonic() - start
         watchdog = _start_watchdog(pid, clone_pid, pidfd, injector, syscall_ip)
         _hook("detached")
+        lost = copier.finish() if copier is not None else ()
     except BaseException as e:
         # Step 7: whatever failed, the target runs on and the clone dies with us.
+        if copier is not None:
+            copier.close()
         if injector_saved is not None and injector in seized:
             with contextlib.suppress(PtraceError):
                 ptrace.set_regs(injector, restore_regs or injector_saved)
@@ -321,6 +334,8 @@ def clone_snapshot(
             if e.errno == errno.ESRCH and not Path(f"/proc/{pid}").exists():
                 raise TargetError(pid, "exited during the clone snapshot") from e
             raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
+        if isinstance(e, OSError):  # the side file (fork_lost), pidfd_open
+            raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
         raise
 
     snap = CloneSnapshot(
@@ -330,6 +345,7 @@ def clone_snapshot(
         freeze_seconds=freeze,
         pgid=pgid,
         sid=sid,
+        fork_lost=lost,
         injector_tid=injector,
         _pidfd=pidfd,
         _syscall_ip=syscall_ip,

@@ -30,6 +30,7 @@ from typing import Any, Final
 from converters.images import dump_image, load_image
 from criu_livedump.clone import CloneSnapshot, SideMapping, ThreadState, criu_regs
 from criu_livedump.errors import LivedumpError
+from criu_livedump.fork_lost import ForkLostArea
 
 PAGE_SIZE: Final = 4096
 
@@ -37,9 +38,12 @@ PAGE_SIZE: Final = 4096
 VMA_AREA_REGULAR: Final = 1 << 0
 VMA_FILE_SHARED: Final = 1 << 7
 VMA_ANON_SHARED: Final = 1 << 8
+VMA_ANON_PRIVATE: Final = 1 << 9
 VMA_AREA_SYSVIPC: Final = 1 << 10
+PE_PARENT: Final = 1 << 0
 PE_PRESENT: Final = 1 << 2
 MAP_SHARED: Final = 0x01
+MAP_PRIVATE: Final = 0x02
 MAP_ANONYMOUS: Final = 0x20
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 O_RDWR: Final = 2
@@ -202,6 +206,8 @@ def rewrite_images(images_dir: Path, snap: CloneSnapshot) -> dict[str, Any]:
         src = images_dir / f"{stem}-{cpid}.img"
         if src.exists():
             os.replace(src, images_dir / f"{stem}-{pid}.img")
+    if snap.fork_lost:
+        _add_fork_lost(images_dir, pid, snap.fork_lost)
     if snap.side_mappings:
         keys = _add_side_mappings(images_dir, pid, snap.side_mappings)
         return {"sysv_keys": {str(k): v for k, v in keys.items()}}
@@ -329,6 +335,86 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
     if any(m.kind != "sysv" for m in side):
         dump_image(files_path, files)
     return sysv_keys
+
+
+# --- what the fork did not copy -------------------------------------------------------------------
+
+
+def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) -> None:
+    """Give the images the pages of MADV_DONTFORK / MADV_WIPEONFORK areas that were copied
+    from the frozen target (:mod:`criu_livedump.fork_lost`).
+
+    A DONTFORK area gets its VMA back (anonymous private, as CRIU records one); a WIPEONFORK
+    area is in the images already, empty. The pages go into ``parent/``, a one-level image
+    chain as ``criu pre-dump`` makes (criu/page-xfer.c): the main pagemap gains PE_PARENT
+    entries, which take no room in its pages file, so CRIU's own pagemap and pages stay as
+    they are and no gigabytes are copied to insert a few megabytes.
+    """
+    mm_path = images_dir / f"mm-{pid}.img"
+    mm_image = _load(mm_path)
+    vmas: list[dict[str, Any]] = _entry(mm_image, mm_path)["vmas"]
+    runs: list[tuple[int, int, int, Path]] = []
+    added = False
+    for a in areas:
+        inside = [v for v in vmas if int(v["start"]) < a.end and a.start < int(v["end"])]
+        if a.kind == "dontfork":
+            if inside:
+                continue  # the clone has it after all: not DONTFORK at the fork
+            vmas.append(
+                {
+                    "start": a.start,
+                    "end": a.end,
+                    "pgoff": a.pgoff,
+                    "shmid": 0,
+                    "prot": _prot(a.perms),
+                    "flags": MAP_PRIVATE | MAP_ANONYMOUS,
+                    "status": VMA_AREA_REGULAR | VMA_ANON_PRIVATE,
+                    "fd": -1,
+                }
+            )
+            added = True
+        elif len(inside) != 1 or not int(inside[0]["start"]) <= a.start < a.end <= int(
+            inside[0]["end"]
+        ):
+            continue
+        runs.extend((lo, length, offset, a.data_file) for lo, length, offset in a.runs)
+    if added:
+        vmas.sort(key=lambda v: int(v["start"]))
+        dump_image(mm_path, mm_image)
+    if not runs:
+        return
+    runs.sort()
+    pagemap_path = images_dir / f"pagemap-{pid}.img"
+    pagemap = load_image(pagemap_path)
+    head, entries = pagemap["entries"][0], pagemap["entries"][1:]
+    taken = [(int(e["vaddr"]), int(e["vaddr"]) + int(e["nr_pages"]) * PAGE_SIZE) for e in entries]
+    runs = [r for r in runs if not any(lo < r[0] + r[1] and r[0] < hi for lo, hi in taken)]
+    parent = images_dir / "parent"
+    parent.mkdir(mode=0o700)
+    with (parent / "pages-1.img").open("wb") as dst:
+        for _, length, offset, src_path in runs:
+            with src_path.open("rb") as src:
+                done = 0
+                while done < length:
+                    n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, offset + done)
+                    if n == 0:
+                        raise CloneImagesError(f"{src_path}: short copy at offset {offset + done}")
+                    done += n
+    dump_image(
+        parent / f"pagemap-{pid}.img",
+        {"magic": "PAGEMAP", "entries": [{"pages_id": 1}, *_pagemap_entries(runs, PE_PRESENT)]},
+    )
+    entries += _pagemap_entries(runs, PE_PARENT)
+    entries.sort(key=lambda e: int(e["vaddr"]))
+    pagemap["entries"] = [head, *entries]
+    dump_image(pagemap_path, pagemap)
+
+
+def _pagemap_entries(runs: list[tuple[int, int, int, Path]], flags: int) -> list[dict[str, Any]]:
+    return [
+        {"vaddr": lo, "compat_nr_pages": 0, "nr_pages": n // PAGE_SIZE, "flags": flags}
+        for lo, n, _, _ in runs
+    ]
 
 
 #: /proc/PID/maps name of a SysV segment: the key in hex (ipc/shm.c newseg() "SYSV%08x")

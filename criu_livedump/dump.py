@@ -428,7 +428,8 @@ def live_dump(
             held = open_mapped_files(pid)
         else:
             extra_facts = clone_images.rewrite_images(result.images_dir, snap)
-            extra_facts.update(clone_facts(pid))
+            copied = frozenset((a.start, a.end) for a in snap.fork_lost)
+            extra_facts.update(clone_facts(pid, copied=copied))
             snap.kill()
 
         # 3. Facts the images lack, then the conversion at the requested priorities.

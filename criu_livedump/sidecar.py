@@ -83,7 +83,7 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
 
 
 @dataclass
-class _SmapsEntry:
+class SmapsEntry:
     start: int
     end: int
     perms: str
@@ -92,9 +92,9 @@ class _SmapsEntry:
     vmflags: frozenset[str] = frozenset()
 
 
-def _smaps(pid: int, proc: Path) -> list[_SmapsEntry]:
+def smaps_entries(pid: int, proc: Path = _PROC) -> list[SmapsEntry]:
     """/proc/PID/smaps, one entry per VMA (empty when the process is gone)."""
-    entries: list[_SmapsEntry] = []
+    entries: list[SmapsEntry] = []
     try:
         lines = (proc / str(pid) / "smaps").read_text().splitlines()
     except OSError:
@@ -106,7 +106,7 @@ def _smaps(pid: int, proc: Path) -> list[_SmapsEntry]:
         if "-" in head[0] and ":" not in head[0]:
             lo, hi = (int(x, 16) for x in head[0].split("-"))
             inode = int(head[4]) if len(head) > 4 else 0
-            entries.append(_SmapsEntry(lo, hi, head[1], inode))
+            entries.append(SmapsEntry(lo, hi, head[1], inode))
         elif entries and head[0] in ("Anonymous:", "Swap:"):
             entries[-1].anon_kb += int(head[1])
         elif entries and head[0] == "VmFlags:":
@@ -114,24 +114,30 @@ def _smaps(pid: int, proc: Path) -> list[_SmapsEntry]:
     return entries
 
 
-def clone_facts(pid: int, proc: Path = _PROC) -> dict[str, list[list[Any]]]:
+def clone_facts(
+    pid: int, proc: Path = _PROC, *, copied: frozenset[tuple[int, int]] = frozenset()
+) -> dict[str, list[list[Any]]]:
     """What a clone of *pid* shows differently from *pid* itself, from one read of its smaps.
 
     - ``no_saved_pages``: ``[start, end]`` of every private file mapping without anonymous
       pages. CRIU's compel briefly writes a syscall instruction into the first executable VMA
       of the task it infects (and restores it), which leaves a copy-on-write page there; in
       the clone that page is CRIU's doing, not the target's, and the converter ignores it.
-    - ``dontfork``: ``[start, end, perms]`` of MADV_DONTFORK areas (``dc``, VM_DONTCOPY),
-      absent from a clone; ``wipeonfork``: ``[start, end]`` of MADV_WIPEONFORK areas (``wf``),
-      empty in it (kernel/fork.c: dup_mmap()). The converter lists the former without bytes
-      and names both.
+    - ``dontfork``: ``[start, end, perms, has_bytes]`` of MADV_DONTFORK areas (``dc``,
+      VM_DONTCOPY), absent from a clone; ``wipeonfork``: ``[start, end]`` of MADV_WIPEONFORK
+      areas (``wf``), empty in it (kernel/fork.c: dup_mmap()). The clone method copies the
+      anonymous ones' pages from the frozen target (fork_lost.py), and the converter ignores
+      an entry the images cover; others are listed without bytes, and named when *has_bytes*
+      (an untouched area has none to miss). Areas in *copied* (``(start, end)``) are left out.
     """
     out: dict[str, list[list[Any]]] = {"no_saved_pages": [], "dontfork": [], "wipeonfork": []}
-    for e in _smaps(pid, proc):
+    for e in smaps_entries(pid, proc):
         if e.perms.endswith("p") and e.inode != 0 and e.anon_kb == 0:
             out["no_saved_pages"].append([e.start, e.end])
+        if (e.start, e.end) in copied:
+            continue
         if "dc" in e.vmflags:
-            out["dontfork"].append([e.start, e.end, e.perms])
+            out["dontfork"].append([e.start, e.end, e.perms, e.anon_kb > 0 or e.inode != 0])
         elif "wf" in e.vmflags:
             out["wipeonfork"].append([e.start, e.end])
     return out

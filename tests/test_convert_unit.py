@@ -573,3 +573,39 @@ def test_private_hugetlb_follows_its_own_filter_bit(
         assert memory(core, BASE, 2 * PAGE) == images.pattern(BASE, 2)
     (nt_file,) = [n for n in read_notes(core) if n.type == 0x46494C45]
     assert nt_file.desc.endswith(b"/anon_hugepage (deleted)\0")
+
+
+def test_dontfork_areas_the_images_lack(tmp_path: Path) -> None:
+    """Sidecar ``dontfork`` (clone snapshots): an area the images lack is put back without
+    bytes, named in a warning when it held bytes; one the images cover is left alone."""
+    covered = BASE + 32 * PAGE
+    proc = images.Proc(
+        100,
+        vmas=[images.vma(covered, covered + 2 * PAGE)],
+        pages=[(covered, images.pattern(covered, 2))],
+    )
+    lost, untouched = BASE, BASE + 8 * PAGE
+    img = images.build(
+        tmp_path / "img",
+        [proc],
+        sidecar={
+            "dontfork": [
+                [lost, lost + 4 * PAGE, "rw-p", True],
+                [untouched, untouched + 4 * PAGE, "r--p", False],
+                [covered, covered + 2 * PAGE, "rw-p", True],
+            ]
+        },
+    )
+    (result,) = convert(img, _out(tmp_path), ConvertOptions())
+    assert result.path is not None
+    assert result.warnings == [
+        f"[{lost:#x}, {lost + 4 * PAGE:#x}) is MADV_DONTFORK: absent from the clone snapshot,"
+        " written without bytes (use --method criu for them)"
+    ]
+    with result.path.open("rb") as f:
+        loads = {s["p_vaddr"]: s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"}
+        assert (loads[lost]["p_memsz"], loads[lost]["p_filesz"]) == (4 * PAGE, 0)
+        assert loads[lost]["p_flags"] == 6  # PF_R | PF_W
+        assert (loads[untouched]["p_memsz"], loads[untouched]["p_filesz"]) == (4 * PAGE, 0)
+        assert loads[covered]["p_filesz"] == 2 * PAGE
+    assert memory(result.path, covered, 2 * PAGE) == images.pattern(covered, 2)

@@ -79,6 +79,10 @@ CASES = {
     "mappings-replaced-livedump-criu": ("mappings", ["DATA", "1024"], None, "livedump-criu"),
     "mappings-replaced-livedump-clone": ("mappings", ["DATA", "1024"], None, "livedump-clone"),
     "mappings-replaced-0x3f-livedump-clone": ("mappings", ["DATA", "1024"], 0x3F, "livedump-clone"),
+    # what a fork does not copy (MADV_DONTFORK: absent, MADV_WIPEONFORK: zeros): the clone
+    # method copies those pages from the frozen target
+    "forkmadv-livedump-clone": ("forkmadv", [], None, "livedump-clone"),
+    "forkmadv-livedump-criu": ("forkmadv", [], None, "livedump-criu"),
     # hugetlb: its own filter bits (0x20 private is in the default 0x33, 0x40 shared is not)
     "hugetlb-0x33": ("hugetlb", [], None, "criu"),
     "hugetlb-0x73": ("hugetlb", [], 0x73, "criu"),
