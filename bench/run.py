@@ -56,6 +56,8 @@ MIB = 1 << 20
 #: Sizes of a full run and of ``--quick``.
 FULL_SIZES = (256, 1024, 4096)
 QUICK_SIZES = (64, 256)
+#: the all-MADV_DONTFORK workload (V8's heap is MADV_DONTFORK; a clone must copy it frozen)
+DONTFORK_MIB = 256
 #: CRIU's coredump tool is quadratic in the number of pages: one small process only.
 COREDUMP_TOOL_MIB = 16
 COREDUMP_TOOL_TIMEOUT = 300.0
@@ -243,10 +245,10 @@ def build_workload(out_dir: Path) -> Path:
 class Workload:
     """A running ``workload MIB``, spoken to over its stdin/stdout line protocol."""
 
-    def __init__(self, exe: Path, mib: int) -> None:
+    def __init__(self, exe: Path, mib: int, *, dontfork: bool = False) -> None:
         self.mib = mib
         self.proc = subprocess.Popen(
-            [str(exe), str(mib)],
+            [str(exe), str(mib), *(["dontfork"] if dontfork else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -324,8 +326,8 @@ class Workload:
 
 
 @contextmanager
-def workload(exe: Path, mib: int) -> Iterator[Workload]:
-    w = Workload(exe, mib)
+def workload(exe: Path, mib: int, *, dontfork: bool = False) -> Iterator[Workload]:
+    w = Workload(exe, mib, dontfork=dontfork)
     try:
         yield w
     finally:
@@ -537,6 +539,8 @@ class Config:
     results_dir: Path
     markdown: Path | None
     plot: bool
+    #: size of the all-MADV_DONTFORK workload (0: not measured)
+    dontfork_mib: int = 0
 
 
 def measure_peer(
@@ -756,6 +760,10 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
 
         for mib in cfg.sizes:
             results["sizes"].append(measure_size(exe, mib, peers, scratch, cfg, deadline, say))
+        if cfg.dontfork_mib:
+            results["dontfork"] = measure_size(
+                exe, cfg.dontfork_mib, peers, scratch, cfg, deadline, say, dontfork=True
+            )
         if cfg.coredump_tool:
             say(f"CRIU coredump tool on {COREDUMP_TOOL_MIB} MiB")
             results["criu_coredump"] = measure_coredump_tool(exe, scratch, say)
@@ -775,9 +783,15 @@ def measure_size(
     cfg: Config,
     deadline: float,
     say: Progress,
+    *,
+    dontfork: bool = False,
 ) -> dict[str, Any]:
-    """Every peer on one workload of *mib* MiB, then the conversion of the criu peer's images."""
-    entry: dict[str, Any] = {"mib": mib, "freeze": {}}
+    """Every peer on one workload of *mib* MiB, then the conversion of the criu peer's images.
+
+    With *dontfork* the workload's memory is MADV_DONTFORK (the clone copies it while the
+    target is frozen) and no conversion is measured.
+    """
+    entry: dict[str, Any] = {"mib": mib, "freeze": {}, "dontfork": dontfork}
     # At the peak the workload, its images and a core (or a copy of the pages) coexist on
     # tmpfs; plus a margin for the other tenants of the machine.
     need = (3 * mib + 1024) * MIB
@@ -787,18 +801,19 @@ def measure_size(
         )
         say(f"{mib} MiB: skipped ({entry['skipped']})")
         return entry
-    say(f"{mib} MiB: starting the workload")
-    size_dir = scratch / f"size-{mib}"
+    label = f"{mib} MiB{' MADV_DONTFORK' if dontfork else ''}"
+    say(f"{label}: starting the workload")
+    size_dir = scratch / f"size-{mib}{'-dontfork' if dontfork else ''}"
     size_dir.mkdir()
     try:
-        with workload(exe, mib) as w:
+        with workload(exe, mib, dontfork=dontfork) as w:
             entry["baseline_gap_ms"] = baseline_gap_ms(w)
             # fork() is the floor of any copy-on-write snapshot: the kernel copies the page
             # tables (dup_mmap()) while the target waits.
             entry["fork_ms"] = stat([w.fork_ms() for _ in range(cfg.runs)])
             images = None
             for peer in peers:
-                keep = peer.name == "criu"
+                keep = peer.name == "criu" and not dontfork
                 try:
                     figures, kept = measure_peer(peer, w, size_dir, cfg.runs, keep, deadline, say)
                 except BenchError as e:
@@ -1103,6 +1118,41 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         w("")
         w(f"![freeze time vs size]({png_rel})")
     w("")
+    df = results.get("dontfork")
+    if df is not None and "skipped" not in df:
+        fr = df["freeze"]
+
+        def dcell(peer: str, key: str) -> str:
+            p = fr.get(peer)
+            if p is None:
+                return "n/a"
+            return "failed" if "error" in p else _mm(p.get(key))
+
+        w(f"### {df['mib']} MiB, all of it MADV_DONTFORK")
+        w("")
+        w(
+            "The same workload with its memory in MADV_DONTFORK, as V8 keeps the JavaScript heap "
+            "of node and Chromium: a fork does not copy it, so `fork() alone` is short, and the "
+            "clone method reads those pages from the target while it is still frozen "
+            "(`criu_livedump/fork_lost.py`), which is part of its freeze."
+        )
+        w("")
+        w(
+            "| gcore gap ms | criu gap ms | criu frozen_time ms | clone gap ms "
+            "| clone freeze (tool) ms | fork() alone ms | gcore / clone | criu / clone |"
+        )
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        w(
+            f"| {dcell('gcore', 'gap_ms')} | {dcell('criu', 'gap_ms')} "
+            f"| {dcell('criu', 'frozen_ms')} | {dcell('clone', 'gap_ms')} "
+            f"| {dcell('clone', 'frozen_ms')} | {_mm(df.get('fork_ms'))} "
+            f"| {_x(fr.get('clone', {}).get('gcore_over_this'))} "
+            f"| {_x(fr.get('clone', {}).get('criu_over_this'))} |"
+        )
+        for peer, p in fr.items():
+            if "error" in p:
+                w(f"\n- {peer} failed: {p['error']}")
+        w("")
     w("## End-to-end wall time (until the core is complete)")
     w("")
     w("| size | gcore s | criu s (all of `dump`) | criu dump s (CRIU) | criu convert s | clone s |")
@@ -1253,6 +1303,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} MiB only")
     p.add_argument("--sizes", help="comma-separated sizes in MiB (overrides --quick's)")
     p.add_argument("--runs", type=int, default=3, help="runs per peer and size (default 3)")
+    p.add_argument(
+        "--dontfork-mib",
+        type=int,
+        help=f"size of the all-MADV_DONTFORK workload, 0 for none (default {DONTFORK_MIB})",
+    )
     p.add_argument("--no-gcore", action="store_true", help="skip the gcore peer")
     p.add_argument("--no-coredump-tool", action="store_true", help="skip CRIU's coredump tool")
     p.add_argument("--scratch", type=Path, default=Path("/dev/shm"), help="parent of scratch")
@@ -1275,6 +1330,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         sizes = QUICK_SIZES if a.quick else FULL_SIZES
     if a.runs < 1 or any(s < 1 for s in sizes):
         p.error("--runs and --sizes must be positive")
+    if a.dontfork_mib is not None and a.dontfork_mib < 0:
+        p.error("--dontfork-mib must not be negative")
     cfg = Config(
         sizes=sizes,
         runs=a.runs,
@@ -1285,6 +1342,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         results_dir=a.results_dir,
         markdown=None if a.no_markdown else a.markdown,
         plot=not a.no_plot,
+        dontfork_mib=DONTFORK_MIB if a.dontfork_mib is None else a.dontfork_mib,
     )
     return cfg, a.report_only
 

@@ -1,10 +1,11 @@
 /*
  * Benchmark target for `make bench`: a process that notices when it is frozen.
  *
- *   workload MIB
+ *   workload MIB [dontfork]
  *
  * - MIB MiB of private anonymous memory, every page non-zero (so CRIU, gcore and the converter
- *   all move real bytes: none of them may skip a zero page);
+ *   all move real bytes: none of them may skip a zero page); with "dontfork" it is
+ *   MADV_DONTFORK, as V8 keeps its heap, so a fork (a clone snapshot) does not copy it;
  * - 4 busy threads spinning on arithmetic, so the freeze has running threads to stop;
  * - a heartbeat thread that sleeps 1 ms at a time and records the longest gap between two of
  *   its wake-ups (CLOCK_MONOTONIC): a freeze of the process shows up as one long gap.
@@ -95,8 +96,8 @@ int main(int argc, char **argv)
 	long page = sysconf(_SC_PAGESIZE);
 	int i;
 
-	if (argc != 2 || atol(argv[1]) <= 0) {
-		fprintf(stderr, "usage: %s MIB\n", argv[0]);
+	if (argc < 2 || argc > 3 || atol(argv[1]) <= 0 || (argc == 3 && strcmp(argv[2], "dontfork"))) {
+		fprintf(stderr, "usage: %s MIB [dontfork]\n", argv[0]);
 		return 2;
 	}
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -104,6 +105,10 @@ int main(int argc, char **argv)
 	mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED) {
 		perror("mmap");
+		return 1;
+	}
+	if (argc == 3 && madvise(mem, size, MADV_DONTFORK) != 0) {
+		perror("madvise");
 		return 1;
 	}
 	/* Non-zero, and different per page, so that nothing can deduplicate or skip it. */

@@ -56,6 +56,7 @@ def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFix
     results_dir = tmp_path / "results"
     markdown = tmp_path / "BENCHMARKS.md"
     argv = ["--sizes", "8", "--runs", "1", "--no-coredump-tool", "--scratch", str(scratch)]
+    argv += ["--dontfork-mib", "8"]
     argv += ["--results-dir", str(results_dir), "--markdown", str(markdown)]
 
     status = bench.main(argv)
@@ -104,11 +105,21 @@ def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFix
     assert conv["core_allocated"] >= 8 * MIB
     assert conv["core_apparent"] >= conv["core_allocated"] - MIB
 
+    # the all-MADV_DONTFORK workload: every peer dumped it, the clone copied it while frozen
+    dontfork = results["dontfork"]
+    assert dontfork["mib"] == 8 and dontfork["dontfork"] is True
+    assert "convert" not in dontfork
+    for name, peer in dontfork["freeze"].items():
+        assert "error" not in peer, (name, peer.get("error"))
+        assert peer["gap_ms"]["median"] >= 1.0
+        assert peer["core_allocated"] >= 8 * MIB, name  # the memory is in every core
+
     targets = {t["target"]: t for t in results["targets"]}
     assert any("peak RSS" in name for name in targets)
 
     text = markdown.read_text()
     assert "| 8 MiB |" in text
+    assert "### 8 MiB, all of it MADV_DONTFORK" in text
     assert "## Targets" in text
     assert json_path.name in text
     png = json_path.with_suffix(".png")
