@@ -123,7 +123,13 @@ class Copier:
         total = sum(hi - lo for _, _, runs in plan for lo, hi in runs)
         if total > len(self._buf):
             # pages faulted in since prepare(): grow the file (those pages allocate now)
-            os.ftruncate(self._fd, total)
+            try:
+                os.posix_fallocate(self._fd, 0, total)
+            except OSError as e:
+                log.warning(
+                    "process %d: no room to copy its MADV_DONTFORK memory (%s)", self.pid, e
+                )
+                return
             self._buf.resize(total)
         copied = _read_into(self.pid, self._buf, [r for _, _, runs in plan for r in runs])
         offset = 0
@@ -173,9 +179,22 @@ def prepare(pid: int, side_dir: Path) -> Copier | None:
     path = side_dir / f"fork-lost-{pid}.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, size)
+        # allocated for real (a mapping of pages a full filesystem cannot back would SIGBUS
+        # us when written), then mapped with its pages in place
+        os.posix_fallocate(fd, 0, size)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0x8000)
         buf = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise
+        log.warning(
+            "process %d: no room in %s for its %d bytes of MADV_DONTFORK memory (%s);"
+            " the clone's core goes without them",
+            pid, side_dir, size, e.strerror,
+        )  # fmt: skip
+        return None
     except BaseException:
         os.close(fd)
         raise

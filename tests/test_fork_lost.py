@@ -124,3 +124,19 @@ def test_nothing_to_copy(tmp_path: Path) -> None:
         proc.wait()
         assert proc.stdin is not None
         proc.stdin.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_no_room_for_the_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A side directory without room: no copy (the core goes without those bytes, with the
+    warnings a fork's view brings), never a SIGBUS from writing pages that cannot exist."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
+    try:
+        with target() as (proc, _, _):
+            assert fork_lost.prepare(proc.pid, small) is None
+        assert list(small.iterdir()) == []
+        assert "no room in" in caplog.text
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
