@@ -44,6 +44,7 @@ from typing import Final
 
 from criu_livedump import fork_lost, ptrace
 from criu_livedump.errors import LivedumpError, TargetError
+from criu_livedump.procmaps import read_maps
 from criu_livedump.ptrace import Event, Opt, PtraceError, UserRegs
 
 log = logging.getLogger(__name__)
@@ -577,28 +578,6 @@ def _rewind_restartable(regs: UserRegs, out: UserRegs, err: int) -> bool:
     return True
 
 
-def _maps(pid: int) -> list[tuple[int, int, str, int, str, int, str]]:
-    """``(start, end, perms, pgoff, dev, inode, name)`` for each line of /proc/PID/maps."""
-    out = []
-    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(None, 5)
-            lo, hi = parts[0].split("-")
-            name = parts[5] if len(parts) > 5 else ""
-            out.append(
-                (
-                    int(lo, 16),
-                    int(hi, 16),
-                    parts[1],
-                    int(parts[2], 16),
-                    parts[3],
-                    int(parts[4]),
-                    name,
-                )
-            )
-    return out
-
-
 def _syscall_address(pid: int, regs: UserRegs) -> int:
     """Where a ``syscall`` instruction is in the target: rip-2 inside a syscall, else the vDSO,
     else any executable mapping."""
@@ -608,9 +587,9 @@ def _syscall_address(pid: int, regs: UserRegs) -> int:
             with contextlib.suppress(OSError):
                 if os.pread(fd, 2, regs.rip - 2) == _SYSCALL_INSN:
                     return int(regs.rip) - 2
-        maps = _maps(pid)
-        ordered = [m for m in maps if m[6] == "[vdso]"] + [
-            m for m in maps if "x" in m[2] and m[6] != "[vdso]" and m[6] != "[vsyscall]"
+        maps = read_maps(pid)
+        ordered = [m for m in maps if m.name == "[vdso]"] + [
+            m for m in maps if "x" in m.perms and m.name not in ("[vdso]", "[vsyscall]")
         ]
         for start, end, perms, *_ in ordered:
             if "x" not in perms:
@@ -733,7 +712,7 @@ def _prepare_clone(snap: CloneSnapshot, side_dir: Path | None) -> tuple[SideMapp
     ret = _clone_syscall(snap, SYS.setsid)
     if ret < 0:
         raise CloneError(f"clone {cpid}: setsid failed: {os.strerror(-ret)}")
-    side = [m for m in _maps(cpid) if _side_kind(m[6])]
+    side = [m for m in read_maps(cpid) if _side_kind(m.name)]
     if not side:
         return ()
     if side_dir is None:

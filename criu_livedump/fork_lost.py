@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from criu_livedump.procmaps import read_maps
 from criu_livedump.sidecar import smaps_entries
 
 __all__ = ["Copier", "ForkLostArea", "prepare"]
@@ -104,13 +105,7 @@ class Copier:
         An area that changed since :func:`prepare` is left out: the clone then shows it as a
         fork does. A run neither process_vm_readv(2) nor /proc/PID/mem can read is a hole.
         """
-        current: dict[tuple[int, int, str], int] = {}
-        with open(f"/proc/{self.pid}/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if parts[4] == "0":
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    current[(lo, hi, parts[1])] = int(parts[2], 16)
+        current = {(m.start, m.end, m.perms): m.pgoff for m in read_maps(self.pid) if not m.inode}
         plan: list[tuple[_Candidate, int, list[tuple[int, int]]]] = []
         pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         try:

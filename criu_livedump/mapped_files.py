@@ -16,9 +16,9 @@ import os
 import resource
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 
 from converters.files import pseudo_fs
+from criu_livedump.procmaps import read_maps
 
 __all__ = ["close_mapped_files", "open_mapped_files"]
 
@@ -35,31 +35,27 @@ def open_mapped_files(pid: int) -> dict[int, int]:
     fds: dict[int, int] = {}
     by_inode: dict[tuple[int, int], int] = {}
     try:
-        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        maps = read_maps(pid)
     except OSError:
         return fds
     try:
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            # address perms offset dev inode path (proc(5)); inode 0: no file
-            if len(parts) < 6 or parts[4] == "0" or not parts[5].startswith("/"):
+        for m in maps:
+            # inode 0: no file
+            if not m.inode or not m.name.startswith("/") or m.name.startswith(_NOT_FILES):
                 continue
-            if parts[5].startswith(_NOT_FILES):
-                continue
-            start = int(parts[0].split("-")[0], 16)
             try:
-                fd = _open(f"/proc/{pid}/map_files/{parts[0]}")
+                fd = _open(f"/proc/{pid}/map_files/{m.map_files_name}")
             except OSError:
                 continue
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             if key in by_inode:
                 os.close(fd)
-                fds[start] = by_inode[key]
+                fds[m.start] = by_inode[key]
             elif not stat.S_ISREG(st.st_mode) or pseudo_fs(fd):
                 os.close(fd)
             else:
-                by_inode[key] = fds[start] = fd
+                by_inode[key] = fds[m.start] = fd
     except BaseException:
         close_mapped_files(fds)
         raise

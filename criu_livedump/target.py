@@ -26,6 +26,7 @@ from typing import NamedTuple, TypeVar, cast
 
 from converters.options import UNLIMITED
 from criu_livedump.errors import BlockerError, PermissionDeniedError, TargetError
+from criu_livedump.procmaps import read_maps
 
 __all__ = [
     "GHOST_LIMIT",
@@ -479,17 +480,16 @@ def _fd_blockers(pid: int, sockets: dict[int, int]) -> Iterator[Blocker]:
 def _maps_blockers(pid: int, same_ipc_ns: bool) -> Iterator[Blocker]:
     """SysV shm in the caller's IPC namespace, io_uring rings and oversized deleted mappings."""
     try:
-        lines = _proc(pid, "maps").read_text().splitlines()
+        maps = read_maps(pid)
     except OSError as e:
         raise TargetError(pid, f"cannot read its memory map ({e.strerror})") from e
     seen_sysv: set[str] = set()
     seen_files: set[tuple[int, int]] = set()
     uring = False
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6:
+    for m in maps:
+        path = m.name
+        if not path:
             continue
-        span, inode, path = parts[0], parts[4], parts[5]
         if path.startswith("/SYSV"):
             # criu/cr-dump.c:check_sysvipc_map_dump(): only dumpable with the IPC namespace.
             key = path.split()[0]
@@ -499,8 +499,8 @@ def _maps_blockers(pid: int, same_ipc_ns: bool) -> Iterator[Blocker]:
                     BlockerKind.SYSV_SHM,
                     pid,
                     # the inode column of a SysV mapping is the shmid (ipc/shm.c:newseg())
-                    f"SysV shared memory segment {inode} (key 0x{key[5:]}) is attached at"
-                    f" 0x{span.split('-')[0]} in the host IPC namespace, which CRIU only dumps"
+                    f"SysV shared memory segment {m.inode} (key 0x{key[5:]}) is attached at"
+                    f" 0x{m.start:08x} in the host IPC namespace, which CRIU only dumps"
                     " together with its own IPC namespace",
                 )
         elif "io_uring" in path and not uring:
@@ -508,11 +508,10 @@ def _maps_blockers(pid: int, same_ipc_ns: bool) -> Iterator[Blocker]:
             yield Blocker(
                 BlockerKind.IO_URING,
                 pid,
-                f"io_uring rings are mapped at 0x{span.split('-')[0]}, which CRIU 4.2 cannot"
-                " checkpoint",
+                f"io_uring rings are mapped at 0x{m.start:08x}, which CRIU 4.2 cannot checkpoint",
             )
         elif path.endswith(" (deleted)") and path.startswith("/"):
-            mf = _proc(pid, f"map_files/{span}")
+            mf = _proc(pid, f"map_files/{m.map_files_name}")
             try:
                 fd = os.open(mf, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError:
@@ -526,7 +525,7 @@ def _maps_blockers(pid: int, same_ipc_ns: bool) -> Iterator[Blocker]:
             finally:
                 os.close(fd)
             if mnt_id is not None:
-                what = f"the mapping at 0x{span.split('-')[0]}"
+                what = f"the mapping at 0x{m.start:08x}"
                 yield _external_file(pid, what, path.removesuffix(" (deleted)"), mnt_id, st)
 
 

@@ -111,3 +111,40 @@ def test_a_process_gone_gives_nothing() -> None:
     proc = subprocess.Popen(["true"])
     proc.wait()
     assert open_mapped_files(proc.pid) == {}
+
+
+LOW = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+fd = os.open(sys.argv[1], os.O_RDONLY)
+# PROT_READ, MAP_PRIVATE | MAP_FIXED_NOREPLACE at 16 MiB, which maps prints as "01000000-..."
+addr = libc.mmap(0x1000000, 4096, 1, 0x02 | 0x100000, fd, 0)
+print("ready" if addr == 0x1000000 else f"mmap {addr} {ctypes.get_errno()}", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_mapping_below_the_padding_of_maps(tmp_path: Path) -> None:
+    """/proc/PID/maps pads addresses to 8 digits; map_files names must not be padded
+    (fs/proc/base.c refuses a leading zero), or low mappings are read by name."""
+    data = tmp_path / "data"
+    data.write_bytes(b"low" * 2000)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOW, str(data)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert _starts(proc.pid, data) == [0x1000000]
+        fds = open_mapped_files(proc.pid)
+        try:
+            assert os.pread(fds[0x1000000], 3, 0) == b"low"
+        finally:
+            close_mapped_files(fds)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
