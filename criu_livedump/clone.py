@@ -46,6 +46,7 @@ from criu_livedump import fork_lost, ptrace
 from criu_livedump.errors import LivedumpError, TargetError
 from criu_livedump.procmaps import read_maps
 from criu_livedump.ptrace import Event, Opt, PtraceError, UserRegs
+from criu_livedump.sidecar import SmapsEntry, smaps_entries
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ class CloneSnapshot:
     side_mappings: tuple[SideMapping, ...] = ()
     #: MADV_DONTFORK / MADV_WIPEONFORK areas whose pages were copied from the frozen target
     fork_lost: tuple[fork_lost.ForkLostArea, ...] = ()
+    #: the target's /proc/PID/smaps, read just before the freeze
+    smaps: tuple[SmapsEntry, ...] = ()
     #: the thread the clone was made from (its comm and TLS are the clone's)
     injector_tid: int = 0
     _pidfd: int = field(default=-1, repr=False)
@@ -270,7 +273,8 @@ def clone_snapshot(
     """
     _check_target(pid)
     # before the freeze: reading smaps walks every page table, allocating pages takes time
-    copier = fork_lost.prepare(pid, side_dir) if side_dir is not None else None
+    smaps = tuple(smaps_entries(pid))
+    copier = fork_lost.prepare(pid, smaps, side_dir) if side_dir is not None else None
     start = time.monotonic()
     threads: dict[int, ThreadState] = {}
     seized: list[int] = []
@@ -347,6 +351,7 @@ def clone_snapshot(
         pgid=pgid,
         sid=sid,
         fork_lost=lost,
+        smaps=smaps,
         injector_tid=injector,
         _pidfd=pidfd,
         _syscall_ip=syscall_ip,

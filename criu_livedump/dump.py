@@ -429,7 +429,7 @@ def live_dump(
         else:
             extra_facts = clone_images.rewrite_images(result.images_dir, snap)
             copied = frozenset((a.start, a.end) for a in snap.fork_lost)
-            extra_facts.update(clone_facts(pid, copied=copied))
+            extra_facts.update(clone_facts(snap.smaps, copied=copied))
             snap.kill()
 
         # 3. Facts the images lack, then the conversion at the requested priorities.

@@ -8,8 +8,9 @@ pages present (or swapped out) are read from the target while it is frozen into 
 the images of the clone then get them back (clone_images.py). The target is only read.
 
 The copy lengthens the freeze by the time it takes, so everything that can be done before the
-freeze is: :func:`prepare` reads /proc/PID/smaps (it walks every page table) for the candidate
-areas and maps a side file of their resident size with every page already allocated.
+freeze is: :func:`prepare` takes the candidate areas from /proc/PID/smaps, read before the
+freeze (it walks every page table), and maps a side file of their resident size with every
+page already allocated.
 :meth:`Copier.copy`, while the target is frozen, confirms each area in /proc/PID/maps, finds its
 pages with the PAGEMAP_SCAN ioctl and copies them with process_vm_readv(2) at memory speed
 (measured here: 206 MiB of a node heap in about 45 ms, against about 130 ms into a mapping
@@ -24,13 +25,13 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from criu_livedump.procmaps import read_maps
-from criu_livedump.sidecar import smaps_entries
+from criu_livedump.sidecar import SmapsEntry
 
 __all__ = ["Copier", "ForkLostArea", "prepare"]
 
@@ -153,13 +154,13 @@ class Copier:
             self._fd = -1
 
 
-def prepare(pid: int, side_dir: Path) -> Copier | None:
+def prepare(pid: int, smaps: Iterable[SmapsEntry], side_dir: Path) -> Copier | None:
     """Before the freeze: the anonymous private MADV_DONTFORK / MADV_WIPEONFORK areas of *pid*
-    holding pages, and a side file in *side_dir* mapped with room for them, its pages
-    allocated. None when there is nothing to copy."""
+    holding pages, from its *smaps*, and a side file in *side_dir* mapped with room for them,
+    its pages allocated. None when there is nothing to copy."""
     found: list[_Candidate] = []
     size = 0
-    for e in smaps_entries(pid):
+    for e in smaps:
         if e.inode != 0 or not e.perms.endswith("p") or e.anon_kb == 0:
             continue
         if "dc" in e.vmflags and "io" not in e.vmflags:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,10 @@ def smaps_entries(pid: int, proc: Path = _PROC) -> list[SmapsEntry]:
 
 
 def clone_facts(
-    pid: int, proc: Path = _PROC, *, copied: frozenset[tuple[int, int]] = frozenset()
+    smaps: Iterable[SmapsEntry], *, copied: frozenset[tuple[int, int]] = frozenset()
 ) -> dict[str, list[list[Any]]]:
-    """What a clone of *pid* shows differently from *pid* itself, from one read of its smaps.
+    """What a clone shows differently from its target, from the target's *smaps* (read once,
+    before the freeze: :attr:`criu_livedump.clone.CloneSnapshot.smaps`).
 
     - ``no_saved_pages``: ``[start, end]`` of every private file mapping without anonymous
       pages. CRIU's compel briefly writes a syscall instruction into the first executable VMA
@@ -131,7 +133,7 @@ def clone_facts(
       (an untouched area has none to miss). Areas in *copied* (``(start, end)``) are left out.
     """
     out: dict[str, list[list[Any]]] = {"no_saved_pages": [], "dontfork": [], "wipeonfork": []}
-    for e in smaps_entries(pid, proc):
+    for e in smaps:
         if e.perms.endswith("p") and e.inode != 0 and e.anon_kb == 0:
             out["no_saved_pages"].append([e.start, e.end])
         if (e.start, e.end) in copied:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from criu_livedump import fork_lost
+from criu_livedump.sidecar import smaps_entries
 
 PAGE = mmap.PAGESIZE
 
@@ -79,7 +80,7 @@ def test_page_runs(scan: bool) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="reads another process's memory")
 def test_copy_while_frozen_and_what_changed_is_left_out(tmp_path: Path) -> None:
     with target() as (proc, keep, wipe):
-        copier = fork_lost.prepare(proc.pid, tmp_path)
+        copier = fork_lost.prepare(proc.pid, smaps_entries(proc.pid), tmp_path)
         assert copier is not None
         assert {(c.start, c.kind) for c in copier.candidates} == {
             (keep, "dontfork"),
@@ -103,7 +104,7 @@ def test_copy_while_frozen_and_what_changed_is_left_out(tmp_path: Path) -> None:
 
     (tmp_path / "again").mkdir()
     with target() as (proc, keep, wipe):
-        copier = fork_lost.prepare(proc.pid, tmp_path / "again")
+        copier = fork_lost.prepare(proc.pid, smaps_entries(proc.pid), tmp_path / "again")
         assert copier is not None
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write("unmap\n")
@@ -117,7 +118,7 @@ def test_nothing_to_copy(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                             stdin=subprocess.PIPE)  # fmt: skip
     try:
-        assert fork_lost.prepare(proc.pid, tmp_path) is None
+        assert fork_lost.prepare(proc.pid, smaps_entries(proc.pid), tmp_path) is None
         assert list(tmp_path.iterdir()) == []
     finally:
         proc.kill()
@@ -135,7 +136,7 @@ def test_no_room_for_the_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
     try:
         with target() as (proc, _, _):
-            assert fork_lost.prepare(proc.pid, small) is None
+            assert fork_lost.prepare(proc.pid, smaps_entries(proc.pid), small) is None
         assert list(small.iterdir()) == []
         assert "no room in" in caplog.text
     finally:
