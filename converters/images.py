@@ -67,6 +67,8 @@ PE_PRESENT = 1 << 2
 # <sys/mman.h>
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
 #: include/uapi/asm-generic/mman.h; CRIU keeps the mmap flags of every VMA
 MAP_HUGETLB = 0x40000
 #: d_path() of the hugetlbfs file behind MAP_ANONYMOUS|MAP_HUGETLB (mm/mmap.c ksys_mmap_pgoff()
@@ -188,6 +190,15 @@ def _check_magic(path: Path, data: bytes, magic: str) -> int:
         name = pyimages.magic.by_val.get(got, f"0x{got:08x}")
         raise ImageFormatError(str(path), f"wrong magic {name}, expected {magic}")
     return pos
+
+
+def prot_from_perms(perms: str) -> int:
+    """PROT_* of a /proc/PID/maps permission string (``rw-p``)."""
+    return (
+        (PROT_READ if "r" in perms else 0)
+        | (PROT_WRITE if "w" in perms else 0)
+        | (PROT_EXEC if "x" in perms else 0)
+    )
 
 
 # --- records ---------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from converters.errors import ImageFormatError
 from converters.files import FileRoot, OpenedFile
 from converters.images import (
     ANON_HUGEPAGE,
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
@@ -40,6 +42,7 @@ from converters.images import (
     PageIndex,
     Thread,
     Vma,
+    prot_from_perms,
 )
 from converters.options import DEFAULT_COREDUMP_FILTER, ConvertOptions, Sidecar
 
@@ -697,12 +700,9 @@ def _fork_excluded(p: _Proc, sidecar: Sidecar) -> None:
             continue
         if any(v.start < end and start < v.end for v in p.vmas + added):
             continue
-        prot = (
-            (PROT_READ if "r" in perms else 0)
-            | (PROT_WRITE if "w" in perms else 0)
-            | (PROT_EXEC if "x" in perms else 0)
-        )
-        added.append(Vma(start, end, 0, 0, prot, 0x22, VMA_AREA_REGULAR | VMA_ANON_PRIVATE, 0))
+        prot = prot_from_perms(perms)
+        flags = MAP_PRIVATE | MAP_ANONYMOUS
+        added.append(Vma(start, end, 0, 0, prot, flags, VMA_AREA_REGULAR | VMA_ANON_PRIVATE, 0))
         if has_bytes is not False:
             p.warn(
                 f"[{start:#x}, {end:#x}) is MADV_DONTFORK: absent from the clone snapshot,"

@@ -27,25 +27,26 @@ import struct
 from pathlib import Path
 from typing import Any, Final
 
-from converters.images import dump_image, load_image
+from converters.images import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE_SIZE,
+    PE_PARENT,
+    PE_PRESENT,
+    VMA_ANON_PRIVATE,
+    VMA_ANON_SHARED,
+    VMA_AREA_REGULAR,
+    VMA_AREA_SYSVIPC,
+    VMA_FILE_SHARED,
+    dump_image,
+    load_image,
+    prot_from_perms,
+)
 from criu_livedump.clone import CloneSnapshot, SideMapping, ThreadState, criu_regs
 from criu_livedump.errors import LivedumpError
 from criu_livedump.fork_lost import ForkLostArea
 
-PAGE_SIZE: Final = 4096
-
-# criu/include/image.h (VMA_AREA_*), criu/include/pagemap.h (PE_PRESENT), <sys/mman.h>
-VMA_AREA_REGULAR: Final = 1 << 0
-VMA_FILE_SHARED: Final = 1 << 7
-VMA_ANON_SHARED: Final = 1 << 8
-VMA_ANON_PRIVATE: Final = 1 << 9
-VMA_AREA_SYSVIPC: Final = 1 << 10
-PE_PARENT: Final = 1 << 0
-PE_PRESENT: Final = 1 << 2
-MAP_SHARED: Final = 0x01
-MAP_PRIVATE: Final = 0x02
-MAP_ANONYMOUS: Final = 0x20
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 O_RDWR: Final = 2
 SS_DISABLE: Final = 2
 
@@ -266,14 +267,6 @@ def _thread_core(
 # --- side mappings ------------------------------------------------------------------------------
 
 
-def _prot(perms: str) -> int:
-    return (
-        (PROT_READ if perms[0] == "r" else 0)
-        | (PROT_WRITE if perms[1] == "w" else 0)
-        | (PROT_EXEC if perms[2] == "x" else 0)
-    )
-
-
 _PAGES_RE: Final = re.compile(r"pages-(\d+)\.img$")
 
 
@@ -308,7 +301,7 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
             "start": m.start,
             "end": m.end,
             "pgoff": m.pgoff,
-            "prot": _prot(m.perms),
+            "prot": prot_from_perms(m.perms),
             "fd": -1,
         }
         if m.kind == "sysv":
@@ -366,7 +359,7 @@ def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) 
                     "end": a.end,
                     "pgoff": a.pgoff,
                     "shmid": 0,
-                    "prot": _prot(a.perms),
+                    "prot": prot_from_perms(a.perms),
                     "flags": MAP_PRIVATE | MAP_ANONYMOUS,
                     "status": VMA_AREA_REGULAR | VMA_ANON_PRIVATE,
                     "fd": -1,
