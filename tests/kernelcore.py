@@ -1114,6 +1114,19 @@ def run_gdb(binary: str | os.PathLike[str], core: str | os.PathLike[str]) -> tup
     return proc.stdout, proc.stderr
 
 
+def gdb_lwps(binary: str | os.PathLike[str], core: str | os.PathLike[str]) -> set[int]:
+    """The thread ids gdb's ``info threads`` lists for *core*."""
+    out = subprocess.run(
+        ["gdb", "-batch", "-nx", "-ex", "info threads", os.fspath(binary), os.fspath(core)],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "LC_ALL": "C", "DEBUGINFOD_URLS": ""},
+    ).stdout
+    return {int(x) for x in re.findall(r"\(LWP (\d+)\)", out)}
+
+
 _THREAD_HEAD = re.compile(r"^Thread \d+ (\(.*\(LWP (\d+)\).*)$")
 _NEW_LWP = re.compile(r"^\[New LWP \d+\]$")
 

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import pwd
-import re
 import resource
 import signal
 import stat
@@ -18,7 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernelcore import CoreView, compare_cores, gdb_backtraces, kernel_core, start_target
+from kernelcore import (
+    CoreView,
+    compare_cores,
+    gdb_backtraces,
+    gdb_lwps,
+    kernel_core,
+    start_target,
+)
 from programs import build as programs_build
 from syslock import core_pattern
 
@@ -64,17 +70,6 @@ def state(pid: int) -> str:
 
 def tids(pid: int) -> set[int]:
     return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-
-
-def gdb_thread_count(binary: Path, core: Path) -> int:
-    out = subprocess.run(
-        ["gdb", "-batch", "-nx", "-ex", "info threads", str(binary), str(core)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "LC_ALL": "C", "DEBUGINFOD_URLS": ""},
-    ).stdout
-    return len(set(re.findall(r"\(LWP (\d+)\)", out)))
 
 
 def recording_criu(tmp_path: Path) -> Path:
@@ -141,7 +136,7 @@ def test_dump_leaves_target_running_and_gdb_sees_every_thread(
     st = core.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (0, 0)
-    assert gdb_thread_count(programs_build.build("demo"), core) == len(before)
+    assert len(gdb_lwps(programs_build.build("demo"), core)) == len(before)
     # scratch removed: nothing of ours left in the scratch locations
     assert not [
         p
@@ -557,7 +552,7 @@ def test_target_of_another_uid(test_user: pwd.struct_passwd, tmp_path: Path) -> 
                 f"uid {test_user.pw_uid} gid {test_user.pw_gid} with ambient capabilities"
                 " (--unprivileged)"
             )
-        assert gdb_thread_count(binary, out) == len(before)
+        assert len(gdb_lwps(binary, out)) == len(before)
     finally:
         proc.kill()
         proc.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kernelcore import gdb_lwps
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -56,17 +56,6 @@ def dump(pid: int, out: Path) -> dict[str, object]:
     data = json.loads(proc.stdout)
     assert isinstance(data, dict)
     return data
-
-
-def gdb_lwps(exe: str, core: Path) -> set[int]:
-    out = subprocess.run(
-        ["gdb", "-batch", "-nx", "-ex", "info threads", exe, str(core)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "LC_ALL": "C", "DEBUGINFOD_URLS": ""},
-    ).stdout
-    return {int(x) for x in re.findall(r"\(LWP (\d+)\)", out)}
 
 
 def tids(pid: int) -> set[int]:

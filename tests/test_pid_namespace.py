@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kernelcore import CoreView
+from kernelcore import CoreView, gdb_lwps
 
 pytestmark = [pytest.mark.live]
 
@@ -84,17 +83,6 @@ def dump(pid: int, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def gdb_lwps(binary: Path, core: Path) -> list[int]:
-    out = subprocess.run(
-        ["gdb", "-batch", "-nx", "-ex", "info threads", str(binary), str(core)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "LC_ALL": "C", "DEBUGINFOD_URLS": ""},
-    ).stdout
-    return sorted({int(x) for x in re.findall(r"\(LWP (\d+)\)", out)})
-
-
 def test_the_namespace_init_is_dumped_by_criu_with_its_namespace_ids(
     namespaced: Namespaced, tmp_path: Path
 ) -> None:
@@ -143,7 +131,7 @@ def test_tree_children_are_found_by_their_namespace_ids(
         assert view.prpsinfo["pr_ppid"] == 1
     finally:
         view.close()
-    assert gdb_lwps(programs["threads"], core) == ns_tids
+    assert sorted(gdb_lwps(programs["threads"], core)) == ns_tids
     assert os.kill(child, 0) is None
 
 
