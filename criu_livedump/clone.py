@@ -44,7 +44,7 @@ from typing import Final
 
 from criu_livedump import fork_lost, ptrace
 from criu_livedump.errors import LivedumpError, TargetError
-from criu_livedump.procmaps import read_maps
+from criu_livedump.procfs import read_maps, read_status
 from criu_livedump.ptrace import Event, Opt, PtraceError, UserRegs
 from criu_livedump.sidecar import SmapsEntry, smaps_entries
 
@@ -371,19 +371,10 @@ def clone_snapshot(
 # --- step 0: refusals ---------------------------------------------------------------------------
 
 
-def _status_fields(path: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return fields
-
-
 def _check_target(pid: int) -> None:
     """Refuse, before anything is frozen, what the clone method cannot handle."""
     try:
-        status = _status_fields(f"/proc/{pid}/status")
+        status = read_status(f"/proc/{pid}/status")
         tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError as e:
         raise TargetError(pid, "no such process") from e
@@ -396,7 +387,7 @@ def _check_target(pid: int) -> None:
         raise CloneRefusedError(pid, "a process cannot snapshot itself")
     for tid in tids:
         with contextlib.suppress(FileNotFoundError):
-            st = _status_fields(f"/proc/{pid}/task/{tid}/status")
+            st = read_status(f"/proc/{pid}/task/{tid}/status")
             if st.get("Seccomp", "0") != "0":
                 raise CloneRefusedError(
                     pid, f"thread {tid} runs under seccomp, which may forbid clone or close_range"
@@ -490,7 +481,7 @@ def _save_thread(pid: int, tid: int) -> ThreadState:
 def _signal_pending(pid: int, tid: int, sigmask: int) -> bool:
     """A signal that *tid* does not block is pending for it or for its process."""
     try:
-        st = _status_fields(f"/proc/{pid}/task/{tid}/status")
+        st = read_status(f"/proc/{pid}/task/{tid}/status")
     except FileNotFoundError:
         return False
     pending = int(st.get("SigPnd", "0"), 16) | int(st.get("ShdPnd", "0"), 16)
@@ -791,7 +782,7 @@ def _wait_zombie(pid: int, timeout: float) -> None:
 
 def _ppid(pid: int) -> int:
     try:
-        return int(_status_fields(f"/proc/{pid}/status").get("PPid", "0"))
+        return int(read_status(f"/proc/{pid}/status").get("PPid", "0"))
     except FileNotFoundError:
         return 0
 

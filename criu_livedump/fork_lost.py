@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from criu_livedump.procmaps import read_maps
+from criu_livedump.procfs import read_maps
 from criu_livedump.sidecar import SmapsEntry
 
 __all__ = ["Copier", "ForkLostArea", "prepare"]

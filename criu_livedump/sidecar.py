@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.arch.x86_64 import host_xsave_layout
+from criu_livedump.procfs import read_status
 
 _PROC = Path("/proc")
 
@@ -32,10 +33,10 @@ def _us(ticks: str, hz: int) -> int:
 def _ns_ids(status: Path, key: str) -> list[int]:
     """The NStgid or NSpid line of a /proc status file: the id in /proc's PID namespace first,
     the one in the task's own namespace last (fs/proc/array.c:task_state())."""
-    for line in status.read_text().splitlines():
-        if line.startswith(key + ":"):
-            return [int(x) for x in line.split()[1:]]
-    raise OSError(f"{status}: no {key} line")
+    value = read_status(status).get(key)
+    if value is None:
+        raise OSError(f"{status}: no {key} line")
+    return [int(x) for x in value.split()]
 
 
 def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import NamedTuple, TypeVar, cast
 
 from converters.options import UNLIMITED
 from criu_livedump.errors import BlockerError, PermissionDeniedError, TargetError
-from criu_livedump.procmaps import read_maps
+from criu_livedump.procfs import read_maps, read_status
 
 __all__ = [
     "GHOST_LIMIT",
@@ -200,15 +200,6 @@ class CallerCreds:
 
 def _proc(pid: int, name: str = "") -> Path:
     return Path(f"/proc/{pid}/{name}" if name else f"/proc/{pid}")
-
-
-def _status(path: Path) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key] = value.strip()
-    return fields
 
 
 def _ids(text: str) -> Ids:
@@ -622,7 +613,7 @@ def _blockers(
     found: list[Blocker] = []
     for p in tree:  # the target first; one foreign session is enough to name
         try:
-            member_status = status if p == pid else _status(_proc(p, "status"))
+            member_status = status if p == pid else read_status(_proc(p, "status"))
         except OSError:
             continue  # a child that exited meanwhile
         session = _session_blocker(p, member_status)
@@ -680,7 +671,7 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
     :raises TargetError: no such process, a zombie, a kernel thread, or /proc unreadable.
     """
     try:
-        status = _status(_proc(pid, "status"))
+        status = read_status(_proc(pid, "status"))
         cmdline_raw = _proc(pid, "cmdline").read_bytes()
     except FileNotFoundError:
         raise TargetError(pid, "no such process") from None
@@ -771,7 +762,7 @@ def check_blockers(facts: TargetFacts) -> tuple[str, ...]:
 
 def caller_creds() -> CallerCreds:
     """The credentials of this process, as ptrace access checks see them."""
-    status = _status(Path("/proc/self/status"))
+    status = read_status(Path("/proc/self/status"))
     return CallerCreds(
         pid=os.getpid(),
         uids=_ids(status["Uid"]),
@@ -875,7 +866,7 @@ def _is_ancestor(ancestor: int, pid: int) -> bool:
     while pid > 1 and pid not in seen:
         seen.add(pid)
         try:
-            pid = int(_status(_proc(pid, "status")).get("PPid", "0"))
+            pid = int(read_status(_proc(pid, "status")).get("PPid", "0"))
         except OSError:
             return False
         if pid == ancestor:

@@ -1,10 +1,13 @@
-"""/proc/PID/maps, read in one place (proc(5); fs/proc/task_mmu.c:show_map_vma())."""
+"""The /proc files more than one module reads, parsed in one place (proc(5)):
+/proc/PID/maps (fs/proc/task_mmu.c:show_map_vma()) and /proc/PID/status
+(fs/proc/array.c:task_state() and friends)."""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
-__all__ = ["MapsEntry", "read_maps"]
+__all__ = ["MapsEntry", "read_maps", "read_status"]
 
 
 class MapsEntry(NamedTuple):
@@ -39,3 +42,18 @@ def read_maps(pid: int) -> list[MapsEntry]:
             start, end, pgoff = int(lo, 16), int(hi, 16), int(parts[2], 16)
             out.append(MapsEntry(start, end, parts[1], pgoff, parts[3], int(parts[4]), name))
     return out
+
+
+def read_status(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A /proc status file (``/proc/PID/status``, ``/proc/PID/task/TID/status``) as
+    ``{field: value}``, values stripped.
+
+    :raises OSError: the process is gone or /proc is unreadable.
+    """
+    fields: dict[str, str] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key] = value.strip()
+    return fields
