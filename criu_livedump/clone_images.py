@@ -25,7 +25,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from converters.images import (
     MAP_ANONYMOUS,
@@ -385,14 +385,8 @@ def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) 
     parent = images_dir / "parent"
     parent.mkdir(mode=0o700)
     with (parent / "pages-1.img").open("wb") as dst:
-        for _, length, offset, src_path in runs:
-            with src_path.open("rb") as src:
-                done = 0
-                while done < length:
-                    n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, offset + done)
-                    if n == 0:
-                        raise CloneImagesError(f"{src_path}: short copy at offset {offset + done}")
-                    done += n
+        for lo, length, offset, src_path in runs:
+            _append(dst, src_path, offset, length, f"the pages at {lo:#x}")
     dump_image(
         parent / f"pagemap-{pid}.img",
         {"magic": "PAGEMAP", "entries": [{"pages_id": 1}, *_pagemap_entries(runs, PE_PRESENT)]},
@@ -401,6 +395,17 @@ def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) 
     entries.sort(key=lambda e: int(e["vaddr"]))
     pagemap["entries"] = [head, *entries]
     dump_image(pagemap_path, pagemap)
+
+
+def _append(dst: BinaryIO, src_path: Path, offset: int, length: int, what: str) -> None:
+    """Append *length* bytes of side file *src_path* from *offset* to *dst*."""
+    with src_path.open("rb") as src:
+        done = 0
+        while done < length:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, offset + done)
+            if n == 0:
+                raise CloneImagesError(f"{src_path}: short copy of {what}")
+            done += n
 
 
 def _pagemap_entries(runs: list[tuple[int, int, int, Path]], flags: int) -> list[dict[str, Any]]:
@@ -432,13 +437,8 @@ def _write_shmem_pages(images_dir: Path, shmid: int, m: SideMapping) -> None:
     assert m.data_file is not None
     pages_id = _next_pages_id(images_dir)
     length = m.end - m.start
-    with m.data_file.open("rb") as src, (images_dir / f"pages-{pages_id}.img").open("wb") as dst:
-        done = 0
-        while done < length:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, m.data_offset + done)
-            if n == 0:
-                raise CloneImagesError(f"{m.data_file}: short copy of {m.name} at {m.start:#x}")
-            done += n
+    with (images_dir / f"pages-{pages_id}.img").open("wb") as dst:
+        _append(dst, m.data_file, m.data_offset, length, f"{m.name} at {m.start:#x}")
     # A shmem pagemap is addressed by offset in the object (criu/shmem.c: dump_one_shmem()).
     dump_image(
         images_dir / f"pagemap-shmem-{shmid}.img",

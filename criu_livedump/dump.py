@@ -471,7 +471,6 @@ def live_dump(
                         _child_core(child, request, result.images_dir, signal, priorities)
                     )
     except BaseException:
-        close_mapped_files(held)
         if snap is not None:
             snap.kill()
         if keep:
@@ -479,7 +478,8 @@ def live_dump(
         else:
             scratch.remove(work)
         raise
-    close_mapped_files(held)
+    finally:
+        close_mapped_files(held)
     if keep:
         report.images_dir = str(result.images_dir)
     else:
