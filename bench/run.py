@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from criu_livedump.criu import LIVE_OPTIONS
+from criu_livedump.snapshot.criu import LIVE_OPTIONS
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -1134,7 +1134,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
             "The same workload with its memory in MADV_DONTFORK, as V8 keeps the JavaScript heap "
             "of node and Chromium: a fork does not copy it, so `fork() alone` is short, and the "
             "clone method reads those pages from the target while it is still frozen "
-            "(`criu_livedump/fork_lost.py`), which is part of its freeze."
+            "(`criu_livedump/snapshot/clone/fork_lost.py`), which is part of its freeze."
         )
         w("")
         w(

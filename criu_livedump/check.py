@@ -13,8 +13,9 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from criu_livedump import criu, scratch
+from criu_livedump import scratch
 from criu_livedump.errors import LivedumpError
+from criu_livedump.snapshot import criu
 
 
 class CAP(IntEnum):

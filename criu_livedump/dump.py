@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from converters.options import UNLIMITED, ConvertOptions, write_sidecar
-from criu_livedump import clone, clone_images, criu, job, scratch, target
+from criu_livedump import conversion_child as job
+from criu_livedump import scratch, target
 from criu_livedump.check import CAP, cap_names, capabilities, has_cap
 from criu_livedump.errors import BlockerError, LivedumpError, PermissionDeniedError, RequestError
-from criu_livedump.mapped_files import close_mapped_files, open_mapped_files
+from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
-from criu_livedump.sidecar import clone_facts, dump_time_facts
+from criu_livedump.snapshot import criu
+from criu_livedump.snapshot.clone import images as clone_images
+from criu_livedump.snapshot.clone import inject as clone
+from criu_livedump.target.dump_time import clone_facts, dump_time_facts
 
 log = logging.getLogger(__name__)
 

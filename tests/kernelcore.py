@@ -379,8 +379,8 @@ def criu_dump(pid: int, images_dir: str | os.PathLike[str]) -> Path:
     :raises CriuDumpError: CRIU failed (the message ends with the tail of dump.log).
     """
     from converters.options import write_sidecar
-    from criu_livedump.criu import LIVE_OPTIONS
-    from criu_livedump.sidecar import dump_time_facts
+    from criu_livedump.snapshot.criu import LIVE_OPTIONS
+    from criu_livedump.target.dump_time import dump_time_facts
 
     images = Path(images_dir)
     images.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""``criu-livedump check`` and CRIU discovery (criu_livedump.criu.find / check)."""
+"""``criu-livedump check`` and CRIU discovery (criu_livedump.snapshot.criu.find / check)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from criu_livedump import criu
 from criu_livedump.cli import ExitStatus, cli
 from criu_livedump.errors import CriuNotFoundError, CriuUnusableError
+from criu_livedump.snapshot import criu
 
 SOFT_DIRTY_BIT = 1 << 55  # Documentation/admin-guide/mm/soft-dirty.rst
 

@@ -16,8 +16,10 @@ from conftest import StartTarget
 from kernelcore import Target, criu_binary
 
 from converters.images import load_image
-from criu_livedump import clone, clone_images, ptrace
-from criu_livedump.ptrace import UserRegs
+from criu_livedump.linux import ptrace
+from criu_livedump.linux.ptrace import UserRegs
+from criu_livedump.snapshot.clone import images as clone_images
+from criu_livedump.snapshot.clone import inject as clone
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +135,7 @@ def test_hundred_snapshots_leak_nothing(clone_target: Target, tmp_path: Path) ->
 _DRIVER = """
 import sys
 from pathlib import Path
-from criu_livedump import clone
+from criu_livedump.snapshot.clone import inject as clone
 snap = clone.clone_snapshot(int(sys.argv[1]), side_dir=Path(sys.argv[2]))
 snap.release_for_criu()
 print("done", file=sys.stderr, flush=True)
@@ -142,7 +144,8 @@ print("done", file=sys.stderr, flush=True)
 
 # "released" is not here: once released the clone belongs to CRIU, and the orchestrator that
 # runs CRIU kills it (CloneSnapshot.kill) whatever happens; a tool killed at that very point
-# leaves the clone asleep in pause() (see the module docstring of criu_livedump.clone).
+# leaves the clone asleep in pause() (see the module docstring of
+# criu_livedump.snapshot.clone.inject).
 @pytest.mark.live
 @pytest.mark.parametrize("step", ["seized", "cloned", "detached", "prepared"])
 def test_sigkill_at_each_step(clone_target: Target, tmp_path: Path, step: str) -> None:
@@ -178,7 +181,7 @@ def test_refuses_traced_target(clone_target: Target) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom criu_livedump import ptrace\n"
+            "import sys, time\nfrom criu_livedump.linux import ptrace\n"
             "ptrace.seize(int(sys.argv[1]))\nprint('ok', flush=True)\ntime.sleep(60)",
             str(clone_target.pid),
         ],

@@ -1,6 +1,7 @@
 """What a fork does not copy (kernel/fork.c: dup_mmap()): MADV_DONTFORK areas are absent from a
 child, MADV_WIPEONFORK areas are zero in it. The clone method copies their pages from the
-frozen target (criu_livedump/fork_lost.py), so its core holds them as the kernel's does
+frozen target (criu_livedump/snapshot/clone/fork_lost.py), so its core holds them as the kernel's
+does
 (tests/test_kernel_compare.py compares both methods with the kernel); an untouched
 MADV_DONTFORK area has nothing to copy and is listed without bytes, silently."""
 

@@ -28,7 +28,7 @@ from kernelcore import (
 from programs import build as programs_build
 from syslock import core_pattern
 
-from criu_livedump import job
+from criu_livedump import conversion_child as job
 from criu_livedump.cli import ExitStatus
 
 pytestmark = [pytest.mark.live]

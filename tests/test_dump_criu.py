@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from criu_livedump import criu, dump, job
+from criu_livedump import conversion_child as job
+from criu_livedump import dump
 from criu_livedump.errors import CriuError
 from criu_livedump.request import DumpRequest, IoClass, IoPrio
+from criu_livedump.snapshot import criu
 
 LIVE = [
     "--leave-running",

@@ -448,7 +448,7 @@ def _wait_no_children(pid: int) -> dict[int, str]:
 def test_tool_killed_holding_the_clone(heartbeat: Heartbeat, tmp_path: Path, step: str) -> None:
     """SIGKILL of the tool after the target was let go: the watchdog kills the clone and reaps
     it from the target (no sleeping clone, no zombie)."""
-    from criu_livedump import clone
+    from criu_livedump.snapshot.clone import inject as clone
 
     tool = subprocess.Popen(
         [*CLONE_DUMP, str(heartbeat.pid), "-o", str(tmp_path / "core"), "--scratch", str(tmp_path)],

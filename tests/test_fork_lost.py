@@ -1,4 +1,5 @@
-"""Pages a fork does not copy, read from the frozen target (criu_livedump/fork_lost.py)."""
+"""Pages a fork does not copy, read from the frozen target
+(criu_livedump/snapshot/clone/fork_lost.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from criu_livedump import fork_lost
-from criu_livedump.sidecar import smaps_entries
+from criu_livedump.snapshot.clone import fork_lost
+from criu_livedump.target.dump_time import smaps_entries
 
 PAGE = mmap.PAGESIZE
 

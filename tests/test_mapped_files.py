@@ -1,5 +1,5 @@
 """/proc/PID/map_files descriptors: the files a live process maps, whatever their names lead to
-now (criu_livedump/mapped_files.py)."""
+now (criu_livedump/linux/mapped_files.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from criu_livedump.mapped_files import close_mapped_files, open_mapped_files
+from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="map_files needs CAP_SYS_ADMIN")
 
@@ -94,7 +94,7 @@ def test_more_files_than_the_soft_descriptor_limit(tmp_path: Path) -> None:
     with mapper(*files) as pid:
         script = (
             "import os, resource, sys\n"
-            "from criu_livedump.mapped_files import open_mapped_files\n"
+            "from criu_livedump.linux.mapped_files import open_mapped_files\n"
             "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')) + 8,"
             " hard))\n"

@@ -7,7 +7,8 @@ ordinary image set:
 - ``pstree.img``: the original pid, its pgid and sid (the clone ran setsid()), every thread id;
 - ``core-TID.img`` per original thread, from the clone's core as template: task-level fields
   (``tc``) for the leader only, per-thread registers from the freeze, stored as CRIU stores them
-  (:func:`criu_livedump.clone.criu_regs`), FXSAVE/XSAVE areas, blocked signals, comm;
+  (:func:`criu_livedump.snapshot.clone.inject.criu_regs`), FXSAVE/XSAVE areas, blocked signals,
+  comm;
 - ``mm``/``pagemap``/``ids``/``fs``/``core`` renamed from the clone's pid;
 - mappings copied out of the clone (SysV shm, io_uring rings) put back as VMAs, their bytes in
   a shmem pagemap and pages image of their own.
@@ -43,9 +44,9 @@ from converters.images import (
     load_image,
     prot_from_perms,
 )
-from criu_livedump.clone import CloneSnapshot, SideMapping, ThreadState, criu_regs
 from criu_livedump.errors import LivedumpError
-from criu_livedump.fork_lost import ForkLostArea
+from criu_livedump.snapshot.clone.fork_lost import ForkLostArea
+from criu_livedump.snapshot.clone.inject import CloneSnapshot, SideMapping, ThreadState, criu_regs
 
 O_RDWR: Final = 2
 SS_DISABLE: Final = 2
@@ -335,7 +336,7 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
 
 def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) -> None:
     """Give the images the pages of MADV_DONTFORK / MADV_WIPEONFORK areas that were copied
-    from the frozen target (:mod:`criu_livedump.fork_lost`).
+    from the frozen target (:mod:`criu_livedump.snapshot.clone.fork_lost`).
 
     A DONTFORK area gets its VMA back (anonymous private, as CRIU records one); a WIPEONFORK
     area is in the images already, empty. The pages go into ``parent/``, a one-level image

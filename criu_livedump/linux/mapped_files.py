@@ -18,7 +18,7 @@ import stat
 from collections.abc import Mapping
 
 from converters.files import pseudo_fs
-from criu_livedump.procfs import read_maps
+from criu_livedump.linux.procfs import read_maps
 
 __all__ = ["close_mapped_files", "open_mapped_files"]
 

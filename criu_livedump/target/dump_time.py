@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.arch.x86_64 import host_xsave_layout
-from criu_livedump.procfs import read_status
+from criu_livedump.linux.procfs import read_status
 
 _PROC = Path("/proc")
 
@@ -120,7 +120,7 @@ def clone_facts(
     smaps: Iterable[SmapsEntry], *, copied: frozenset[tuple[int, int]] = frozenset()
 ) -> dict[str, list[list[Any]]]:
     """What a clone shows differently from its target, from the target's *smaps* (read once,
-    before the freeze: :attr:`criu_livedump.clone.CloneSnapshot.smaps`).
+    before the freeze: :attr:`criu_livedump.snapshot.clone.inject.CloneSnapshot.smaps`).
 
     - ``no_saved_pages``: ``[start, end]`` of every private file mapping without anonymous
       pages. CRIU's compel briefly writes a syscall instruction into the first executable VMA

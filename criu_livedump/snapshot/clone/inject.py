@@ -14,7 +14,7 @@ Steps (issue 5):
 
 Between 3 and 4, while the target is still frozen, the pages a fork does not copy
 (MADV_DONTFORK, MADV_WIPEONFORK) are read from the target into a side file
-(:mod:`criu_livedump.fork_lost`).
+(:mod:`criu_livedump.snapshot.clone.fork_lost`).
 
 :meth:`CloneSnapshot.release_for_criu` then leaves the clone asleep for ``criu dump -t CLONE``,
 and :meth:`CloneSnapshot.kill` makes sure, whatever happened, that the clone is gone (reaped
@@ -42,11 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from criu_livedump import fork_lost, ptrace
 from criu_livedump.errors import LivedumpError, TargetError
-from criu_livedump.procfs import read_maps, read_status
-from criu_livedump.ptrace import Event, Opt, PtraceError, UserRegs
-from criu_livedump.sidecar import SmapsEntry, smaps_entries
+from criu_livedump.linux import ptrace
+from criu_livedump.linux.procfs import read_maps, read_status
+from criu_livedump.linux.ptrace import Event, Opt, PtraceError, UserRegs
+from criu_livedump.snapshot.clone import fork_lost
+from criu_livedump.target.dump_time import SmapsEntry, smaps_entries
 
 log = logging.getLogger(__name__)
 

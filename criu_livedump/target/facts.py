@@ -26,7 +26,7 @@ from typing import NamedTuple, TypeVar, cast
 
 from converters.options import UNLIMITED
 from criu_livedump.errors import BlockerError, PermissionDeniedError, TargetError
-from criu_livedump.procfs import read_maps, read_status
+from criu_livedump.linux.procfs import read_maps, read_status
 
 __all__ = [
     "GHOST_LIMIT",

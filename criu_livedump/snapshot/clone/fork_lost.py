@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from criu_livedump.procfs import read_maps
-from criu_livedump.sidecar import SmapsEntry
+from criu_livedump.linux.procfs import read_maps
+from criu_livedump.target.dump_time import SmapsEntry
 
 __all__ = ["Copier", "ForkLostArea", "prepare"]
 

@@ -1,0 +1,1 @@
+"""Taking the snapshot CRIU dumps: the CRIU runner and one module per snapshot method."""

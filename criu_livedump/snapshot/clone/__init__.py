@@ -1,0 +1,1 @@
+"""The clone method: a copy-on-write clone injected into the target, dumped by CRIU."""
