@@ -158,6 +158,8 @@ class Proc:
     with_stack: bool = True
     #: pagemap flags of saved pages (CRIU marks anonymous ones PE_LAZY|PE_PRESENT)
     present_flags: int = PE_PRESENT
+    #: which CRIU's pagemap_entry layout to write (a key of :data:`PAGEMAP_LAYOUTS`)
+    pagemap_layout: str = "4.2"
 
     @property
     def arg_start(self) -> int:
@@ -231,17 +233,41 @@ def pagemap_entries(p: Proc) -> tuple[list[dict[str, Any]], bytes]:
     data = bytearray()
     for vaddr, content in p.all_pages():
         assert len(content) % PAGE == 0 and content, "pages come in whole pages"
-        entries.append(_pme(vaddr, len(content) // PAGE, p.present_flags))
+        entries.append(_pme(vaddr, len(content) // PAGE, p.present_flags, p.pagemap_layout))
         data += content
     for vaddr, nr in p.parent_runs:
-        entries.append(_pme(vaddr, nr, PE_PARENT))
+        entries.append(_pme(vaddr, nr, PE_PARENT, p.pagemap_layout))
     for vaddr, nr in p.lazy_runs:
-        entries.append(_pme(vaddr, nr, PE_LAZY))
+        entries.append(_pme(vaddr, nr, PE_LAZY, p.pagemap_layout))
     return entries, bytes(data)
 
 
-def _pme(vaddr: int, nr: int, flags: int) -> dict[str, Any]:
+def _pme_4_2(vaddr: int, nr: int, flags: int) -> dict[str, Any]:
+    # criu/page-xfer.c:write_pagemap_loc() since afb2e6c3f (4.2): the u64 count in field 5,
+    # the required field 2 left 0
     return {"vaddr": vaddr, "compat_nr_pages": 0, "flags": flags, "nr_pages": nr}
+
+
+def _pme_3_5(vaddr: int, nr: int, flags: int) -> dict[str, Any]:
+    # 3.5 .. 4.1.x: the u32 count in field 2 (named nr_pages then), flags in field 4
+    return {"vaddr": vaddr, "compat_nr_pages": nr, "flags": flags}
+
+
+def _pme_2(vaddr: int, nr: int, flags: int) -> dict[str, Any]:
+    # before 9bc9fcb0c (3.5): no flags, the in_parent boolean; no lazy pages yet
+    assert flags in (PE_PRESENT, PE_PARENT), "CRIU 2.x wrote only present or in_parent runs"
+    entry: dict[str, Any] = {"vaddr": vaddr, "compat_nr_pages": nr}
+    if flags == PE_PARENT:
+        entry["in_parent"] = True
+    return entry
+
+
+#: pagemap_entry as each CRIU release wrote it (pycriu 4.2 names field 2 compat_nr_pages)
+PAGEMAP_LAYOUTS = {"4.2": _pme_4_2, "3.5-4.1": _pme_3_5, "2.x": _pme_2}
+
+
+def _pme(vaddr: int, nr: int, flags: int, layout: str = "4.2") -> dict[str, Any]:
+    return PAGEMAP_LAYOUTS[layout](vaddr, nr, flags)
 
 
 def reg_file(file_id: int, name: str, size: int, mode: int = 0o100644) -> dict[str, Any]:
@@ -310,15 +336,17 @@ def build(
     memfds: list[dict[str, Any]] | None = None,
     shmem: dict[int, list[tuple[int, bytes]]] | None = None,
     sidecar: dict[str, Any] | None = None,
+    shmem_layout: str = "4.2",
 ) -> Path:
     """Write an image set for *procs* into *directory* (created) and return it.
 
     :param shmem: per shmid, ``(offset in the object, bytes)`` saved in pagemap-shmem-SHMID.
+    :param shmem_layout: the CRIU release whose pagemap_entry layout the shmem pagemaps use.
     """
     directory.mkdir(parents=True, exist_ok=True)
     for shmid, chunks in (shmem or {}).items():
         pages_id = 1000 + shmid
-        entries = [_pme(off, len(b) // PAGE, PE_PRESENT) for off, b in chunks]
+        entries = [_pme(off, len(b) // PAGE, PE_PRESENT, shmem_layout) for off, b in chunks]
         write_image(
             directory / f"pagemap-shmem-{shmid}.img",
             "PAGEMAP",

@@ -42,6 +42,7 @@ from converters.images import (
     VMA_FILE_SHARED,
     dump_image,
     load_image,
+    pagemap_runs,
     prot_from_perms,
 )
 from criu_livedump.errors import LivedumpError
@@ -381,7 +382,7 @@ def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) 
     pagemap_path = images_dir / f"pagemap-{pid}.img"
     pagemap = load_image(pagemap_path)
     head, entries = pagemap["entries"][0], pagemap["entries"][1:]
-    taken = [(int(e["vaddr"]), int(e["vaddr"]) + int(e["nr_pages"]) * PAGE_SIZE) for e in entries]
+    taken = [(v, v + n * PAGE_SIZE) for v, n, _ in pagemap_runs(pagemap_path)]
     runs = [r for r in runs if not any(lo < r[0] + r[1] and r[0] < hi for lo, hi in taken)]
     parent = images_dir / "parent"
     parent.mkdir(mode=0o700)
