@@ -19,9 +19,17 @@ from typing import IO, Any
 from converters.options import UNLIMITED, ConvertOptions, write_sidecar
 from criu_livedump import conversion_child as job
 from criu_livedump import scratch, target
-from criu_livedump.check import CAP, cap_names, capabilities, has_cap
-from criu_livedump.errors import BlockerError, LivedumpError, PermissionDeniedError, RequestError
+from criu_livedump.errors import (
+    BlockerError,
+    DestinationError,
+    LivedumpError,
+    PermissionDeniedError,
+    RequestError,
+)
+from criu_livedump.linux import PAGE_SIZE
+from criu_livedump.linux.caps import CAP, cap_names, capabilities, has_cap
 from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
+from criu_livedump.linux.procfs import read_status
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
 from criu_livedump.snapshot import criu
@@ -31,8 +39,6 @@ from criu_livedump.target.dump_time import clone_facts, dump_time_facts
 
 log = logging.getLogger(__name__)
 
-#: binfmt_elf's min_coredump: a limit below one page means no core (fs/coredump.c do_coredump()).
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: Automatic pre-dump: one round for targets at least this large, when dirty tracking exists.
 AUTO_PRE_DUMP_RSS = 256 << 20
 
@@ -185,11 +191,8 @@ def _tree_uids(facts: target.TargetFacts) -> set[int]:
     uids: set[int] = set()
     for member in facts.tree or (facts.pid,):
         try:
-            with open(f"/proc/{member}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        uids.update(int(x) for x in line.split()[1:4])
-        except OSError:
+            uids.update(int(x) for x in read_status(f"/proc/{member}/status")["Uid"].split()[:3])
+        except (OSError, KeyError):
             continue
     return uids
 
@@ -227,6 +230,8 @@ def resolve_sink(
             return job.SinkSpec(job.SinkKind.PIPE, argv=dest.argv), None
         assert dest.path is not None
         spec = job.SinkSpec(job.SinkKind.FILE, path=dest.path, uid=uid, gid=gid)
+    # binfmt_elf's min_coredump: a limit below one page means no core (fs/coredump.c
+    # do_coredump())
     if limit != UNLIMITED and limit < PAGE_SIZE:
         return None, f"the core limit ({limit} bytes) is below one page ({PAGE_SIZE} bytes)"
     return spec, None
@@ -381,7 +386,7 @@ def live_dump(
     if request.tree and sink.kind == job.SinkKind.STDOUT:
         raise RequestError("--tree writes one core per process; -o - takes only one")
     if sink.kind == job.SinkKind.FILE and sink.path is not None and os.path.lexists(sink.path):
-        raise LivedumpError(f"{sink.path}: already exists; refusing to overwrite it")
+        raise DestinationError(f"{sink.path}: already exists; refusing to overwrite it")
     report.destination = sink.describe()
     binary = criu.find(criu_path)
     creds = criu_credentials(facts)

@@ -126,6 +126,32 @@ class BlockerError(LivedumpError):
         self.blocker = blocker
 
 
+class CloneRefusedError(BlockerError):
+    """The clone method cannot snapshot this target; found at the clone itself rather than by
+    :func:`criu_livedump.snapshot.choose` (the target changed in between, or a caller of the
+    clone module skipped the refusals). Same wording and status as every other refusal.
+
+    :param pid: the target.
+    :param reason: one sentence saying why.
+    """
+
+    def __init__(self, pid: int, reason: str) -> None:
+        super().__init__(pid, f"--method clone: {reason}")
+        self.reason = reason
+
+
+class SnapshotError(LivedumpError):
+    """A snapshot method failed after its refusals passed; the target has been left running."""
+
+
+class CloneError(SnapshotError):
+    """The clone snapshot failed; the target has been left running and no clone is alive."""
+
+
+class CloneImagesError(CloneError):
+    """The clone's image set cannot be rewritten (a file missing or not what CRIU writes)."""
+
+
 class ScratchError(LivedumpError):
     """The scratch directory for CRIU's images cannot be created or has no room."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from converters.options import UNLIMITED
 from criu_livedump.errors import PermissionDeniedError, RequestError
+from criu_livedump.linux.caps import CAP, capabilities, has_cap
 
 __all__ = [
     "NICE_MAX",
@@ -28,14 +29,12 @@ __all__ = [
     "OOM_SCORE_ADJ_MAX",
     "OOM_SCORE_ADJ_MIN",
     "UNLIMITED",
-    "Cap",
     "DumpRequest",
     "IoClass",
     "IoPrio",
     "Method",
     "SpecValues",
     "build_request",
-    "caller_effective_caps",
     "check_privileges",
     "oom_adj_to_score_adj",
     "parse_coredump_filter",
@@ -58,15 +57,6 @@ COREDUMP_FILTER_MAX = (1 << 9) - 1
 #: Pre-dump rounds beyond this only add freezes without shrinking the final one further.
 PRE_DUMP_MAX = 10
 _SIZE_MAX = (1 << 63) - 1
-
-
-class Cap(enum.IntEnum):
-    """Capability numbers used here (include/uapi/linux/capability.h)."""
-
-    SYS_PTRACE = 19
-    SYS_ADMIN = 21
-    SYS_NICE = 23
-    SYS_RESOURCE = 24
 
 
 class IoClass(enum.IntEnum):
@@ -474,14 +464,6 @@ def _int_flag(value: FlagValue, lo: int, hi: int, what: str, name: str) -> int:
 # --- privileges ------------------------------------------------------------------------------
 
 
-def caller_effective_caps(status_path: Path = Path("/proc/self/status")) -> int:
-    """The caller's effective capability set (the ``CapEff`` bits of /proc/self/status)."""
-    for line in status_path.read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    raise RequestError(f"{status_path}: no CapEff line")  # pragma: no cover - kernel ABI
-
-
 def _own_oom_score_adj() -> int:
     return int(Path("/proc/self/oom_score_adj").read_text())
 
@@ -509,12 +491,12 @@ def check_privileges(
     :param caps: the caller's effective capabilities; read from /proc/self/status when None.
     :raises PermissionDeniedError: one sentence naming the option and the capability.
     """
-    eff = caller_effective_caps() if caps is None else caps
+    eff = capabilities() if caps is None else caps
 
-    def has(cap: Cap) -> bool:
-        return bool(eff >> int(cap) & 1)
+    def has(cap: CAP) -> bool:
+        return has_cap(eff, cap)
 
-    if request.sched_prio is not None and request.sched_prio < 0 and not has(Cap.SYS_NICE):
+    if request.sched_prio is not None and request.sched_prio < 0 and not has(CAP.SYS_NICE):
         raise PermissionDeniedError(
             f"sched_prio={request.sched_prio}: a nice value below 0 needs CAP_SYS_NICE",
             hint="use a nice value of 0..19",
@@ -524,7 +506,7 @@ def check_privileges(
         limit is not None
         and target_core_hard != UNLIMITED
         and (limit == UNLIMITED or limit > target_core_hard)
-        and not has(Cap.SYS_RESOURCE)
+        and not has(CAP.SYS_RESOURCE)
     ):
         shown = "unlimited" if limit == UNLIMITED else str(limit)
         raise PermissionDeniedError(
@@ -536,14 +518,14 @@ def check_privileges(
     if (
         io is not None
         and io.ioclass == IoClass.RT
-        and not (has(Cap.SYS_NICE) or has(Cap.SYS_ADMIN))
+        and not (has(CAP.SYS_NICE) or has(CAP.SYS_ADMIN))
     ):
         raise PermissionDeniedError(
             "io_prio rt: the real-time I/O class needs CAP_SYS_NICE or CAP_SYS_ADMIN",
             hint="use be:N or idle",
         )
     adj = request.oom_score_adj
-    if adj is not None and adj < 0 and not has(Cap.SYS_RESOURCE):
+    if adj is not None and adj < 0 and not has(CAP.SYS_RESOURCE):
         own = _own_oom_score_adj() if own_oom_score_adj is None else own_oom_score_adj
         if adj < own:
             raise PermissionDeniedError(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +13,22 @@ import pytest
 from click.testing import CliRunner
 
 import converters
-from converters.errors import ImageFormatError
+import criu_livedump
+from converters.errors import ConversionError, ImageFormatError
 from converters.options import ConvertOptions, CoreResult
 from criu_livedump import check as check_mod
-from criu_livedump.cli import ExitStatus, cli, status_for
+from criu_livedump.cli import STATUS_BY_ERROR, ExitStatus, cli, status_for
 from criu_livedump.errors import (
     BlockerError,
+    CloneError,
+    CloneImagesError,
+    CloneRefusedError,
     CriuError,
+    DestinationError,
     LivedumpError,
     PermissionDeniedError,
     RequestError,
+    ScratchError,
     TargetError,
 )
 
@@ -61,6 +69,40 @@ def test_error_ladder(
     hint = getattr(error, "hint", None)
     assert lines[1:] == ([f"hint: {hint}"] if hint else [])
     assert result.stdout == ""
+
+
+def _subclasses(root: type[Exception]) -> list[type[Exception]]:
+    found: list[type[Exception]] = []
+    todo = [root]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_error_class_has_an_exit_status() -> None:
+    """Each LivedumpError and ConversionError subclass, in every module of both packages, is
+    covered by a row of the CLI's one table other than the root's catch-all."""
+    for package in (criu_livedump, converters):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(info.name)
+    classes = _subclasses(LivedumpError) + _subclasses(ConversionError)
+    assert len(classes) > 15  # the walk found the hierarchies
+    missing = []
+    for cls in classes:
+        row = next((c for c, _ in STATUS_BY_ERROR if issubclass(cls, c)), None)
+        if row is None or (row is LivedumpError and cls is not LivedumpError):
+            missing.append(f"{cls.__module__}.{cls.__qualname__}")
+    assert missing == []
+
+
+def test_clone_errors_have_their_own_statuses() -> None:
+    assert status_for(CloneError("clone 5: gone")) == ExitStatus.SNAPSHOT
+    assert status_for(CloneImagesError("core-5.img: missing")) == ExitStatus.SNAPSHOT
+    assert status_for(CloneRefusedError(5, "it is traced")) == ExitStatus.BLOCKED
+    assert status_for(ScratchError("/dev/shm", "full")) == ExitStatus.STORAGE
+    assert status_for(DestinationError("core_pattern '': empty")) == ExitStatus.STORAGE
 
 
 def test_criu_error_message_names_command_and_log_line() -> None:

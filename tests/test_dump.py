@@ -222,7 +222,7 @@ def test_existing_destination_refused(demo: subprocess.Popen[bytes], tmp_path: P
     link.symlink_to(tmp_path / "elsewhere")
     for dest in (existing, link):
         proc = cli("dump", str(demo.pid), "-o", str(dest), "--criu", str(recording_criu(tmp_path)))
-        assert proc.returncode == ExitStatus.FAILURE
+        assert proc.returncode == ExitStatus.STORAGE
         assert proc.stderr.decode().startswith(f"error: {dest}: already exists")
     assert existing.read_text() == "keep me"
     assert not (tmp_path / "elsewhere").exists()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from criu_livedump.linux.procfs import smaps_entries
 from criu_livedump.snapshot.clone import fork_lost
-from criu_livedump.target.dump_time import smaps_entries
 
 PAGE = mmap.PAGESIZE
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from criu_livedump.errors import PermissionDeniedError, RequestError
+from criu_livedump.linux.caps import CAP
 from criu_livedump.request import (
     UNLIMITED,
-    Cap,
     DumpRequest,
     IoClass,
     IoPrio,
@@ -22,7 +22,7 @@ from criu_livedump.request import (
 )
 
 ALL_CAPS = (1 << 41) - 1
-ROOT_HERE = ALL_CAPS & ~(1 << Cap.SYS_RESOURCE)  # root on this machine lacks CAP_SYS_RESOURCE
+ROOT_HERE = ALL_CAPS & ~(1 << CAP.SYS_RESOURCE)  # root on this machine lacks CAP_SYS_RESOURCE
 
 
 # --- SPEC ------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_negative_nice_needs_cap_sys_nice() -> None:
     req = build_request(["sched_prio=-1"])
     check_privileges(req, target_core_hard=UNLIMITED, caps=ALL_CAPS)
     with pytest.raises(PermissionDeniedError, match="a nice value below 0 needs CAP_SYS_NICE"):
-        check_privileges(req, target_core_hard=UNLIMITED, caps=ALL_CAPS & ~(1 << Cap.SYS_NICE))
+        check_privileges(req, target_core_hard=UNLIMITED, caps=ALL_CAPS & ~(1 << CAP.SYS_NICE))
     check_privileges(build_request(["sched_prio=0"]), target_core_hard=UNLIMITED, caps=0)
 
 
@@ -294,8 +294,8 @@ def test_core_limit_above_hard_limit_needs_cap_sys_resource() -> None:
 
 def test_realtime_io_class_needs_a_capability() -> None:
     req = build_request(io_prio="rt:0")
-    check_privileges(req, target_core_hard=UNLIMITED, caps=1 << Cap.SYS_ADMIN)
-    check_privileges(req, target_core_hard=UNLIMITED, caps=1 << Cap.SYS_NICE)
+    check_privileges(req, target_core_hard=UNLIMITED, caps=1 << CAP.SYS_ADMIN)
+    check_privileges(req, target_core_hard=UNLIMITED, caps=1 << CAP.SYS_NICE)
     with pytest.raises(PermissionDeniedError, match="CAP_SYS_NICE or CAP_SYS_ADMIN"):
         check_privileges(req, target_core_hard=UNLIMITED, caps=0)
 

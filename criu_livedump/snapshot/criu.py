@@ -25,6 +25,7 @@ from criu_livedump.errors import (
     LivedumpError,
     TargetError,
 )
+from criu_livedump.linux.procfs import read_stat
 
 log = logging.getLogger(__name__)
 
@@ -497,15 +498,11 @@ def _log_tail(path: Path, n: int = 15) -> str:
 
 
 def _proc_state(pid: int) -> str | None:
-    """The one-letter state from /proc/PID/status, or None when the process is gone."""
+    """The one-letter state of process *pid*, or None when the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return line.split()[1]
+        return read_stat(f"/proc/{pid}/stat").state
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return None
 
 
 def _is_stopped(pid: int) -> bool:
@@ -523,9 +520,7 @@ def _thread_states(pid: int) -> list[str]:
         return states
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                # The state follows the last ')' (comm may contain parentheses).
-                states.append(f.read().rsplit(")", 1)[1].split()[0])
+            states.append(read_stat(f"/proc/{pid}/task/{tid}/stat").state)
         except (OSError, IndexError):
             continue
     return states

@@ -11,23 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from converters.arch.x86_64 import host_xsave_layout
-from criu_livedump.linux.procfs import read_status
+from criu_livedump.linux.procfs import SmapsEntry, read_stat, read_status
 
 _PROC = Path("/proc")
 
 
-def _stat_fields(path: Path) -> list[str]:
-    # comm may hold spaces and parentheses: split after the last ")"
-    return path.read_text().rsplit(")", 1)[1].split()
-
-
-def _us(ticks: str, hz: int) -> int:
-    return int(ticks) * 1_000_000 // hz
+def _us(ticks: int, hz: int) -> int:
+    return ticks * 1_000_000 // hz
 
 
 def _ns_ids(status: Path, key: str) -> list[int]:
@@ -53,13 +47,12 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         facts["boot_id"] = (proc / "sys/kernel/random/boot_id").read_text().strip()
     try:
-        fields = _stat_fields(proc / str(pid) / "stat")
+        stat = read_stat(proc / str(pid) / "stat")
         nstgid = _ns_ids(proc / str(pid) / "status", "NStgid")
     except (OSError, IndexError, ValueError):
         return facts
     depth = len(nstgid) - 1
-    # stat(5): field 4 ppid; 14-17 utime, stime, cutime, cstime (clock ticks)
-    ppid = int(fields[1])
+    ppid = stat.ppid
     if depth and ppid:
         try:
             parent = _ns_ids(proc / str(ppid) / "status", "NStgid")
@@ -68,8 +61,8 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
             ppid = 0
     facts["ppid"] = ppid
     times: dict[str, list[int]] = {
-        str(nstgid[-1]): [_us(fields[11], hz), _us(fields[12], hz)],
-        "children": [_us(fields[13], hz), _us(fields[14], hz)],
+        str(nstgid[-1]): [_us(stat.utime, hz), _us(stat.stime, hz)],
+        "children": [_us(stat.cutime, hz), _us(stat.cstime, hz)],
     }
     with contextlib.suppress(OSError):
         for tid in os.listdir(proc / str(pid) / "task"):
@@ -77,43 +70,11 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
                 continue
             with contextlib.suppress(OSError, IndexError, ValueError):
                 task = proc / str(pid) / "task" / tid
-                t = _stat_fields(task / "stat")
+                t = read_stat(task / "stat")
                 ns_tid = _ns_ids(task / "status", "NSpid")[-1]
-                times[str(ns_tid)] = [_us(t[11], hz), _us(t[12], hz)]
+                times[str(ns_tid)] = [_us(t.utime, hz), _us(t.stime, hz)]
     facts["times"] = times
     return facts
-
-
-@dataclass
-class SmapsEntry:
-    start: int
-    end: int
-    perms: str
-    inode: int
-    anon_kb: int = 0
-    vmflags: frozenset[str] = frozenset()
-
-
-def smaps_entries(pid: int, proc: Path = _PROC) -> list[SmapsEntry]:
-    """/proc/PID/smaps, one entry per VMA (empty when the process is gone)."""
-    entries: list[SmapsEntry] = []
-    try:
-        lines = (proc / str(pid) / "smaps").read_text().splitlines()
-    except OSError:
-        return entries
-    for line in lines:
-        head = line.split()
-        if not head:
-            continue
-        if "-" in head[0] and ":" not in head[0]:
-            lo, hi = (int(x, 16) for x in head[0].split("-"))
-            inode = int(head[4]) if len(head) > 4 else 0
-            entries.append(SmapsEntry(lo, hi, head[1], inode))
-        elif entries and head[0] in ("Anonymous:", "Swap:"):
-            entries[-1].anon_kb += int(head[1])
-        elif entries and head[0] == "VmFlags:":
-            entries[-1].vmflags = frozenset(head[1:])
-    return entries
 
 
 def clone_facts(

@@ -26,7 +26,8 @@ from typing import NamedTuple, TypeVar, cast
 
 from converters.options import UNLIMITED
 from criu_livedump.errors import BlockerError, PermissionDeniedError, TargetError
-from criu_livedump.linux.procfs import read_maps, read_status
+from criu_livedump.linux.caps import CAP, has_cap
+from criu_livedump.linux.procfs import read_maps, read_stat, read_status
 
 __all__ = [
     "GHOST_LIMIT",
@@ -45,9 +46,6 @@ __all__ = [
 #: whose allocated size (st_blocks * 512, as files-reg.c:dump_ghost_remap() measures) exceeds
 #: it make CRIU fail unless they are declared external.
 GHOST_LIMIT = 1 << 20
-
-#: include/uapi/linux/capability.h
-CAP_SYS_PTRACE = 19
 
 # include/uapi/linux/nsfs.h
 _NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2)
@@ -217,12 +215,6 @@ def _core_limits(pid: int) -> tuple[int, int]:
             soft, hard = line[len("Max core file size") :].split()[:2]
             return _limit(soft), _limit(hard)
     raise TargetError(pid, "no core file size in /proc/PID/limits")  # pragma: no cover
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """Fields of /proc/PID/stat after the comm (whose parentheses may nest)."""
-    text = _proc(pid, "stat").read_text()
-    return text[text.rindex(")") + 2 :].split()
 
 
 def _readlink(path: Path) -> str | None:
@@ -685,7 +677,7 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
     if int(status.get("Kthread", "0")) or (not cmdline_raw and int(status.get("PPid", 0)) == 2):
         raise TargetError(pid, "is a kernel thread")
     try:
-        fields = _stat_fields(pid)
+        stat = read_stat(_proc(pid, "stat"))
         core_soft, core_hard = _core_limits(pid)
         coredump_filter = int(_proc(pid, "coredump_filter").read_text().strip(), 16)
     except FileNotFoundError:
@@ -738,8 +730,7 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
         tracer_pid=int(status.get("TracerPid", "0")),
         seccomp=int(status.get("Seccomp", "0")),
         nodename=_nodename(pid),
-        # field 39 of /proc/PID/stat (task_cpu()), the %C of core_pattern
-        cpu=int(fields[36]),
+        cpu=stat.processor,  # the %C of core_pattern
         user_ns=_ns_ino(pid, "user"),
         tree=members,
         blockers=_blockers(pid, members, status, nstgid),
@@ -807,8 +798,8 @@ def check_ptrace_allowed(
 
     def ptrace_cap() -> bool:
         if same_ns:
-            return bool(me.cap_eff >> CAP_SYS_PTRACE & 1)
-        return _has_cap_in_user_ns(pid, CAP_SYS_PTRACE, me)
+            return has_cap(me.cap_eff, CAP.SYS_PTRACE)
+        return _has_cap_in_user_ns(pid, CAP.SYS_PTRACE, me)
 
     t_uids, t_gids = facts.uids, facts.gids
     same_ids = all(u == me.uids.real for u in t_uids[:3]) and all(

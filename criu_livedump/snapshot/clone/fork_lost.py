@@ -30,14 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from criu_livedump.linux.procfs import read_maps
-from criu_livedump.target.dump_time import SmapsEntry
+from criu_livedump.linux import PAGE_SIZE
+from criu_livedump.linux.procfs import SmapsEntry, read_maps
 
 __all__ = ["Copier", "ForkLostArea", "prepare"]
 
 log = logging.getLogger(__name__)
-
-PAGE_SIZE: Final = 4096
 
 # include/uapi/linux/fs.h: struct pm_scan_arg (12 u64), struct page_region (3 u64)
 _PM_SCAN_ARG: Final = struct.Struct("<12Q")

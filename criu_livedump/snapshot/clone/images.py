@@ -45,7 +45,7 @@ from converters.images import (
     pagemap_runs,
     prot_from_perms,
 )
-from criu_livedump.errors import LivedumpError
+from criu_livedump.errors import CloneImagesError
 from criu_livedump.snapshot.clone.fork_lost import ForkLostArea
 from criu_livedump.snapshot.clone.inject import CloneSnapshot, SideMapping, ThreadState, criu_regs
 
@@ -89,10 +89,6 @@ _COMPONENTS: Final = (
 # arch/x86/include/asm/user.h: the ptrace buffer's software-reserved bytes start with XCR0, the
 # set of components the buffer lays out (USER_XSTATE_XCR0_WORD).
 _XCR0_OFF: Final = 464
-
-
-class CloneImagesError(LivedumpError):
-    """The clone's image set cannot be rewritten (a file missing or not what CRIU writes)."""
 
 
 def gpregs(thread: ThreadState) -> dict[str, Any]:

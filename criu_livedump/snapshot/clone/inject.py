@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from criu_livedump.errors import LivedumpError, TargetError
+from criu_livedump.errors import CloneError, CloneRefusedError, LivedumpError, TargetError
 from criu_livedump.linux import ptrace
-from criu_livedump.linux.procfs import read_maps, read_status
+from criu_livedump.linux.procfs import SmapsEntry, read_maps, read_stat, read_status, smaps_entries
 from criu_livedump.linux.ptrace import Event, Opt, PtraceError, UserRegs
 from criu_livedump.snapshot.clone import fork_lost
-from criu_livedump.target.dump_time import SmapsEntry, smaps_entries
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +89,6 @@ _EINTR_ON_INTERRUPT: Final = {
 }
 _WNOHANG: Final = 1
 _U64: Final = (1 << 64) - 1
-
-
-class CloneError(LivedumpError):
-    """The clone snapshot failed; the target has been left running."""
-
-
-class CloneRefusedError(CloneError):
-    """The target cannot be snapshotted by cloning (``--method auto`` falls back to CRIU).
-
-    :param pid: the target.
-    :param reason: one sentence saying why.
-    """
-
-    def __init__(self, pid: int, reason: str) -> None:
-        super().__init__(
-            f"process {pid}: cannot use the clone method: {reason}",
-            hint="use --method criu",
-        )
-        self.pid = pid
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -490,10 +469,8 @@ def _signal_pending(pid: int, tid: int, sigmask: int) -> bool:
 
 
 def _pgid_sid(pid: int) -> tuple[int, int]:
-    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    # fields after "(comm)": state ppid pgrp session ... (proc(5))
-    return int(rest[2]), int(rest[3])
+    stat = read_stat(f"/proc/{pid}/stat")
+    return stat.pgrp, stat.session
 
 
 # --- step 2: registers and injection ------------------------------------------------------------
@@ -760,8 +737,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
 
 def _proc_state(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+        return read_stat(f"/proc/{pid}/stat").state
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return ""
 
