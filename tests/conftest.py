@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,11 +18,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
+import procs  # noqa: E402
 from kernelcore import Target, start_target  # noqa: E402
 from programs import build as programs_build  # noqa: E402
-
-#: include/uapi/linux/prctl.h
-PR_SET_PDEATHSIG = 1
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,7 +31,11 @@ def pytest_configure(config: pytest.Config) -> None:
     without setsid() (CI's case) would pass that session to every target it starts. Leading a
     session here gives the targets one CRIU can dump; tests/test_foreign_session.py covers the
     other case on purpose. The parent-death signal keeps us from outliving a killed ``make``.
+
+    Pytest is also made a child subreaper, so that what a test leaves behind comes back to it
+    and :func:`_no_process_left` can kill it.
     """
+    procs.become_subreaper()
     if os.getsid(0) != 0:
         return
     try:
@@ -48,8 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
             stacklevel=2,
         )
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    procs.die_with_parent()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -62,6 +62,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     needs = [m for m in ("live", "kernel") if item.get_closest_marker(m)]
     if needs and os.geteuid() != 0:
         pytest.skip(f"{'/'.join(needs)} test: needs root (CRIU dump, core_pattern)")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left() -> Iterator[None]:
+    """Every process a test started dies with the test: after its teardown, whatever it left
+    among our children (its own, and orphans of its grandchildren) is killed with its process
+    group and reaped, with a warning naming it."""
+    before = set(procs.children(os.getpid()))
+    yield
+    killed = procs.reap_leftovers(before)
+    if killed:
+        warnings.warn(f"killed processes the test left running: {', '.join(killed)}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

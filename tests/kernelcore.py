@@ -10,7 +10,6 @@ Only x86_64 little-endian cores are parsed: the reference kernel is this machine
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+import procs
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from syslock import core_pattern
@@ -291,9 +291,7 @@ class Target:
     def close(self) -> None:
         """Kill and reap the process (idempotent)."""
         if self.status is None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            self.proc.wait()
+            procs.kill_group(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
@@ -324,7 +322,7 @@ def start_target(
         killed and reaped before the error propagates.
     """
     argv = [os.fspath(binary), *(os.fspath(a) for a in args)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=cwd)
+    proc = procs.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=cwd)
     try:
         line = _wait_for_line(proc, ready, timeout)
         target = Target(proc, argv, line)
@@ -332,8 +330,7 @@ def start_target(
             target.rseq = read_rseq_areas(proc.pid)
         return target
     except BaseException:
-        proc.kill()
-        proc.wait()
+        procs.kill_group(proc)
         if proc.stdout is not None:
             proc.stdout.close()
         raise
@@ -398,7 +395,7 @@ def criu_dump(pid: int, images_dir: str | os.PathLike[str]) -> Path:
         "dump.log",
         "-v4",
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = procs.run(argv, text=True)
     if proc.returncode != 0:
         try:
             log = (images / "dump.log").read_text(errors="replace")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
-import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 from click.testing import CliRunner
 
@@ -148,12 +148,7 @@ def test_broken_pipe_is_quiet() -> None:
     exe = Path(sys.executable).parent / "criu-livedump"
     script = f"'{exe}' check --json | head -c1 >/dev/null; echo ${{PIPESTATUS[0]}}"
     # A large stdout is needed for EPIPE; --json is small, so widen it with repeated calls.
-    proc = subprocess.run(
-        ["bash", "-c", f"for i in 1 2 3; do {script}; done"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = procs.run(["bash", "-c", f"for i in 1 2 3; do {script}; done"], text=True)
     assert "Traceback" not in proc.stderr
     for status in proc.stdout.split():
         assert int(status) in (ExitStatus.OK, ExitStatus.BROKEN_PIPE)

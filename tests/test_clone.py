@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import procs
 import pytest
 from conftest import StartTarget
 from kernelcore import Target, criu_binary
@@ -150,7 +151,7 @@ print("done", file=sys.stderr, flush=True)
 @pytest.mark.parametrize("step", ["seized", "cloned", "detached", "prepared"])
 def test_sigkill_at_each_step(clone_target: Target, tmp_path: Path, step: str) -> None:
     env = dict(os.environ, **{clone.PAUSE_ENV: step})
-    tool = subprocess.Popen(
+    tool = procs.popen(
         [sys.executable, "-c", _DRIVER, str(clone_target.pid), str(tmp_path)],
         env=env,
         stderr=subprocess.PIPE,
@@ -159,7 +160,7 @@ def test_sigkill_at_each_step(clone_target: Target, tmp_path: Path, step: str) -
     )
     try:
         assert tool.stderr is not None
-        line = tool.stderr.readline()
+        line = procs.readline(tool.stderr, 60, "the driver")
         assert line.strip() == f"paused {step}", line
         os.kill(tool.pid, signal.SIGKILL)
     finally:
@@ -171,7 +172,11 @@ def test_sigkill_at_each_step(clone_target: Target, tmp_path: Path, step: str) -
     while any(s not in ("Z", "X") for s in _children(clone_target.pid).values()):
         assert time.monotonic() < deadline, f"clone alive: {_children(clone_target.pid)}"
         time.sleep(0.01)
-    time.sleep(0.3)
+    procs.wait_for(
+        lambda: "TracerPid:\t0\n" in Path(f"/proc/{clone_target.pid}/status").read_text(),
+        30,
+        "the killed tool's seize of the target ending",
+    )
     _assert_running(clone_target)
 
 
@@ -218,7 +223,7 @@ def _criu_dump_clone(snap: clone.CloneSnapshot, images: Path) -> None:
     argv = [criu_binary(), "dump", "-t", str(snap.clone_pid), "-D", str(images)]
     argv += ["--tcp-close", "--skip-in-flight", "--shell-job", "--file-locks"]
     argv += ["--network-lock", "skip", "-o", "dump.log"]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = procs.run(argv, text=True)
     log = (images / "dump.log").read_text(errors="replace")[-2000:]
     assert proc.returncode == 0, log
 

@@ -8,9 +8,9 @@ MADV_DONTFORK area has nothing to copy and is listed without bytes, silently."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
+import procs
 import pytest
 from kernelcore import CoreView, start_target
 from programs import build as programs_build
@@ -22,10 +22,9 @@ LEN = 16 * 4096
 
 
 def _dump(pid: int, core: Path, method: str) -> dict[str, object]:
-    proc = subprocess.run(
+    proc = procs.run(
         [str(EXE), "dump", str(pid), "-o", str(core), "--method", method,
          "--core-limit", "unlimited", "--json"],
-        capture_output=True, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     data = json.loads(proc.stdout)

@@ -12,10 +12,10 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import procs
 import pytest
 from kernelcore import (
     CoreView,
@@ -47,13 +47,7 @@ def _root_only() -> None:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [str(EXE), *args],
-        capture_output=True,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
+    return procs.run([str(EXE), *args], env={**os.environ, **(env or {})})
 
 
 def report(proc: subprocess.CompletedProcess[bytes]) -> dict[str, object]:
@@ -300,7 +294,7 @@ def _paused_dump(pid: int, tmp_path: Path, *args: str) -> dict[str, int]:
     hook = tmp_path / "hook"
     hook.mkdir()
     criu = recording_criu(tmp_path)
-    proc = subprocess.Popen(
+    proc = procs.popen(
         [
             str(EXE),
             "dump",
@@ -317,10 +311,13 @@ def _paused_dump(pid: int, tmp_path: Path, *args: str) -> dict[str, int]:
         env={**os.environ, job.PAUSE_ENV: str(hook)},
     )
     try:
-        while not (hook / "child.pid").exists():
+
+        def paused() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(proc.stderr.read().decode() if proc.stderr else "")
-            time.sleep(0.01)
+            return (hook / "child.pid").exists()
+
+        procs.wait_for(paused, 120, "the conversion child pausing at the hook")
         child = int((hook / "child.pid").read_text())
         with open(f"/proc/{child}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -331,11 +328,9 @@ def _paused_dump(pid: int, tmp_path: Path, *args: str) -> dict[str, int]:
             "oom_score_adj": int(Path(f"/proc/{child}/oom_score_adj").read_text()),
         }
         (hook / "go").touch()
-        out, err = proc.communicate()
+        out, err = proc.communicate(timeout=procs.RUN_TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        procs.kill_group(proc)
     assert proc.returncode == 0, err.decode()
     assert json.loads(out)["conversion_pid"] == seen["child"]
     return seen
@@ -660,8 +655,7 @@ def test_stopped_target_stays_stopped(demo: subprocess.Popen[bytes], tmp_path: P
     """A target the user stopped is not resumed by the dump (only a stop we caused is undone)."""
     os.kill(demo.pid, signal.SIGSTOP)
     try:
-        while state(demo.pid) != "T":
-            time.sleep(0.01)
+        procs.wait_for(lambda: state(demo.pid) == "T", 30, "the SIGSTOPped target in state T")
         report(cli("dump", str(demo.pid), "-o", str(tmp_path / "c"), "--json"))
         assert state(demo.pid) == "T"
     finally:
@@ -675,14 +669,13 @@ def process_tree() -> Iterator[tuple[int, list[int]]]:
         ["bash", "-c", "sleep 300 & sleep 301 & wait"], stdin=subprocess.DEVNULL
     )
     try:
+        path = Path(f"/proc/{shell.pid}/task/{shell.pid}/children")
         children: list[int] = []
-        for _ in range(200):
-            path = Path(f"/proc/{shell.pid}/task/{shell.pid}/children")
-            children = [int(c) for c in path.read_text().split()]
-            if len(children) == 2:
-                break
-            time.sleep(0.01)
-        assert len(children) == 2
+        children = procs.wait_for(
+            lambda: c if len(c := [int(x) for x in path.read_text().split()]) == 2 else [],
+            30,
+            "the shell's two children",
+        )
         yield shell.pid, children
     finally:
         for c in children:

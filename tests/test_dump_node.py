@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import procs
 import pytest
 from kernelcore import CoreView
 
@@ -86,10 +87,10 @@ def test_the_javascript_heap_is_in_the_core(
 ) -> None:
     proc, port = node
     assert _get(port) == "20000"
-    out = subprocess.run(
+    out = procs.run(
         [str(EXE), "dump", str(proc.pid), "--method", method, "--core-limit", "unlimited",
          "-o", str(tmp_path / "core"), "--json"],
-        capture_output=True, text=True, check=False, timeout=300,
+        text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

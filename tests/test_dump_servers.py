@@ -11,10 +11,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import procs
 import pytest
 from kernelcore import gdb_lwps
 
@@ -36,22 +36,17 @@ def free_port() -> int:
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(3000):
+    def listening() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"nothing listens on port {port}")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    procs.wait_for(listening, 60, f"a server listening on port {port}")
 
 
 def dump(pid: int, out: Path) -> dict[str, object]:
-    proc = subprocess.run(
-        [str(EXE), "dump", str(pid), "core_limit=unlimited", "-o", str(out), "--json"],
-        capture_output=True,
-        check=False,
-    )
+    proc = procs.run([str(EXE), "dump", str(pid), "core_limit=unlimited", "-o", str(out), "--json"])
     assert proc.returncode == 0, proc.stderr.decode()
     data = json.loads(proc.stdout)
     assert isinstance(data, dict)
@@ -84,8 +79,7 @@ class HttpLoad:
             t.join()
 
     def wait_for(self, n: int) -> None:
-        while self.done < n and not self.errors:
-            time.sleep(0.01)
+        procs.wait_for(lambda: self.done >= n or self.errors, 120, f"{n} HTTP responses")
 
     def _run(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -126,7 +120,7 @@ def server() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+        proc = procs.popen(argv, stdin=subprocess.DEVNULL, **kw)
         started.append(proc)
         return proc
 
@@ -134,8 +128,7 @@ def server() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         yield start
     finally:
         for proc in started:
-            proc.kill()
-            proc.wait()
+            procs.kill_group(proc)
 
 
 def test_python_http_server_keepalive(
@@ -208,30 +201,38 @@ def test_redis_under_benchmark(
         ]
     )
     wait_listening(port, proc)
-    load = subprocess.Popen(
-        [bench, "-p", str(port), "-n", "300000", "-c", "8", "-q", "-t", "set,get"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+
+    def commands() -> int:
+        info = procs.run([cli, "-p", str(port), "info", "stats"], text=True, check=True).stdout
+        return int(info.split("total_commands_processed:")[1].split()[0])
+
+    # -l: the benchmark loops until stopped, so the load cannot end before the dump
+    log = tmp_path / "bench.log"
+    with log.open("wb") as f:
+        load = procs.popen(
+            [bench, "-p", str(port), "-l", "-c", "8", "-q", "-t", "set,get"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        # mid-load: wait until the benchmark has written keys
-        while subprocess.run(
-            [cli, "-p", str(port), "dbsize"], capture_output=True, text=True, check=True
-        ).stdout.strip() in ("", "0"):
-            assert load.poll() is None, "benchmark ended before the dump"
-            time.sleep(0.01)
+        # mid-load: the benchmark has written keys
+        procs.wait_for(
+            lambda: (
+                procs.run([cli, "-p", str(port), "dbsize"], text=True, check=True).stdout.strip()
+                not in ("", "0")
+            ),
+            60,
+            "redis-benchmark writing keys",
+        )
         threads = tids(proc.pid)
         dump(proc.pid, tmp_path / "core")
-        out, _ = load.communicate()
+        served = commands()
+        procs.wait_for(lambda: commands() > served + 10000, 60, "10000 more commands served")
+        assert load.poll() is None, log.read_text(errors="replace")
     finally:
-        if load.poll() is None:
-            load.kill()
-            load.wait()
-    text = out.decode(errors="replace")
-    assert load.returncode == 0, text
+        procs.kill_group(load)
+    text = log.read_text(errors="replace")
     assert "error" not in text.lower(), text
-    pong = subprocess.run(
-        [cli, "-p", str(port), "ping"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    pong = procs.run([cli, "-p", str(port), "ping"], text=True, check=True).stdout.strip()
     assert pong == "PONG"
     assert gdb_lwps(redis, tmp_path / "core") == threads

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import procs
 import pytest
 
 pytestmark = [pytest.mark.live]
@@ -80,15 +81,14 @@ class Heartbeat:
         return PARASITE in Path(f"/proc/{self.pid}/maps").read_text()
 
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        procs.kill_group(self.proc)
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
 
 
 def start_heartbeat(binary: Path, *args: str) -> Heartbeat:
-    proc = subprocess.Popen(
+    proc = procs.popen(
         [str(binary), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     hb = Heartbeat(proc)
@@ -172,14 +172,10 @@ def assert_one_error(proc: subprocess.CompletedProcess[str]) -> str:
 def run_tool(
     pid: int, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return procs.run(
         [str(EXE), "dump", str(pid), *UNLIMITED, *args],
-        capture_output=True,
         text=True,
-        check=False,
-        stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
-        timeout=300,
     )
 
 
@@ -450,7 +446,7 @@ def test_tool_killed_holding_the_clone(heartbeat: Heartbeat, tmp_path: Path, ste
     it from the target (no sleeping clone, no zombie)."""
     from criu_livedump.snapshot.clone import inject as clone
 
-    tool = subprocess.Popen(
+    tool = procs.popen(
         [*CLONE_DUMP, str(heartbeat.pid), "-o", str(tmp_path / "core"), "--scratch", str(tmp_path)],
         env={**os.environ, clone.PAUSE_ENV: step},
         stderr=subprocess.PIPE,
@@ -459,7 +455,7 @@ def test_tool_killed_holding_the_clone(heartbeat: Heartbeat, tmp_path: Path, ste
     )
     try:
         assert tool.stderr is not None
-        assert tool.stderr.readline().strip() == f"paused {step}"
+        assert procs.readline(tool.stderr, 120, "the tool").strip() == f"paused {step}"
         assert len(children(heartbeat.pid)) == 1  # the clone
         tool.kill()
     finally:
@@ -494,10 +490,7 @@ def test_tool_killed_while_criu_dumps_the_clone(heartbeat: Heartbeat, tmp_path: 
     )
     stalled = 0
     try:
-        for _ in range(3000):
-            if marker.exists():
-                break
-            time.sleep(0.01)
+        procs.wait_for(marker.exists, 120, "the tool starting the stand-in CRIU")
         stalled = int(marker.read_text())
         assert len(children(heartbeat.pid)) == 1  # the clone, waiting for CRIU
         tool.kill()

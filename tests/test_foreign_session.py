@@ -39,7 +39,8 @@ def probe(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         str(programs["threads"]), str(TOOL), criu_binary(), str(work),
     ]  # fmt: skip
     # close_fds (the default) and our own stdin: descriptors opened in our mount namespace
-    # would be files CRIU cannot place in the probe's
+    # would be files CRIU cannot place in the probe's (so pipes here, not procs.run's files;
+    # unshare --kill-child takes the probe's processes down with it)
     proc = subprocess.run(
         argv, capture_output=True, text=True, timeout=300, check=False, stdin=subprocess.DEVNULL
     )

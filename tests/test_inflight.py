@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import procs
 import pytest
 
 pytestmark = [pytest.mark.live]
@@ -81,12 +82,9 @@ def inflight(programs: dict[str, Path]) -> Iterator[Inflight]:
 def dump_repeatedly(target: Inflight, method: str, tmp_path: Path) -> None:
     for i in range(DUMPS):
         core = tmp_path / f"core.{i}"
-        proc = subprocess.run(
+        proc = procs.run(
             [str(EXE), "dump", str(target.pid), "-o", str(core), "--method", method, *UNLIMITED],
-            capture_output=True,
             text=True,
-            check=False,
-            stdin=subprocess.DEVNULL,
         )
         assert proc.returncode == 0, proc.stderr
         assert f"({method})" in proc.stderr

@@ -15,11 +15,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import procs
 import pytest
 from kernelcore import CoreView, gdb_lwps
 
@@ -55,31 +55,27 @@ def namespaced(programs: dict[str, Path]) -> Iterator[Namespaced]:
         "unshare", "--pid", "--fork", "--kill-child", "--",
         "setsid", "sh", "-c", f"{programs['threads']} 3; :",
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    proc = procs.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    init = 0
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("ready")
-        deadline = time.monotonic() + 10
-        kids: list[int] = []
-        while not kids and time.monotonic() < deadline:
-            kids = Namespaced(proc, 0).children(proc.pid)
-        (init,) = kids
+        assert procs.readline(proc.stdout, 60, "threads in the namespace").startswith("ready")
+        (init,) = procs.wait_for(
+            lambda: Namespaced(proc, 0).children(proc.pid), 30, "the namespace's init"
+        )
         yield Namespaced(proc, init)
     finally:
-        proc.send_signal(signal.SIGKILL)  # --kill-child takes the namespace with it
-        proc.wait()
+        if init:
+            os.kill(init, signal.SIGKILL)  # the namespace dies with its init
+        procs.kill_group(proc)
+        if init:
+            procs.wait_for(lambda: procs.reaped(init), 30, f"the namespace's init {init} ending")
         if proc.stdout is not None:
             proc.stdout.close()
 
 
 def dump(pid: int, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(TOOL), "dump", str(pid), "--core-limit", "unlimited", "--json", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
+    return procs.run(
+        [str(TOOL), "dump", str(pid), "--core-limit", "unlimited", "--json", *args], text=True
     )
 
 
