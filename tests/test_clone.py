@@ -71,22 +71,6 @@ def test_not_in_syscall_untouched() -> None:
 # --- live: the target ---------------------------------------------------------------------------
 
 
-def _children(pid: int) -> dict[int, str]:
-    """``{pid: state}`` of every process whose parent is *pid*."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            out[int(entry)] = fields[0]
-    return out
-
-
 def _assert_running(target: Target) -> None:
     status = Path(f"/proc/{target.pid}/status").read_text()
     assert target.alive(), f"target exited with {target.proc.returncode}"
@@ -114,7 +98,7 @@ def test_target_unaffected(clone_target: Target, tmp_path: Path) -> None:
     time.sleep(0.5)  # the driver feeds every thread at least once more; the main thread sleeps
     print("freeze ms:", " ".join(f"{f * 1000:.2f}" for f in freezes))
     _assert_running(clone_target)
-    assert {p: s for p, s in _children(clone_target.pid).items()} == {}
+    assert {p: s for p, s in procs.children(clone_target.pid).items()} == {}
 
 
 @pytest.mark.live
@@ -128,7 +112,7 @@ def test_hundred_snapshots_leak_nothing(clone_target: Target, tmp_path: Path) ->
         snap.kill()
         snap.kill()  # idempotent
     _assert_running(clone_target)
-    assert _children(clone_target.pid) == {}
+    assert procs.children(clone_target.pid) == {}
     assert len(os.listdir("/proc/self/fd")) == own_fds
     assert len(os.listdir(f"/proc/{clone_target.pid}/fd")) == target_fds
 
@@ -169,8 +153,8 @@ def test_sigkill_at_each_step(clone_target: Target, tmp_path: Path, step: str) -
         if tool.stderr is not None:
             tool.stderr.close()
     deadline = time.monotonic() + 5
-    while any(s not in ("Z", "X") for s in _children(clone_target.pid).values()):
-        assert time.monotonic() < deadline, f"clone alive: {_children(clone_target.pid)}"
+    while any(s not in ("Z", "X") for s in procs.children(clone_target.pid).values()):
+        assert time.monotonic() < deadline, f"clone alive: {procs.children(clone_target.pid)}"
         time.sleep(0.01)
     procs.wait_for(
         lambda: "TracerPid:\t0\n" in Path(f"/proc/{clone_target.pid}/status").read_text(),

@@ -120,21 +120,6 @@ def thread_states(pid: int) -> dict[int, str]:
     return out
 
 
-def children(pid: int) -> dict[int, str]:
-    """``{pid: state}`` of every process whose parent is *pid* (zombies included)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid:
-            out[int(entry)] = fields[0]
-    return out
-
-
 def cgroup_frozen(pid: int) -> bool:
     """Whether the cgroup v2 freezer holds *pid*'s cgroup (CRIU is never asked to use it)."""
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
@@ -308,7 +293,7 @@ def test_criu_killed_mid_dump(
     print(f"{method} {point}: parasite blob left: {heartbeat.parasite_left()}")
     if method == "clone":
         assert not heartbeat.parasite_left()
-    assert children(heartbeat.pid) == {}
+    assert procs.children(heartbeat.pid) == {}
     assert os.listdir(out) == []
     assert os.listdir(scratch) == []
 
@@ -402,7 +387,7 @@ def test_scratch_full(
             assert left == []
     assert_running(heartbeat)
     assert heartbeat.checksum() == checksum
-    assert children(heartbeat.pid) == {}
+    assert procs.children(heartbeat.pid) == {}
     assert os.listdir(out) == []
 
 
@@ -421,7 +406,7 @@ def test_output_full(
         assert os.listdir(small) == []  # no partial core, no temporary file
     assert_running(heartbeat)
     assert heartbeat.checksum() == checksum
-    assert children(heartbeat.pid) == {}
+    assert procs.children(heartbeat.pid) == {}
     assert os.listdir(scratch) == []
 
 
@@ -432,7 +417,7 @@ def _wait_no_children(pid: int) -> dict[int, str]:
     """Wait for the clone to be gone and reaped, and the reaper (the watchdog's one injected
     wait4) to have let go of the target; return the children left."""
     for _ in range(1000):
-        left = children(pid)
+        left = procs.children(pid)
         traced = "TracerPid:\t0\n" not in Path(f"/proc/{pid}/status").read_text()
         if not left and not traced:
             break
@@ -456,7 +441,7 @@ def test_tool_killed_holding_the_clone(heartbeat: Heartbeat, tmp_path: Path, ste
     try:
         assert tool.stderr is not None
         assert procs.readline(tool.stderr, 120, "the tool").strip() == f"paused {step}"
-        assert len(children(heartbeat.pid)) == 1  # the clone
+        assert len(procs.children(heartbeat.pid)) == 1  # the clone
         tool.kill()
     finally:
         tool.kill()
@@ -492,7 +477,7 @@ def test_tool_killed_while_criu_dumps_the_clone(heartbeat: Heartbeat, tmp_path: 
     try:
         procs.wait_for(marker.exists, 120, "the tool starting the stand-in CRIU")
         stalled = int(marker.read_text())
-        assert len(children(heartbeat.pid)) == 1  # the clone, waiting for CRIU
+        assert len(procs.children(heartbeat.pid)) == 1  # the clone, waiting for CRIU
         tool.kill()
         tool.wait()
         assert _wait_no_children(heartbeat.pid) == {}

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import assert_running, children, start_heartbeat
+from procs import children
+from test_faults import assert_running, start_heartbeat
 
 from converters.options import UNLIMITED
 from criu_livedump.dump import live_dump
