@@ -29,10 +29,6 @@ class ET(IntEnum):
     CORE = 4
 
 
-class EM(IntEnum):
-    X86_64 = 62
-
-
 class PT(IntEnum):
     LOAD = 1
     NOTE = 4
@@ -53,8 +49,6 @@ class NT(IntEnum):
     AUXV = 6
     SIGINFO = 0x53494749
     FILE = 0x46494C45
-    X86_XSTATE = 0x202
-    X86_XSAVE_LAYOUT = 0x205
 
 
 PN_XNUM = 0xFFFF

@@ -32,8 +32,10 @@ class MissingImageError(ConversionError):
 class UnsupportedArchError(ConversionError):
     """The images describe an architecture the converter cannot write cores for."""
 
-    def __init__(self, path: str, arch: str) -> None:
-        super().__init__(f"{path}: images are for architecture {arch}; only x86_64 is supported")
+    def __init__(self, path: str, arch: str, supported: list[str]) -> None:
+        super().__init__(
+            f"{path}: architecture {arch} is not supported (supported: {', '.join(supported)})"
+        )
         self.path = path
         self.arch = arch
 

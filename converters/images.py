@@ -26,7 +26,8 @@ import pycriu.images as pyimages
 from google.protobuf.message import DecodeError, Message
 from pycriu.images import pb
 
-from converters.errors import ImageFormatError, MissingImageError, UnsupportedArchError
+from converters.arch import Arch, by_criu_mtype
+from converters.errors import ImageFormatError, MissingImageError
 
 PAGE_SIZE = 4096
 _U32 = struct.Struct("<I")
@@ -75,10 +76,6 @@ MAP_HUGETLB = 0x40000
 #: -> hugetlb_file_setup(HUGETLB_ANON_FILE)), which CRIU records as anonymous memory
 ANON_HUGEPAGE = "/anon_hugepage"
 MADV_DONTDUMP = 16
-
-
-def _unsigned(value: int) -> int:
-    return value & 0xFFFFFFFFFFFFFFFF
 
 
 def read_entries(path: Path, magic: str, message: type[Message]) -> list[Any]:
@@ -272,6 +269,8 @@ class GhostFile:
 class Thread:
     tid: int
     core: Any  # pb.core_entry
+    #: the architecture of the thread's registers (core_entry.mtype)
+    arch: Arch
 
 
 @dataclass(frozen=True)
@@ -434,12 +433,11 @@ class ImageSet:
         if len(entries) != 1:
             raise ImageFormatError(str(path), f"{len(entries)} entries, expected 1")
         core = entries[0]
-        arch = pb.core_entry.march.Name(core.mtype) if core.mtype else "UNKNOWN"
-        if arch != "X86_64":
-            raise UnsupportedArchError(str(path), arch)
-        if not core.HasField("thread_info"):
-            raise ImageFormatError(str(path), "no x86 thread_info (registers)")
-        return Thread(tid, core)
+        mtype = pb.core_entry.march.Name(core.mtype) if core.mtype else "UNKNOWN"
+        arch = by_criu_mtype(mtype, str(path))
+        if not core.HasField(arch.thread_info_field):
+            raise ImageFormatError(str(path), f"no {arch.thread_info_field} (registers)")
+        return Thread(tid, core, arch)
 
     def page_index(self, pid: int) -> PageIndex:
         return _load_page_index(self.directory, f"pagemap-{pid}.img", 0)

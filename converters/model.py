@@ -17,8 +17,8 @@ from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
-from converters.arch import x86_64
-from converters.elf import EM, NT, PAGE_SIZE, PF, Note, Piece, Segment
+from converters.arch.base import ELF_PRARGSZ, Arch, CpuLayout, PrPsInfo, PrStatus, pack_siginfo
+from converters.elf import NT, PAGE_SIZE, PF, Note, Piece, Segment
 from converters.errors import ImageFormatError
 from converters.files import FileRoot, OpenedFile
 from converters.images import (
@@ -63,15 +63,6 @@ class MMF:
     DAX_SHARED = 1 << 8
 
 
-# errno values the kernel leaves in rax for a syscall interrupted by a signal
-ERESTARTSYS = 512
-ERESTARTNOHAND = 514
-ERESTART_RESTARTBLOCK = 516
-NR_RESTART_SYSCALL = 219
-#: syscalls that return -ERESTARTNOHAND when a signal interrupts them (kernel/signal.c
-#: sys_pause/sys_rt_sigsuspend, fs/select.c poll/select family)
-_RESTARTNOHAND = {34, 130, 7, 23, 270, 271}
-SYSCALL_INSN = b"\x0f\x05"
 PF_DUMPCORE = 0x200
 PF_SIGNALED = 0x400
 #: more segment bytes than this cannot come from a real process (see build())
@@ -443,35 +434,6 @@ def split_vvar(p: _Proc) -> list[Vma]:
 # --- notes ----------------------------------------------------------------------------------------
 
 
-def _signed(v: int) -> int:
-    v &= 0xFFFFFFFFFFFFFFFF
-    return v - (1 << 64) if v >> 63 else v
-
-
-def thread_regs(p: _Proc, thread: Thread) -> dict[str, int]:
-    """user_regs_struct as the kernel's core shows it.
-
-    CRIU's compel (get_task_regs()) stores a thread interrupted in a restartable syscall with
-    rip rewound onto the syscall instruction and rax = orig_rax (or __NR_restart_syscall), so
-    that the restored task re-enters it. The kernel's core shows the state before that
-    rewind: rip after the instruction, rax = -ERESTART*.
-    """
-    regs = x86_64.gpregs_tuple(thread.core.thread_info.gpregs)
-    orig = _signed(regs["orig_rax"])
-    rax = regs["rax"]
-    in_syscall = orig >= 0 and rax in (regs["orig_rax"], NR_RESTART_SYSCALL)
-    if in_syscall and p.read(regs["rip"], 2) == SYSCALL_INSN:
-        regs["rip"] += 2
-        if rax == NR_RESTART_SYSCALL and orig != NR_RESTART_SYSCALL:
-            err = ERESTART_RESTARTBLOCK
-        elif orig in _RESTARTNOHAND:
-            err = ERESTARTNOHAND
-        else:
-            err = ERESTARTSYS
-        regs["rax"] = -err & 0xFFFFFFFFFFFFFFFF
-    return regs
-
-
 def _times(times: dict[str, object], tid: int) -> tuple[int, int, int, int]:
     """fill_prstatus()'s CPU times from the sidecar's ``times``: ``{"TID": [utime_us,
     stime_us], "children": [cutime_us, cstime_us]}`` (the leader's entry is the group total)."""
@@ -502,12 +464,12 @@ def build_notes(
     mm: object,
     signal: int,
     ppid: int,
-    layout: x86_64.XsaveLayout,
+    layout: CpuLayout,
     times: dict[str, object],
 ) -> list[Note]:
     """Notes in fill_note_info()'s order: the first thread's PRSTATUS, PRPSINFO, SIGINFO,
-    AUXV, FILE and FP state, then each other thread's PRSTATUS and FP state, then the x86
-    XSAVE layout (elf_coredump_extra_notes_write())."""
+    AUXV, FILE and FP state, then each other thread's PRSTATUS and FP state, then the
+    architecture's extra notes (elf_coredump_extra_notes_write())."""
     proc = p.images.process(p.pid)
     main = next((t for t in threads if t.tid == p.pid), threads[0])
     ordered = [main] + [t for t in threads if t is not main]
@@ -522,7 +484,7 @@ def build_notes(
             else int(tc.blk_sigset)
         )
         pending = _sigmask(th.signals_p) if th is not None and th.HasField("signals_p") else 0
-        return x86_64.PrStatus(
+        return PrStatus(
             si_signo=signal,
             pr_cursig=signal,
             pr_sigpend=pending | shared_pending,
@@ -531,32 +493,25 @@ def build_notes(
             pr_ppid=ppid,
             pr_pgrp=proc.pgid,
             pr_sid=proc.sid,
-            pr_reg=x86_64.pack_user_regs(thread_regs(p, t)),
+            pr_reg=t.arch.core_gregs(t.core, p.read),
             times=_times(times, t.tid),
         ).pack()
 
     def fpnotes(t: Thread) -> list[Note]:
-        ti = t.core.thread_info
-        if not ti.HasField("fpregs"):
-            return []
-        return [
-            Note(b"CORE", NT.PRFPREG, x86_64.pack_fxsave(ti.fpregs)),
-            Note(b"LINUX", NT.X86_XSTATE, x86_64.pack_xstate(ti.fpregs, layout)),
-        ]
+        return t.arch.thread_notes(t.core, layout)
 
     notes = [Note(b"CORE", NT.PRSTATUS, prstatus(main))]
     notes.append(
         Note(b"CORE", NT.PRPSINFO, _prpsinfo(p, main, mm, proc.pgid, proc.sid, ppid, signal))
     )
-    notes.append(Note(b"CORE", NT.SIGINFO, x86_64.pack_siginfo(signal)))
+    notes.append(Note(b"CORE", NT.SIGINFO, pack_siginfo(signal)))
     notes.append(Note(b"CORE", NT.AUXV, _auxv(mm)))
     notes.append(Note(b"CORE", NT.FILE, _nt_file(p)))
     notes.extend(fpnotes(main))
     for t in ordered[1:]:
         notes.append(Note(b"CORE", NT.PRSTATUS, prstatus(t)))
         notes.extend(fpnotes(t))
-    if layout.components:
-        notes.append(Note(b"LINUX", NT.X86_XSAVE_LAYOUT, layout.pack_layout_note()))
+    notes.extend(main.arch.process_notes(layout))
     return notes
 
 
@@ -568,7 +523,7 @@ def _prpsinfo(
     th = main.core.thread_core if main.core.HasField("thread_core") else None
     arg_start = int(getattr(mm, "mm_arg_start", 0))
     arg_end = int(getattr(mm, "mm_arg_end", 0))
-    n = max(0, min(arg_end - arg_start, x86_64.ELF_PRARGSZ - 1))
+    n = max(0, min(arg_end - arg_start, ELF_PRARGSZ - 1))
     psargs = p.read(arg_start, n).replace(b"\0", b" ") if n else b""
     uid = gid = 0
     if th is not None and th.HasField("creds"):
@@ -579,7 +534,7 @@ def _prpsinfo(
             str(p.images.directory / f"core-{main.tid}.img"), f"sched_nice {nice} out of range"
         )
     flags = int(tc.flags) | PF_DUMPCORE | (PF_SIGNALED if signal else 0)
-    return x86_64.PrPsInfo(
+    return PrPsInfo(
         pr_state=0,  # the dumping thread is running: "R"
         pr_sname=b"R",
         pr_zomb=0,
@@ -660,7 +615,8 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
                 str(images.directory / "livedump.json"), f"ppid {recorded_ppid} out of range"
             )
         ppid = _first(recorded_ppid, proc.ppid, 0)
-        layout = _layout(sidecar)
+        arch = threads[0].arch
+        layout = _layout(arch, sidecar, images.directory)
         p.sysv_keys = _sysv_keys(sidecar)
         p.no_saved_pages = _no_saved_pages(sidecar, p.vmas)
         _fork_excluded(p, sidecar)
@@ -681,7 +637,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
     except BaseException:
         files.close()
         raise
-    return CoreModel(pid, EM.X86_64, segments, notes, warnings, files)
+    return CoreModel(pid, arch.e_machine, segments, notes, warnings, files)
 
 
 def _fork_excluded(p: _Proc, sidecar: Sidecar) -> None:
@@ -754,11 +710,9 @@ def _first(*values: int | None) -> int:
     raise AssertionError("no default")
 
 
-def _layout(sidecar: Sidecar) -> x86_64.XsaveLayout:
-    recorded = sidecar.extra.get("xsave_layout")
-    if isinstance(recorded, dict):
-        try:
-            return x86_64.XsaveLayout.from_dict(recorded)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ImageFormatError("livedump.json", f"bad xsave_layout: {e}") from e
-    return x86_64.host_xsave_layout()
+def _layout(arch: Arch, sidecar: Sidecar, directory: Path) -> CpuLayout:
+    recorded = sidecar.extra.get("cpu_layout")
+    try:
+        return arch.cpu_layout(recorded if isinstance(recorded, dict) else None)
+    except ValueError as e:
+        raise ImageFormatError(str(directory / "livedump.json"), f"bad cpu_layout: {e}") from e

@@ -119,6 +119,8 @@ def read_sidecar(images_dir: Path) -> Sidecar:
     # si_signo is an int in the notes; a real signal number is 1.._NSIG (64) on Linux
     if signal is not None and not 0 <= signal <= 64:
         raise ImageFormatError(str(path), f"signal {signal} out of range")
+    if "cpu_layout" not in data and "xsave_layout" in data:  # its name before issue 10
+        data["cpu_layout"] = data.pop("xsave_layout")
     boot_id = data.get("boot_id")
     return Sidecar(
         coredump_filter=opt_int("coredump_filter"),

@@ -14,7 +14,6 @@ import ctypes
 import errno
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from converters.arch import host
+from converters.errors import UnsupportedArchError
 from criu_livedump.errors import ConvertFailedError, LivedumpError
 from criu_livedump.request import IoClass, IoPrio
 
@@ -35,8 +36,7 @@ from criu_livedump.request import IoClass, IoPrio
 PAUSE_ENV = "CRIU_LIVEDUMP_TEST_PAUSE_DIR"
 PAUSE_LIMIT = 120.0
 
-# include/uapi/linux/ioprio.h; syscall numbers of arch/x86/entry/syscalls/syscall_64.tbl.
-_IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31)}
+# include/uapi/linux/ioprio.h
 IOPRIO_WHO_PROCESS = 1
 IOPRIO_CLASS_SHIFT = 13
 
@@ -44,11 +44,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _ioprio_nr(index: int) -> int:
-    machine = platform.machine()
     try:
-        return _IOPRIO_SYSCALLS[machine][index]
-    except KeyError:
-        raise LivedumpError(f"ioprio_set: unknown syscall number on {machine}") from None
+        numbers = host().syscalls
+    except UnsupportedArchError as e:
+        raise LivedumpError(f"ioprio_set: unknown syscall number: {e}") from None
+    return (numbers.ioprio_set, numbers.ioprio_get)[index]
 
 
 def ioprio_get(pid: int = 0) -> int:

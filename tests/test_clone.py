@@ -3,7 +3,6 @@ the clone's CRIU images, rewritten, describe the original process."""
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -16,56 +15,16 @@ import pytest
 from conftest import StartTarget
 from kernelcore import Target, criu_binary
 
+from converters.arch import x86_64
 from converters.images import load_image
 from criu_livedump.linux import ptrace
-from criu_livedump.linux.ptrace import UserRegs
 from criu_livedump.snapshot.clone import images as clone_images
 from criu_livedump.snapshot.clone import inject as clone
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# --- unit: the register conventions -------------------------------------------------------------
-
-
-def _regs(**kw: int) -> UserRegs:
-    return UserRegs.from_dict({"orig_rax": (1 << 64) - 1, **kw})
-
-
-@pytest.mark.parametrize(
-    ("code", "resume_rax", "criu_rax", "criu_back"),
-    [
-        (clone.ERESTARTSYS, 0, 0, 2),
-        (clone.ERESTARTNOHAND, 0, 0, 2),
-        (clone.ERESTARTNOINTR, 0, 0, 2),
-        (clone.ERESTART_RESTARTBLOCK, clone.SYS.restart_syscall, -errno.EINTR, 0),
-    ],
-)
-def test_restart_conventions(code: int, resume_rax: int, criu_rax: int, criu_back: int) -> None:
-    regs = _regs(orig_rax=35, rax=(-code) & ((1 << 64) - 1), rip=0x1002)
-    resumed = clone.resume_regs(regs)
-    assert resumed.rip == 0x1000
-    assert resumed.rax == (resume_rax or 35)
-    saved = clone.criu_regs(regs)
-    assert saved.rip == 0x1002 - criu_back
-    assert saved.rax == ((criu_rax or 35) & ((1 << 64) - 1))
-
-
-def test_epoll_eintr_restarted_only_without_timeout_or_pending_signal() -> None:
-    eintr = (-errno.EINTR) & ((1 << 64) - 1)
-    forever = _regs(orig_rax=clone.SYS.epoll_wait, rax=eintr, rip=0x2002, r10=(1 << 64) - 1)
-    assert clone.resume_regs(forever).rip == 0x2000
-    assert clone.resume_regs(forever, signal_pending=True).rip == 0x2002
-    finite = _regs(orig_rax=clone.SYS.epoll_wait, rax=eintr, rip=0x2002, r10=100)
-    assert clone.resume_regs(finite).rip == 0x2002
-    read = _regs(orig_rax=0, rax=eintr, rip=0x2002)
-    assert clone.resume_regs(read).rip == 0x2002
-
-
-def test_not_in_syscall_untouched() -> None:
-    regs = _regs(rax=(-clone.ERESTARTSYS) & ((1 << 64) - 1), rip=0x3000)
-    assert bytes(clone.resume_regs(regs)) == bytes(regs)
-    assert bytes(clone.criu_regs(regs)) == bytes(regs)
+# The register conventions (restart codes, CRIU's view) are tested in test_arch.py.
 
 
 # --- live: the target ---------------------------------------------------------------------------
@@ -223,7 +182,7 @@ def test_rewritten_images(programs: dict[str, Path], targets: StartTarget, tmp_p
         injector = next(t for t in snap.threads if t.tid == snap.injector_tid)
         criu_core = load_image(images / f"core-{snap.clone_pid}.img")["entries"][0]
         # Our FXSAVE/XSAVE mapping agrees with CRIU's own for the thread the clone came from.
-        ours = clone_images.fpregs(injector)
+        ours = x86_64.image_fpregs(injector.fpstate, None)
         assert ours is not None
         theirs = criu_core["thread_info"]["fpregs"]
         for key, value in ours.items():
@@ -241,10 +200,10 @@ def test_rewritten_images(programs: dict[str, Path], targets: StartTarget, tmp_p
     ]
     for t in snap.threads:
         core = load_image(images / f"core-{t.tid}.img")["entries"][0]
-        regs = clone.criu_regs(t.user_regs)
-        assert core["thread_info"]["gpregs"]["ip"] == regs.rip
-        assert core["thread_info"]["gpregs"]["sp"] == regs.rsp
-        assert core["thread_info"]["gpregs"]["fs_base"] == regs.fs_base
+        regs = x86_64.unpack_regs(x86_64.criu_regs(t.regs))
+        assert core["thread_info"]["gpregs"]["ip"] == regs["rip"]
+        assert core["thread_info"]["gpregs"]["sp"] == regs["rsp"]
+        assert core["thread_info"]["gpregs"]["fs_base"] == regs["fs_base"]
         assert core["thread_core"]["blk_sigset"] == t.sigmask
         assert ("tc" in core) == (t.tid == target.pid)
     for stem in ("mm", "pagemap", "ids", "fs"):
@@ -286,5 +245,18 @@ def test_rewritten_images_convert(clone_target: Target, tmp_path: Path) -> None:
     assert sorted(t.pid for t in core.threads) == sorted(t.tid for t in snap.threads)
 
 
-def test_ptrace_regs_layout() -> None:
-    assert len(bytes(ptrace.UserRegs())) == 216
+@pytest.mark.live
+def test_ptrace_regs_are_the_archs() -> None:
+    """PTRACE_GETREGSET NT_PRSTATUS gives exactly the arch module's user_regs_struct."""
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        ptrace.seize(proc.pid)
+        ptrace.interrupt(proc.pid)
+        ptrace.wait(proc.pid)
+        regs = ptrace.get_regs(proc.pid)
+        assert len(regs) == x86_64.USER_REGS_STRUCT.size
+        fp, xstate = ptrace.get_regsets(proc.pid, x86_64.ARCH.fp_regsets)
+        assert len(fp) == x86_64.FXSAVE.size and len(xstate) >= len(fp)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

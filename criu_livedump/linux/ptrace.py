@@ -1,8 +1,8 @@
-"""Thin ctypes wrappers over ptrace(2) for x86_64, as the clone snapshot needs them.
+"""Thin ctypes wrappers over ptrace(2), as the clone snapshot needs them.
 
 Each wrapper makes one request and raises :class:`PtraceError` (carrying the request, the thread
-and errno) on failure. Register layouts are the kernel's: ``struct user_regs_struct`` from
-arch/x86/include/asm/user_64.h, checked for size at import.
+and errno) on failure. Registers travel as the regsets' bytes (PTRACE_GETREGSET), whose layout
+only the architecture's module in :mod:`converters.arch` knows.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import errno as errno_mod
 import os
 import signal
 import struct
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -22,13 +23,11 @@ _ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void
 
 
 class Req(enum.IntEnum):
-    """ptrace requests (include/uapi/linux/ptrace.h, arch/x86/include/uapi/asm/ptrace-abi.h)."""
+    """ptrace requests (include/uapi/linux/ptrace.h)."""
 
     CONT = 7
     KILL = 8
     DETACH = 17
-    GETREGS = 12
-    SETREGS = 13
     SYSCALL = 24
     SETOPTIONS = 0x4200
     GETEVENTMSG = 0x4201
@@ -64,51 +63,12 @@ class Event(enum.IntEnum):
     STOP = 128
 
 
-class NT(enum.IntEnum):
-    """Regset note types for PTRACE_GETREGSET (include/uapi/linux/elf.h)."""
-
-    PRSTATUS = 1
-    PRFPREG = 2
-    X86_XSTATE = 0x202
-
-
+#: NT_PRSTATUS (include/uapi/linux/elf.h): the general registers' regset on every architecture
+NT_PRSTATUS = 1
 #: wait flag: wait for all children, clone or not (include/uapi/linux/wait.h)
 WALL = 0x40000000
-#: struct user_i387_struct (NT_PRFPREG, the FXSAVE area) is 512 bytes on x86_64.
-FPREGS_SIZE = 512
-#: Large enough for any XSAVE area this kernel reports (AMX tile data included).
-_XSTATE_BUF = 1 << 15
-
-
-_REG_NAMES = (
-    *("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx"),
-    *("rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base"),
-    *("ds", "es", "fs", "gs"),
-)
-
-
-class UserRegs(ctypes.Structure):
-    """``struct user_regs_struct`` of x86_64 (arch/x86/include/asm/user_64.h)."""
-
-    _fields_: ClassVar[list[tuple[str, type[ctypes.c_uint64]]]] = [
-        (name, ctypes.c_uint64) for name in _REG_NAMES
-    ]
-
-    def copy(self) -> UserRegs:
-        return UserRegs.from_buffer_copy(bytes(self))
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name, _ in self._fields_}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, int]) -> UserRegs:
-        regs = cls()
-        for name, value in values.items():
-            setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
-        return regs
-
-
-assert ctypes.sizeof(UserRegs) == 27 * 8
+#: larger than any general-register regset (the kernel shortens the iovec to the real size)
+_GREGS_BUF = 1 << 12
 
 
 class _Iovec(ctypes.Structure):
@@ -182,19 +142,17 @@ def get_event_msg(tid: int) -> int:
     return int(msg.value)
 
 
-def get_regs(tid: int) -> UserRegs:
-    """PTRACE_GETREGS."""
-    regs = UserRegs()
-    _call(Req.GETREGS, tid, 0, ctypes.addressof(regs))
-    return regs
+def get_regs(tid: int) -> bytes:
+    """The general registers (PTRACE_GETREGSET NT_PRSTATUS: the arch's user_regs_struct)."""
+    return get_regset(tid, NT_PRSTATUS, _GREGS_BUF)
 
 
-def set_regs(tid: int, regs: UserRegs) -> None:
-    """PTRACE_SETREGS."""
-    _call(Req.SETREGS, tid, 0, ctypes.addressof(regs))
+def set_regs(tid: int, regs: bytes) -> None:
+    """PTRACE_SETREGSET NT_PRSTATUS."""
+    set_regset(tid, NT_PRSTATUS, regs)
 
 
-def get_regset(tid: int, note: NT, size: int = _XSTATE_BUF) -> bytes:
+def get_regset(tid: int, note: int, size: int) -> bytes:
     """PTRACE_GETREGSET: the regset's bytes, as long as the kernel says it is."""
     buf = ctypes.create_string_buffer(size)
     iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
@@ -202,26 +160,25 @@ def get_regset(tid: int, note: NT, size: int = _XSTATE_BUF) -> bytes:
     return buf.raw[: iov.iov_len]
 
 
-def set_regset(tid: int, note: NT, data: bytes) -> None:
+def set_regset(tid: int, note: int, data: bytes) -> None:
     """PTRACE_SETREGSET."""
     buf = ctypes.create_string_buffer(data, len(data))
     iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), len(data))
     _call(Req.SETREGSET, tid, int(note), ctypes.addressof(iov))
 
 
-def get_fpregs(tid: int) -> bytes:
-    """The FXSAVE area (``struct user_i387_struct``, NT_PRFPREG)."""
-    return get_regset(tid, NT.PRFPREG, FPREGS_SIZE)
-
-
-def get_xstate(tid: int) -> bytes:
-    """The XSAVE area (NT_X86_XSTATE); empty when the CPU has no XSAVE."""
-    try:
-        return get_regset(tid, NT.X86_XSTATE)
-    except PtraceError as e:
-        if e.errno == errno_mod.ENODEV:
-            return b""
-        raise
+def get_regsets(tid: int, regsets: Iterable[tuple[int, int]]) -> tuple[bytes, ...]:
+    """Each ``(note type, buffer size)`` regset's bytes; empty for one the CPU lacks (ENODEV,
+    e.g. NT_X86_XSTATE without XSAVE)."""
+    out = []
+    for note, size in regsets:
+        try:
+            out.append(get_regset(tid, note, size))
+        except PtraceError as e:
+            if e.errno != errno_mod.ENODEV:
+                raise
+            out.append(b"")
+    return tuple(out)
 
 
 def get_sigmask(tid: int) -> int:

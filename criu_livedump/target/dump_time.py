@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from converters.arch.x86_64 import host_xsave_layout
+from converters.arch import host
 from criu_livedump.linux.procfs import SmapsEntry, read_stat, read_status
 
 _PROC = Path("/proc")
@@ -34,7 +34,7 @@ def _ns_ids(status: Path, key: str) -> list[int]:
 
 
 def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
-    """``ppid``, ``times``, ``boot_id`` and ``xsave_layout`` of process *pid*.
+    """``ppid``, ``times``, ``boot_id`` and ``cpu_layout`` of process *pid*.
 
     Ids are those of the target's own PID namespace, as in CRIU's images and as the kernel's
     core (written from the target's context) gives them: a thread is keyed by its last NSpid
@@ -42,7 +42,7 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
     target exited, a thread vanished) are simply left out: the converter falls back to zeros
     for them.
     """
-    facts: dict[str, Any] = {"xsave_layout": host_xsave_layout().as_dict()}
+    facts: dict[str, Any] = {"cpu_layout": host().cpu_layout(None).as_dict()}
     hz = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
         facts["boot_id"] = (proc / "sys/kernel/random/boot_id").read_text().strip()

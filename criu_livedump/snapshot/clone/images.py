@@ -19,15 +19,12 @@ is in a core): sigaltstack, clear_tid_addr, GDT TLS entries, credentials, schedu
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from converters.arch import by_criu_mtype
 from converters.images import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
@@ -47,123 +44,10 @@ from converters.images import (
 )
 from criu_livedump.errors import CloneImagesError
 from criu_livedump.snapshot.clone.fork_lost import ForkLostArea
-from criu_livedump.snapshot.clone.inject import CloneSnapshot, SideMapping, ThreadState, criu_regs
+from criu_livedump.snapshot.clone.inject import CloneSnapshot, SideMapping, ThreadState
 
 O_RDWR: Final = 2
 SS_DISABLE: Final = 2
-
-#: CRIU's gpregs field names for ``struct user_regs_struct`` members (images/core-x86.proto).
-_GPREG_NAMES: Final = {
-    "rbp": "bp",
-    "rbx": "bx",
-    "rax": "ax",
-    "rcx": "cx",
-    "rdx": "dx",
-    "rsi": "si",
-    "rdi": "di",
-    "orig_rax": "orig_ax",
-    "rip": "ip",
-    "eflags": "flags",
-    "rsp": "sp",
-}
-
-# struct user_i387_struct / the legacy FXSAVE region (arch/x86/include/asm/user_64.h)
-_FXSAVE_HEAD: Final = struct.Struct("<HHHHQQII")
-_ST_SPACE: Final = struct.Struct("<32I")  # at 32
-_XMM_SPACE: Final = struct.Struct("<64I")  # at 160
-# XSAVE standard (non-compacted) format, as PTRACE_GETREGSET NT_X86_XSTATE returns it: the
-# header's XSTATE_BV at 512; each user component where CPUID leaf 0xD says (the offsets differ
-# between CPU vendors), kept in CRIU's fields (images/core-x86.proto: user_x86_xsave_entry,
-# filled by criu/arch/x86/crtools.c from compel's struct xsave_struct).
-_XSTATE_BV_OFF: Final = 512
-#: (CRIU field, xfeature number, struct of the component)
-_COMPONENTS: Final = (
-    ("ymmh_space", 2, struct.Struct("<64I")),
-    ("bndreg_state", 3, struct.Struct("<8Q")),
-    ("bndcsr_state", 4, struct.Struct("<8Q")),
-    ("opmask_reg", 5, struct.Struct("<8Q")),
-    ("zmm_upper", 6, struct.Struct("<64Q")),
-    ("hi16_zmm", 7, struct.Struct("<128Q")),
-    ("pkru", 9, struct.Struct("<I")),
-)
-# arch/x86/include/asm/user.h: the ptrace buffer's software-reserved bytes start with XCR0, the
-# set of components the buffer lays out (USER_XSTATE_XCR0_WORD).
-_XCR0_OFF: Final = 464
-
-
-def gpregs(thread: ThreadState) -> dict[str, Any]:
-    """The thread's registers as CRIU's ``user_x86_regs_entry`` would hold them."""
-    regs = criu_regs(thread.user_regs).as_dict()
-    out: dict[str, Any] = {_GPREG_NAMES.get(k, k): v for k, v in regs.items()}
-    out["mode"] = "NATIVE"
-    return out
-
-
-def fpregs(thread: ThreadState) -> dict[str, Any] | None:
-    """The thread's FPU state as CRIU's ``user_x86_fpregs_entry`` (with ``xsave``), or None."""
-    area = thread.xstate if len(thread.xstate) >= 512 else thread.fpregs
-    if len(area) < 512:
-        return None
-    cwd, swd, twd, fop, rip, rdp, mxcsr, mxcsr_mask = _FXSAVE_HEAD.unpack_from(area, 0)
-    out: dict[str, Any] = {
-        "cwd": cwd,
-        "swd": swd,
-        "twd": twd,
-        "fop": fop,
-        "rip": rip,
-        "rdp": rdp,
-        "mxcsr": mxcsr,
-        "mxcsr_mask": mxcsr_mask,
-        "st_space": list(_ST_SPACE.unpack_from(area, 32)),
-        "xmm_space": list(_XMM_SPACE.unpack_from(area, 160)),
-    }
-    if len(thread.xstate) > _XSTATE_BV_OFF:
-        out["xsave"] = _xsave(thread.xstate)
-    return out
-
-
-def _xsave(x: bytes) -> dict[str, Any]:
-    (xcr0,) = struct.unpack_from("<Q", x, _XCR0_OFF)
-    (bv,) = struct.unpack_from("<Q", x, _XSTATE_BV_OFF)
-    out: dict[str, Any] = {"xstate_bv": bv}
-    for name, bit, st in _COMPONENTS:
-        if not xcr0 & (1 << bit):
-            continue
-        offset = xsave_offset(bit)
-        if offset and len(x) >= offset + st.size:
-            out[name] = list(st.unpack_from(x, offset))
-    return out
-
-
-@functools.cache
-def xsave_offset(feature: int) -> int:
-    """The standard-format offset of XSAVE component *feature* (CPUID.(EAX=0DH,ECX=n).EBX)."""
-    return _cpuid(0xD, feature)[1]
-
-
-# A tiny cpuid(leaf, subleaf, out[4]) in machine code (SysV ABI: edi, esi, rdx), since Python
-# has no other way to execute CPUID: push rbx; mov r8,rdx; mov eax,edi; mov ecx,esi; cpuid;
-# mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx; mov [r8+12],edx; pop rbx; ret
-_CPUID_CODE: Final = bytes.fromhex(
-    "534989d089f889f10fa24189004189580441894808418950 0c5bc3".replace(" ", "")
-)
-
-
-@functools.cache
-def _cpuid_function() -> tuple[Any, mmap.mmap]:
-    """The callable and the executable page holding it (kept alive together)."""
-    mem = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    mem.write(_CPUID_CODE)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-    proto = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
-    return proto(addr), mem
-
-
-def _cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
-    fn, _ = _cpuid_function()
-    out = (ctypes.c_uint32 * 4)()
-    fn(leaf, subleaf, ctypes.addressof(out))
-    return out[0], out[1], out[2], out[3]
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -233,18 +117,13 @@ def _thread_core(
 ) -> dict[str, Any]:
     src = _entry(template, path)
     core: dict[str, Any] = {"mtype": src["mtype"]}
-    info = dict(src["thread_info"])
-    info["gpregs"] = gpregs(t)
-    fp = fpregs(t)
-    if fp is not None:
-        # CET state comes from its own regset, not from the XSAVE user buffer: keep CRIU's.
-        cet = (info.get("fpregs") or {}).get("xsave", {}).get("cet")
-        if cet is not None and "xsave" in fp and t.tid == snap.injector_tid:
-            fp["xsave"]["cet"] = cet
-        info["fpregs"] = fp
+    arch = by_criu_mtype(str(src["mtype"]), str(path))
+    info = arch.image_thread_info(
+        src[arch.thread_info_field], t.regs, t.fpstate, t.tid == snap.injector_tid
+    )
     if t.tid != snap.injector_tid:
         info["clear_tid_addr"] = 0
-    core["thread_info"] = info
+    core[arch.thread_info_field] = info
 
     tcore = dict(src.get("thread_core") or {})
     tcore["comm"] = t.comm or tcore.get("comm", "")

@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from converters.arch import Arch, host
 from criu_livedump.errors import CloneError, CloneRefusedError, LivedumpError, TargetError
 from criu_livedump.linux import ptrace
 from criu_livedump.linux.procfs import SmapsEntry, read_maps, read_stat, read_status, smaps_entries
-from criu_livedump.linux.ptrace import Event, Opt, PtraceError, UserRegs
+from criu_livedump.linux.ptrace import Event, Opt, PtraceError
 from criu_livedump.snapshot.clone import fork_lost
 
 log = logging.getLogger(__name__)
@@ -57,63 +58,33 @@ PAUSE_ENV: Final = "CRIU_LIVEDUMP_CLONE_PAUSE"
 PAUSE_STEPS: Final = ("seized", "cloned", "detached", "prepared", "released")
 
 
-class SYS:
-    """x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)."""
-
-    munmap: Final = 11
-    pause: Final = 34
-    epoll_wait: Final = 232
-    epoll_pwait: Final = 281
-    epoll_pwait2: Final = 441
-    clone: Final = 56
-    wait4: Final = 61
-    setsid: Final = 112
-    restart_syscall: Final = 219
-    close_range: Final = 436
-
-
-# include/linux/errno.h: the kernel-internal restart codes a stopped syscall can show in rax
-ERESTARTSYS: Final = 512
-ERESTARTNOINTR: Final = 513
-ERESTARTNOHAND: Final = 514
-ERESTART_RESTARTBLOCK: Final = 516
-_SYSCALL_INSN: Final = b"\x0f\x05"
 _ALL_SIGNALS: Final = (1 << 64) - 1
-#: Syscalls that fail with EINTR on *any* wake-up, even a ptrace interrupt (fs/eventpoll.c:
-#: ep_poll() returns -EINTR whenever signal_pending(); signal(7) lists epoll_wait among the calls
-#: a SIGSTOP/SIGCONT cycle interrupts). See :func:`resume_regs`.
-_EINTR_ON_INTERRUPT: Final = {
-    # syscall number -> register holding its timeout (an int of milliseconds)
-    SYS.epoll_wait: "r10",
-    SYS.epoll_pwait: "r10",
-}
 _WNOHANG: Final = 1
-_U64: Final = (1 << 64) - 1
+
+
+def _arch() -> Arch:
+    """This host's architecture: registers, syscall numbers and the syscall instruction."""
+    return host()
 
 
 @dataclass(frozen=True)
 class ThreadState:
     """One thread of the target as it was at the freeze (step 1).
 
-    :ivar regs: ``struct user_regs_struct`` exactly as PTRACE_GETREGS returned it (for a thread
-        inside an interrupted syscall: rip after the syscall, rax the -ERESTART* code).
-    :ivar fpregs: the 512-byte FXSAVE area (NT_PRFPREG).
-    :ivar xstate: the XSAVE area (NT_X86_XSTATE), empty without XSAVE.
+    :ivar regs: the general registers exactly as ptrace returned them (for a thread inside an
+        interrupted syscall: the pc after the syscall, the result the -ERESTART* code).
+    :ivar fpstate: the architecture's FP regsets (:attr:`converters.arch.base.Arch.fp_regsets`),
+        each empty where the CPU lacks it.
     :ivar sigmask: blocked signals, bit N-1 for signal N.
     """
 
     tid: int
     regs: bytes
-    fpregs: bytes
-    xstate: bytes
+    fpstate: tuple[bytes, ...]
     sigmask: int
     comm: str
     #: a signal the thread does not block is pending for it (its EINTR, if any, is real)
     signal_pending: bool = False
-
-    @property
-    def user_regs(self) -> UserRegs:
-        return UserRegs.from_buffer_copy(self.regs)
 
 
 @dataclass(frozen=True)
@@ -180,7 +151,7 @@ class CloneSnapshot:
             return
         cpid = self.clone_pid
         try:
-            regs = _syscall_regs(ptrace.get_regs(cpid), self._syscall_ip, SYS.pause)
+            regs = _syscall_regs(ptrace.get_regs(cpid), self._syscall_ip, _arch().syscalls.pause)
             ptrace.set_regs(cpid, regs)
             ptrace.syscall(cpid)
             _expect_syscall_stop(cpid)  # entry: detach from here runs the syscall itself
@@ -259,8 +230,8 @@ def clone_snapshot(
     threads: dict[int, ThreadState] = {}
     seized: list[int] = []
     injector = 0
-    injector_saved: UserRegs | None = None
-    restore_regs: UserRegs | None = None
+    injector_saved: bytes | None = None
+    restore_regs: bytes | None = None
     injector_mask = 0
     clone_pid = 0
     pidfd = -1
@@ -271,17 +242,17 @@ def clone_snapshot(
         for tid in seized:
             threads[tid] = _save_thread(pid, tid)
             # Before anything else can go wrong: an EINTR our interrupt caused becomes a restart.
-            fixed = _eintr_fixup(threads[tid].user_regs, threads[tid].signal_pending)
+            fixed = _eintr_fixup(threads[tid].regs, threads[tid].signal_pending)
             if fixed is not None:
                 ptrace.set_regs(tid, fixed)
         pgid, sid = _pgid_sid(pid)
         _hook("seized")
 
         injector = pid if pid in threads else seized[0]
-        injector_saved = UserRegs.from_buffer_copy(threads[injector].regs)
+        injector_saved = threads[injector].regs
         injector_mask = threads[injector].sigmask
         syscall_ip = _syscall_address(pid, injector_saved)
-        restore_regs = resume_regs(injector_saved, signal_pending=threads[injector].signal_pending)
+        restore_regs = _arch().resume_regs(injector_saved, threads[injector].signal_pending)
         clone_pid = _inject_clone(injector, injector_saved, restore_regs, injector_mask, syscall_ip)
         pidfd = os.pidfd_open(clone_pid)
         if copier is not None:
@@ -449,9 +420,8 @@ def _save_thread(pid: int, tid: int) -> ThreadState:
     sigmask = ptrace.get_sigmask(tid)
     return ThreadState(
         tid=tid,
-        regs=bytes(ptrace.get_regs(tid)),
-        fpregs=ptrace.get_fpregs(tid),
-        xstate=ptrace.get_xstate(tid),
+        regs=ptrace.get_regs(tid),
+        fpstate=ptrace.get_regsets(tid, _arch().fp_regsets),
         sigmask=sigmask,
         comm=_read_comm(pid, tid),
         signal_pending=_signal_pending(pid, tid, sigmask),
@@ -476,91 +446,28 @@ def _pgid_sid(pid: int) -> tuple[int, int]:
 # --- step 2: registers and injection ------------------------------------------------------------
 
 
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value & (1 << 63) else value
-
-
-def in_syscall(regs: UserRegs) -> bool:
-    """The thread stopped inside (or at the exit of) a syscall: orig_rax holds its number."""
-    return _signed(regs.orig_rax) >= 0
-
-
-def resume_regs(regs: UserRegs, *, signal_pending: bool = False) -> UserRegs:
-    """The registers that continue *regs* as the kernel would after a stop with no signal.
-
-    An interrupted syscall is restarted, as arch/x86/kernel/signal.c:
-    ``arch_do_signal_or_restart()`` does when no handler runs: back to the ``syscall``
-    instruction, with rax the syscall number, or ``restart_syscall`` for -ERESTART_RESTARTBLOCK
-    (nanosleep, futex with timeout: the kernel's per-thread restart block, untouched by our
-    injected syscall, then resumes the remaining wait). We must do it by hand because the
-    injecting thread resumes from a syscall-exit stop, where that restart logic does not run.
-
-    An ``epoll_wait``/``epoll_pwait`` with no timeout that our interrupt made fail with EINTR is
-    restarted too, unless a signal is pending for the thread (*signal_pending*: then the EINTR is
-    the program's, as its handler runs next). With a finite timeout it keeps its EINTR: restarting
-    would stretch the wait, and the program cannot tell this EINTR from a SIGSTOP/SIGCONT one.
-    """
-    out = regs.copy()
-    if not in_syscall(regs):
-        return out
-    err = -_signed(regs.rax)
-    if _rewind_restartable(regs, out, err):
-        return out
-    if err == ERESTART_RESTARTBLOCK:
-        out.rax = SYS.restart_syscall
-        out.rip = regs.rip - 2
-    elif err == errno.EINTR and not signal_pending:
-        timeout_reg = _EINTR_ON_INTERRUPT.get(int(regs.orig_rax))
-        if timeout_reg is not None and _signed(getattr(regs, timeout_reg)) & 0xFFFFFFFF >= 1 << 31:
-            out.rax = regs.orig_rax
-            out.rip = regs.rip - 2
-    return out
-
-
-def _eintr_fixup(regs: UserRegs, pending: bool) -> UserRegs | None:
+def _eintr_fixup(regs: bytes, pending: bool) -> bytes | None:
     """For a thread resuming from its interrupt stop: the registers to set, or None (the kernel's
     own restart logic suffices for -ERESTART* codes)."""
-    if not in_syscall(regs) or -_signed(regs.rax) != errno.EINTR:
+    arch = _arch()
+    if arch.syscall_nr(regs) is None or -arch.syscall_result(regs) != errno.EINTR:
         return None
-    fixed = resume_regs(regs, signal_pending=pending)
-    return fixed if fixed.rip != regs.rip else None
+    fixed = arch.resume_regs(regs, pending)
+    return fixed if arch.pc(fixed) != arch.pc(regs) else None
 
 
-def criu_regs(regs: UserRegs) -> UserRegs:
-    """The registers CRIU would have saved for a thread stopped with *regs*.
-
-    compel/arch/x86/src/lib/infect.c: ``compel_get_task_regs()`` rewinds a restartable syscall
-    (rip - 2, rax = orig_rax) and turns -ERESTART_RESTARTBLOCK into -EINTR.
-    """
-    out = regs.copy()
-    if not in_syscall(regs):
-        return out
-    err = -_signed(regs.rax)
-    if not _rewind_restartable(regs, out, err) and err == ERESTART_RESTARTBLOCK:
-        out.rax = (-errno.EINTR) & _U64
-    return out
-
-
-def _rewind_restartable(regs: UserRegs, out: UserRegs, err: int) -> bool:
-    """Set *out* to re-enter the syscall *regs* was interrupted in, for the -ERESTART* codes
-    the kernel's own signal path restarts (arch/x86/kernel/signal.c: arch_do_signal_or_restart()
-    without a handler); False for any other *err*."""
-    if err not in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
-        return False
-    out.rax = regs.orig_rax
-    out.rip = regs.rip - 2
-    return True
-
-
-def _syscall_address(pid: int, regs: UserRegs) -> int:
-    """Where a ``syscall`` instruction is in the target: rip-2 inside a syscall, else the vDSO,
-    else any executable mapping."""
+def _syscall_address(pid: int, regs: bytes) -> int:
+    """Where a syscall instruction is in the target: just before the pc inside a syscall, else
+    the vDSO, else any executable mapping."""
+    arch = _arch()
+    insn = arch.syscall_insn
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     try:
-        if in_syscall(regs) and regs.rip >= 2:
+        at = arch.pc(regs) - len(insn)
+        if arch.syscall_nr(regs) is not None and at >= 0:
             with contextlib.suppress(OSError):
-                if os.pread(fd, 2, regs.rip - 2) == _SYSCALL_INSN:
-                    return int(regs.rip) - 2
+                if os.pread(fd, len(insn), at) == insn:
+                    return at
         maps = read_maps(pid)
         ordered = [m for m in maps if m.name == "[vdso]"] + [
             m for m in maps if "x" in m.perms and m.name not in ("[vdso]", "[vsyscall]")
@@ -570,7 +477,7 @@ def _syscall_address(pid: int, regs: UserRegs) -> int:
                 continue
             with contextlib.suppress(OSError):
                 chunk = os.pread(fd, min(end - start, 1 << 20), start)
-                i = chunk.find(_SYSCALL_INSN)
+                i = chunk.find(insn)
                 if i >= 0:
                     return start + i
     finally:
@@ -578,10 +485,10 @@ def _syscall_address(pid: int, regs: UserRegs) -> int:
     raise CloneError(f"process {pid}: no syscall instruction found in its executable mappings")
 
 
-def _run_syscall(tid: int, regs: UserRegs, *, expect_clone: bool = False) -> tuple[int, int]:
-    """Run the syscall set up in *regs* (rip at a ``syscall`` instruction) in stopped *tid*.
+def _run_syscall(tid: int, regs: bytes, *, expect_clone: bool = False) -> tuple[int, int]:
+    """Run the syscall set up in *regs* (pc at a syscall instruction) in stopped *tid*.
 
-    :returns: ``(rax at syscall exit, new child pid or 0)``.
+    :returns: ``(the syscall's result at its exit, new child pid or 0)``.
     """
     ptrace.set_regs(tid, regs)
     ptrace.syscall(tid)
@@ -601,7 +508,7 @@ def _run_syscall(tid: int, regs: UserRegs, *, expect_clone: bool = False) -> tup
         if ptrace.is_syscall_stop(status):
             break
         raise CloneError(f"thread {tid}: unexpected stop {status:#x} during an injected syscall")
-    return _signed(ptrace.get_regs(tid).rax), child
+    return _arch().syscall_result(ptrace.get_regs(tid)), child
 
 
 def _check_stopped(tid: int, status: int) -> None:
@@ -616,20 +523,11 @@ def _expect_syscall_stop(tid: int) -> None:
         raise CloneError(f"thread {tid}: unexpected stop {status:#x} before an injected syscall")
 
 
-def _syscall_regs(base: UserRegs, ip: int, nr: int, *args: int) -> UserRegs:
-    regs = base.copy()
-    regs.rip = ip
-    regs.rax = nr
-    # As compel's parasite_setup_regs(): no restart logic may rewrite rax/rip on the way out.
-    regs.orig_rax = _U64
-    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-        setattr(regs, name, value & _U64)
-    return regs
+def _syscall_regs(base: bytes, ip: int, nr: int, *args: int) -> bytes:
+    return _arch().syscall_regs(base, ip, nr, args)
 
 
-def _inject_clone(
-    tid: int, saved: UserRegs, restore: UserRegs, sigmask: int, syscall_ip: int
-) -> int:
+def _inject_clone(tid: int, saved: bytes, restore: bytes, sigmask: int, syscall_ip: int) -> int:
     """Steps 2-3: fork the target from stopped thread *tid*; the clone is left stopped, traced.
 
     EXITKILL is on the target's thread only from before the clone exists until its registers
@@ -643,7 +541,9 @@ def _inject_clone(
     try:
         # clone(flags = 0: no CLONE_VM, exit signal 0; newsp 0: same stack; no tids; no tls)
         ret, child = _run_syscall(
-            tid, _syscall_regs(saved, syscall_ip, SYS.clone, 0, 0, 0, 0, 0), expect_clone=True
+            tid,
+            _syscall_regs(saved, syscall_ip, _arch().syscalls.clone, 0, 0, 0, 0, 0),
+            expect_clone=True,
         )
     finally:
         ptrace.set_regs(tid, restore)
@@ -680,10 +580,10 @@ def _side_kind(name: str) -> str | None:
 def _prepare_clone(snap: CloneSnapshot, side_dir: Path | None) -> tuple[SideMapping, ...]:
     """Step 5: drop the clone's files and session, move CRIU-refused mappings out of it."""
     cpid = snap.clone_pid
-    ret = _clone_syscall(snap, SYS.close_range, 0, 0xFFFFFFFF, 0)
+    ret = _clone_syscall(snap, _arch().syscalls.close_range, 0, 0xFFFFFFFF, 0)
     if ret < 0:
         raise CloneError(f"clone {cpid}: close_range failed: {os.strerror(-ret)}")
-    ret = _clone_syscall(snap, SYS.setsid)
+    ret = _clone_syscall(snap, _arch().syscalls.setsid)
     if ret < 0:
         raise CloneError(f"clone {cpid}: setsid failed: {os.strerror(-ret)}")
     side = [m for m in read_maps(cpid) if _side_kind(m.name)]
@@ -716,7 +616,7 @@ def _prepare_clone(snap: CloneSnapshot, side_dir: Path | None) -> tuple[SideMapp
     finally:
         os.close(mem)
     for m in out:
-        ret = _clone_syscall(snap, SYS.munmap, m.start, m.end - m.start)
+        ret = _clone_syscall(snap, _arch().syscalls.munmap, m.start, m.end - m.start)
         if ret < 0:
             raise CloneError(f"clone {cpid}: munmap of {m.name} failed: {os.strerror(-ret)}")
     return tuple(out)
@@ -784,12 +684,15 @@ def _reap_in_target(pid: int, clone_pid: int, tid: int, syscall_ip: int) -> None
         saved = ptrace.get_regs(tid)
         mask = ptrace.get_sigmask(tid)
         ip = syscall_ip or _syscall_address(pid, saved)
-        restore = resume_regs(saved)
+        restore = _arch().resume_regs(saved, False)
         ptrace.set_options(tid, Opt.TRACESYSGOOD)
         ptrace.set_sigmask(tid, _ALL_SIGNALS)
         try:
             ret, _ = _run_syscall(
-                tid, _syscall_regs(saved, ip, SYS.wait4, clone_pid, 0, ptrace.WALL | _WNOHANG, 0)
+                tid,
+                _syscall_regs(
+                    saved, ip, _arch().syscalls.wait4, clone_pid, 0, ptrace.WALL | _WNOHANG, 0
+                ),
             )
         finally:
             ptrace.set_regs(tid, restore)
