@@ -55,7 +55,7 @@ _KIND = {
 }
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
+class BoundedTarInfo(tarfile.TarInfo):
     """A TarInfo that refuses oversized metadata headers.
 
     tarfile reads a pax or GNU long-name header's payload into memory in one piece
@@ -186,7 +186,7 @@ def _extract_stream(archive: Path, raw: IO[bytes], mode: str, dest: Path, max_by
     total = 0
     count = 0
     try:
-        with tarfile.open(fileobj=raw, mode=mode, tarinfo=_BoundedTarInfo) as tf:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=raw, mode=mode, tarinfo=BoundedTarInfo) as tf:  # type: ignore[call-overload]
             for member in tf:
                 count += 1
                 if count > MAX_ENTRIES:

@@ -248,6 +248,15 @@ class MappedFile:
     deleted: bool = False
     #: shmem pagemap id for memfd/shared-anon objects whose pages CRIU saved itself
     shmid: int | None = None
+    #: the ELF file's GNU build-id as CRIU recorded it (since 3.16, criu/files-reg.c:
+    #: store_validation_data_build_id()): the note's descriptor bytes, zero-padded to whole
+    #: uint32 words; None when CRIU recorded none (not ELF, no note, older CRIU, or
+    #: ``--file-validation filesize``)
+    build_id: bytes | None = None
+    #: the mount the file was opened on, recorded by CRIU only when the dumped tree has a mount
+    #: namespace of its own (criu/files-reg.c:dump_one_reg_file(), ``root_ns_mask &
+    #: CLONE_NEWNS``): the name is then a path of that namespace, not of CRIU's
+    mnt_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -468,6 +477,15 @@ class ImageSet:
         except OSError as e:
             raise ImageFormatError(str(path), os.strerror(e.errno or 0)) from e
 
+    def foreign_mount(self) -> int | None:
+        """A mount id CRIU recorded with a regular file, if it recorded any: it does only when
+        the dumped tree had a mount namespace other than CRIU's (see :attr:`MappedFile.mnt_id`),
+        so that the files' names are paths of that namespace."""
+        for fe in self.files.values():
+            if fe.HasField("reg") and fe.reg.HasField("mnt_id") and fe.reg.mnt_id >= 0:
+                return int(fe.reg.mnt_id)
+        return None
+
     def mapped_file(self, vma: Vma) -> MappedFile | None:
         """Resolve a file-backed or memfd VMA's ``shmid`` through files.img."""
         fe = self.files.get(vma.shmid)
@@ -480,6 +498,8 @@ class ImageSet:
                 size=int(reg.size) if reg.HasField("size") else None,
                 mode=int(reg.mode) if reg.HasField("mode") else 0,
                 deleted=int(reg.id) in self.ghost_ids,
+                build_id=_build_id(reg.build_id),
+                mnt_id=int(reg.mnt_id) if reg.HasField("mnt_id") and reg.mnt_id >= 0 else None,
             )
         if fe.HasField("memfd"):
             inode = self.memfd_inodes.get(int(fe.memfd.inode_id))
@@ -547,6 +567,17 @@ def pagemap_runs(path: Path) -> list[tuple[int, int, int]]:
         flags, nr = pagemap_entry_run(e)
         runs.append((int(e.vaddr), nr, flags))
     return runs
+
+
+def _build_id(words: Any) -> bytes | None:
+    """reg_file_entry.build_id (images/regfile.proto: ``repeated uint32``) as bytes.
+
+    CRIU memcpy()s the note's bytes into the uint32 array, so the words are in the dumping
+    machine's byte order: little-endian on every architecture the converter reads.
+    """
+    if not words:
+        return None
+    return struct.pack(f"<{len(words)}I", *(int(w) & 0xFFFFFFFF for w in words))
 
 
 def _load_page_index(

@@ -17,10 +17,11 @@ from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
+from converters import origin
 from converters.arch.base import ELF_PRARGSZ, Arch, CpuLayout, PrPsInfo, PrStatus, pack_siginfo
 from converters.elf import NT, PAGE_SIZE, PF, Note, Piece, Segment
 from converters.errors import ImageFormatError
-from converters.files import FileRoot, OpenedFile
+from converters.files import NO_ROOT, FileRoot, OpenedFile, identity_mismatch
 from converters.images import (
     ANON_HUGEPAGE,
     MAP_ANONYMOUS,
@@ -105,6 +106,10 @@ class _Proc:
     absent: frozenset[int] = frozenset()
     #: ConvertOptions.mapped_fds
     mapped_fds: Mapping[int, int] = field(default_factory=dict)
+    #: names of mapped files not looked up, for want of a files root (see converters.origin)
+    unrooted: set[str] = field(default_factory=set)
+    #: identity_mismatch() verdicts by (fd, name): None for the right file
+    verdicts: dict[tuple[int, str], str | None] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -136,19 +141,33 @@ class _Proc:
     def open_mapped(self, vma: Vma, mf: MappedFile) -> OpenedFile | None:
         held = self._held_file(vma, mf)
         if held is not None:
-            return held
+            return self._verified(vma, mf, held)
         if mf.deleted:
             ghost = self._ghost(vma)
             if ghost is None:
                 self.warn(f"{mf.name}: deleted file at {vma.start:#x}; its unsaved pages are holes")
             return ghost
         opened = self.files.open(mf.name)
+        if opened == NO_ROOT:
+            self.unrooted.add(mf.name)
+            return None
         if isinstance(opened, str):
             self.warn(f"{mf.name}: {opened}; mapping at {vma.start:#x} written as holes")
             return None
-        if mf.size is not None and opened.size != mf.size:
-            self.warn(f"{mf.name}: size changed since the dump ({mf.size} -> {opened.size})")
-        return opened
+        return self._verified(vma, mf, opened)
+
+    def _verified(self, vma: Vma, mf: MappedFile, opened: OpenedFile) -> OpenedFile | None:
+        """*opened* if it is the file the images record for *vma*; else None and one warning
+        per file, naming its first mapping and what differs."""
+        key = (opened.fd, mf.name)
+        if key not in self.verdicts:
+            why = self.verdicts[key] = identity_mismatch(opened, mf)
+            if why is not None:
+                self.warn(
+                    f"{mf.name}: not the file the process mapped ({why}); mapping at"
+                    f" {vma.start:#x} written as holes"
+                )
+        return opened if self.verdicts[key] is None else None
 
     def _ghost(self, vma: Vma) -> OpenedFile | None:
         """The bytes CRIU saved of *vma*'s deleted file (its ghost-file image), if it did."""
@@ -175,13 +194,13 @@ class _Proc:
             return None
         try:
             link = os.readlink(f"/proc/self/fd/{fd}")
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
         except OSError:
             return None
         if link.removesuffix(" (deleted)") != mf.name:
             self.warn(f"{mf.name}: the mapping at {vma.start:#x} now maps {link}; read by name")
             return None
-        return OpenedFile(fd, size)
+        return OpenedFile(fd, st.st_size, None, st.st_mode)
 
     def read(self, addr: int, size: int) -> bytes:
         """Best-effort read of the process's memory as the core would show it."""
@@ -599,7 +618,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
     proc = images.process(pid)
     mm = images.mm(pid)
     warnings: list[str] = []
-    files = FileRoot(options.files_root)
+    files, not_read_why = origin.files_for(images, options, sidecar)
     try:
         p = _Proc(images, pid, images.vmas(pid, mm), images.page_index(pid), files, warnings)
         p.mapped_fds = options.mapped_fds
@@ -634,6 +653,8 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         notes = build_notes(
             p, threads, mm, signal, ppid, layout, times if isinstance(times, dict) else {}
         )
+        if p.unrooted:
+            p.warn(origin.summary(len(p.unrooted), not_read_why))
     except BaseException:
         files.close()
         raise

@@ -29,7 +29,9 @@ class ConvertOptions:
     :param coredump_filter: the MMF_DUMP_* bit mask; None means "from the sidecar, else 0x33".
     :param core_limit: RLIMIT_CORE semantics in bytes; :data:`UNLIMITED` for no limit,
         None for "from the sidecar, else unlimited".
-    :param files_root: where mapped files are looked up; only regular files inside it are read.
+    :param files_root: where mapped files are looked up by name; only regular files inside it
+        are read. None: this host's ``/`` for images dumped here in its own mount namespace,
+        else nowhere, or a checkpoint's container image (see :mod:`converters.origin`).
     :param signal: si_signo written to NT_PRSTATUS/NT_SIGINFO; None means "from the sidecar,
         else 0".
     :param pid: convert only this process of the tree.
@@ -38,14 +40,35 @@ class ConvertOptions:
         descriptor still names the file the images record. It is the file the kernel reads
         (vma->vm_file), also when it was deleted or replaced since, or lives in another mount
         namespace. The caller keeps ownership.
+    :param checkpoint: set when the images come from a checkpoint archive: where its
+        container's files are.
     """
 
     coredump_filter: int | None = None
     core_limit: int | None = None
-    files_root: Path = Path("/")
+    files_root: Path | None = None
     signal: int | None = None
     pid: int | None = None
     mapped_fds: Mapping[int, int] = field(default_factory=dict)
+    checkpoint: CheckpointFiles | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of a checkpointed container, beside its images in a checkpoint archive.
+
+    :param image: the container image the archive names (config.dump), "" for none.
+    :param image_root: that image's root filesystem, mounted from local container storage;
+        None when it is not there.
+    :param changes: ``rootfs-diff.tar``, what the container changed in its root filesystem
+        (may not exist).
+    :param deleted: ``deleted.files``, the JSON list of names it deleted (may not exist).
+    """
+
+    image: str
+    image_root: Path | None
+    changes: Path
+    deleted: Path
 
 
 @dataclass

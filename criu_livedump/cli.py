@@ -249,9 +249,10 @@ def _parse_signal(value: str, culprit: str) -> int:
 @click.option(
     "--files-root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=Path("/"),
-    show_default=True,
-    help="Where mapped files are looked up.",
+    default=None,
+    help="The dumped process's root filesystem, where mapped files are read (default: / for"
+    " images dumped on this host in its mount namespace; a checkpoint's container image from"
+    " local storage; else none).",
 )
 @click.option(
     "--signal",
@@ -268,7 +269,7 @@ def convert(
     jobs: int,
     coredump_filter: int | None,
     core_limit: int | None,
-    files_root: Path,
+    files_root: Path | None,
     signal: int | None,
     as_json: bool,
 ) -> None:
@@ -340,8 +341,8 @@ def _convert_one(
     """Convert one directory (runs in a worker process); errors come back as data, since the
     converter's exceptions need not be picklable."""
     from converters import convert as convert_images
-    from converters.archive import open_images
     from converters.errors import ConversionError
+    from criu_livedump.checkpoint_rootfs import open_checkpoint
 
     def report(nbytes: int) -> None:
         if progress is not None:
@@ -349,8 +350,8 @@ def _convert_one(
 
     outcome: dict[str, Any] = {"images_dir": str(images_dir), "cores": [], "error": None}
     try:
-        with open_images(images_dir) as opened:
-            results = convert_images(opened, out_dir, options, report if progress else None)
+        with open_checkpoint(images_dir, options) as (opened, completed):
+            results = convert_images(opened, out_dir, completed, report if progress else None)
         outcome["cores"] = [r.as_dict() for r in results]
     except ConversionError as e:
         outcome["error"] = str(e)

@@ -233,7 +233,7 @@ def test_convert_wiring(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.M
     ((images_dir, out_dir, options),) = fake.calls
     assert (images_dir, out_dir) == (images, out)
     assert options == ConvertOptions(
-        coredump_filter=0x3F, core_limit=1 << 20, files_root=Path("/"), signal=3, pid=42
+        coredump_filter=0x3F, core_limit=1 << 20, files_root=None, signal=3, pid=42
     )
     data = json.loads(result.stdout)
     assert data["ok"] is True

@@ -1,51 +1,78 @@
-"""--files-root (issue 3 "Interface", issue 7 "Hostile input"): images naming /etc/shadow,
-/dev/sda, /proc/kcore, a FIFO, a symlink out of the root. Nothing outside the root is read, no
-device or special file is opened, and the warnings name the mappings that became holes."""
+"""--files-root (issue 3 "Interface", issue 7 "Hostile input", issue 16 "Foreign images"):
+images naming /etc/shadow, /dev/sda, /proc/kcore, a FIFO, a symlink out of the root, a host
+library that is not the mapped one. Nothing outside the root is read, no device or special file
+is opened, no file other than the one the images record gives bytes, foreign images read no host
+path by default, and the warnings name the mappings that became holes."""
 
 from __future__ import annotations
 
 import os
 import stat
+import struct
+from dataclasses import replace
 from pathlib import Path
 
 import images
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from converters import ConvertOptions, convert
-from converters.options import CoreResult
+from converters.options import CheckpointFiles, CoreResult
 
 PAGE = images.PAGE
 BASE = 0x2000_0000
 SECRET = b"TOP-SECRET-" * 400
 
 
-def _set(tmp_path: Path, names: list[str]) -> Path:
-    """One private file mapping (whole, under coredump_filter 0x3f) per name."""
+def _set(
+    tmp_path: Path,
+    names: list[str],
+    sizes: list[int] | None = None,
+    sidecar: dict[str, object] | None = None,
+    **recorded: object,
+) -> Path:
+    """One private file mapping (whole, under coredump_filter 0x3f) per name, recorded with
+    *sizes* (default: the size of SECRET) and the other reg_file_entry fields in *recorded*
+    (``mode``, ``build_id``, ``mnt_id``)."""
     vmas = [
         images.file_vma(BASE + 4 * i * PAGE, BASE + (4 * i + 1) * PAGE, file_id=10 + i)
         for i in range(len(names))
     ]
-    files = [images.reg_file(10 + i, n, len(SECRET)) for i, n in enumerate(names)]
-    return images.build(tmp_path / "img", [images.Proc(100, vmas=vmas)], files=files)
+    files = []
+    for i, n in enumerate(names):
+        entry = images.reg_file(10 + i, n, sizes[i] if sizes else len(SECRET))
+        entry["reg"].update(recorded)
+        files.append(entry)
+    return images.build(
+        tmp_path / "img", [images.Proc(100, vmas=vmas)], files=files, sidecar=sidecar
+    )
 
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every path the converter passes to os.open()."""
+    """Every file the converter opens with os.open() for reading (``O_PATH`` descriptors,
+    which open nothing, left out; a reopened ``/proc/self/fd/N`` as the file it names)."""
     opened: list[str] = []
     real_open = os.open
 
-    def record(path: object, *args: object, **kwargs: object) -> int:
-        opened.append(os.fsdecode(path))  # type: ignore[arg-type]
-        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+    def record(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        name = os.fsdecode(path)  # type: ignore[arg-type]
+        if name.startswith("/proc/self/fd/"):
+            name = os.readlink(name)
+        if not flags & os.O_PATH:
+            opened.append(name)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", record)
     return opened
 
 
-def _run(img: Path, out: Path, root: Path) -> tuple[CoreResult, bytes]:
+def _run(
+    img: Path, out: Path, root: Path | None, options: ConvertOptions | None = None
+) -> tuple[CoreResult, bytes]:
     out.mkdir()
-    (result,) = convert(img, out, ConvertOptions(files_root=root, coredump_filter=0x3F))
+    options = replace(options or ConvertOptions(), files_root=root, coredump_filter=0x3F)
+    (result,) = convert(img, out, options)
     assert result.path is not None
     return result, result.path.read_bytes()
 
@@ -55,7 +82,7 @@ def test_escapes_are_refused(tmp_path: Path, spy: list[str]) -> None:
     (root / "lib").mkdir(parents=True)
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
-    (root / "lib" / "ok.so").write_bytes(b"\x7fELF" + bytes(PAGE))
+    (root / "lib" / "ok.so").write_bytes(b"\x7fELF" + bytes(len(SECRET) - 4))
     os.symlink(secret, root / "lib" / "abs-link")  # absolute symlink out of the root
     os.symlink("../../secret", root / "lib" / "rel-link")  # relative symlink out of it
     os.symlink("/lib/ok.so", root / "lib" / "inside-link")  # absolute but meant for the root
@@ -95,9 +122,8 @@ def test_special_files_never_opened(tmp_path: Path, spy: list[str]) -> None:
 
 
 def test_host_files_under_the_default_root(tmp_path: Path, spy: list[str]) -> None:
-    """With --files-root / (the default), device nodes and pseudo-filesystem files such as
-    /proc/kcore and /proc/self/mem are still never opened; /etc/shadow is a regular file
-    and is read only because the root allows it (use --files-root for foreign images)."""
+    """With --files-root / (the default for images dumped here), device nodes and
+    pseudo-filesystem files such as /proc/kcore and /proc/self/mem are still never opened."""
     names = ["/dev/sda", "/dev/zero", "/dev/null", "/proc/kcore", "/proc/self/mem",
              "/sys/kernel/notes", "/dev/stdin"]  # fmt: skip
     result, _ = _run(_set(tmp_path, names), tmp_path / "out", Path("/"))
@@ -131,4 +157,130 @@ def test_missing_and_short_files_become_holes(tmp_path: Path) -> None:
     result, _ = _run(img, tmp_path / "out", root)
     warned = "\n".join(result.warnings)
     assert f"/lib/gone.so: missing; mapping at {BASE:#x} written as holes" in warned
-    assert "/lib/short.so: size changed since the dump" in warned
+    assert (
+        f"/lib/short.so: not the file the process mapped (size 3, recorded {3 * PAGE});"
+        f" mapping at {BASE + 4 * PAGE:#x} written as holes"
+    ) in warned
+
+
+# --- issue 16: only the file the images record, and no host file for foreign images ----------
+
+SHADOW = Path("/etc/shadow")
+NOWHERE_BOOT = "00000000-0000-4000-8000-000000000000"
+
+
+def _own_libc() -> Path:
+    """The C library this interpreter maps, as the kernel names it."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            name = line.split(maxsplit=5)[-1].strip()
+            if "/libc.so" in name or "/libc-" in name:
+                return Path(name)
+    pytest.skip("no C library mapped by this interpreter")
+
+
+def _build_id_words(path: Path) -> list[int]:
+    """The file's GNU build-id as CRIU stores it in reg_file_entry.build_id (pyelftools' view,
+    independent of the converter's parser)."""
+    with path.open("rb") as f:
+        for section in ELFFile(f).iter_sections():
+            if section.header.sh_type != "SHT_NOTE":
+                continue
+            for note in section.iter_notes():
+                if note.n_type == "NT_GNU_BUILD_ID":
+                    raw = bytes.fromhex(note.n_desc)
+                    raw += bytes(-len(raw) % 4)
+                    return list(struct.unpack(f"<{len(raw) // 4}I", raw))
+    pytest.skip(f"{path} has no build-id")
+
+
+def _shadow() -> tuple[bytes, os.stat_result]:
+    if not SHADOW.is_file():
+        pytest.skip("no /etc/shadow on this host")
+    return SHADOW.read_bytes(), SHADOW.stat()
+
+
+@pytest.mark.parametrize("origin", ["this host", "mount namespace", "another boot", "archive"])
+def test_foreign_images_read_no_host_path(tmp_path: Path, spy: list[str], origin: str) -> None:
+    """Images naming /etc/shadow with its very size and mode: read from this host only when
+    they were dumped here, in its mount namespace (the control); from a container's mount
+    namespace, another boot or machine, or a checkpoint archive, holes and one summary line."""
+    content, st = _shadow()
+    recorded: dict[str, object] = {"mode": st.st_mode}
+    sidecar = None
+    options = ConvertOptions()
+    if origin == "mount namespace":
+        recorded["mnt_id"] = 106  # what CRIU records for a container's root mount
+    elif origin == "another boot":
+        sidecar = {"boot_id": NOWHERE_BOOT}
+    elif origin == "archive":
+        ck = CheckpointFiles("", None, tmp_path / "rootfs-diff.tar", tmp_path / "deleted.files")
+        options = ConvertOptions(checkpoint=ck)
+    img = _set(tmp_path, [str(SHADOW)], [st.st_size], sidecar, **recorded)
+    result, core = _run(img, tmp_path / "out", None, options)
+    if origin == "this host":
+        assert content in core and str(SHADOW) in spy
+        assert not result.warnings
+        return
+    assert content not in core
+    assert str(SHADOW) not in spy
+    (summary,) = [w for w in result.warnings if "not read" in w]
+    assert summary.startswith("1 mapped file not read: ")
+    assert "--files-root DIR" in summary
+    assert len(result.warnings) == 1, result.warnings
+
+
+def test_recorded_size_differs_from_the_host_file(tmp_path: Path, spy: list[str]) -> None:
+    """The issue's report: /etc/shadow recorded as 1 MiB, images dumped here: holes, and a
+    warning naming the mapping and the sizes, never the host file's bytes."""
+    content, st = _shadow()
+    img = _set(tmp_path, [str(SHADOW)], [1 << 20], mode=st.st_mode)
+    result, core = _run(img, tmp_path / "out", None)
+    assert content not in core
+    assert result.warnings == [
+        f"{SHADOW}: not the file the process mapped (size {st.st_size}, recorded {1 << 20});"
+        f" mapping at {BASE:#x} written as holes"
+    ]
+
+
+@pytest.mark.parametrize("differs", ["nothing", "size", "mode", "build-id"])
+def test_host_library_must_be_the_mapped_one(tmp_path: Path, differs: str) -> None:
+    """This host's C library under its own name, recorded with a size, a mode or a build-id of
+    its own: its first page is in the core only when everything matches."""
+    libc = _own_libc()
+    st = libc.stat()
+    with libc.open("rb") as f:
+        head = f.read(PAGE)
+    words = _build_id_words(libc)
+    size, mode = st.st_size, st.st_mode
+    if differs == "size":
+        size += PAGE
+    elif differs == "mode":
+        mode ^= 0o111
+    elif differs == "build-id":
+        words = [words[0] ^ 1, *words[1:]]
+    img = _set(tmp_path, [str(libc)], [size], mode=mode, build_id=words)
+    result, core = _run(img, tmp_path / "out", None)
+    if differs == "nothing":
+        assert head in core and not result.warnings
+        return
+    assert head not in core
+    (warning,) = result.warnings
+    assert warning.startswith(f"{libc}: not the file the process mapped ({differs} ")
+    assert warning.endswith(f"mapping at {BASE:#x} written as holes")
+
+
+def test_explicit_files_root_serves_foreign_images(tmp_path: Path) -> None:
+    """--files-root DIR is read for foreign images too (the user names their root), and still
+    only files that are the recorded ones."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "shadow").write_bytes(SECRET)
+    (root / "etc" / "other").write_bytes(SECRET + b"!")
+    img = _set(tmp_path, ["/etc/shadow", "/etc/other"], mnt_id=106, mode=0o100644)
+    result, core = _run(img, tmp_path / "out", root)
+    assert SECRET[:PAGE] in core
+    assert result.warnings == [
+        f"/etc/other: not the file the process mapped (size {len(SECRET) + 1}, recorded"
+        f" {len(SECRET)}); mapping at {BASE + 4 * PAGE:#x} written as holes"
+    ]
