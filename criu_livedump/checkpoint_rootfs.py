@@ -54,9 +54,12 @@ def open_checkpoint(
         # an image recorded by id is looked for by that id only: a name may now stand for
         # another image
         refs = image_ids or image_names
-        with _mounted(refs if options.files_root is None else []) as (ref, root):
+        with _mounted(refs if options.files_root is None else []) as root:
+            shown = image_names[0] if image_names else ""
+            if image_ids:
+                shown = f"{shown} (id {image_ids[0][:12]})" if shown else image_ids[0]
             ck = CheckpointFiles(
-                image=ref or (refs[0] if refs else ""),
+                image=shown,
                 image_root=root,
                 changes=top / "rootfs-diff.tar",
                 deleted=top / "deleted.files",
@@ -87,20 +90,20 @@ def image_refs(config: Path) -> tuple[list[str], list[str]]:
 
 
 @contextlib.contextmanager
-def _mounted(refs: list[str]) -> Iterator[tuple[str | None, Path | None]]:
-    """The first of *refs* that local container storage has, mounted: ``(ref, root)``, or
-    ``(None, None)``. Unmounted on exit."""
+def _mounted(refs: list[str]) -> Iterator[Path | None]:
+    """The root filesystem of the first of *refs* that local container storage has, mounted,
+    or None. Unmounted on exit."""
     podman = shutil.which("podman")
     for ref in refs if podman else []:
         root = _podman(podman, "image", "mount", ref)
         if root is None or not Path(root).is_dir():
             continue
         try:
-            yield ref, Path(root)
+            yield Path(root)
         finally:
             _podman(podman, "image", "unmount", ref)
         return
-    yield None, None
+    yield None
 
 
 def _podman(podman: str | None, *args: str) -> str | None:

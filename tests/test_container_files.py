@@ -1,0 +1,267 @@
+"""A real Podman checkpoint archive converted on this host (issue 16): the core's file bytes come
+from the container's own image, found in local container storage, with the archive's
+rootfs-diff.tar over it, and equal the kernel's own core of the same process; without the
+image, holes and one line saying what to pass; never this host's files of the same names.
+
+The image is built here without any registry: ``podman import`` of a root filesystem holding
+this host's dynamic loader, a copy of its C library whose GNU build-id note is changed (the same
+size, another file), and tests/programs/container_files.c. The kernel's core of the container's
+process is taken through a ``|`` core_pattern handler (run in the host's namespaces), under
+tests/syslock.py's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+from kernelcore import CoreView, parse_nt_file
+from programs import build as programs_build
+from syslock import core_pattern
+
+from converters.elf import NT
+
+pytestmark = [pytest.mark.live]
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+RUNC = Path("/usr/sbin/runc")
+#: what works here: crun fails on this cgroup v1 hybrid, and raised rlimits are refused
+PODMAN = ["podman", "--runtime", str(RUNC), "--cgroup-manager", "cgroupfs"]
+RUN_OPTIONS = ["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+LIBC_NAME = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+LOADER_NAME = "/lib64/ld-linux-x86-64.so.2"
+TIMEOUT = 60.0
+
+
+def _podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*PODMAN, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "criu-livedump"
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def _own_libc() -> Path:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            name = line.split(maxsplit=5)[-1].strip()
+            if name.endswith("/libc.so.6"):
+                return Path(name)
+    pytest.skip("this interpreter maps no libc.so.6")
+
+
+def _with_other_build_id(data: bytes) -> bytes:
+    """*data* (an ELF file) with each byte of its GNU build-id flipped: another file of the
+    same size, whose first page differs only there (pyelftools finds the note)."""
+    out = bytearray(data)
+    for section in ELFFile(BytesIO(data)).iter_sections():
+        if section.header.sh_type != "SHT_NOTE":
+            continue
+        for note in section.iter_notes():
+            if note.n_type == "NT_GNU_BUILD_ID":
+                at = note.n_offset + 12 + ((note.n_namesz + 3) & ~3)
+                for i in range(note.n_descsz):
+                    out[at + i] ^= 0x5A
+                return bytes(out)
+    pytest.skip("the host's C library has no build-id note")
+
+
+@pytest.fixture(scope="module")
+def podman() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: podman containers and core_pattern")
+    if shutil.which("podman") is None or not RUNC.exists():
+        pytest.skip("podman or runc is not installed (make setup installs them)")
+    probe = _podman("info", check=False)
+    if probe.returncode != 0:
+        lines = probe.stderr.strip().splitlines()
+        pytest.skip(f"podman cannot run here: {lines[-1] if lines else probe.returncode}")
+
+
+@dataclass
+class Checkpointed:
+    archive: Path
+    kernel_core: Path
+    ns_pid: int
+    image: str
+    libc: bytes
+    host_libc_head: bytes
+
+
+@pytest.fixture(scope="module")
+def checkpointed(podman: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Checkpointed]:
+    """The container's target, checkpointed (``--leave-running --export``), then dumped by the
+    kernel (SIGABRT); its image and container are removed at the end."""
+    tmp = tmp_path_factory.mktemp("container-files")
+    tag = uuid.uuid4().hex[:12]
+    image = f"localhost/criu-livedump-test-files:{tag}"
+    name = f"criu-livedump-test-files-{tag}"
+    host_libc = _own_libc().read_bytes()
+    libc = _with_other_build_id(host_libc)
+    archive_rootfs = _rootfs_tar(tmp, libc)
+    _podman("import", str(archive_rootfs), image)
+    try:
+        _podman("run", "-d", "--name", name, *RUN_OPTIONS, image, "/prog")
+        try:
+            ns_pid, host_pid = _target(name)
+            archive = tmp / "checkpoint.tar"
+            _podman("container", "checkpoint", "--leave-running", "--export", str(archive), name)
+            kernel = _kernel_core(host_pid, tmp / "kernel")
+            yield Checkpointed(archive, kernel, ns_pid, image, libc, host_libc[:PAGE])
+        finally:
+            _podman("rm", "-f", "-t", "0", name, check=False)
+    finally:
+        _podman("rmi", "-f", image, check=False)
+
+
+def _rootfs_tar(tmp: Path, libc: bytes) -> Path:
+    """A root filesystem: the program as /prog, the loader, and the changed C library."""
+    files = {
+        "prog": programs_build.build("container_files").read_bytes(),
+        LOADER_NAME.lstrip("/"): Path(os.path.realpath(LOADER_NAME)).read_bytes(),
+        LIBC_NAME.lstrip("/"): libc,
+    }
+    out = tmp / "rootfs.tar"
+    with tarfile.open(out, "w") as tf:
+        for d in ["lib64", "usr", "usr/lib", "usr/lib/x86_64-linux-gnu", "etc", "proc", "sys",
+                  "dev", "run", "tmp"]:  # fmt: skip
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), 0o755
+            tf.addfile(info, BytesIO(data))
+    return out
+
+
+def _target(name: str) -> tuple[int, int]:
+    """(pid in the container, pid here) of the container's target, once it is ready."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        logs = _podman("logs", name, check=False).stdout.split()
+        if "ready" in logs:
+            ns_pid = int(logs[logs.index("ready") + 1])
+            init = int(_podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
+            children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+            assert len(children) == 1, children
+            return ns_pid, int(children[0])
+        time.sleep(0.2)
+    raise AssertionError(f"container {name} never said ready")
+
+
+def _kernel_core(host_pid: int, directory: Path) -> Path:
+    """The kernel's core of *host_pid* (SIGABRT), written by a core_pattern pipe handler: the
+    process's own mount namespace would take a file pattern as one of its own paths."""
+    directory.mkdir()
+    handler = directory / "handler"
+    handler.write_text(f'#!/bin/sh\ncat > {directory}/part && mv {directory}/part "$0.$1"\n')
+    handler.chmod(0o755)
+    out = Path(f"{handler}.{host_pid}")
+    with core_pattern(f"|{handler} %P"):
+        os.kill(host_pid, signal.SIGABRT)
+        deadline = time.monotonic() + TIMEOUT
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert out.exists(), "the kernel's core never arrived"
+    return out
+
+
+def _file_heads(core: Path) -> dict[str, tuple[int, bytes]]:
+    """The first page of every file mapping at file offset 0 in *core*, by file name (first
+    mapping each), with its address; zeros where the core has no bytes."""
+    heads: dict[str, tuple[int, bytes]] = {}
+    with CoreView(core) as view:
+        note = view.note(NT.FILE)
+        assert note is not None
+        for entry in parse_nt_file(note.desc)[1]:
+            if entry.pgoff or entry.name in heads:
+                continue
+            try:
+                data = view.read(entry.start, PAGE)
+            except ValueError:
+                data = bytes(PAGE)
+            heads[entry.name] = (entry.start, data)
+    return heads
+
+
+def _convert(archive: Path, out: Path, *flags: str) -> tuple[dict[str, object], str]:
+    proc = _cli("convert", str(archive), "-o", str(out), "--json", *flags)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_archive_reads_the_containers_image(checkpointed: Checkpointed, tmp_path: Path) -> None:
+    """``convert ARCHIVE`` with no flags: every library's header page, the program's and the
+    file the container wrote (from rootfs-diff.tar) equal the kernel's core's."""
+    data, stderr = _convert(checkpointed.archive, tmp_path / "out")
+    kernel = _file_heads(checkpointed.kernel_core)
+    ours = _file_heads(tmp_path / "out" / f"core.{checkpointed.ns_pid}")
+    assert set(ours) == set(kernel)
+    for name in (LIBC_NAME, LOADER_NAME, "/prog", "/data.elf"):
+        assert kernel[name][1].startswith(b"\x7fELF"), name  # the kernel dumped it
+        assert ours[name] == kernel[name], name
+    # the container's C library, not this host's: they differ in that very page
+    assert kernel[LIBC_NAME][1] == checkpointed.libc[:PAGE] != checkpointed.host_libc_head
+    assert "not read" not in stderr and "not the file" not in stderr, stderr
+    assert data["ok"] is True
+
+
+def test_archive_with_host_files_root(checkpointed: Checkpointed, tmp_path: Path) -> None:
+    """``--files-root /`` asks for this host's files: its C library, of the same size but
+    another build-id, is refused with a warning; its loader is the same file and is read."""
+    _, stderr = _convert(checkpointed.archive, tmp_path / "out", "--files-root", "/")
+    kernel = _file_heads(checkpointed.kernel_core)
+    ours = _file_heads(tmp_path / "out" / f"core.{checkpointed.ns_pid}")
+    assert ours[LIBC_NAME][1] == bytes(PAGE)
+    assert checkpointed.host_libc_head not in (tmp_path / "out" / "core.1").read_bytes()
+    assert f"warning: {LIBC_NAME}: not the file the process mapped (build-id " in stderr
+    assert ours[LOADER_NAME] == kernel[LOADER_NAME]
+    assert ours["/data.elf"] == kernel["/data.elf"]
+
+
+def test_archive_without_its_image(checkpointed: Checkpointed, tmp_path: Path) -> None:
+    """The image gone from local storage: the files only it held are holes, one line says what
+    to pass; the container's own changes still come from the archive. Runs last in this
+    module (it removes the image)."""
+    _podman("rmi", "-f", checkpointed.image)
+    _, stderr = _convert(checkpointed.archive, tmp_path / "out")
+    kernel = _file_heads(checkpointed.kernel_core)
+    ours = _file_heads(tmp_path / "out" / f"core.{checkpointed.ns_pid}")
+    for name in (LIBC_NAME, LOADER_NAME, "/prog"):
+        assert ours[name][1] == bytes(PAGE), name
+    assert ours["/data.elf"] == kernel["/data.elf"]
+    summary = [line for line in stderr.splitlines() if " not read: " in line]
+    assert len(summary) == 2, stderr  # one per core: the init's and the target's
+    assert f"whose container image {checkpointed.image} (id " in summary[0]
+    assert ") is not in local container storage" in summary[0]
+    assert "pass --files-root DIR" in summary[0]
+    assert (
+        checkpointed.host_libc_head
+        not in (tmp_path / "out" / f"core.{checkpointed.ns_pid}").read_bytes()
+    )
