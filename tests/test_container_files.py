@@ -32,6 +32,8 @@ from programs import build as programs_build
 from syslock import core_pattern
 
 from converters.elf import NT
+from converters.options import CheckpointFiles, ConvertOptions
+from criu_livedump.checkpoint_rootfs import image_refs, open_checkpoint
 
 pytestmark = [pytest.mark.live]
 
@@ -265,3 +267,37 @@ def test_archive_without_its_image(checkpointed: Checkpointed, tmp_path: Path) -
         checkpointed.host_libc_head
         not in (tmp_path / "out" / f"core.{checkpointed.ns_pid}").read_bytes()
     )
+
+
+def test_image_refs_from_config(tmp_path: Path) -> None:
+    """config.dump's image id and name as podman arguments; never anything that podman could
+    take for an option, whatever the archive says."""
+    config = tmp_path / "config.dump"
+    config.write_text(
+        json.dumps(
+            {"rootfsImageID": "ab" * 32, "rootfsImageName": "--root=/", "rootfsImage": "x:1"}
+        )
+    )
+    assert image_refs(config) == (["ab" * 32], ["x:1"])
+    config.write_text("[1, 2]")
+    assert image_refs(config) == ([], [])
+    assert image_refs(tmp_path / "absent") == ([], [])
+
+
+def test_plain_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
+    """A CRIU image directory without Podman's metadata keeps its options (the images' own
+    facts decide where files come from); an archive of it is a checkpoint from elsewhere."""
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "pstree.img").write_bytes(b"")
+    options = ConvertOptions()
+    with open_checkpoint(images, options) as (d, got):
+        assert (d, got) == (images, options)
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(images / "pstree.img", "checkpoint/pstree.img")
+    with open_checkpoint(archive, options, tmp_dir=tmp_path) as (d, got):
+        assert d.name == "checkpoint"
+        assert got.checkpoint == CheckpointFiles(
+            "", None, d.parent / "rootfs-diff.tar", d.parent / "deleted.files"
+        )

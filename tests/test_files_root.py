@@ -6,9 +6,12 @@ path by default, and the warnings name the mappings that became holes."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import stat
 import struct
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -283,4 +286,39 @@ def test_explicit_files_root_serves_foreign_images(tmp_path: Path) -> None:
     assert result.warnings == [
         f"/etc/other: not the file the process mapped (size {len(SECRET) + 1}, recorded"
         f" {len(SECRET)}); mapping at {BASE + 4 * PAGE:#x} written as holes"
+    ]
+
+
+def test_container_changes_over_its_image(tmp_path: Path, spy: list[str]) -> None:
+    """A checkpoint's rootfs-diff.tar laid over its image's root: changed files come from the
+    tar (read in place), deleted ones from nowhere, a link in it is never followed, the rest
+    from the image."""
+    image = tmp_path / "image"
+    (image / "lib").mkdir(parents=True)
+    for name in ("changed.so", "gone.so", "base.so", "link.so"):
+        (image / "lib" / name).write_bytes(b"IMAGE:" + name.encode() + bytes(len(SECRET) - 20))
+    changes = tmp_path / "rootfs-diff.tar"
+    with tarfile.open(changes, "w") as tf:
+        new = b"CHANGED" + bytes(len(SECRET) - 7)
+        info = tarfile.TarInfo("lib/changed.so")
+        info.size, info.mode = len(new), 0o644
+        tf.addfile(info, io.BytesIO(new))
+        link = tarfile.TarInfo("lib/link.so")
+        link.type, link.linkname = tarfile.SYMTYPE, str(SHADOW)
+        tf.addfile(link)
+    (tmp_path / "deleted.files").write_text(json.dumps(["/lib/gone.so"]))
+    names = ["/lib/changed.so", "/lib/gone.so", "/lib/base.so", "/lib/link.so"]
+    sizes = [len(SECRET)] * 3 + [len(SECRET)]
+    sizes[2] = (image / "lib" / "base.so").stat().st_size
+    img = _set(tmp_path, names, sizes, mnt_id=106, mode=0o100644)
+    ck = CheckpointFiles("example", image, changes, tmp_path / "deleted.files")
+    result, core = _run(img, tmp_path / "out", None, ConvertOptions(checkpoint=ck))
+    assert b"CHANGED" in core and b"IMAGE:base.so" in core
+    assert b"IMAGE:changed.so" not in core and b"IMAGE:gone.so" not in core
+    assert b"IMAGE:link.so" not in core
+    assert str(SHADOW) not in spy
+    assert result.warnings == [
+        f"/lib/gone.so: deleted in the container; mapping at {BASE + 4 * PAGE:#x} written as holes",
+        "/lib/link.so: not a regular file in the container's changes; mapping at"
+        f" {BASE + 12 * PAGE:#x} written as holes",
     ]
