@@ -87,7 +87,7 @@ print("done", file=sys.stderr, flush=True)
 
 
 # "released" is not here: once released the clone belongs to CRIU, and the orchestrator that
-# runs CRIU kills it (CloneSnapshot.kill) whatever happens; a tool killed at that very point
+# runs CRIU kills it (Clone.kill) whatever happens; a tool killed at that very point
 # leaves the clone asleep in pause() (see the module docstring of
 # criu_livedump.snapshot.clone.inject).
 @pytest.mark.live
@@ -140,7 +140,7 @@ def test_refuses_traced_target(clone_target: Target) -> None:
     try:
         assert tracer.stdout is not None
         assert tracer.stdout.readline().strip() == "ok"
-        with pytest.raises(clone.CloneRefusedError, match="already traced by process"):
+        with pytest.raises(clone.CloneRefusedError, match="being traced by process"):
             clone.clone_snapshot(clone_target.pid)
     finally:
         tracer.kill()
@@ -161,7 +161,7 @@ def test_refuses_seccomp_target(programs: dict[str, Path], targets: StartTarget)
 # --- live: CRIU dumps the clone, the images are rewritten ---------------------------------------
 
 
-def _criu_dump_clone(snap: clone.CloneSnapshot, images: Path) -> None:
+def _criu_dump_clone(snap: clone.Clone, images: Path) -> None:
     images.mkdir()
     argv = [criu_binary(), "dump", "-t", str(snap.clone_pid), "-D", str(images)]
     argv += ["--tcp-close", "--skip-in-flight", "--shell-job", "--file-locks"]

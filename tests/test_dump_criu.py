@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from criu_livedump import conversion_child as job
-from criu_livedump import dump
 from criu_livedump.errors import CriuError
 from criu_livedump.request import DumpRequest, IoClass, IoPrio
 from criu_livedump.snapshot import criu
+from criu_livedump.snapshot.leave_running import pre_dump_rounds
 
 LIVE = [
     "--leave-running",
@@ -194,14 +194,14 @@ def test_no_pre_dump_without_dirty_tracking(
 ) -> None:
     binary = fake_criu(tmp_path, 'case "$ARGS" in *--feature*) exit 1;; esac\n')
     with caplog.at_level(logging.WARNING):
-        assert dump._pre_dump_rounds(DumpRequest(pre_dump=3), binary, 1 << 30) == 0
-        assert dump._pre_dump_rounds(DumpRequest(), binary, 1 << 30) == 0
+        assert pre_dump_rounds(DumpRequest(pre_dump=3), binary, 1 << 30) == 0
+        assert pre_dump_rounds(DumpRequest(), binary, 1 << 30) == 0
     assert "--pre-dump 3 ignored: no memory dirty tracking" in caplog.text
     with_tracking = fake_criu(tmp_path, "exit 0\n")
-    assert dump._pre_dump_rounds(DumpRequest(pre_dump=3), with_tracking, 0) == 3
-    assert dump._pre_dump_rounds(DumpRequest(), with_tracking, 1 << 30) == 1
-    assert dump._pre_dump_rounds(DumpRequest(), with_tracking, 1 << 20) == 0
-    assert dump._pre_dump_rounds(DumpRequest(pre_dump=0), with_tracking, 1 << 30) == 0
+    assert pre_dump_rounds(DumpRequest(pre_dump=3), with_tracking, 0) == 3
+    assert pre_dump_rounds(DumpRequest(), with_tracking, 1 << 30) == 1
+    assert pre_dump_rounds(DumpRequest(), with_tracking, 1 << 20) == 0
+    assert pre_dump_rounds(DumpRequest(pre_dump=0), with_tracking, 1 << 30) == 0
 
 
 def test_stats_come_from_stats_dump(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:

@@ -68,8 +68,8 @@ def test_method_criu_is_refused_before_freezing(probe: Any) -> None:
     assert result["rc"] == BLOCKED, result["stderr"]
     lines = result["stderr"].splitlines()
     assert lines == [
-        f"error: process {probe['pid']}: cannot be dumped: its session leader is outside its PID"
-        " namespace (session id 0 there), and CRIU cannot dump such a process",
+        f"error: process {probe['pid']}: cannot be dumped: --method criu: its session leader is"
+        " outside its PID namespace (session id 0 there), and CRIU cannot dump such a process",
         "hint: --method clone can dump it",
     ]
     assert result["stdout"] == ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import signal
@@ -11,48 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from facts import FACTS, facts
 
 from criu_livedump.errors import DestinationError
 from criu_livedump.pattern import Destination, DestinationKind, expand
 from criu_livedump.request import UNLIMITED
-from criu_livedump.target import Ids, TargetFacts
-
-FACTS = TargetFacts(
-    pid=4321,
-    ns_pid=7,
-    nstgid=(4321, 7),
-    ppid=1,
-    comm="my/app",
-    exe="/opt/my app/bin/server",
-    cmdline=("server", "--port", "80"),
-    uids=Ids(1000, 1001, 1002, 1003),
-    gids=Ids(2000, 2001, 2002, 2003),
-    cap_inh=0,
-    cap_prm=0,
-    cap_eff=0,
-    cap_bnd=0,
-    cap_amb=0,
-    dumpable=1,
-    dumpable_source="pidfd",
-    core_soft=8192,
-    core_hard=UNLIMITED,
-    coredump_filter=0x33,
-    cwd="/home/u/work",
-    root="/",
-    same_mnt_ns=True,
-    rss=0,
-    threads=(4321, 4322),
-    state="S",
-    tracer_pid=0,
-    seccomp=0,
-    nodename="host.example",
-    cpu=1,
-    user_ns=1,
-)
-
-
-def facts(**changes: object) -> TargetFacts:
-    return dataclasses.replace(FACTS, **changes)  # type: ignore[arg-type]
+from criu_livedump.target import TargetFacts
 
 
 def name(pattern: str, f: TargetFacts = FACTS, **kw: object) -> str:

@@ -138,5 +138,5 @@ def test_method_clone_is_refused_before_freezing(namespaced: Namespaced) -> None
     assert proc.stderr.splitlines() == [
         f"error: process {init}: cannot be dumped: --method clone: it is the init of a PID"
         " namespace, which CRIU dumps only from the init",
-        "hint: use --method criu",
+        "hint: --method criu can dump it",
     ]

@@ -1,1 +1,46 @@
-"""Taking the snapshot CRIU dumps: the CRIU runner and one module per snapshot method."""
+"""Taking the snapshot CRIU dumps: one protocol (:mod:`.base`), one module per method, and the
+table ``auto`` chooses from.
+
+Adding a method is one module implementing :class:`~criu_livedump.snapshot.base.Snapshot` and
+one row in :data:`METHODS` (and its name in :class:`criu_livedump.request.Method`).
+"""
+
+from __future__ import annotations
+
+from criu_livedump.errors import BlockerError
+from criu_livedump.request import Method
+from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted
+from criu_livedump.snapshot.clone.method import CloneSnapshot
+from criu_livedump.snapshot.leave_running import CriuSnapshot
+from criu_livedump.target import TargetFacts
+
+__all__ = ["METHODS", "CriuTask", "Snapshot", "Snapshotted", "choose"]
+
+#: Every snapshot method, in ``auto``'s order of preference: the shortest freeze first.
+METHODS: dict[Method, type[Snapshot]] = {
+    Method.CLONE: CloneSnapshot,
+    Method.CRIU: CriuSnapshot,
+}
+
+
+def choose(requested: Method, facts: TargetFacts, *, tree: bool = False) -> type[Snapshot]:
+    """The method that dumps the target: *requested*, or for ``auto`` the first of
+    :data:`METHODS` that refuses nothing. Called before anything is frozen.
+
+    :raises BlockerError: the requested method (for ``auto``: every method) refuses the target;
+        the message gives the reasons, the hint a method that would accept it, if any.
+    """
+    refusals = {m: cls.refusals(facts, tree=tree) for m, cls in METHODS.items()}
+    accepting = [m for m, reasons in refusals.items() if not reasons]
+    if requested == Method.AUTO:
+        if accepting:
+            return METHODS[accepting[0]]
+        reasons = dict.fromkeys(r for rs in refusals.values() for r in rs)
+        raise BlockerError(facts.pid, "; ".join(reasons))
+    if not refusals[requested]:
+        return METHODS[requested]
+    raise BlockerError(
+        facts.pid,
+        f"--method {requested}: " + "; ".join(refusals[requested]),
+        hint=f"--method {accepting[0]} can dump it" if accepting else None,
+    )

@@ -14,6 +14,7 @@ from criu_livedump.target.facts import (
     check_blockers,
     check_ptrace_allowed,
     inspect,
+    traced,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "check_blockers",
     "check_ptrace_allowed",
     "inspect",
+    "traced",
 ]

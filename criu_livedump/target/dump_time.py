@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from converters.arch import host
-from criu_livedump.linux.procfs import SmapsEntry, read_stat, read_status
+from criu_livedump.linux.procfs import read_stat, read_status
 
 _PROC = Path("/proc")
 
@@ -75,33 +74,3 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
                 times[str(ns_tid)] = [_us(t.utime, hz), _us(t.stime, hz)]
     facts["times"] = times
     return facts
-
-
-def clone_facts(
-    smaps: Iterable[SmapsEntry], *, copied: frozenset[tuple[int, int]] = frozenset()
-) -> dict[str, list[list[Any]]]:
-    """What a clone shows differently from its target, from the target's *smaps* (read once,
-    before the freeze: :attr:`criu_livedump.snapshot.clone.inject.CloneSnapshot.smaps`).
-
-    - ``no_saved_pages``: ``[start, end]`` of every private file mapping without anonymous
-      pages. CRIU's compel briefly writes a syscall instruction into the first executable VMA
-      of the task it infects (and restores it), which leaves a copy-on-write page there; in
-      the clone that page is CRIU's doing, not the target's, and the converter ignores it.
-    - ``dontfork``: ``[start, end, perms, has_bytes]`` of MADV_DONTFORK areas (``dc``,
-      VM_DONTCOPY), absent from a clone; ``wipeonfork``: ``[start, end]`` of MADV_WIPEONFORK
-      areas (``wf``), empty in it (kernel/fork.c: dup_mmap()). The clone method copies the
-      anonymous ones' pages from the frozen target (fork_lost.py), and the converter ignores
-      an entry the images cover; others are listed without bytes, and named when *has_bytes*
-      (an untouched area has none to miss). Areas in *copied* (``(start, end)``) are left out.
-    """
-    out: dict[str, list[list[Any]]] = {"no_saved_pages": [], "dontfork": [], "wipeonfork": []}
-    for e in smaps:
-        if e.perms.endswith("p") and e.inode != 0 and e.anon_kb == 0:
-            out["no_saved_pages"].append([e.start, e.end])
-        if (e.start, e.end) in copied:
-            continue
-        if "dc" in e.vmflags:
-            out["dontfork"].append([e.start, e.end, e.perms, e.anon_kb > 0 or e.inode != 0])
-        elif "wf" in e.vmflags:
-            out["wipeonfork"].append([e.start, e.end])
-    return out

@@ -40,6 +40,7 @@ __all__ = [
     "check_blockers",
     "check_ptrace_allowed",
     "inspect",
+    "traced",
 ]
 
 #: CRIU's default --ghost-limit (criu/include/cr_options.h DEFAULT_GHOST_LIMIT): deleted files
@@ -120,6 +121,10 @@ class Blocker:
         """True when no CRIU option works around it."""
         return not self.criu_options
 
+    def sentence(self, target: int) -> str:
+        """The detail, naming the process when it is not *target* (a child in the tree)."""
+        return self.detail if self.pid == target else f"process {self.pid}: {self.detail}"
+
 
 @dataclass(frozen=True)
 class TargetFacts:
@@ -159,6 +164,7 @@ class TargetFacts:
     threads: tuple[int, ...]
     state: str
     tracer_pid: int
+    #: the highest seccomp mode among its threads (0 none, 1 strict, 2 filter)
     seccomp: int
     nodename: str
     cpu: int
@@ -236,6 +242,16 @@ def _threads(pid: int) -> tuple[int, ...]:
         return tuple(sorted(int(t) for t in os.listdir(_proc(pid, "task"))))
     except OSError:
         return (pid,)
+
+
+def _seccomp(pid: int, threads: tuple[int, ...], status: dict[str, str]) -> int:
+    """The highest seccomp mode among the threads (a filter may cover some threads only)."""
+    modes = [int(status.get("Seccomp", "0"))]
+    for tid in threads:
+        if tid != pid:
+            with contextlib.suppress(OSError):
+                modes.append(int(read_status(_proc(pid, f"task/{tid}/status")).get("Seccomp", "0")))
+    return max(modes)
 
 
 def _children(pid: int) -> list[int]:
@@ -599,6 +615,16 @@ def _session_blocker(pid: int, status: dict[str, str]) -> Blocker | None:
     )
 
 
+def traced(pid: int, tracer: int) -> Blocker:
+    """Process *pid* is traced by *tracer*: ptrace allows one tracer, so neither CRIU nor the
+    clone method (both seize the target) can dump it. The one wording of this refusal."""
+    return Blocker(
+        BlockerKind.TRACED,
+        pid,
+        f"it is being traced by process {tracer}, and a process can have only one tracer",
+    )
+
+
 def _blockers(
     pid: int, tree: tuple[int, ...], status: dict[str, str], nstgid: tuple[int, ...]
 ) -> tuple[Blocker, ...]:
@@ -623,14 +649,7 @@ def _blockers(
         )
     tracer = int(status.get("TracerPid", "0"))
     if tracer:
-        found.append(
-            Blocker(
-                BlockerKind.TRACED,
-                pid,
-                f"it is being traced by process {tracer}, and CRIU cannot attach to a traced"
-                " process",
-            )
-        )
+        found.append(traced(pid, tracer))
     same_ipc = _ns_ino(pid, "ipc") == _ns_ino("self", "ipc")
     holders: dict[int, dict[int, int]] = {}
     for p in tree:
@@ -686,6 +705,7 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
         raise PermissionDeniedError(f"process {pid}: cannot read {e.filename}") from e
     except (OSError, ValueError) as e:
         raise TargetError(pid, f"cannot read /proc ({e})") from e
+    threads = _threads(pid)
     exe = _readlink(_proc(pid, "exe"))
     if exe is None and not cmdline_raw:
         raise TargetError(pid, "has no user memory (a kernel thread or exiting)")
@@ -725,10 +745,10 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
         root=root,
         same_mnt_ns=_ns_ino(pid, "mnt") == _ns_ino("self", "mnt"),
         rss=int(rss_kb) * 1024,
-        threads=_threads(pid),
+        threads=threads,
         state=state,
         tracer_pid=int(status.get("TracerPid", "0")),
-        seccomp=int(status.get("Seccomp", "0")),
+        seccomp=_seccomp(pid, threads, status),
         nodename=_nodename(pid),
         cpu=stat.processor,  # the %C of core_pattern
         user_ns=_ns_ino(pid, "user"),
@@ -744,10 +764,7 @@ def check_blockers(facts: TargetFacts) -> tuple[str, ...]:
     """
     refusals = facts.refusals
     if refusals:
-        text = "; ".join(
-            b.detail if b.pid == facts.pid else f"process {b.pid}: {b.detail}" for b in refusals
-        )
-        raise BlockerError(facts.pid, text)
+        raise BlockerError(facts.pid, "; ".join(b.sentence(facts.pid) for b in refusals))
     return facts.criu_options
 
 

@@ -44,7 +44,7 @@ from converters.images import (
 )
 from criu_livedump.errors import CloneImagesError
 from criu_livedump.snapshot.clone.fork_lost import ForkLostArea
-from criu_livedump.snapshot.clone.inject import CloneSnapshot, SideMapping, ThreadState
+from criu_livedump.snapshot.clone.inject import Clone, SideMapping, ThreadState
 
 O_RDWR: Final = 2
 SS_DISABLE: Final = 2
@@ -64,7 +64,7 @@ def _entry(image: dict[str, Any], path: Path) -> dict[str, Any]:
     return entry
 
 
-def rewrite_images(images_dir: Path, snap: CloneSnapshot) -> dict[str, Any]:
+def rewrite_images(images_dir: Path, snap: Clone) -> dict[str, Any]:
     """Rewrite CRIU's images of ``snap.clone_pid`` in *images_dir* to describe ``snap.pid``.
 
     :returns: facts for the sidecar that the images cannot carry (``sysv_keys``: the key of
@@ -97,7 +97,7 @@ def rewrite_images(images_dir: Path, snap: CloneSnapshot) -> dict[str, Any]:
     return {}
 
 
-def _rewrite_pstree(images_dir: Path, snap: CloneSnapshot) -> None:
+def _rewrite_pstree(images_dir: Path, snap: Clone) -> None:
     path = images_dir / "pstree.img"
     image = _load(path)
     item = _entry(image, path)
@@ -113,7 +113,7 @@ def _rewrite_pstree(images_dir: Path, snap: CloneSnapshot) -> None:
 
 
 def _thread_core(
-    template: dict[str, Any], path: Path, t: ThreadState, snap: CloneSnapshot, *, leader: bool
+    template: dict[str, Any], path: Path, t: ThreadState, snap: Clone, *, leader: bool
 ) -> dict[str, Any]:
     src = _entry(template, path)
     core: dict[str, Any] = {"mtype": src["mtype"]}

@@ -16,8 +16,8 @@ Between 3 and 4, while the target is still frozen, the pages a fork does not cop
 (MADV_DONTFORK, MADV_WIPEONFORK) are read from the target into a side file
 (:mod:`criu_livedump.snapshot.clone.fork_lost`).
 
-:meth:`CloneSnapshot.release_for_criu` then leaves the clone asleep for ``criu dump -t CLONE``,
-and :meth:`CloneSnapshot.kill` makes sure, whatever happened, that the clone is gone (reaped
+:meth:`Clone.release_for_criu` then leaves the clone asleep for ``criu dump -t CLONE``,
+and :meth:`Clone.kill` makes sure, whatever happened, that the clone is gone (reaped
 from the target by one more injected ``wait4``) and the target runs.
 
 Registers are injected the way CRIU's compel does it (compel/src/lib/infect.c:
@@ -48,6 +48,7 @@ from criu_livedump.linux import ptrace
 from criu_livedump.linux.procfs import SmapsEntry, read_maps, read_stat, read_status, smaps_entries
 from criu_livedump.linux.ptrace import Event, Opt, PtraceError
 from criu_livedump.snapshot.clone import fork_lost
+from criu_livedump.target import traced
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ _WNOHANG: Final = 1
 def _arch() -> Arch:
     """This host's architecture: registers, syscall numbers and the syscall instruction."""
     return host()
+
+
+#: The one wording of this refusal, by :class:`~criu_livedump.snapshot.clone.method.CloneSnapshot`
+#: before anything freezes and by :func:`clone_snapshot` itself.
+SECCOMP_REFUSAL: Final = (
+    "it runs under seccomp, whose filters may forbid the syscalls the clone method injects"
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ class SideMapping:
 
 
 @dataclass
-class CloneSnapshot:
+class Clone:
     """A stopped copy-on-write clone of a target, and the target's state at the clone.
 
     Use it as a context manager (or call :meth:`kill`) so that the clone never outlives it.
@@ -203,16 +211,14 @@ class CloneSnapshot:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(wpid, 0)
 
-    def __enter__(self) -> CloneSnapshot:
+    def __enter__(self) -> Clone:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
 
-def clone_snapshot(
-    pid: int, *, timeout: float = 10.0, side_dir: Path | None = None
-) -> CloneSnapshot:
+def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = None) -> Clone:
     """Steps 1-5: a stopped, prepared copy-on-write clone of process *pid*, target running.
 
     :param timeout: seconds to wait for the target's threads to stop.
@@ -280,9 +286,7 @@ def clone_snapshot(
             with contextlib.suppress(PtraceError):
                 ptrace.detach(tid)
         if clone_pid:
-            snap_fail = CloneSnapshot(
-                pid, clone_pid, (), 0.0, 0, 0, _pidfd=pidfd, _watchdog=watchdog
-            )
+            snap_fail = Clone(pid, clone_pid, (), 0.0, 0, 0, _pidfd=pidfd, _watchdog=watchdog)
             snap_fail.injector_tid = injector
             snap_fail._syscall_ip = syscall_ip
             snap_fail.kill()
@@ -294,7 +298,7 @@ def clone_snapshot(
             raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
         raise
 
-    snap = CloneSnapshot(
+    snap = Clone(
         pid=pid,
         clone_pid=clone_pid,
         threads=tuple(threads[t] for t in sorted(threads)),
@@ -333,16 +337,14 @@ def _check_target(pid: int) -> None:
         raise TargetError(pid, "is a zombie")
     tracer = int(status.get("TracerPid", "0"))
     if tracer:
-        raise CloneRefusedError(pid, f"it is already traced by process {tracer}")
+        raise CloneRefusedError(pid, traced(pid, tracer).detail)
     if pid == os.getpid() or os.getpid() in tids:
         raise CloneRefusedError(pid, "a process cannot snapshot itself")
     for tid in tids:
         with contextlib.suppress(FileNotFoundError):
             st = read_status(f"/proc/{pid}/task/{tid}/status")
             if st.get("Seccomp", "0") != "0":
-                raise CloneRefusedError(
-                    pid, f"thread {tid} runs under seccomp, which may forbid clone or close_range"
-                )
+                raise CloneRefusedError(pid, SECCOMP_REFUSAL)
 
 
 # --- step 1: seize and save ---------------------------------------------------------------------
@@ -563,7 +565,7 @@ def _inject_clone(tid: int, saved: bytes, restore: bytes, sigmask: int, syscall_
 # --- step 5: prepare the clone ------------------------------------------------------------------
 
 
-def _clone_syscall(snap: CloneSnapshot, nr: int, *args: int) -> int:
+def _clone_syscall(snap: Clone, nr: int, *args: int) -> int:
     base = ptrace.get_regs(snap.clone_pid)
     ret, _ = _run_syscall(snap.clone_pid, _syscall_regs(base, snap._syscall_ip, nr, *args))
     return ret
@@ -577,7 +579,7 @@ def _side_kind(name: str) -> str | None:
     return None
 
 
-def _prepare_clone(snap: CloneSnapshot, side_dir: Path | None) -> tuple[SideMapping, ...]:
+def _prepare_clone(snap: Clone, side_dir: Path | None) -> tuple[SideMapping, ...]:
     """Step 5: drop the clone's files and session, move CRIU-refused mappings out of it."""
     cpid = snap.clone_pid
     ret = _clone_syscall(snap, _arch().syscalls.close_range, 0, 0xFFFFFFFF, 0)
@@ -716,7 +718,7 @@ def _start_watchdog(
     ties it to our life: were we SIGKILLed then, it would sleep in ``pause()`` for ever as the
     target's child. The watchdog holds the read end of a pipe whose only write end is ours
     (non-inheritable, so CRIU never holds it; the conversion child is forked only after
-    :meth:`CloneSnapshot.kill`): EOF without the byte :meth:`CloneSnapshot.kill` sends means we
+    :meth:`Clone.kill`): EOF without the byte :meth:`Clone.kill` sends means we
     died. It then kills the clone through its pidfd (no pid reuse) and reaps it in the target.
     It runs in its own session, so a signal to our process group (Ctrl-C, ``kill -- -PGID``)
     leaves it to clean up after us.

@@ -1,0 +1,112 @@
+"""The snapshot protocol: one way of getting CRIU's images of a running target.
+
+:func:`criu_livedump.dump.live_dump` drives every method through the same steps, in order:
+
+1. :meth:`Snapshot.refusals` (a class method, on the target's facts): why the method cannot
+   dump this target, checked before anything is frozen; :func:`criu_livedump.snapshot.choose`
+   reads every method's refusals to pick one (``auto``) or to name one that would work.
+2. :meth:`Snapshot.prepare`: what can be done while the target still runs.
+3. :meth:`Snapshot.freeze`: the freeze the method does itself, if any (CRIU freezes a target
+   it dumps on its own).
+4. :meth:`Snapshot.handoff`: the process CRIU dumps, and how (:class:`CriuTask`); CRIU runs.
+5. :meth:`Snapshot.complete`: the images made to describe the target, and what the report and
+   the converter need to know (:class:`Snapshotted`).
+6. :meth:`Snapshot.close`: cleanup, whatever happened (the ``with`` block's exit).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from criu_livedump.linux.mapped_files import close_mapped_files
+from criu_livedump.request import DumpRequest, Method
+from criu_livedump.snapshot.criu import Criu, DumpResult
+from criu_livedump.target import TargetFacts
+
+__all__ = ["CriuTask", "Snapshot", "Snapshotted"]
+
+
+@dataclass(frozen=True)
+class CriuTask:
+    """What CRIU is asked to dump.
+
+    :param pid: the root of the tree CRIU collects.
+    :param leave_running: ``--leave-running`` (a disposable copy is killed by CRIU instead).
+    :param options: CRIU options the target's blockers ask for (``--external ...``).
+    :param pre_dump_rounds: ``criu pre-dump`` rounds before the dump.
+    """
+
+    pid: int
+    leave_running: bool
+    options: tuple[str, ...] = ()
+    pre_dump_rounds: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshotted:
+    """What a finished snapshot tells the report and the converter.
+
+    :param frozen_us: how long the target was frozen, in microseconds.
+    :param freezing_us: how long freezing it took, where the method measures that apart.
+    :param sidecar: facts for ``livedump.json`` that only this method knows.
+    """
+
+    frozen_us: int
+    freezing_us: int = 0
+    sidecar: dict[str, Any] = field(default_factory=dict)
+
+
+class Snapshot(ABC):
+    """One snapshot method (see the module docstring for the order of the steps).
+
+    :param facts: the target, as :func:`criu_livedump.target.inspect` read it (with its tree).
+    :param request: the dump's request.
+    :param work: the dump's private scratch directory (CRIU's rounds go below it).
+    """
+
+    #: the ``--method`` value that selects it
+    method: ClassVar[Method]
+
+    def __init__(self, facts: TargetFacts, request: DumpRequest, work: Path) -> None:
+        self.facts = facts
+        self.request = request
+        self.work = work
+        #: ``{vma start: fd}`` of the files the dumped process maps, for the converter; closed
+        #: by :meth:`close`
+        self.mapped_fds: dict[int, int] = {}
+
+    @classmethod
+    @abstractmethod
+    def refusals(cls, facts: TargetFacts, *, tree: bool) -> tuple[str, ...]:
+        """Why this method cannot dump the target, one sentence each; empty when it can.
+
+        :param tree: the request wants a core of every process of the target's tree.
+        """
+
+    def prepare(self) -> None:  # noqa: B027 - optional step
+        """Work done before the freeze, while the target runs (none by default)."""
+
+    def freeze(self) -> None:  # noqa: B027 - optional step
+        """The method's own freeze of the target (none by default: CRIU freezes it)."""
+
+    @abstractmethod
+    def handoff(self, binary: Criu) -> CriuTask:
+        """The process CRIU is to dump, ready for it."""
+
+    @abstractmethod
+    def complete(self, result: DumpResult) -> Snapshotted:
+        """After CRIU: make the images describe the target; what the report needs."""
+
+    def close(self) -> None:
+        """Release whatever the snapshot holds; idempotent, never raises."""
+        close_mapped_files(self.mapped_fds)
+        self.mapped_fds = {}
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,122 @@
+"""The ``clone`` method: the target is frozen only while a copy-on-write clone of it is made
+(:mod:`~criu_livedump.snapshot.clone.inject`); CRIU dumps the clone, whose images are then
+rewritten to describe the target (:mod:`~criu_livedump.snapshot.clone.images`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from criu_livedump.linux.mapped_files import open_mapped_files
+from criu_livedump.linux.procfs import SmapsEntry
+from criu_livedump.request import Method
+from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted
+from criu_livedump.snapshot.clone import images, inject
+from criu_livedump.snapshot.criu import Criu, DumpResult
+from criu_livedump.target import BlockerKind, TargetFacts
+
+__all__ = ["HANDLES", "CloneSnapshot", "clone_facts"]
+
+#: Blockers the clone method deals with itself, so CRIU never sees them.
+HANDLES = frozenset(
+    {
+        # copied out of the clone and unmapped there (inject.py, step 5)
+        BlockerKind.IO_URING,
+        BlockerKind.SYSV_SHM,
+        # the clone calls setsid() before CRIU sees it (inject.py, step 5)
+        BlockerKind.FOREIGN_SESSION,
+    }
+)
+
+
+class CloneSnapshot(Snapshot):
+    """Freeze the target for the time a fork takes; CRIU dumps the fork, alone."""
+
+    method = Method.CLONE
+    _clone: inject.Clone | None = None
+
+    @classmethod
+    def refusals(cls, facts: TargetFacts, *, tree: bool) -> tuple[str, ...]:
+        """The target's own blockers the clone does not deal with (a tracer, a PID namespace),
+        and what the injected syscalls cannot work with."""
+        reasons = [
+            b.detail
+            for b in facts.blockers
+            if b.pid == facts.pid and b.refuse and b.kind not in HANDLES
+        ]
+        if facts.seccomp:
+            reasons.append(inject.SECCOMP_REFUSAL)
+        if facts.state in ("T", "t"):
+            # a job-control stop would end in the injected syscall; CRIU leaves it as it was
+            reasons.append("it is stopped (state T)")
+        if len(facts.nstgid) > 1 and facts.nstgid[-1] == 1:
+            # criu/namespaces.c: "Can't dump a pid namespace without the process init"; a clone
+            # would be process 2 there
+            reasons.append("it is the init of a PID namespace, which CRIU dumps only from the init")
+        if tree:
+            reasons.append("--tree needs the whole process tree, which only CRIU collects")
+        return tuple(reasons)
+
+    def freeze(self) -> None:
+        side = self.work / "side"
+        side.mkdir(mode=0o700)
+        # steps 1-5 of inject.py: the target's freeze is the clone's making
+        self._clone = inject.clone_snapshot(self.facts.pid, side_dir=side)
+
+    def handoff(self, binary: Criu) -> CriuTask:
+        clone = self._running_clone()
+        # the stopped clone's mappings are the snapshot's; CRIU kills it when done
+        self.mapped_fds = open_mapped_files(clone.clone_pid)
+        clone.release_for_criu()
+        options: dict[str, None] = {}
+        for b in self.facts.blockers:
+            if b.pid == self.facts.pid:
+                options.update(dict.fromkeys(b.criu_options))
+        return CriuTask(pid=clone.clone_pid, leave_running=False, options=tuple(options))
+
+    def complete(self, result: DumpResult) -> Snapshotted:
+        clone = self._running_clone()
+        sidecar = images.rewrite_images(result.images_dir, clone)
+        copied = frozenset((a.start, a.end) for a in clone.fork_lost)
+        sidecar.update(clone_facts(clone.smaps, copied=copied))
+        clone.kill()
+        return Snapshotted(frozen_us=round(clone.freeze_seconds * 1_000_000), sidecar=sidecar)
+
+    def close(self) -> None:
+        if self._clone is not None:
+            self._clone.kill()
+        super().close()
+
+    def _running_clone(self) -> inject.Clone:
+        assert self._clone is not None, "freeze() first"
+        return self._clone
+
+
+def clone_facts(
+    smaps: Iterable[SmapsEntry], *, copied: frozenset[tuple[int, int]] = frozenset()
+) -> dict[str, list[list[Any]]]:
+    """What a clone shows differently from its target, from the target's *smaps* (read once,
+    before the freeze: :attr:`criu_livedump.snapshot.clone.inject.Clone.smaps`).
+
+    - ``no_saved_pages``: ``[start, end]`` of every private file mapping without anonymous
+      pages. CRIU's compel briefly writes a syscall instruction into the first executable VMA
+      of the task it infects (and restores it), which leaves a copy-on-write page there; in
+      the clone that page is CRIU's doing, not the target's, and the converter ignores it.
+    - ``dontfork``: ``[start, end, perms, has_bytes]`` of MADV_DONTFORK areas (``dc``,
+      VM_DONTCOPY), absent from a clone; ``wipeonfork``: ``[start, end]`` of MADV_WIPEONFORK
+      areas (``wf``), empty in it (kernel/fork.c: dup_mmap()). The clone method copies the
+      anonymous ones' pages from the frozen target (fork_lost.py), and the converter ignores
+      an entry the images cover; others are listed without bytes, and named when *has_bytes*
+      (an untouched area has none to miss). Areas in *copied* (``(start, end)``) are left out.
+    """
+    out: dict[str, list[list[Any]]] = {"no_saved_pages": [], "dontfork": [], "wipeonfork": []}
+    for e in smaps:
+        if e.perms.endswith("p") and e.inode != 0 and e.anon_kb == 0:
+            out["no_saved_pages"].append([e.start, e.end])
+        if (e.start, e.end) in copied:
+            continue
+        if "dc" in e.vmflags:
+            out["dontfork"].append([e.start, e.end, e.perms, e.anon_kb > 0 or e.inode != 0])
+        elif "wf" in e.vmflags:
+            out["wipeonfork"].append([e.start, e.end])
+    return out

@@ -1,0 +1,81 @@
+"""The snapshot methods' table: each method's refusals, ``auto``'s choice, and a refusal's hint
+naming a method that accepts the target, or none (facts built by hand: nothing runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from facts import facts
+
+from criu_livedump.errors import BlockerError
+from criu_livedump.request import Method
+from criu_livedump.snapshot import METHODS, choose
+from criu_livedump.snapshot.clone.method import CloneSnapshot
+from criu_livedump.snapshot.leave_running import CriuSnapshot
+from criu_livedump.target import Blocker, BlockerKind, TargetFacts, traced
+
+PID = 4321
+
+PLAIN = facts(pid=PID, ns_pid=PID, nstgid=(PID,), threads=(PID,), tree=(PID,))
+IO_URING = Blocker(BlockerKind.IO_URING, PID, "fd 3 is an io_uring instance")
+
+
+def plain(**changes: object) -> TargetFacts:
+    return dataclasses.replace(PLAIN, **changes)  # type: ignore[arg-type]
+
+
+def refusal(requested: Method, f: TargetFacts, *, tree: bool = False) -> BlockerError:
+    with pytest.raises(BlockerError) as info:
+        choose(requested, f, tree=tree)
+    return info.value
+
+
+def test_every_method_is_in_the_table_and_selectable() -> None:
+    assert set(METHODS) == set(Method) - {Method.AUTO}
+    assert all(cls.method == m for m, cls in METHODS.items())
+
+
+def test_auto_takes_the_first_method_that_refuses_nothing() -> None:
+    assert choose(Method.AUTO, PLAIN) is CloneSnapshot
+    assert choose(Method.AUTO, plain(seccomp=2)) is CriuSnapshot
+    assert choose(Method.AUTO, PLAIN, tree=True) is CriuSnapshot
+    # io_uring: CRIU refuses it, the clone copies it out
+    assert choose(Method.AUTO, plain(blockers=(IO_URING,))) is CloneSnapshot
+
+
+def test_refused_method_names_the_one_that_accepts() -> None:
+    e = refusal(Method.CLONE, plain(state="T"))
+    assert e.message == f"process {PID}: cannot be dumped: --method clone: it is stopped (state T)"
+    assert e.hint == "--method criu can dump it"
+    e = refusal(Method.CRIU, plain(blockers=(IO_URING,)))
+    assert (
+        e.message == f"process {PID}: cannot be dumped: --method criu: fd 3 is an io_uring instance"
+    )
+    assert e.hint == "--method clone can dump it"
+
+
+def test_traced_target_is_one_refusal_with_no_hint() -> None:
+    """Both methods seize the target, so neither can dump a traced one: no method to suggest,
+    and one wording whichever method finds it."""
+    blocker = traced(PID, 99)
+    f = plain(tracer_pid=99, blockers=(blocker,))
+    assert CloneSnapshot.refusals(f, tree=False) == CriuSnapshot.refusals(f, tree=False)
+    for requested in Method:
+        e = refusal(requested, f)
+        assert e.hint is None
+        assert e.message.endswith(f"cannot be dumped: {blocker.detail}") or e.message.endswith(
+            f"--method {requested}: {blocker.detail}"
+        )
+    assert refusal(Method.AUTO, f).message == f"process {PID}: cannot be dumped: {blocker.detail}"
+
+
+def test_process_inside_a_pid_namespace_is_refused_by_both() -> None:
+    inner = Blocker(BlockerKind.PID_NAMESPACE, PID, "it is process 5 inside a PID namespace")
+    f = plain(nstgid=(PID, 5), ns_pid=5, blockers=(inner,))
+    assert refusal(Method.CLONE, f).hint is None
+    assert refusal(Method.AUTO, f).message.endswith(inner.detail)
+    # its init: only CRIU can dump it
+    init = plain(nstgid=(PID, 1), ns_pid=1)
+    assert choose(Method.AUTO, init) is CriuSnapshot
+    assert "init of a PID namespace" in refusal(Method.CLONE, init).message
