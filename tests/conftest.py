@@ -19,7 +19,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 import procs  # noqa: E402
-from kernelcore import Target, start_target  # noqa: E402
+from harness.launcher import Target, start_target  # noqa: E402
 from programs import build as programs_build  # noqa: E402
 
 
@@ -108,7 +108,8 @@ StartTarget = Callable[..., Target]
 
 @pytest.fixture
 def targets() -> Iterator[StartTarget]:
-    """A :func:`kernelcore.start_target` whose processes are all killed and reaped at teardown."""
+    """A :func:`harness.launcher.start_target` whose targets, each with its process group, are
+    all killed and reaped at teardown."""
     started: list[Target] = []
 
     def start(binary: str | os.PathLike[str], *args: object, **kwargs: object) -> Target:

@@ -13,7 +13,8 @@ from pathlib import Path
 import procs
 import pytest
 from conftest import StartTarget
-from kernelcore import Target, criu_binary
+from harness.criu import criu_binary
+from harness.launcher import Target
 
 from converters.arch import x86_64
 from converters.images import load_image
@@ -224,7 +225,7 @@ def test_rewritten_images(programs: dict[str, Path], targets: StartTarget, tmp_p
 @pytest.mark.live
 def test_rewritten_images_convert(clone_target: Target, tmp_path: Path) -> None:
     """The converter reads the rewritten set as an ordinary one: one core, every thread."""
-    from kernelcore import CoreView
+    from harness.corefile import CoreView
 
     import converters
 

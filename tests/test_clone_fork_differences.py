@@ -12,7 +12,8 @@ from pathlib import Path
 
 import procs
 import pytest
-from kernelcore import CoreView, start_target
+from harness.corefile import CoreView
+from harness.launcher import start_target
 from programs import build as programs_build
 
 pytestmark = [pytest.mark.live]

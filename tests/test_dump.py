@@ -17,14 +17,11 @@ from pathlib import Path
 
 import procs
 import pytest
-from kernelcore import (
-    CoreView,
-    compare_cores,
-    gdb_backtraces,
-    gdb_lwps,
-    kernel_core,
-    start_target,
-)
+from harness.compare import compare_cores
+from harness.corefile import CoreView
+from harness.gdb import gdb_backtraces, gdb_lwps
+from harness.kernel import kernel_core
+from harness.launcher import start_target
 from programs import build as programs_build
 from syslock import core_pattern
 

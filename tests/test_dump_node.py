@@ -16,7 +16,7 @@ from pathlib import Path
 
 import procs
 import pytest
-from kernelcore import CoreView
+from harness.corefile import CoreView
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import procs
 import pytest
-from kernelcore import CoreView
+from harness.corefile import CoreView
 
 from criu_livedump.cli import ExitStatus
 

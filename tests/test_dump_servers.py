@@ -16,7 +16,7 @@ from pathlib import Path
 
 import procs
 import pytest
-from kernelcore import gdb_lwps
+from harness.gdb import gdb_lwps
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 

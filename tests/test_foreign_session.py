@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from kernelcore import criu_binary
+from harness.criu import criu_binary
 
 pytestmark = [pytest.mark.live]
 

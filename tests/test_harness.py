@@ -1,7 +1,7 @@
 """Tests of the comparison harness itself: it must see every difference it claims to check.
 
 A kernel core of ``mappings`` is edited in place (one byte, one register, one program header
-at a time) and :func:`kernelcore.compare_cores` must report exactly that edit.
+at a time) and :func:`harness.compare.compare_cores` must report exactly that edit.
 """
 
 from __future__ import annotations
@@ -18,33 +18,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kernelcore import (
-    _PRSTATUS,
-    NT,
-    USER_REGS,
-    CoreView,
-    CriuDumpError,
-    HarnessError,
-    MapEntry,
-    RseqArea,
+from harness.compare import (
     compare_cores,
     compare_syscall_regs,
-    criu_dump,
-    gdb_backtraces,
-    gdb_warnings,
-    kernel_core,
-    normalise_backtraces,
-    parse_notes,
-    read_maps,
-    start_target,
+    note_layout_diffs,
+    restart_diffs,
     vvar_ranges,
 )
+from harness.corefile import NT, CoreView, parse_notes
+from harness.criu import CriuDumpError, criu_dump
+from harness.errors import HarnessError
+from harness.gdb import gdb_backtraces, gdb_warnings, normalise_backtraces
+from harness.kernel import kernel_core
+from harness.launcher import start_target
+from harness.procstate import MapEntry, RseqArea, read_maps
+from harness.x86_64 import X86_64
 from programs import build as programs_build
 from syslock import CORE_PATTERN, CORE_USES_PID, core_pattern, system_settings_lock
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _PHDR = struct.Struct("<IIQQQQQQ")
-_PR_REG_OFFSET = 112  # offsetof(struct elf_prstatus, pr_reg)
 
 
 # --- pure unit tests --------------------------------------------------------------------------
@@ -152,6 +145,56 @@ def test_start_target_reports_early_exit() -> None:
         start_target("/bin/true", ready=b"ready", rseq=False)
 
 
+def _gone(pid: int, timeout: float = 30.0) -> bool:
+    """True once *pid* has exited (gone, or a zombie nobody reaped yet); False after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.live
+def test_close_kills_the_targets_process_group() -> None:
+    target = start_target("sh", "-c", 'sleep 600 & echo "ready $!"; wait', rseq=False)
+    try:
+        child = int(target.ready_line.split()[1])
+        assert os.getpgid(target.pid) == target.pid == os.getpgid(child)
+        assert os.getpgid(0) != target.pid
+    finally:
+        target.close()
+    assert target.proc.returncode == -signal.SIGKILL
+    assert _gone(child)
+
+
+@pytest.mark.live
+def test_target_dies_with_the_process_that_started_it(programs: dict[str, Path]) -> None:
+    starter = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from harness.launcher import start_target\n"
+        f"t = start_target({str(programs['threads'])!r}, '1', rseq=False)\n"
+        "print(t.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        assert not _gone(pid, timeout=0)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert _gone(pid)  # PR_SET_PDEATHSIG: SIGKILL when its parent died
+
+
 # --- one real kernel core, edited ---------------------------------------------------------------
 
 
@@ -204,13 +247,13 @@ def _flip(view: CoreView, vaddr: int) -> tuple[int, bytes]:
 
 def _prstatus_offset(view: CoreView, tid: int) -> int:
     for n in view.notes:
-        if n.type == NT.PRSTATUS and _PRSTATUS.unpack(n.desc[: _PRSTATUS.size])[6] == tid:
+        if n.type == NT.PRSTATUS and X86_64.parse_prstatus(n.desc)[0]["pr_pid"] == tid:
             return n.offset
     raise AssertionError(f"no NT_PRSTATUS for {tid}")
 
 
 def _reg_edit(view: CoreView, tid: int, reg: str, value: int) -> tuple[int, bytes]:
-    off = _prstatus_offset(view, tid) + _PR_REG_OFFSET + 8 * USER_REGS.index(reg)
+    off = _prstatus_offset(view, tid) + X86_64.pr_reg_offset + 8 * X86_64.user_regs.index(reg)
     return off, struct.pack("<Q", value)
 
 
@@ -220,7 +263,9 @@ def test_kernel_core_shape(kcore: KernelCore) -> None:
     with CoreView(kcore.path) as k:
         assert k.threads[0].pid == kcore.pid
         assert sorted(t.pid for t in k.threads) == sorted(kcore.tids)
-        assert all(t.fpregs and len(t.fpregs) == 512 and t.xstate for t in k.threads)
+        assert all(
+            len(t.notes["NT_FPREGSET"]) == 512 and t.notes["NT_X86_XSTATE"] for t in k.threads
+        )
         assert k.prpsinfo["pr_pid"] == kcore.pid
         assert k.prpsinfo["pr_fname"] == b"mappings"
         # mappings.c fill(anon, 64 pages, seed 1)
@@ -293,6 +338,43 @@ def test_compare_reports_changed_register(kcore: KernelCore, tmp_path: Path) -> 
                      f"{thread.regs['r12']:#x}"]  # fmt: skip
     assert len(syscall) == 1 and syscall[0].startswith(f"thread {tid}: rax ours 0x0 kernel ")
     assert sorted(with_rax) == sorted(diffs + syscall)
+
+
+@pytest.mark.live
+@pytest.mark.kernel
+def test_restart_diffs_tolerate_only_the_restart_trap(kcore: KernelCore, tmp_path: Path) -> None:
+    with CoreView(kcore.path) as k:
+        erestarted = [t for t in k.threads if t.regs["rax"] in X86_64.erestart]
+        assert erestarted, "no thread of mappings is in a restartable syscall"
+        t = erestarted[0]
+        trap = _edit(kcore.path, tmp_path / "trap", _reg_edit(k, t.pid, "rax", t.regs["orig_rax"]))
+        other = _edit(kcore.path, tmp_path / "other", _reg_edit(k, t.pid, "rax", 0x1234))
+        nr = _edit(kcore.path, tmp_path / "nr", _reg_edit(k, t.pid, "orig_rax", 0x1234))
+        with CoreView(trap) as ours:
+            assert restart_diffs(ours, k) == []
+            assert len(compare_syscall_regs(ours, k)) == 1  # the strict comparison sees it
+        with CoreView(other) as ours:
+            assert restart_diffs(ours, k) == [
+                f"thread {t.pid}: rax ours 0x1234 kernel {t.regs['rax']:#x}"
+            ]
+        with CoreView(nr) as ours:
+            assert restart_diffs(ours, k) == [
+                f"thread {t.pid}: orig_rax ours 0x1234 kernel {t.regs['orig_rax']:#x}"
+            ]
+
+
+@pytest.mark.live
+@pytest.mark.kernel
+def test_note_layout_diffs_report_a_changed_note_type(kcore: KernelCore, tmp_path: Path) -> None:
+    with CoreView(kcore.path) as k:
+        assert note_layout_diffs(k, k) == []
+        siginfo = k.note(NT.SIGINFO)
+        assert siginfo is not None
+        # the note header's n_type sits 4 bytes before the (4-aligned) "CORE" name
+        copy = _edit(kcore.path, tmp_path / "copy", (siginfo.offset - 8 - 4, struct.pack("<I", 5)))
+        with CoreView(copy) as ours:
+            diffs = note_layout_diffs(ours, k)
+    assert len(diffs) == 1 and diffs[0].startswith("notes: the first 7 differ"), diffs
 
 
 @pytest.mark.live

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import procs
 import pytest
-from kernelcore import CoreView, gdb_lwps
+from harness.corefile import CoreView
+from harness.gdb import gdb_lwps
 
 pytestmark = [pytest.mark.live]
 
