@@ -2,6 +2,8 @@
 
 ELF structure is parsed with pyelftools; the note descriptors by :class:`harness.machine.Machine`
 of the core's own e_machine (never the host's). Memory is read on demand, holes included.
+Constants and layouts are declared here, not imported from ``converters``: the reference side
+of a differential test must not share a mistake with the product it checks.
 """
 
 from __future__ import annotations
