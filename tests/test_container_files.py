@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from kernelcore import CoreView, parse_nt_file
+from harness.corefile import CoreView, parse_nt_file
 from programs import build as programs_build
 from syslock import core_pattern
 
