@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
@@ -28,8 +27,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 from harness.corefile import CoreView, parse_nt_file
+from harness.kernel import CorePipe, kernel_core_of
 from programs import build as programs_build
-from syslock import core_pattern
 
 from converters.elf import NT
 from converters.options import CheckpointFiles, ConvertOptions
@@ -133,7 +132,8 @@ def checkpointed(podman: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
             ns_pid, host_pid = _target(name)
             archive = tmp / "checkpoint.tar"
             _podman("container", "checkpoint", "--leave-running", "--export", str(archive), name)
-            kernel = _kernel_core(host_pid, tmp / "kernel")
+            # a pipe: the process's own mount namespace would take a file pattern as its own path
+            kernel = kernel_core_of(host_pid, CorePipe(tmp / "kernel", timeout=TIMEOUT))
             yield Checkpointed(archive, kernel, ns_pid, image, libc, host_libc[:PAGE])
         finally:
             _podman("rm", "-f", "-t", "0", name, check=False)
@@ -175,23 +175,6 @@ def _target(name: str) -> tuple[int, int]:
             return ns_pid, int(children[0])
         time.sleep(0.2)
     raise AssertionError(f"container {name} never said ready")
-
-
-def _kernel_core(host_pid: int, directory: Path) -> Path:
-    """The kernel's core of *host_pid* (SIGABRT), written by a core_pattern pipe handler: the
-    process's own mount namespace would take a file pattern as one of its own paths."""
-    directory.mkdir()
-    handler = directory / "handler"
-    handler.write_text(f'#!/bin/sh\ncat > {directory}/part && mv {directory}/part "$0.$1"\n')
-    handler.chmod(0o755)
-    out = Path(f"{handler}.{host_pid}")
-    with core_pattern(f"|{handler} %P"):
-        os.kill(host_pid, signal.SIGABRT)
-        deadline = time.monotonic() + TIMEOUT
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-    assert out.exists(), "the kernel's core never arrived"
-    return out
 
 
 def _file_heads(core: Path) -> dict[str, tuple[int, bytes]]:

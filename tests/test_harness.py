@@ -29,7 +29,7 @@ from harness.corefile import NT, CoreView, parse_notes
 from harness.criu import CriuDumpError, criu_dump
 from harness.errors import HarnessError
 from harness.gdb import gdb_backtraces, gdb_warnings, normalise_backtraces
-from harness.kernel import kernel_core
+from harness.kernel import CorePipe, kernel_core
 from harness.launcher import start_target
 from harness.procstate import MapEntry, RseqArea, read_maps
 from harness.x86_64 import X86_64
@@ -523,6 +523,23 @@ def test_kernel_core_refuses_bad_directory(programs: dict[str, Path], tmp_path: 
         assert target.alive()
     finally:
         target.close()
+
+
+@pytest.mark.live
+@pytest.mark.kernel
+def test_kernel_core_through_a_pipe_handler(programs: dict[str, Path], tmp_path: Path) -> None:
+    target = start_target(programs["threads"], "3", rseq=False)
+    try:
+        tids = target.tids()
+        path = kernel_core(target, CorePipe(tmp_path / "pipe"))
+    finally:
+        target.close()
+    assert path == tmp_path / "pipe" / f"handler.{target.pid}"
+    assert not (tmp_path / "pipe" / "part").exists()
+    with CoreView(path) as k:
+        assert k.threads[0].pid == target.pid
+        assert sorted(t.pid for t in k.threads) == sorted(tids)
+        assert k.prpsinfo["pr_fname"] == b"threads"
 
 
 # --- CRIU ---------------------------------------------------------------------------------------
