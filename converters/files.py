@@ -159,18 +159,23 @@ def _build_id_note(notes: bytes, order: str) -> bytes | None:
     return None
 
 
-def identity_mismatch(opened: OpenedFile, mf: MappedFile) -> str | None:
+def identity_mismatch(opened: OpenedFile, mf: MappedFile, *, live: bool = False) -> str | None:
     """What makes *opened* another file than the mapped one *mf* records, or None.
 
     Compared: the size (reg_file_entry.size), the mode when both are known (reg_file_entry.mode;
     the images hold no mtime), and the GNU build-id when CRIU recorded one (a file without one
     then differs too). Identical facts do not prove the same bytes, but a different library,
     or a host file of the same name that the process never saw, differs in one of them.
+
+    :param live: *opened* is the mapping's own file (a descriptor from /proc/PID/map_files,
+        which the kernel would read too, however it changed since CRIU's dump): only the
+        build-id is compared, which catches a library mapped anew at the same place between
+        CRIU's dump and the opening, and never a data file that grew.
     """
     diffs = []
-    if mf.size is not None and opened.size != mf.size:
+    if not live and mf.size is not None and opened.size != mf.size:
         diffs.append(f"size {opened.size}, recorded {mf.size}")
-    if mf.mode and opened.mode and opened.mode != mf.mode:
+    if not live and mf.mode and opened.mode and opened.mode != mf.mode:
         diffs.append(f"mode {opened.mode:o}, recorded {mf.mode:o}")
     if mf.build_id is not None and not diffs:
         own = elf_build_id(opened.pread)

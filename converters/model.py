@@ -141,7 +141,7 @@ class _Proc:
     def open_mapped(self, vma: Vma, mf: MappedFile) -> OpenedFile | None:
         held = self._held_file(vma, mf)
         if held is not None:
-            return self._verified(vma, mf, held)
+            return self._verified(vma, mf, held, live=True)
         if mf.deleted:
             ghost = self._ghost(vma)
             if ghost is None:
@@ -156,12 +156,14 @@ class _Proc:
             return None
         return self._verified(vma, mf, opened)
 
-    def _verified(self, vma: Vma, mf: MappedFile, opened: OpenedFile) -> OpenedFile | None:
+    def _verified(
+        self, vma: Vma, mf: MappedFile, opened: OpenedFile, *, live: bool = False
+    ) -> OpenedFile | None:
         """*opened* if it is the file the images record for *vma*; else None and one warning
         per file, naming its first mapping and what differs."""
         key = (opened.fd, mf.name)
         if key not in self.verdicts:
-            why = self.verdicts[key] = identity_mismatch(opened, mf)
+            why = self.verdicts[key] = identity_mismatch(opened, mf, live=live)
             if why is not None:
                 self.warn(
                     f"{mf.name}: not the file the process mapped ({why}); mapping at"

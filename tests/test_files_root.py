@@ -322,3 +322,33 @@ def test_container_changes_over_its_image(tmp_path: Path, spy: list[str]) -> Non
         "/lib/link.so: not a regular file in the container's changes; mapping at"
         f" {BASE + 12 * PAGE:#x} written as holes",
     ]
+
+
+def test_live_descriptors_pass_unless_another_library(tmp_path: Path) -> None:
+    """``dump``'s descriptors from /proc/PID/map_files are the mapped files themselves: one
+    that grew since CRIU's dump is still read (the kernel reads it too), and so is a library
+    recorded without build-id; one whose build-id is not the recorded one (a library mapped
+    anew in between) gives holes and a warning."""
+    libc = _own_libc()
+    size = libc.stat().st_size
+    words = _build_id_words(libc)
+    data = tmp_path / "data"
+    data.write_bytes(SECRET + SECRET)  # grown since the dump, which recorded len(SECRET)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    grown = _set(tmp_path / "a", [str(data), str(libc)], [len(SECRET), size])
+    other = _set(tmp_path / "b", [str(libc)], [size], build_id=[words[0] ^ 1, *words[1:]])
+    data_fd, libc_fd = os.open(data, os.O_RDONLY), os.open(libc, os.O_RDONLY)
+    try:
+        held = ConvertOptions(mapped_fds={BASE: data_fd, BASE + 4 * PAGE: libc_fd})
+        result, core = _run(grown, tmp_path / "out", None, held)
+        assert SECRET[:PAGE] in core and libc.read_bytes()[:PAGE] in core
+        assert not result.warnings
+        held = ConvertOptions(mapped_fds={BASE: libc_fd})
+        result, core = _run(other, tmp_path / "out2", None, held)
+        assert libc.read_bytes()[:PAGE] not in core
+        (warning,) = result.warnings
+        assert warning.startswith(f"{libc}: not the file the process mapped (build-id ")
+    finally:
+        os.close(data_fd)
+        os.close(libc_fd)
