@@ -10,7 +10,8 @@ from pathlib import Path
 from converters import elf, model
 from converters.errors import ConversionError, OutputError
 from converters.images import PAGE_SIZE, ImageSet
-from converters.options import UNLIMITED, ConvertOptions, CoreResult, read_sidecar
+from converters.options import UNLIMITED, ConvertOptions, CoreResult
+from converters.sidecar import read_sidecar
 from converters.sinks import FileSink, Sink
 
 #: progress(bytes_done_since_last_call)

@@ -45,7 +45,8 @@ from converters.images import (
     Vma,
     prot_from_perms,
 )
-from converters.options import DEFAULT_COREDUMP_FILTER, ConvertOptions, Sidecar
+from converters.options import DEFAULT_COREDUMP_FILTER, ConvertOptions
+from converters.sidecar import SIDECAR_NAME, Sidecar
 
 log = logging.getLogger(__name__)
 
@@ -455,19 +456,6 @@ def split_vvar(p: _Proc) -> list[Vma]:
 # --- notes ----------------------------------------------------------------------------------------
 
 
-def _times(times: dict[str, object], tid: int) -> tuple[int, int, int, int]:
-    """fill_prstatus()'s CPU times from the sidecar's ``times``: ``{"TID": [utime_us,
-    stime_us], "children": [cutime_us, cstime_us]}`` (the leader's entry is the group total)."""
-
-    def pair(key: str) -> tuple[int, int]:
-        v = times.get(key)
-        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x >= 0 for x in v):
-            return int(v[0]), int(v[1])
-        return 0, 0
-
-    return (*pair(str(tid)), *pair("children"))
-
-
 def _sigmask(signals: object) -> int:
     mask = 0
     for s in getattr(signals, "signals", []):
@@ -486,7 +474,7 @@ def build_notes(
     signal: int,
     ppid: int,
     layout: CpuLayout,
-    times: dict[str, object],
+    sidecar: Sidecar,
 ) -> list[Note]:
     """Notes in fill_note_info()'s order: the first thread's PRSTATUS, PRPSINFO, SIGINFO,
     AUXV, FILE and FP state, then each other thread's PRSTATUS and FP state, then the
@@ -515,7 +503,7 @@ def build_notes(
             pr_pgrp=proc.pgid,
             pr_sid=proc.sid,
             pr_reg=t.arch.core_gregs(t.core, p.read),
-            times=_times(times, t.tid),
+            times=sidecar.times(t.tid),
         ).pack()
 
     def fpnotes(t: Thread) -> list[Note]:
@@ -629,16 +617,10 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
             options.coredump_filter, sidecar.coredump_filter, DEFAULT_COREDUMP_FILTER
         )
         signal = _first(options.signal, sidecar.signal, 0)
-        recorded_ppid = _int(sidecar.extra.get("ppid")) if proc.ppid == 0 else None
-        if recorded_ppid is not None and not 0 <= recorded_ppid <= 0x7FFFFFFF:
-            # pid_t in NT_PRSTATUS/NT_PRPSINFO: struct.pack would fail on it later
-            raise ImageFormatError(
-                str(images.directory / "livedump.json"), f"ppid {recorded_ppid} out of range"
-            )
-        ppid = _first(recorded_ppid, proc.ppid, 0)
+        ppid = _first(sidecar.ppid if proc.ppid == 0 else None, proc.ppid, 0)
         arch = threads[0].arch
         layout = _layout(arch, sidecar, images.directory)
-        p.sysv_keys = _sysv_keys(sidecar)
+        p.sysv_keys = dict(sidecar.sysv_keys)
         p.no_saved_pages = _no_saved_pages(sidecar, p.vmas)
         _fork_excluded(p, sidecar)
         p.vmas = split_vvar(p)
@@ -651,10 +633,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
                 str(images.directory / f"mm-{pid}.img"),
                 f"VMAs to dump total {total} bytes, more than any address space",
             )
-        times = sidecar.extra.get("times")
-        notes = build_notes(
-            p, threads, mm, signal, ppid, layout, times if isinstance(times, dict) else {}
-        )
+        notes = build_notes(p, threads, mm, signal, ppid, layout, sidecar)
         if p.unrooted:
             p.warn(origin.summary(len(p.unrooted), not_read_why))
     except BaseException:
@@ -667,31 +646,24 @@ def _fork_excluded(p: _Proc, sidecar: Sidecar) -> None:
     """Put back, without bytes, the MADV_DONTFORK VMAs a clone snapshot could not see, and say
     which MADV_WIPEONFORK VMAs read as zeros (sidecar ``dontfork``/``wipeonfork``)."""
     added: list[Vma] = []
-    for r in sidecar.extra.get("dontfork") or []:
-        # [start, end, perms] or [start, end, perms, has_bytes]
-        if not (isinstance(r, list) and len(r) in (3, 4) and isinstance(r[2], str)):
-            continue
-        start, end, perms = r[:3]
-        has_bytes = r[3] if len(r) == 4 else True
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end < 1 << 64):
+    for area in sidecar.dontfork:
+        start, end = area.start, area.end
+        if not start < end < 1 << 64:
             continue
         if start % PAGE_SIZE or end % PAGE_SIZE:
             continue
         if any(v.start < end and start < v.end for v in p.vmas + added):
             continue
-        prot = prot_from_perms(perms)
+        prot = prot_from_perms(area.perms)
         flags = MAP_PRIVATE | MAP_ANONYMOUS
         added.append(Vma(start, end, 0, 0, prot, flags, VMA_AREA_REGULAR | VMA_ANON_PRIVATE, 0))
-        if has_bytes is not False:
+        if area.has_bytes:
             p.warn(
                 f"[{start:#x}, {end:#x}) is MADV_DONTFORK: absent from the clone snapshot,"
                 " written without bytes (use --method criu for them)"
             )
-    for r in sidecar.extra.get("wipeonfork") or []:
-        if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r):
-            p.warn(
-                f"[{r[0]:#x}, {r[1]:#x}) is MADV_WIPEONFORK: the clone snapshot sees it as zeros"
-            )
+    for lo, hi in sidecar.wipeonfork:
+        p.warn(f"[{lo:#x}, {hi:#x}) is MADV_WIPEONFORK: the clone snapshot sees it as zeros")
     if added:
         p.absent = frozenset(v.start for v in added)
         p.vmas = sorted(p.vmas + added, key=lambda v: v.start)
@@ -700,30 +672,8 @@ def _fork_excluded(p: _Proc, sidecar: Sidecar) -> None:
 def _no_saved_pages(sidecar: Sidecar, vmas: list[Vma]) -> frozenset[int]:
     """Starts of private file VMAs the sidecar says had no anonymous pages in the target
     (clone snapshots: CRIU's own syscall patch leaves a COW page in the clone)."""
-    raw = sidecar.extra.get("no_saved_pages")
-    if not isinstance(raw, list):
-        return frozenset()
     exact = {(v.start, v.end): v for v in vmas if v.file_backed and not v.shared}
-    out = set()
-    for r in raw:
-        if isinstance(r, list) and len(r) == 2 and (vma := exact.get((r[0], r[1]))) is not None:
-            out.add(vma.start)
-    return frozenset(out)
-
-
-def _sysv_keys(sidecar: Sidecar) -> dict[int, int]:
-    raw = sidecar.extra.get("sysv_keys")
-    if not isinstance(raw, dict):
-        return {}
-    out = {}
-    for k, v in raw.items():
-        if isinstance(k, str) and k.isdigit() and isinstance(v, int):
-            out[int(k)] = v & 0xFFFFFFFF
-    return out
-
-
-def _int(v: object) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return frozenset(vma.start for r in sidecar.no_saved_pages if (vma := exact.get(r)))
 
 
 def _first(*values: int | None) -> int:
@@ -734,8 +684,7 @@ def _first(*values: int | None) -> int:
 
 
 def _layout(arch: Arch, sidecar: Sidecar, directory: Path) -> CpuLayout:
-    recorded = sidecar.extra.get("cpu_layout")
     try:
-        return arch.cpu_layout(recorded if isinstance(recorded, dict) else None)
+        return arch.cpu_layout(sidecar.cpu_layout)
     except ValueError as e:
-        raise ImageFormatError(str(directory / "livedump.json"), f"bad cpu_layout: {e}") from e
+        raise ImageFormatError(str(directory / SIDECAR_NAME), f"cpu_layout {e}") from e

@@ -1,22 +1,15 @@
 """What a conversion is asked to do (:class:`ConvertOptions`) and what it did (:class:`CoreResult`).
 
-The orchestrator also leaves a sidecar file, ``livedump.json``, beside the CRIU images: facts
-about the dump that CRIU's images do not record (the target's coredump_filter, RLIMIT_CORE, the
-dumping host's boot id). :func:`read_sidecar` is the one reader of it.
+What the dump recorded beside the images is :mod:`converters.sidecar`'s.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converters.errors import ImageFormatError
-
-SIDECAR_NAME = "livedump.json"
 #: The kernel's default /proc/PID/coredump_filter (MMF_DUMP_FILTER_DEFAULT).
 DEFAULT_COREDUMP_FILTER = 0x33
 UNLIMITED = -1
@@ -94,72 +87,3 @@ class CoreResult:
             "warnings": list(self.warnings),
             "seconds": round(self.seconds, 6),
         }
-
-
-@dataclass(frozen=True)
-class Sidecar:
-    """Facts recorded at dump time by the orchestrator (all optional)."""
-
-    coredump_filter: int | None = None
-    core_limit: int | None = None
-    signal: int | None = None
-    boot_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def read_sidecar(images_dir: Path) -> Sidecar:
-    """Read ``livedump.json`` from *images_dir*; an absent file gives an empty :class:`Sidecar`.
-
-    :raises ImageFormatError: the file exists but is not the expected JSON object.
-    """
-    path = images_dir / SIDECAR_NAME
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
-        return Sidecar()
-    except OSError as e:
-        raise ImageFormatError(str(path), os.strerror(e.errno or 0)) from e
-    except UnicodeDecodeError as e:
-        raise ImageFormatError(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})") from e
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise ImageFormatError(str(path), f"not JSON: {e}") from e
-    except RecursionError as e:  # deeply nested arrays: json's recursive decoder gives up
-        raise ImageFormatError(str(path), "not JSON: nested too deeply") from e
-    if not isinstance(data, dict):
-        raise ImageFormatError(str(path), "not a JSON object")
-
-    def opt_int(key: str) -> int | None:
-        value = data.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ImageFormatError(str(path), f"{key} is not an integer")
-        return value
-
-    signal = opt_int("signal")
-    # si_signo is an int in the notes; a real signal number is 1.._NSIG (64) on Linux
-    if signal is not None and not 0 <= signal <= 64:
-        raise ImageFormatError(str(path), f"signal {signal} out of range")
-    if "cpu_layout" not in data and "xsave_layout" in data:  # its name before issue 10
-        data["cpu_layout"] = data.pop("xsave_layout")
-    boot_id = data.get("boot_id")
-    return Sidecar(
-        coredump_filter=opt_int("coredump_filter"),
-        core_limit=opt_int("core_limit"),
-        signal=signal,
-        boot_id=boot_id if isinstance(boot_id, str) else None,
-        extra={
-            k: v
-            for k, v in data.items()
-            if k not in {"coredump_filter", "core_limit", "signal", "boot_id"}
-        },
-    )
-
-
-def write_sidecar(images_dir: Path, **facts: Any) -> None:
-    """Write ``livedump.json`` (used by the orchestrator after CRIU ran)."""
-    tmp = images_dir / (SIDECAR_NAME + ".tmp")
-    tmp.write_text(json.dumps(facts, indent=1, sort_keys=True))
-    os.replace(tmp, images_dir / SIDECAR_NAME)

@@ -30,7 +30,8 @@ from pathlib import Path
 from converters.errors import ArchiveError, ImageFormatError
 from converters.files import FileRoot, TarOverlay
 from converters.images import ImageSet
-from converters.options import ConvertOptions, Sidecar
+from converters.options import ConvertOptions
+from converters.sidecar import Sidecar
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 

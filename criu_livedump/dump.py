@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from converters.options import UNLIMITED, ConvertOptions, write_sidecar
+from converters.options import UNLIMITED, ConvertOptions
+from converters.sidecar import Sidecar, write_sidecar
 from criu_livedump import scratch, snapshot, target
 from criu_livedump.conversion_child import (
     ConversionOutcome,
@@ -34,7 +35,7 @@ from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
 from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.credentials import CriuCredentials, criu_credentials
-from criu_livedump.target.dump_time import dump_time_facts
+from criu_livedump.target.dump_time import with_dump_time_facts
 
 log = logging.getLogger(__name__)
 
@@ -309,20 +310,15 @@ def _write_sidecar(
     sink: SinkSpec,
     limit: int,
     signal: int,
-    method_facts: dict[str, Any],
+    method_facts: Sidecar,
 ) -> None:
-    # CRIU names processes by their pids in the target's PID namespace (it dumps that namespace
-    # when the target is its init), as the kernel's core does; the clone's images are rewritten
-    # with the target's pids, and the clone is refused in a namespace
-    write_sidecar(
-        images_dir,
+    sidecar = replace(
+        method_facts,
         coredump_filter=facts.coredump_filter,
         core_limit=None if sink.kind == SinkKind.PIPE else limit,
         signal=signal,
-        pid=facts.ns_pid,
-        **dump_time_facts(facts.pid),
-        **method_facts,
     )
+    write_sidecar(images_dir, with_dump_time_facts(sidecar, facts.pid))
 
 
 def _convert(

@@ -175,7 +175,7 @@ X86_WORDS = re.compile(
     r"|erestart\w*|restart_syscall|osxsave)$"
 )
 #: the sidecar's legacy key, read for files written before it was renamed
-ALLOWED = {("converters/sidecar.py", "xsave_layout"), ("converters/options.py", "xsave_layout")}
+ALLOWED = {("converters/sidecar.py", "xsave_layout")}
 
 
 def _words(path: Path) -> set[str]:

@@ -21,7 +21,7 @@ from converters import ConvertOptions, convert
 from converters.errors import ImageFormatError, MissingImageError
 from converters.images import MAP_HUGETLB, PageIndex
 from converters.model import build as build_model
-from converters.options import Sidecar
+from converters.sidecar import Sidecar
 
 PAGE = images.PAGE
 BASE = 0x1000_0000

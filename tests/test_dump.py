@@ -187,7 +187,10 @@ def test_keep_images(demo: subprocess.Popen[bytes], tmp_path: Path) -> None:
     )
     assert sidecar["core_limit"] == -1
     assert sidecar["signal"] == 0
+    assert sidecar["version"] == 2
     assert sidecar["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert "pid" not in sidecar  # written and never read before version 2
+    assert set(sidecar["times"]) == {str(t) for t in tids(demo.pid)} | {"children"}
 
 
 def test_scratch_removed_without_keep(demo: subprocess.Popen[bytes], tmp_path: Path) -> None:

@@ -378,7 +378,7 @@ class XsaveLayout:
             comps = tuple((int(a), int(b), int(c)) for a, b, c in d["components"])
             return cls(int(d["xcr0"]), comps)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not an XSAVE layout ({type(e).__name__}: {e})") from e
+            raise ValueError(f"is not an XSAVE layout ({type(e).__name__}: {e})") from e
 
     def pack_layout_note(self) -> bytes:
         """NT_X86_XSAVE_LAYOUT payload, as dump_xsave_layout_desc() writes it (flags 0)."""

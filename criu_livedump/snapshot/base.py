@@ -19,8 +19,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from converters.sidecar import Sidecar
 from criu_livedump.linux.mapped_files import close_mapped_files
 from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot.criu import Criu, DumpResult
@@ -56,7 +57,7 @@ class Snapshotted:
 
     frozen_us: int
     freezing_us: int = 0
-    sidecar: dict[str, Any] = field(default_factory=dict)
+    sidecar: Sidecar = field(default_factory=Sidecar)
 
 
 class Snapshot(ABC):

@@ -1,19 +1,20 @@
 """Facts about the target that CRIU's images lack, read from /proc right after the dump.
 
-They travel to the converter in ``livedump.json`` (converters.options.write_sidecar): the real
-parent pid (CRIU records 0 for the root of the dumped tree), per-thread CPU times for
+They travel to the converter in ``livedump.json`` (:class:`converters.sidecar.Sidecar`): the
+real parent pid (CRIU records 0 for the root of the dumped tree), per-thread CPU times for
 NT_PRSTATUS (fill_prstatus() reports the group total for the leader), the boot id, and the
-CPU's XSAVE layout for NT_X86_XSTATE.
+CPU's layout record for the architecture's FP notes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from converters.arch import host
+from converters.sidecar import Sidecar
 from criu_livedump.linux.procfs import read_stat, read_status
 
 _PROC = Path("/proc")
@@ -32,8 +33,8 @@ def _ns_ids(status: Path, key: str) -> list[int]:
     return [int(x) for x in value.split()]
 
 
-def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
-    """``ppid``, ``times``, ``boot_id`` and ``cpu_layout`` of process *pid*.
+def with_dump_time_facts(sidecar: Sidecar, pid: int, proc: Path = _PROC) -> Sidecar:
+    """*sidecar* with the ``ppid``, CPU times, ``boot_id`` and ``cpu_layout`` of process *pid*.
 
     Ids are those of the target's own PID namespace, as in CRIU's images and as the kernel's
     core (written from the target's context) gives them: a thread is keyed by its last NSpid
@@ -41,15 +42,16 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
     target exited, a thread vanished) are simply left out: the converter falls back to zeros
     for them.
     """
-    facts: dict[str, Any] = {"cpu_layout": host().cpu_layout(None).as_dict()}
+    sidecar = replace(sidecar, cpu_layout=host().cpu_layout(None).as_dict())
     hz = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
-        facts["boot_id"] = (proc / "sys/kernel/random/boot_id").read_text().strip()
+        boot_id = (proc / "sys/kernel/random/boot_id").read_text().strip()
+        sidecar = replace(sidecar, boot_id=boot_id)
     try:
         stat = read_stat(proc / str(pid) / "stat")
         nstgid = _ns_ids(proc / str(pid) / "status", "NStgid")
     except (OSError, IndexError, ValueError):
-        return facts
+        return sidecar
     depth = len(nstgid) - 1
     ppid = stat.ppid
     if depth and ppid:
@@ -58,11 +60,7 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
             ppid = parent[depth] if len(parent) > depth else 0
         except (OSError, ValueError):
             ppid = 0
-    facts["ppid"] = ppid
-    times: dict[str, list[int]] = {
-        str(nstgid[-1]): [_us(stat.utime, hz), _us(stat.stime, hz)],
-        "children": [_us(stat.cutime, hz), _us(stat.cstime, hz)],
-    }
+    times = {nstgid[-1]: (_us(stat.utime, hz), _us(stat.stime, hz))}
     with contextlib.suppress(OSError):
         for tid in os.listdir(proc / str(pid) / "task"):
             if tid == str(pid):
@@ -71,6 +69,6 @@ def dump_time_facts(pid: int, proc: Path = _PROC) -> dict[str, Any]:
                 task = proc / str(pid) / "task" / tid
                 t = read_stat(task / "stat")
                 ns_tid = _ns_ids(task / "status", "NSpid")[-1]
-                times[str(ns_tid)] = [_us(t.utime, hz), _us(t.stime, hz)]
-    facts["times"] = times
-    return facts
+                times[ns_tid] = (_us(t.utime, hz), _us(t.stime, hz))
+    children = (_us(stat.cutime, hz), _us(stat.cstime, hz))
+    return replace(sidecar, ppid=ppid, thread_times=times, children_times=children)

@@ -42,9 +42,9 @@ def criu_dump(
     :raises CriuDumpError: CRIU failed (the message ends with the tail of dump.log).
     :raises AssertionError: CRIU ran longer than procs.RUN_TIMEOUT (it is killed).
     """
-    from converters.options import write_sidecar
+    from converters.sidecar import Sidecar, write_sidecar
     from criu_livedump.snapshot.criu import LIVE_OPTIONS
-    from criu_livedump.target.dump_time import dump_time_facts
+    from criu_livedump.target.dump_time import with_dump_time_facts
 
     images = Path(images_dir)
     images.mkdir(parents=True, exist_ok=True)
@@ -71,5 +71,5 @@ def criu_dump(
             log = proc.stderr
         raise CriuDumpError(argv, proc.returncode, "\n".join(log.splitlines()[-40:]))
     # the same dump-time facts the orchestrator records (criu_livedump/dump.py)
-    write_sidecar(images, coredump_filter=coredump_filter, **dump_time_facts(pid))
+    write_sidecar(images, with_dump_time_facts(Sidecar(coredump_filter=coredump_filter), pid))
     return images

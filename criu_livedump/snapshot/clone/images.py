@@ -64,11 +64,11 @@ def _entry(image: dict[str, Any], path: Path) -> dict[str, Any]:
     return entry
 
 
-def rewrite_images(images_dir: Path, snap: Clone) -> dict[str, Any]:
+def rewrite_images(images_dir: Path, snap: Clone) -> dict[int, int]:
     """Rewrite CRIU's images of ``snap.clone_pid`` in *images_dir* to describe ``snap.pid``.
 
-    :returns: facts for the sidecar that the images cannot carry (``sysv_keys``: the key of
-        each SysV segment put back, by shmid, for its NT_FILE name).
+    :returns: what the images cannot carry, for the sidecar: the key of each SysV segment put
+        back, by shmid, for its NT_FILE name.
 
     :raises CloneImagesError: an image CRIU should have written is missing or malformed.
     :raises converters.errors.ConversionError: an image cannot be decoded or encoded.
@@ -92,8 +92,7 @@ def rewrite_images(images_dir: Path, snap: Clone) -> dict[str, Any]:
     if snap.fork_lost:
         _add_fork_lost(images_dir, pid, snap.fork_lost)
     if snap.side_mappings:
-        keys = _add_side_mappings(images_dir, pid, snap.side_mappings)
-        return {"sysv_keys": {str(k): v for k, v in keys.items()}}
+        return _add_side_mappings(images_dir, pid, snap.side_mappings)
     return {}
 
 

@@ -4,9 +4,9 @@ rewritten to describe the target (:mod:`~criu_livedump.snapshot.clone.images`)."
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
 
+from converters.sidecar import DontFork, Sidecar
 from criu_livedump.linux.mapped_files import open_mapped_files
 from criu_livedump.linux.procfs import SmapsEntry
 from criu_livedump.request import Method
@@ -76,9 +76,9 @@ class CloneSnapshot(Snapshot):
 
     def complete(self, result: DumpResult) -> Snapshotted:
         clone = self._running_clone()
-        sidecar = images.rewrite_images(result.images_dir, clone)
+        sysv_keys = images.rewrite_images(result.images_dir, clone)
         copied = frozenset((a.start, a.end) for a in clone.fork_lost)
-        sidecar.update(clone_facts(clone.smaps, copied=copied))
+        sidecar = clone_facts(clone.smaps, copied=copied, sysv_keys=sysv_keys)
         clone.kill()
         return Snapshotted(frozen_us=round(clone.freeze_seconds * 1_000_000), sidecar=sidecar)
 
@@ -93,10 +93,14 @@ class CloneSnapshot(Snapshot):
 
 
 def clone_facts(
-    smaps: Iterable[SmapsEntry], *, copied: frozenset[tuple[int, int]] = frozenset()
-) -> dict[str, list[list[Any]]]:
+    smaps: Iterable[SmapsEntry],
+    *,
+    copied: frozenset[tuple[int, int]] = frozenset(),
+    sysv_keys: Mapping[int, int] | None = None,
+) -> Sidecar:
     """What a clone shows differently from its target, from the target's *smaps* (read once,
-    before the freeze: :attr:`criu_livedump.snapshot.clone.inject.Clone.smaps`).
+    before the freeze: :attr:`criu_livedump.snapshot.clone.inject.Clone.smaps`), and the keys
+    of the SysV segments put back by shmid (*sysv_keys*, for their NT_FILE names).
 
     - ``no_saved_pages``: ``[start, end]`` of every private file mapping without anonymous
       pages. CRIU's compel briefly writes a syscall instruction into the first executable VMA
@@ -109,14 +113,21 @@ def clone_facts(
       an entry the images cover; others are listed without bytes, and named when *has_bytes*
       (an untouched area has none to miss). Areas in *copied* (``(start, end)``) are left out.
     """
-    out: dict[str, list[list[Any]]] = {"no_saved_pages": [], "dontfork": [], "wipeonfork": []}
+    no_saved: list[tuple[int, int]] = []
+    dontfork: list[DontFork] = []
+    wipeonfork: list[tuple[int, int]] = []
     for e in smaps:
         if e.perms.endswith("p") and e.inode != 0 and e.anon_kb == 0:
-            out["no_saved_pages"].append([e.start, e.end])
+            no_saved.append((e.start, e.end))
         if (e.start, e.end) in copied:
             continue
         if "dc" in e.vmflags:
-            out["dontfork"].append([e.start, e.end, e.perms, e.anon_kb > 0 or e.inode != 0])
+            dontfork.append(DontFork(e.start, e.end, e.perms, e.anon_kb > 0 or e.inode != 0))
         elif "wf" in e.vmflags:
-            out["wipeonfork"].append([e.start, e.end])
-    return out
+            wipeonfork.append((e.start, e.end))
+    return Sidecar(
+        sysv_keys=dict(sysv_keys or {}),
+        no_saved_pages=tuple(no_saved),
+        dontfork=tuple(dontfork),
+        wipeonfork=tuple(wipeonfork),
+    )
