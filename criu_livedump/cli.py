@@ -336,7 +336,7 @@ ProgressQueue = Any  # multiprocessing queue proxy carrying byte counts
 
 
 def _convert_one(
-    index: int, images_dir: Path, out_dir: Path, options: Any, progress: ProgressQueue | None
+    images_dir: Path, out_dir: Path, options: Any, progress: ProgressQueue | None
 ) -> dict[str, Any]:
     """Convert one directory (runs in a worker process); errors come back as data, since the
     converter's exceptions need not be picklable."""
@@ -365,14 +365,11 @@ def _run_conversions(
 ) -> list[dict[str, Any]]:
     with _progress_bar([d for d, _ in work], options) as progress:
         if jobs == 1 or len(work) == 1:
-            return [_convert_one(i, d, o, options, progress) for i, (d, o) in enumerate(work)]
+            return [_convert_one(d, o, options, progress) for d, o in work]
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=min(jobs, len(work)), mp_context=multiprocessing.get_context("spawn")
         ) as pool:
-            futures = [
-                pool.submit(_convert_one, i, d, o, options, progress)
-                for i, (d, o) in enumerate(work)
-            ]
+            futures = [pool.submit(_convert_one, d, o, options, progress) for d, o in work]
             return [f.result() for f in futures]
 
 

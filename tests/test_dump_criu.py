@@ -32,7 +32,7 @@ FAKE = criu.Criu(Path("/fake/criu"), "test")
 
 
 def test_dump_argv_always_live_options() -> None:
-    argv = criu.dump_argv(FAKE, 42, Path("/s/1"), externals=["unix[7]"], extra_args=["--x"])
+    argv = criu.dump_argv(FAKE, 42, Path("/s/1"), extra_args=["--x"])
     assert argv == [
         "/fake/criu",
         "dump",
@@ -44,8 +44,6 @@ def test_dump_argv_always_live_options() -> None:
         "dump.log",
         "-v4",
         *LIVE,
-        "--external",
-        "unix[7]",
         "--x",
     ]
     assert "--tcp-established" not in argv

@@ -271,7 +271,6 @@ class DumpJob:
 
     :param pid: root of the tree CRIU collects (CRIU always takes the whole tree below it).
     :param scratch: private directory; rounds go to ``scratch/1 .. scratch/N+1``.
-    :param externals: ``--external`` resources (``file[mnt_id:inode]``, ``unix[ino]``).
     :param pre_dump_rounds: ``criu pre-dump --track-mem`` rounds before the dump; only honoured
         when the caller checked ``mem_dirty_track`` (see :func:`dump`).
     :param extra_args: further CRIU options (e.g. ``--unprivileged``, ``--ghost-limit``).
@@ -284,7 +283,6 @@ class DumpJob:
 
     pid: int
     scratch: Path
-    externals: tuple[str, ...] = ()
     pre_dump_rounds: int = 0
     extra_args: tuple[str, ...] = ()
     preexec: Callable[[], None] | None = None
@@ -306,7 +304,6 @@ class DumpResult:
     seconds: float
     rounds: int
     resumed_by_us: bool = False
-    commands: tuple[tuple[str, ...], ...] = ()
 
 
 def dump_argv(
@@ -317,7 +314,6 @@ def dump_argv(
     action: str = "dump",
     track_mem: bool = False,
     prev_images_dir: str | None = None,
-    externals: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     verbosity: int = 4,
     leave_running: bool = True,
@@ -338,8 +334,6 @@ def dump_argv(
         argv.append("--track-mem")
     if prev_images_dir is not None:
         argv += ["--prev-images-dir", prev_images_dir]
-    for ext in externals:
-        argv += ["--external", ext]
     argv += extra_args
     if "--tcp-established" in argv:
         raise ValueError("--tcp-established stalls the target's clients; it is never used")
@@ -367,7 +361,6 @@ def plan_rounds(criu: Criu, job: DumpJob) -> list[list[str]]:
                     action=action,
                     track_mem=rounds > 0,
                     prev_images_dir=f"../{k - 1}" if k > 1 else None,
-                    externals=job.externals,
                     extra_args=job.extra_args,
                     verbosity=job.verbosity,
                     leave_running=job.leave_running,
@@ -409,7 +402,6 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
         seconds=seconds,
         rounds=len(cmds),
         resumed_by_us=resumed,
-        commands=tuple(tuple(c) for c in cmds),
     )
 
 
