@@ -430,6 +430,11 @@ def _progress_bar(images_dirs: list[Path], options: Any) -> Iterator[ProgressQue
 @click.option("--force", is_flag=True, help="Dump a non-dumpable target (core owned by root).")
 @click.option("--tree", is_flag=True, help="Also write cores of the target's children.")
 @click.option("--method", metavar="auto|criu|clone", help="How to snapshot the target.")
+@click.option(
+    "--timeout",
+    metavar="SECONDS",
+    help="Time limit of the whole dump (default: 300 s + 60 s per GiB resident).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--criu", "criu_path", metavar="PATH", help="The CRIU binary to use.")
 def dump(

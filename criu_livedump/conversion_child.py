@@ -263,7 +263,10 @@ def _child_main(
     try:
         priorities.apply_all()
     except OSError as e:
-        _send(report_fd, {"ok": False, "error": f"cannot apply priorities to the conversion: {e}"})
+        why = e.strerror or "refused"
+        _send(
+            report_fd, {"ok": False, "error": f"cannot apply priorities to the conversion: {why}"}
+        )
         return 1
     _test_pause()
 

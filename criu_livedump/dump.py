@@ -28,9 +28,17 @@ from criu_livedump.conversion_child import (
     run_conversion,
     scheduling_preexec,
 )
-from criu_livedump.errors import DestinationError, LivedumpError, RequestError
+from criu_livedump.errors import (
+    CloneError,
+    DestinationError,
+    LivedumpError,
+    RequestError,
+    TargetDiedError,
+    TargetError,
+)
 from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
+from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.request import DumpRequest, Method, check_privileges
 from criu_livedump.snapshot import criu
@@ -206,9 +214,38 @@ def live_dump(
 ) -> DumpReport:
     """Dump running process *pid* as *request* asks; the target keeps running.
 
+    The target is held by a pidfd from the start, so that a failure of any step (a /proc read
+    cut short, CRIU's error) that its death caused is reported as that death, with how it
+    ended when that can be read, and never in the failing step's own words.
+
     :param stdout: where ``-o -`` writes (its file descriptor is handed to the child).
+    :raises TargetDiedError: the target ended before its core was complete; nothing written.
     :raises LivedumpError: a refusal (before anything is frozen) or a failure, one line each.
     """
+    try:
+        watched = Pidfd(pid)
+    except ProcessLookupError:
+        raise TargetError(pid, "no such process") from None
+    with watched:
+        try:
+            return _live_dump(pid, request, criu_path=criu_path, stdout=stdout)
+        except TargetDiedError as e:
+            if e.pid == pid:
+                raise
+            if not watched.exited():  # the process CRIU dumped was the target's clone
+                raise CloneError(
+                    f"process {pid}: its clone {e.pid} {e.problem}; the target runs on"
+                ) from e
+            raise TargetDiedError(pid, describe_wait_status(watched.wait_status())) from e
+        except (LivedumpError, OSError, ValueError) as e:
+            if watched.exited():
+                raise TargetDiedError(pid, describe_wait_status(watched.wait_status())) from e
+            raise
+
+
+def _live_dump(
+    pid: int, request: DumpRequest, *, criu_path: str | None, stdout: IO[bytes] | None
+) -> DumpReport:
     started = time.monotonic()
 
     # 1. Facts and refusals: nothing is frozen yet. CRIU collects the whole tree below the
@@ -231,6 +268,7 @@ def live_dump(
     creds = criu_credentials(facts)
     report.criu_ran_as = creds.description
     priorities = Priorities(request.sched_prio, request.io_prio, request.oom_score_adj)
+    timeout = request.timeout or criu.default_timeout(facts.rss)
 
     # 2. The snapshot, CRIU writing into a private scratch directory; 3. the facts the images
     # lack, then the conversion at the requested priorities.
@@ -238,7 +276,8 @@ def live_dump(
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     try:
         with method(facts, request, work) as snap:
-            result, done = _snapshot(snap, binary, creds, priorities, report)
+            limit_s = (timeout, started + timeout)
+            result, done = _snapshot(snap, binary, creds, priorities, report, limit_s)
             _write_sidecar(result.images_dir, facts, sink, limit, signal, done.sidecar)
             outcome = _convert(result.images_dir, facts, request, sink, snap, priorities, stdout)
             _report_conversion(report, outcome, sink)
@@ -276,8 +315,12 @@ def _snapshot(
     creds: CriuCredentials,
     priorities: Priorities,
     report: DumpReport,
+    time_limit: tuple[float, float],
 ) -> tuple[criu.DumpResult, snapshot.Snapshotted]:
-    """The snapshot's steps around CRIU's dump; the images then describe the target."""
+    """The snapshot's steps around CRIU's dump; the images then describe the target.
+
+    :param time_limit: the whole dump's (seconds, deadline on ``time.monotonic()``).
+    """
     snap.prepare()
     snap.freeze()
     task = snap.handoff(binary)
@@ -293,6 +336,8 @@ def _snapshot(
             wrapper=creds.wrapper,
             owner=None if creds.uid is None else (creds.uid, creds.gid or 0),
             leave_running=task.leave_running,
+            timeout=time_limit[0],
+            deadline=time_limit[1],
         ),
     )
     done = snap.complete(result)

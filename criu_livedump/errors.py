@@ -109,6 +109,17 @@ class TargetError(LivedumpError):
         self.problem = problem
 
 
+class TargetDiedError(TargetError):
+    """The target ended while it was being inspected or dumped; no core is written.
+
+    :param how: how it ended ("killed by signal 9 (SIGKILL)"), when that could be read.
+    """
+
+    def __init__(self, pid: int, how: str | None = None, *, during: str = "the dump") -> None:
+        super().__init__(pid, f"died during {during}" + (f" ({how})" if how else ""))
+        self.how = how
+
+
 class RequestError(LivedumpError):
     """An option, SPEC word or flag value is invalid (the message names it and the valid range)."""
 

@@ -56,6 +56,8 @@ OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_MAX = -1000, 1000
 COREDUMP_FILTER_MAX = (1 << 9) - 1
 #: Pre-dump rounds beyond this only add freezes without shrinking the final one further.
 PRE_DUMP_MAX = 10
+#: --timeout's upper bound in seconds (a week: beyond it a limit means nothing).
+TIMEOUT_MAX = 7 * 24 * 3600
 _SIZE_MAX = (1 << 63) - 1
 
 
@@ -131,6 +133,8 @@ class DumpRequest:
     :param coredump_filter: MMF_DUMP_* mask; None means the target's own.
     :param pre_dump: number of pre-dump rounds; None means automatic.
     :param signal: si_signo recorded in the core (and %s); None means the dumper's default.
+    :param timeout: the whole dump's time limit in seconds; None means the default, which grows
+        with the target's size (:func:`criu_livedump.snapshot.criu.default_timeout`).
     """
 
     core_limit: int | None = None
@@ -146,6 +150,7 @@ class DumpRequest:
     force: bool = False
     tree: bool = False
     method: Method = Method.AUTO
+    timeout: int | None = None
 
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -330,6 +335,7 @@ _FLAG_NAMES = (
     "force",
     "tree",
     "method",
+    "timeout",
 )
 
 
@@ -348,7 +354,7 @@ def build_request(spec_words: Sequence[str] = (), **flags: FlagValue) -> DumpReq
     ``unlimited``), ``sched_prio`` (nice), ``io_prio`` (``N``, ``idle``, ``be:N``, ``rt:N``),
     ``oom_adj`` (``N`` legacy or ``score:N``), ``output``, ``scratch``, ``keep_images``,
     ``coredump_filter`` (hex), ``pre_dump``, ``signal``, ``force``, ``tree``, ``method``
-    (auto, criu, clone).
+    (auto, criu, clone), ``timeout`` (seconds).
 
     :raises RequestError: an unknown flag name, or any bad SPEC word or flag value.
     """
@@ -401,6 +407,9 @@ def build_request(spec_words: Sequence[str] = (), **flags: FlagValue) -> DumpReq
     pre_dump = None
     if "pre_dump" in given:
         pre_dump = _int_flag(given["pre_dump"], 0, PRE_DUMP_MAX, "pre-dump rounds", "pre_dump")
+    timeout = None
+    if "timeout" in given:
+        timeout = _int_flag(given["timeout"], 1, TIMEOUT_MAX, "number of seconds", "timeout")
 
     sig = None
     if "signal" in given:
@@ -441,6 +450,7 @@ def build_request(spec_words: Sequence[str] = (), **flags: FlagValue) -> DumpReq
         force=bool(given.get("force", False)),
         tree=bool(given.get("tree", False)),
         method=method,
+        timeout=timeout,
     )
 
 

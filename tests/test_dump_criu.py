@@ -11,10 +11,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import procs
 import pytest
 
 from criu_livedump import conversion_child as job
-from criu_livedump.errors import CriuError
+from criu_livedump.errors import CriuError, TargetDiedError
 from criu_livedump.request import DumpRequest, IoClass, IoPrio
 from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.leave_running import pre_dump_rounds
@@ -79,7 +80,7 @@ def test_wrapper_prefixes_every_round() -> None:
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "600"])
+    proc = procs.popen(["sleep", "600"])
     try:
         yield proc
     finally:
@@ -163,9 +164,24 @@ def test_criu_killed(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
 
 
 def test_criu_timeout(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
-    binary = fake_criu(tmp_path, "exec sleep 600\n")
-    with pytest.raises(CriuError, match=r"killed by signal 9.*killed after 1 s"):
+    """The time limit kills CRIU and every process of its group (a helper here)."""
+    binary = fake_criu(tmp_path, f"sleep 600 & echo $! > {tmp_path}/helper\nexec sleep 600\n")
+    with pytest.raises(CriuError, match=r"killed by signal 9.*did not finish within 1 s"):
         criu.dump(binary, criu.DumpJob(pid=sleeper.pid, scratch=tmp_path / "s", timeout=1))
+    helper = int((tmp_path / "helper").read_text())
+    procs.wait_for(lambda: procs.reaped(helper), 10, f"CRIU's helper {helper} ending")
+    assert sleeper.poll() is None
+
+
+def test_target_gone_under_a_hanging_criu(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    """The dumped process dies and CRIU hangs: CRIU is killed after its grace, and the error
+    says the process died and how (read from its zombie here: it is our child)."""
+    binary = fake_criu(tmp_path, 'kill -KILL "$PID"\nexec sleep 600\n')
+    with pytest.raises(TargetDiedError) as info:
+        criu.dump(binary, criu.DumpJob(pid=sleeper.pid, scratch=tmp_path / "s", timeout=600))
+    assert str(info.value) == (
+        f"process {sleeper.pid}: died during the dump (killed by signal 9 (SIGKILL))"
+    )
 
 
 def test_pre_dump_rounds_run_in_order(

@@ -176,6 +176,8 @@ log = os.path.join(args[args.index("-D") + 1], args[args.index("-o") + 1])
 pattern = re.compile(os.environ["FAULT_PATTERN"].encode())
 os.mkfifo(log, 0o600)
 proc = subprocess.Popen([{criu!r}, *args])
+with open(os.environ["FAULT_MARKER"] + ".pids", "w") as f:
+    f.write(f"{{os.getpid()}} {{proc.pid}}")
 fd = os.open(log, os.O_RDONLY)
 fcntl.fcntl(fd, 1031, 4096)  # F_SETPIPE_SZ
 buf, fired = b"", False
@@ -314,9 +316,39 @@ def _clones_alive(exe: Path) -> list[int]:
     return pids
 
 
+def _gone(pid: int) -> bool:
+    """Whether *pid* no longer runs (gone, or a zombie: pytest reaps its orphans at teardown)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def _group_left(pgid: int) -> list[int]:
+    """Live processes of process group *pgid*."""
+    left = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] not in "ZX":
+                    left.append(int(entry))
+    return left
+
+
+def _died_line(proc: subprocess.CompletedProcess[str], pid: int) -> None:
+    """One line, exit 5: the target died during the dump, killed by SIGKILL."""
+    error = assert_one_error(proc)
+    assert error == f"error: process {pid}: died during the dump (killed by signal 9 (SIGKILL))"
+    assert proc.returncode == 5, proc.stderr
+
+
 def test_target_killed_while_criu_dumps_it(
     heartbeat: Heartbeat, tmp_path: Path, dirs: tuple[Path, Path]
 ) -> None:
+    """The real CRIU, seizing and dumping the target, sees it SIGKILLed: CRIU 4.2.1 can then
+    wait for the target's zombie threads for good. The tool kills CRIU's group after a short
+    grace and says the target died."""
     scratch, out = dirs
     proc = run_tool(
         heartbeat.pid,
@@ -331,10 +363,97 @@ def test_target_killed_while_criu_dumps_it(
         env=fault_env(tmp_path, "Dumping pages", "kill-target", heartbeat.pid),
     )
     assert (tmp_path / "fired").exists()
-    assert_one_error(proc)
+    _died_line(proc, heartbeat.pid)
     assert heartbeat.proc.wait(timeout=10) == -signal.SIGKILL
+    wrapper, real = (int(x) for x in (tmp_path / "fired.pids").read_text().split())
+    assert _gone(real) and _gone(wrapper) and _group_left(wrapper) == []
     assert os.listdir(out) == []
     assert os.listdir(scratch) == []
+
+
+#: A CRIU stand-in that SIGKILLs the process it is asked to dump (and $ALSO_KILL, if set),
+#: then hangs, as CRIU 4.2.1 can in wait4() on a target SIGKILLed under it; a helper of its own
+#: sleeps beside it. It writes "its pid, its helper's pid" to $MARKER once the kill is sent.
+_HANGING_CRIU = """#!/bin/bash
+[ "$1" = dump ] || exit 1  # `criu check --feature ...`: no such feature
+while [ $# -gt 0 ]; do case $1 in -t) PID=$2; shift;; esac; shift; done
+sleep 600 &
+kill -KILL "$PID" $ALSO_KILL
+echo "$$ $!" > "$MARKER.tmp" && mv "$MARKER.tmp" "$MARKER"
+exec sleep 600
+"""
+#: Seconds `dump` may take to end once the target is dead (the issue's acceptance bound).
+AFTER_DEATH = 30
+
+
+@pytest.mark.parametrize("method", ["criu", "clone"])
+def test_target_killed_by_a_hanging_criu(
+    programs: dict[str, Path],
+    heartbeat: Heartbeat,
+    tmp_path: Path,
+    dirs: tuple[Path, Path],
+    method: str,
+) -> None:
+    """The target dies and CRIU hangs: `dump` ends within 30 s of the death with one line,
+    CRIU and its helper are gone (by pid and by process group), nothing is written, and under
+    clone the clone does not survive."""
+    scratch, out = dirs
+    stand_in, marker = tmp_path / "criu-hang", tmp_path / "criu-pids"
+    stand_in.write_text(_HANGING_CRIU)
+    stand_in.chmod(0o755)
+    env = {**os.environ, "MARKER": str(marker), "ALSO_KILL": str(heartbeat.pid)}
+    argv = [str(EXE), "dump", str(heartbeat.pid), *UNLIMITED, "--method", method]
+    argv += ["-o", str(out / "core"), "--scratch", str(scratch), "--criu", str(stand_in)]
+    with (tmp_path / "stderr").open("w+") as err:
+        tool = procs.popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        try:
+            procs.wait_for(marker.exists, 120, "the stand-in CRIU killing the target")
+            try:
+                tool.wait(timeout=AFTER_DEATH)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"dump still runs {AFTER_DEATH} s after the target died"
+                ) from None
+        finally:
+            procs.kill_group(tool)
+        err.seek(0)
+        result = subprocess.CompletedProcess(argv, tool.returncode, "", err.read())
+    _died_line(result, heartbeat.pid)
+    criu_pid, helper = (int(x) for x in marker.read_text().split())
+    assert _gone(criu_pid) and _gone(helper) and _group_left(criu_pid) == []
+    assert os.listdir(out) == []
+    assert os.listdir(scratch) == []
+    assert _clones_alive(programs["heartbeat"]) == []
+
+
+def test_whole_dump_timeout(heartbeat: Heartbeat, tmp_path: Path, dirs: tuple[Path, Path]) -> None:
+    """A CRIU that hangs for another reason meets --timeout: exit 3, one line naming the limit,
+    CRIU's group gone, the target running and untouched."""
+    scratch, out = dirs
+    stand_in = tmp_path / "criu-stall"
+    stand_in.write_text(
+        f'#!/bin/sh\n[ "$1" = dump ] || exit 1\necho $$ > {tmp_path}/criu-pid\nexec sleep 600\n'
+    )
+    stand_in.chmod(0o755)
+    proc = run_tool(
+        heartbeat.pid,
+        "--method",
+        "criu",
+        "--timeout",
+        "2",
+        "-o",
+        str(out / "core"),
+        "--scratch",
+        str(scratch),
+        "--criu",
+        str(stand_in),
+    )
+    error = assert_one_error(proc)
+    assert proc.returncode == 3 and "did not finish within 2 s (the --timeout)" in error, error
+    criu_pid = int((tmp_path / "criu-pid").read_text())
+    assert _gone(criu_pid) and _group_left(criu_pid) == []
+    assert_running(heartbeat)
+    assert os.listdir(out) == [] and os.listdir(scratch) == []
 
 
 def test_target_killed_while_criu_dumps_its_clone(

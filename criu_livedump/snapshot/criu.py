@@ -7,12 +7,15 @@ again when :func:`dump` returns or raises (:func:`ensure_running`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +26,10 @@ from criu_livedump.errors import (
     CriuNotFoundError,
     CriuUnusableError,
     LivedumpError,
+    TargetDiedError,
     TargetError,
 )
+from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
 from criu_livedump.linux.procfs import read_stat
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,23 @@ QUICK_TIMEOUT = 60.0
 #: Seconds to let CRIU finish after Ctrl-C before it is killed: interrupting it while its
 #: parasite is inside the target is worse than waiting.
 INTERRUPT_GRACE = 30.0
+#: Seconds CRIU may go on after the process it dumps has ended, before it is killed. CRIU 4.2.1
+#: can then wait in wait4() for good: the target's exited threads stay zombies that only their
+#: tracer, CRIU, can release; killing CRIU releases them (kernel/ptrace.c exit_ptrace()).
+TARGET_GONE_GRACE = 3.0
+#: Seconds between two looks at the dumped process's threads while CRIU runs (its pidfd wakes
+#: the watch at once when it exits; zombie threads held by CRIU do not, see Pidfd.exited()).
+WATCH_STEP = 0.25
+#: The whole dump's time limit (``--timeout``) by default: this much, plus
+#: :data:`TIMEOUT_PER_GIB` per GiB of the target's resident memory.
+BASE_TIMEOUT = 300.0
+TIMEOUT_PER_GIB = 60.0
+
+
+def default_timeout(rss: int) -> float:
+    """The default whole-dump time limit for a target of *rss* resident bytes: generous (CRIU
+    writes a GiB in a few seconds here), so that only a CRIU that hangs reaches it."""
+    return BASE_TIMEOUT + TIMEOUT_PER_GIB * rss / (1 << 30)
 
 
 @dataclass(frozen=True)
@@ -276,7 +298,10 @@ class DumpJob:
     :param extra_args: further CRIU options (e.g. ``--unprivileged``, ``--ghost-limit``).
     :param preexec: run in CRIU's process before exec (priorities, credentials).
     :param wrapper: argv prefix to run CRIU under (e.g. ``setpriv ... --``).
-    :param timeout: seconds before CRIU is killed.
+    :param timeout: the whole dump's time limit in seconds (every round together); CRIU and
+        every process of its group are killed when it is reached.
+    :param deadline: when that limit ends (``time.monotonic()``), if it started before
+        :func:`dump` (the orchestrator counts from the start of the dump); else from there.
     :param owner: (uid, gid) to give each round's directory when CRIU runs as another user.
     :param leave_running: pass ``--leave-running`` (always, except for a disposable clone).
     """
@@ -287,7 +312,8 @@ class DumpJob:
     extra_args: tuple[str, ...] = ()
     preexec: Callable[[], None] | None = None
     wrapper: tuple[str, ...] = ()
-    timeout: float = 600.0
+    timeout: float = BASE_TIMEOUT
+    deadline: float | None = None
     verbosity: int = 4
     env: Mapping[str, str] | None = field(default=None, compare=False)
     owner: tuple[int, int] | None = None
@@ -377,23 +403,37 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
     pre-dump without dirty tracking would copy all memory each round for nothing.
     Whatever happens, :func:`ensure_running` runs before this returns or raises.
 
-    :raises CriuError: a round failed (argv, return code and the tail of its log attached).
-    :raises TargetError: the target vanished.
+    CRIU is watched together with the process it dumps (its pidfd): when that process ends,
+    CRIU gets :data:`TARGET_GONE_GRACE` seconds, then it and its process group are killed; the
+    same happens when ``job.timeout`` runs out. No process of CRIU's group outlives this call.
+
+    :raises CriuError: a round failed or ran out of time (argv, return code and the tail of its
+        log attached).
+    :raises TargetDiedError: the dumped process ended before CRIU was done.
+    :raises TargetError: the process was gone before CRIU started.
     """
-    was_stopped = _is_stopped(job.pid)
-    cmds = plan_rounds(criu, job)
     start = time.monotonic()
-    resumed = False
+    deadline = job.deadline if job.deadline is not None else start + job.timeout
     try:
+        watched = Pidfd(job.pid)
+    except ProcessLookupError:
+        raise TargetError(job.pid, "no such process") from None
+    cmds = plan_rounds(criu, job)
+    resumed = was_stopped = False
+    try:
+        was_stopped = _is_stopped(job.pid)
         for argv in cmds:
             images = Path(argv[argv.index("-D") + 1])
             images.mkdir(mode=0o700, parents=True, exist_ok=False)
             if job.owner is not None:
                 os.chown(images, *job.owner)
-            _run_round(argv, images, job)
+            _run_round(argv, images, job, _Watch(watched, deadline, job.timeout))
     finally:
         # a disposable clone is killed by CRIU; only a live target must run on
-        resumed = ensure_running(job.pid, was_stopped) if job.leave_running else False
+        try:
+            resumed = ensure_running(job.pid, was_stopped) if job.leave_running else False
+        finally:
+            watched.close()
     seconds = time.monotonic() - start
     final = Path(cmds[-1][cmds[-1].index("-D") + 1])
     return DumpResult(
@@ -405,26 +445,43 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
     )
 
 
-def _run_round(argv: list[str], images: Path, job: DumpJob) -> None:
+@dataclass(frozen=True)
+class _Watch:
+    """What a round of CRIU is watched for: the end of *process* and the *deadline*."""
+
+    process: Pidfd
+    deadline: float
+    timeout: float
+
+
+def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> None:
     action = argv[len(job.wrapper) + 1]
     log_path = images / (DUMP_LOG if action == "dump" else PRE_DUMP_LOG)
     log.debug("running %s", " ".join(argv))
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C at the terminal must not reach CRIU while its parasite
-            # is inside the target; we decide when to stop it.
-            start_new_session=True,
-            preexec_fn=job.preexec,  # noqa: PLW1509 (the CLI is single-threaded here)
-            env=None if job.env is None else dict(job.env),
-        )
-    except OSError as e:
-        raise CriuUnusableError(argv[0], _exec_problem(e)) from e
-    out = _wait(proc, job.timeout, argv)
+    # CRIU's output goes to a file: a pipe would block us on whatever process of its group
+    # still held it, and that group is killed only once CRIU has ended
+    with tempfile.TemporaryFile() as output:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                # Its own session and process group: a Ctrl-C at the terminal must not reach
+                # CRIU while its parasite is inside the target (we decide when to stop it), and
+                # the group is what is killed with it.
+                start_new_session=True,
+                preexec_fn=job.preexec,  # noqa: PLW1509 (the CLI is single-threaded here)
+                env=None if job.env is None else dict(job.env),
+            )
+        except OSError as e:
+            raise CriuUnusableError(argv[0], _exec_problem(e)) from e
+        _supervise(proc, argv, watch)
+        output.seek(0)
+        out = output.read()[-8192:].decode(errors="replace")
     if proc.returncode != 0:
+        if watch.process.exited():
+            raise TargetDiedError(job.pid, _how_it_ended(watch.process))
         tail = _log_tail(log_path) or out
         hint = None
         full = "No space left on device" in tail
@@ -439,6 +496,62 @@ def _run_round(argv: list[str], images: Path, job: DumpJob) -> None:
         raise CriuError(argv, proc.returncode, tail, log_path=str(log_path), hint=hint)
 
 
+def _supervise(proc: subprocess.Popen[bytes], argv: Sequence[str], watch: _Watch) -> None:
+    """Wait for CRIU to end, the dumped process to end, or the deadline; whichever comes
+    first, CRIU's whole process group is gone and CRIU reaped when this returns or raises.
+
+    :raises TargetDiedError: the dumped process ended and CRIU did not within the grace.
+    :raises CriuError: the deadline passed.
+    """
+    with Pidfd(proc.pid) as criu_fd:
+        try:
+            while True:
+                left = watch.deadline - time.monotonic()
+                if left <= 0:
+                    _kill_group(proc)
+                    raise CriuError(
+                        argv,
+                        -signal.SIGKILL,
+                        f"did not finish within {watch.timeout:.0f} s (the --timeout), so it was"
+                        " killed",
+                        hint="raise --timeout if the target is that slow to dump",
+                    )
+                if _wait_readable(criu_fd, min(left, WATCH_STEP)):
+                    break
+                if watch.process.exited():
+                    how = _how_it_ended(watch.process)
+                    _wait_readable(criu_fd, TARGET_GONE_GRACE)
+                    _kill_group(proc)
+                    raise TargetDiedError(watch.process.pid, how or _how_it_ended(watch.process))
+        except KeyboardInterrupt:
+            # Let CRIU finish (it leaves the target running); kill it only if it dawdles.
+            with contextlib.suppress(KeyboardInterrupt):
+                _wait_readable(criu_fd, INTERRUPT_GRACE)
+            _kill_group(proc)
+            raise
+        except BaseException:
+            _kill_group(proc)
+            raise
+    _kill_group(proc)  # helpers it left behind; its zombie still holds the group's id
+
+
+def _wait_readable(pidfd: Pidfd, timeout: float) -> bool:
+    """Whether *pidfd*'s process exits within *timeout* seconds."""
+    return bool(select.select([pidfd.fd], [], [], max(timeout, 0))[0])
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL every process of CRIU's group (CRIU leads it), then reap CRIU. Called before
+    CRIU is reaped, so that the group's id cannot have been reused."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _how_it_ended(process: Pidfd) -> str | None:
+    return describe_wait_status(process.wait_status())
+
+
 #: Free bytes (to unprivileged users, f_bavail) under which a failed CRIU's scratch filesystem
 #: counts as the cause. CRIU splices pages into its images (criu/page-xfer.c), and a splice
 #: fills what fits before ENOSPC, so a filesystem that stopped CRIU has next to nothing left.
@@ -451,26 +564,6 @@ def _nearly_full(path: Path) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < FULL_MARGIN
-
-
-def _wait(proc: subprocess.Popen[bytes], timeout: float, argv: Sequence[str]) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        raise CriuError(
-            argv, -signal.SIGKILL, f"killed after {timeout:.0f} s", hint="raise --timeout"
-        ) from None
-    except KeyboardInterrupt:
-        # Let CRIU finish (it leaves the target running); kill it only if it dawdles.
-        try:
-            proc.communicate(timeout=INTERRUPT_GRACE)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
-            proc.communicate()
-        raise
-    return out.decode(errors="replace") if out else ""
 
 
 def _log_tail(path: Path, n: int = 15) -> str:

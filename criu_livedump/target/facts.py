@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar, cast
 
 from converters.options import UNLIMITED
-from criu_livedump.errors import BlockerError, PermissionDeniedError, TargetError
+from criu_livedump.errors import (
+    BlockerError,
+    LivedumpError,
+    PermissionDeniedError,
+    TargetError,
+)
 from criu_livedump.linux.caps import CAP, has_cap
 from criu_livedump.linux.procfs import read_maps, read_stat, read_status
 
@@ -326,8 +331,10 @@ def _in_namespace(pid: int, kind: str, nstype: int, fn: Callable[[], _T]) -> _T:
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
             payload = pickle.dumps(("ok", fn()))
             code = 0
-        except BaseException as e:
-            payload = pickle.dumps(("err", f"{type(e).__name__}: {e}"))
+        except OSError as e:
+            payload = pickle.dumps(("err", e.strerror or "cannot enter it"))
+        except BaseException:
+            payload = pickle.dumps(("err", "the helper process failed"))
         with contextlib.suppress(BaseException):
             os.write(wfd, payload)
         os._exit(code)
@@ -674,6 +681,29 @@ def _blockers(
 # --- the public face -------------------------------------------------------------------------
 
 
+def _exited(pid: int) -> bool:
+    """Whether *pid* is gone, a zombie, or exiting (its memory already released: a process in
+    exit reads an empty coredump_filter, the cause of a ValueError here)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    # field 3 is the state, field 23 vsize: 0 once exit_mm() has run (fs/proc/array.c)
+    return fields[0] in (b"Z", b"X") or fields[20] == b"0"
+
+
+def _unreadable(pid: int, e: OSError | ValueError) -> LivedumpError:
+    """The one sentence for a /proc file of *pid* that could not be read or parsed."""
+    if _exited(pid):
+        return TargetError(pid, "exited while being inspected")
+    if isinstance(e, PermissionError):
+        return PermissionDeniedError(f"process {pid}: cannot read {e.filename}")
+    if isinstance(e, OSError):
+        return TargetError(pid, f"cannot read {e.filename or '/proc'} ({e.strerror})")
+    return TargetError(pid, "its /proc files hold something this tool cannot parse")
+
+
 def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
     """Read the target's facts and blockers from /proc (nothing is stopped or changed).
 
@@ -699,12 +729,8 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
         stat = read_stat(_proc(pid, "stat"))
         core_soft, core_hard = _core_limits(pid)
         coredump_filter = int(_proc(pid, "coredump_filter").read_text().strip(), 16)
-    except FileNotFoundError:
-        raise TargetError(pid, "exited while being inspected") from None
-    except PermissionError as e:
-        raise PermissionDeniedError(f"process {pid}: cannot read {e.filename}") from e
     except (OSError, ValueError) as e:
-        raise TargetError(pid, f"cannot read /proc ({e})") from e
+        raise _unreadable(pid, e) from e
     threads = _threads(pid)
     exe = _readlink(_proc(pid, "exe"))
     if exe is None and not cmdline_raw:

@@ -295,7 +295,8 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
                 raise TargetError(pid, "exited during the clone snapshot") from e
             raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
         if isinstance(e, OSError):  # the side file (fork_lost), pidfd_open
-            raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
+            where = f"{e.filename}: " if e.filename else ""
+            raise CloneError(f"process {pid}: clone snapshot failed: {where}{e.strerror}") from e
         raise
 
     snap = Clone(
