@@ -180,6 +180,15 @@ def reap_leftovers(before: set[int]) -> list[str]:
     """
     own_group = os.getpgid(0)
     killed = []
+
+    def running() -> dict[int, str]:
+        new = {p: s for p, s in children(os.getpid()).items() if p not in before}
+        return {p: s for p, s in new.items() if s not in ("Z", "X")}
+
+    # a process the test has just SIGKILLed takes a moment to die: only what still runs after
+    # that moment was left running
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not running(), 2, "the test's processes ending")
     for pid, state in children(os.getpid()).items():
         if pid in before:
             continue

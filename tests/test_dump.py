@@ -34,7 +34,8 @@ EXE = Path(sys.executable).parent / "criu-livedump"
 REAL_CRIU = "/usr/local/sbin/criu"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 BLOCKERS = Path(__file__).parent / "programs" / "blockers"
-TEST_USER = "cld-dumptest"
+#: one name per test run: suites of other checkouts may run beside this one
+TEST_USER = f"cld-dumptest{os.getpid()}"
 
 
 @pytest.fixture(autouse=True)

@@ -693,7 +693,8 @@ def test_scratch_is_private_and_unguessable(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-UNPRIV_USER = "cld-faults"
+#: one name per test run: suites of other checkouts may run beside this one
+UNPRIV_USER = f"cld-faults{os.getpid()}"
 #: The venv's interpreter lives under /root, which other users cannot enter; the system python
 #: (same 3.11 ABI) runs the source tree and the venv's site-packages, both world-readable.
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -1,0 +1,106 @@
+"""Soak: the target SIGKILLed at a random moment of ``dump --method criu`` (issue 11).
+
+``make soak`` only (it skips without ``--soak``): a 4 GiB target (``heartbeat`` with a 4 GiB
+region it fills itself, three threads) is dumped through the CLI with CRIU's images on disk
+(``/var/tmp``, so that RAM holds the target alone), and SIGKILLed at a moment drawn uniformly
+over the length of one whole dump (measured first, on a dump that is let finish). Every run must
+end within 30 s of the kill, with one ``error:`` line when the dump failed (or a core when it
+had finished first), and leave nothing running: no CRIU (our subreaper would inherit an orphan),
+no other process of ours, nothing in the scratch or output directories.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import procs
+import pytest
+from test_faults import start_heartbeat
+
+pytestmark = [pytest.mark.live, pytest.mark.slow]
+
+EXE = Path(sys.executable).parent / "criu-livedump"
+RUNS = 20
+TARGET_KIB = 4 << 20  # 4 GiB
+AFTER_DEATH = 30
+
+
+def _dump(pid: int, out: Path, scratch: Path, err: Path) -> subprocess.Popen[bytes]:
+    argv = [str(EXE), "dump", str(pid), "--method", "criu", "--core-limit", "unlimited"]
+    argv += ["-o", str(out / "core"), "--scratch", str(scratch)]
+    with err.open("wb") as f:
+        return procs.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f)
+
+
+def test_target_killed_at_random_moments(programs: dict[str, Path], soak: bool) -> None:
+    if not soak:
+        pytest.skip("make soak only (20 dumps of a 4 GiB target)")
+    base = Path(tempfile.mkdtemp(prefix="livedump-soak-", dir="/var/tmp"))
+    scratch, out, err = base / "scratch", base / "out", base / "stderr"
+    scratch.mkdir()
+    out.mkdir()
+    ours = set(procs.children(os.getpid()))
+    rng = random.Random(int(os.environ.get("SOAK_SEED", "11")))
+    outcomes: list[str] = []
+    ends: list[float] = []
+    try:
+        # one whole dump, let finish: how long a dump takes here
+        hb = start_heartbeat(programs["heartbeat"], str(TARGET_KIB), "4096")
+        try:
+            started = time.monotonic()
+            tool = _dump(hb.pid, out, scratch, err)
+            assert tool.wait(timeout=procs.RUN_TIMEOUT) == 0, err.read_text()
+            whole = time.monotonic() - started
+            (out / "core").unlink()
+        finally:
+            hb.close()
+        for run in range(RUNS):
+            hb = start_heartbeat(programs["heartbeat"], str(TARGET_KIB), "4096")
+            try:
+                tool = _dump(hb.pid, out, scratch, err)
+                time.sleep(rng.uniform(0, whole))
+                os.kill(hb.pid, signal.SIGKILL)
+                killed = time.monotonic()
+                try:
+                    code = tool.wait(timeout=AFTER_DEATH)
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(
+                        f"run {run}: dump still runs {AFTER_DEATH} s after the target died"
+                    ) from None
+                ends.append(time.monotonic() - killed)
+            finally:
+                procs.kill_group(tool)
+                hb.close()
+            text = err.read_text()
+            errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+            if code == 0:
+                assert os.listdir(out) == ["core"], text  # it had finished before the kill
+                (out / "core").unlink()
+                outcomes.append("core written before the kill")
+            else:
+                assert len(errors) == 1 and "Traceback" not in text, f"run {run}: {text}"
+                assert os.listdir(out) == [], text
+                outcomes.append(f"exit {code}: {errors[0]}")
+            assert os.listdir(scratch) == [], f"run {run}: scratch left"
+            left = {p: s for p, s in procs.children(os.getpid()).items() if p not in ours}
+            assert not [p for p, s in left.items() if s not in "ZX"], f"run {run}: left {left}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    kinds = collections.Counter(re.sub(r"process \d+", "process N", o) for o in outcomes)
+    print(
+        f"\nsoak target death: {RUNS} runs, whole dump {whole:.1f} s; seconds from the kill to"
+        f" the end: median {statistics.median(ends):.2f}, max {max(ends):.2f}"
+    )
+    for outcome, n in kinds.most_common():
+        print(f"  {n} x {outcome}")
