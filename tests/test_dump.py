@@ -141,7 +141,7 @@ def test_dump_leaves_target_running_and_gdb_sees_every_thread(
 def test_core_matches_the_kernels(tmp_path: Path) -> None:
     """Same threads, registers, PT_LOADs, bytes and gdb backtraces as the kernel's own core."""
     binary = programs_build.build("threads")
-    target = start_target(binary, "8")
+    target = start_target(binary, "8", settle=True)
     try:
         ours = tmp_path / "ours.core"
         data = report(

@@ -31,7 +31,7 @@ from harness.errors import HarnessError
 from harness.gdb import gdb_backtraces, gdb_warnings, normalise_backtraces
 from harness.kernel import CorePipe, kernel_core
 from harness.launcher import start_target
-from harness.procstate import MapEntry, RseqArea, read_maps
+from harness.procstate import MapEntry, RseqArea, read_maps, thread_states
 from harness.x86_64 import X86_64
 from programs import build as programs_build
 from syslock import CORE_PATTERN, CORE_USES_PID, core_pattern, system_settings_lock
@@ -145,6 +145,15 @@ def test_start_target_reports_early_exit() -> None:
         start_target("/bin/true", ready=b"ready", rseq=False)
 
 
+@pytest.mark.live
+def test_start_target_settles_until_every_thread_sleeps(programs: dict[str, Path]) -> None:
+    with start_target(programs["threads"], "6", rseq=False, settle=True) as target:
+        assert set(thread_states(target.pid).values()) == {"S"}
+        assert len(thread_states(target.pid)) == 7
+    with pytest.raises(AssertionError, match="every thread asleep"):
+        start_target("sh", "-c", "echo ready; while :; do :; done", timeout=1, settle=True)
+
+
 def _gone(pid: int, timeout: float = 30.0) -> bool:
     """True once *pid* has exited (gone, or a zombie nobody reaped yet); False after *timeout*."""
     deadline = time.monotonic() + timeout
@@ -218,7 +227,7 @@ def kcore(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelCore]:
     tmp = tmp_path_factory.mktemp("kcore")
     data = tmp / "data"
     data.write_bytes(bytes(range(256)) * (32 * PAGE // 256))
-    target = start_target(binary, data, "8")
+    target = start_target(binary, data, "8", settle=True)
     try:
         tids = target.tids()
         anon, big = (int(word, 16) for word in target.ready_line.split()[1:3])

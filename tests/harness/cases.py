@@ -31,7 +31,8 @@ DATA = "DATA"
 
 
 class Launcher(Protocol):
-    """How a case's program is started; the target must be ready to dump when this returns."""
+    """How a case's program is started; the target must be ready to dump when this returns
+    (every thread in its blocking call: ``start_target(..., settle=True)``)."""
 
     def start(self, binary: Path, argv: list[str], tmp: Path) -> Target: ...
 
@@ -49,7 +50,7 @@ class Direct:
     """The program started directly by the harness."""
 
     def start(self, binary: Path, argv: list[str], tmp: Path) -> Target:
-        return start_target(binary, *argv)
+        return start_target(binary, *argv, settle=True)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,16 @@ class MountNamespace:
             f'exec {binary} {private}/data "$@"'
         )
         return start_target(
-            "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv[1:]
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            *argv[1:],
+            settle=True,
         )
 
 

@@ -21,7 +21,14 @@ from types import TracebackType
 import procs
 
 from harness.errors import HarnessError
-from harness.procstate import MapEntry, RseqArea, read_maps, read_rseq_areas, thread_ids
+from harness.procstate import (
+    MapEntry,
+    RseqArea,
+    read_maps,
+    read_rseq_areas,
+    thread_ids,
+    thread_states,
+)
 
 
 class Target:
@@ -93,6 +100,7 @@ def start_target(
     timeout: float = 30.0,
     rseq: bool = True,
     cwd: str | os.PathLike[str] | None = None,
+    settle: bool = False,
 ) -> Target:
     """Start *binary* in a process group of its own and wait for a line starting with *ready*.
 
@@ -100,8 +108,12 @@ def start_target(
     outlives it, not from a short-lived worker thread.
 
     :param rseq: read every thread's rseq registration (see :attr:`Target.rseq`) once ready.
+    :param settle: then wait, up to *timeout* seconds, until every thread sleeps (state ``S``):
+        a program prints "ready" just before it blocks, and on a loaded machine a thread may
+        still be on its way to its blocking call when the dumps start.
     :raises HarnessError: the program exited or stayed silent for *timeout* seconds; it is
         killed and reaped before the error propagates.
+    :raises AssertionError: *settle* and a thread did not sleep within *timeout* seconds.
     """
     argv = [os.fspath(binary), *(os.fspath(a) for a in args)]
     proc = procs.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=cwd)
@@ -110,6 +122,12 @@ def start_target(
         target = Target(proc, argv, line)
         if rseq:
             target.rseq = read_rseq_areas(proc.pid)
+        if settle:
+            procs.wait_for(
+                lambda: set(thread_states(proc.pid).values()) == {"S"},
+                timeout,
+                f"{argv[0]}: every thread asleep",
+            )
         return target
     except BaseException:
         procs.kill_group(proc)

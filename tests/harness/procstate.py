@@ -65,6 +65,18 @@ def thread_ids(pid: int) -> list[int]:
     return sorted(tids, key=lambda t: t != pid)
 
 
+def thread_states(pid: int) -> dict[int, str]:
+    """Each thread's scheduler state letter (``S`` sleeping, ``R`` running, ...), by tid."""
+    states = {}
+    for tid in thread_ids(pid):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:  # the thread exited meanwhile
+            continue
+        states[tid] = stat.rsplit(")", 1)[1].split()[0]
+    return states
+
+
 @dataclass(frozen=True)
 class RseqArea:
     """A thread's registered ``struct rseq`` (include/uapi/linux/rseq.h)."""
