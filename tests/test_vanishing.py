@@ -23,7 +23,7 @@ from typing import Any
 import procs
 import pytest
 from conftest import StartTarget
-from kernelcore import Target
+from harness.launcher import Target
 
 from converters.options import UNLIMITED
 from criu_livedump import dump
