@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness.cases import CriuAndConvert, Dumper, LiveDump
 from harness.compare import (
     compare_cores,
     compare_syscall_regs,
@@ -594,6 +595,15 @@ def test_criu_dump_failure_carries_log(
     assert info.value.argv[0] == str(fake) and "--leave-running" in info.value.argv
     assert info.value.log_tail.endswith("Error (criu/cr-dump.c:1): boom")
     assert not (tmp_path / "images" / "livedump.json").exists()
+
+
+@pytest.mark.parametrize(
+    "dumper", [CriuAndConvert(criu="/nonexistent/criu"), LiveDump("criu", "/nonexistent/criu")]
+)
+def test_case_with_a_criu_not_installed_is_skipped(dumper: Dumper, tmp_path: Path) -> None:
+    with pytest.raises(pytest.skip.Exception, match="/nonexistent/criu"):
+        dumper.dump(os.getpid(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_copy_helper_keeps_sparse(tmp_path: Path) -> None:
