@@ -204,6 +204,21 @@ class Emitter:
             self.emit(b"\0")
 
 
+def _emit_piece(out: Emitter, piece: Piece, files: dict[Path, int]) -> None:
+    """One piece of a segment's bytes: a hole is skipped, data copied from its file (opened
+    once per path, in *files*)."""
+    if piece.kind == "hole":
+        out.skip(piece.length)
+        return
+    fd = piece.fd
+    if fd is None:
+        assert piece.path is not None
+        fd = files.get(piece.path)
+        if fd is None:
+            fd = files[piece.path] = os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
+    out.emit_pages(fd, piece.offset, piece.length)
+
+
 def write_core(
     sink: Sink,
     machine: int,
@@ -237,16 +252,7 @@ def write_core(
         out.skip_to(layout.data_offset)
         for seg in segments:
             for piece in seg.pieces:
-                if piece.kind == "hole":
-                    out.skip(piece.length)
-                elif piece.fd is not None:
-                    out.emit_pages(piece.fd, piece.offset, piece.length)
-                else:
-                    assert piece.path is not None
-                    fd = files.get(piece.path)
-                    if fd is None:
-                        fd = files[piece.path] = os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
-                    out.emit_pages(fd, piece.offset, piece.length)
+                _emit_piece(out, piece, files)
         if shnum:
             # fill_extnum_info(): sh_info holds the real number of program headers
             segs = len(segments) + 1

@@ -352,49 +352,19 @@ class ImageSet:
         pstree = read_entries(directory / "pstree.img", "PSTREE", pb.pstree_entry)
         if not pstree:
             raise ImageFormatError(str(directory / "pstree.img"), "no process in the tree")
-        processes = []
-        seen: set[int] = set()
-        for e in pstree:
-            # tuple() and max() run in C: a crafted pstree entry may list 10^6 threads
-            threads = tuple(e.threads) or (int(e.pid),)
-            if e.pid in seen:
-                raise ImageFormatError(str(directory / "pstree.img"), f"pid {e.pid} twice")
-            # pid_t is an int: the notes pack these as signed 32-bit (struct elf_prstatus)
-            for what, v in (("pid", e.pid), ("ppid", e.ppid), ("pgid", e.pgid), ("sid", e.sid)):
-                if v > _PID_MAX:
-                    raise ImageFormatError(
-                        str(directory / "pstree.img"), f"{what} {v} out of range"
-                    )
-            if (bad := max(threads)) > _PID_MAX:
-                raise ImageFormatError(
-                    str(directory / "pstree.img"), f"thread id {bad} out of range"
-                )
-            seen.add(e.pid)
-            processes.append(Process(int(e.pid), int(e.ppid), int(e.pgid), int(e.sid), threads))
-        files_path = directory / "files.img"
-        files: dict[int, Any] = {}
-        if files_path.exists():
-            for fe in read_entries(files_path, "FILES", pb.file_entry):
-                files[int(fe.id)] = fe
-        memfd: dict[int, Any] = {}
-        memfd_path = directory / "memfd.img"
-        if memfd_path.exists():
-            for me in read_entries(memfd_path, "MEMFD_INODE", pb.memfd_inode_entry):
-                memfd[int(me.inode_id)] = me
-        ghosts: set[int] = set()
-        remaps: dict[int, int] = {}
-        remap_path = directory / "remap-fpath.img"
-        if remap_path.exists():
-            for r in read_entries(remap_path, "REMAP_FPATH", pb.remap_file_path_entry):
-                # images/remap-file-path.proto: LINKED (0) or GHOST (1) means the file was
-                # unlinked when dumped (PROCFS is a dead process's /proc entry); an old
-                # image without the field is LINKED
-                kind = r.remap_type if r.HasField("remap_type") else _REMAP_LINKED
-                if kind in (_REMAP_LINKED, _REMAP_GHOST):
-                    ghosts.add(int(r.orig_id))
-                if kind == _REMAP_GHOST:
-                    remaps[int(r.orig_id)] = int(r.remap_id)
-        return cls(directory, processes, files, memfd, frozenset(ghosts), remaps)
+        processes = _processes(directory / "pstree.img", pstree)
+        files = {
+            int(fe.id): fe
+            for fe in _optional_entries(directory / "files.img", "FILES", pb.file_entry)
+        }
+        memfd = {
+            int(me.inode_id): me
+            for me in _optional_entries(
+                directory / "memfd.img", "MEMFD_INODE", pb.memfd_inode_entry
+            )
+        }
+        ghosts, remaps = _remaps(directory / "remap-fpath.img")
+        return cls(directory, processes, files, memfd, ghosts, remaps)
 
     def process(self, pid: int) -> Process:
         for p in self.processes:
@@ -580,9 +550,53 @@ def _build_id(words: Any) -> bytes | None:
     return struct.pack(f"<{len(words)}I", *(int(w) & 0xFFFFFFFF for w in words))
 
 
+def _optional_entries(path: Path, magic: str, message: type[Message]) -> list[Any]:
+    """:func:`read_entries` of an image CRIU writes only when it has something to say."""
+    return read_entries(path, magic, message) if path.exists() else []
+
+
+def _processes(path: Path, pstree: list[Any]) -> list[Process]:
+    """pstree.img's entries, each id checked to fit a pid_t."""
+    processes = []
+    seen: set[int] = set()
+    for e in pstree:
+        # tuple() and max() run in C: a crafted pstree entry may list 10^6 threads
+        threads = tuple(e.threads) or (int(e.pid),)
+        if e.pid in seen:
+            raise ImageFormatError(str(path), f"pid {e.pid} twice")
+        # pid_t is an int: the notes pack these as signed 32-bit (struct elf_prstatus)
+        for what, v in (("pid", e.pid), ("ppid", e.ppid), ("pgid", e.pgid), ("sid", e.sid)):
+            if v > _PID_MAX:
+                raise ImageFormatError(str(path), f"{what} {v} out of range")
+        if (bad := max(threads)) > _PID_MAX:
+            raise ImageFormatError(str(path), f"thread id {bad} out of range")
+        seen.add(e.pid)
+        processes.append(Process(int(e.pid), int(e.ppid), int(e.pgid), int(e.sid), threads))
+    return processes
+
+
+def _remaps(path: Path) -> tuple[frozenset[int], dict[int, int]]:
+    """From remap-fpath.img: the files.img ids of unlinked files, and the ghost-file image id
+    of each one CRIU saved."""
+    ghosts: set[int] = set()
+    remaps: dict[int, int] = {}
+    for r in _optional_entries(path, "REMAP_FPATH", pb.remap_file_path_entry):
+        # images/remap-file-path.proto: LINKED (0) or GHOST (1) means the file was unlinked
+        # when dumped (PROCFS is a dead process's /proc entry); an old image without the field
+        # is LINKED
+        kind = r.remap_type if r.HasField("remap_type") else _REMAP_LINKED
+        if kind in (_REMAP_LINKED, _REMAP_GHOST):
+            ghosts.add(int(r.orig_id))
+        if kind == _REMAP_GHOST:
+            remaps[int(r.orig_id)] = int(r.remap_id)
+    return frozenset(ghosts), remaps
+
+
 def _load_page_index(
     directory: Path, name: str, depth: int, chain: tuple[Path, ...] = ()
 ) -> PageIndex:
+    """The page index of pagemap image *name*, following its parent chain (*chain*: the real
+    paths of the directories already on it)."""
     path = directory / name
     if depth > MAX_PARENT_DEPTH:
         raise ImageFormatError(str(path), f"parent chain deeper than {MAX_PARENT_DEPTH}")
@@ -590,69 +604,105 @@ def _load_page_index(
     head = next(entries, None)
     if head is None:
         raise ImageFormatError(str(path), "no pagemap header")
-    pages_file = directory / f"pages-{head.pages_id}.img"
-    needs_parent = False
-    offset = 0
-    raw_starts, raw_ends, raw_offsets, raw_numbers = array("Q"), array("Q"), array("q"), array("Q")
+    runs = _PagemapRuns(path, directory / f"pages-{head.pages_id}.img")
     for i, e in enumerate(entries, start=1):
+        runs.add(i, e)
+    runs.check_pages_file()
+    index = runs.sorted_index()
+    if runs.needs_parent:
+        index.parent = _parent_index(directory, path, depth, chain)
+    return index
+
+
+@dataclass
+class _PagemapRuns:
+    """A pagemap image's runs in file order, checked one by one."""
+
+    path: Path
+    pages_file: Path
+    starts: array[int] = field(default_factory=lambda: array("Q"))
+    ends: array[int] = field(default_factory=lambda: array("Q"))
+    #: offset in :attr:`pages_file`, or -1 for a run in the parent
+    offsets: array[int] = field(default_factory=lambda: array("q"))
+    #: entry number of each run, for messages
+    numbers: array[int] = field(default_factory=lambda: array("Q"))
+    #: bytes of :attr:`pages_file` the runs use
+    pages_bytes: int = 0
+    needs_parent: bool = False
+
+    def add(self, i: int, e: Any) -> None:
         flags, nr = pagemap_entry_run(e)
         vaddr = int(e.vaddr)
         if vaddr % PAGE_SIZE:
-            raise ImageFormatError(str(path), f"entry {i} address {vaddr:#x} not page aligned")
+            raise ImageFormatError(str(self.path), f"entry {i} address {vaddr:#x} not page aligned")
         # the end must fit the u64 index arrays: a run reaching 2^64 is past any address space
         if nr <= 0:
-            raise ImageFormatError(str(path), f"entry {i} has an absurd size of {nr} pages")
+            raise ImageFormatError(str(self.path), f"entry {i} has an absurd size of {nr} pages")
         if vaddr + nr * PAGE_SIZE >= 1 << 64:
             raise ImageFormatError(
-                str(path), f"entry {i} ({nr} pages at {vaddr:#x}) runs past the address space"
+                str(self.path), f"entry {i} ({nr} pages at {vaddr:#x}) runs past the address space"
             )
         if flags & PE_PARENT:
-            needs_parent = True
+            self.needs_parent = True
             off = -1
         elif flags & PE_PRESENT:
-            off = offset
-            offset += nr * PAGE_SIZE
-            if offset >= 1 << 63:  # no pages file is this long (and offsets are signed)
+            off = self.pages_bytes
+            self.pages_bytes += nr * PAGE_SIZE
+            if self.pages_bytes >= 1 << 63:  # no pages file is this long (offsets are signed)
                 raise ImageFormatError(
-                    str(path), f"entry {i} puts pages past the end of {pages_file.name}"
+                    str(self.path), f"entry {i} puts pages past the end of {self.pages_file.name}"
                 )
         else:
-            continue  # lazy pages not in this image set: they read as holes
-        raw_starts.append(vaddr)
-        raw_ends.append(vaddr + nr * PAGE_SIZE)
-        raw_offsets.append(off)
-        raw_numbers.append(i)
-    if offset:
+            return  # lazy pages not in this image set: they read as holes
+        self.starts.append(vaddr)
+        self.ends.append(vaddr + nr * PAGE_SIZE)
+        self.offsets.append(off)
+        self.numbers.append(i)
+
+    def check_pages_file(self) -> None:
+        """The pages image holds every byte the runs point at."""
+        if not self.pages_bytes:
+            return
         try:
-            have = pages_file.stat().st_size
+            have = self.pages_file.stat().st_size
         except FileNotFoundError as e:
-            raise MissingImageError(str(pages_file), str(path)) from e
-        if have < offset:
+            raise MissingImageError(str(self.pages_file), str(self.path)) from e
+        need = self.pages_bytes
+        if have < need:
             raise ImageFormatError(
-                str(path), f"points past the end of {pages_file.name} ({offset} > {have} bytes)"
+                str(self.path),
+                f"points past the end of {self.pages_file.name} ({need} > {have} bytes)",
             )
-    order = sorted(range(len(raw_starts)), key=raw_starts.__getitem__)
-    index = PageIndex(source=str(path), pages_file=pages_file)
-    prev_end, prev_i = 0, 0
-    for k in order:
-        if index.starts and raw_starts[k] < prev_end:
-            raise ImageFormatError(str(path), f"entry {raw_numbers[k]} overlaps entry {prev_i}")
-        prev_end, prev_i = raw_ends[k], raw_numbers[k]
-        index.starts.append(raw_starts[k])
-        index.ends.append(raw_ends[k])
-        index.offsets.append(raw_offsets[k])
-    if needs_parent:
-        parent_dir = directory / "parent"
-        if not parent_dir.is_dir():
-            raise MissingImageError(str(parent_dir), f"{path.name} (pages in parent)")
-        # CRIU's parent is a symlink (../prev): compare real paths so that a chain looping
-        # back is named as such, instead of growing parent/parent/... until the kernel's ELOOP
-        here = Path(os.path.realpath(directory))
-        real_parent = Path(os.path.realpath(parent_dir))
-        if real_parent == here or real_parent in chain:
-            raise ImageFormatError(str(path), f"parent chain loops back to {real_parent}")
-        index.parent = _load_page_index(real_parent, name, depth + 1, (*chain, here))
-    return index
+
+    def sorted_index(self) -> PageIndex:
+        """The runs by address; overlapping runs are an error."""
+        order = sorted(range(len(self.starts)), key=self.starts.__getitem__)
+        index = PageIndex(source=str(self.path), pages_file=self.pages_file)
+        prev_end, prev_i = 0, 0
+        for k in order:
+            if index.starts and self.starts[k] < prev_end:
+                raise ImageFormatError(
+                    str(self.path), f"entry {self.numbers[k]} overlaps entry {prev_i}"
+                )
+            prev_end, prev_i = self.ends[k], self.numbers[k]
+            index.starts.append(self.starts[k])
+            index.ends.append(self.ends[k])
+            index.offsets.append(self.offsets[k])
+        return index
+
+
+def _parent_index(directory: Path, path: Path, depth: int, chain: tuple[Path, ...]) -> PageIndex:
+    """The index of the same pagemap in *directory*'s ``parent`` (a pre-dump round)."""
+    parent_dir = directory / "parent"
+    if not parent_dir.is_dir():
+        raise MissingImageError(str(parent_dir), f"{path.name} (pages in parent)")
+    # CRIU's parent is a symlink (../prev): compare real paths so that a chain looping back is
+    # named as such, instead of growing parent/parent/... until the kernel's ELOOP
+    here = Path(os.path.realpath(directory))
+    real_parent = Path(os.path.realpath(parent_dir))
+    if real_parent == here or real_parent in chain:
+        raise ImageFormatError(str(path), f"parent chain loops back to {real_parent}")
+    return _load_page_index(real_parent, path.name, depth + 1, (*chain, here))
 
 
 # --- thin wrappers for other parts of the project ------------------------------------------------

@@ -339,12 +339,21 @@ def vma_dump_size(p: _Proc, vma: Vma, mm_filter: int) -> int:
         return vma.size if mm_filter & bit else 0
     mf = p.mapped(vma)
     if vma.shared:
-        unlinked = (
-            mf is None or mf.deleted or vma.has(VMA_ANON_SHARED | VMA_AREA_MEMFD | VMA_AREA_SYSVIPC)
-        )
-        if mm_filter & (MMF.ANON_SHARED if unlinked else MMF.MAPPED_SHARED):
-            return vma.size
-        return 0
+        return vma.size if mm_filter & _shared_filter_bit(vma, mf) else 0
+    return _private_dump_size(p, vma, mf, mm_filter)
+
+
+def _shared_filter_bit(vma: Vma, mf: MappedFile | None) -> int:
+    """The filter bit of a shared VMA: anonymous if its file has no name left."""
+    unlinked = (
+        mf is None or mf.deleted or vma.has(VMA_ANON_SHARED | VMA_AREA_MEMFD | VMA_AREA_SYSVIPC)
+    )
+    return MMF.ANON_SHARED if unlinked else MMF.MAPPED_SHARED
+
+
+def _private_dump_size(p: _Proc, vma: Vma, mf: MappedFile | None, mm_filter: int) -> int:
+    """vma_dump_size() for a private, non-hugetlb VMA: whole when it has anonymous pages or a
+    file the filter dumps, else the ELF header page of a mapped ELF file (MMF_DUMP_ELF_HEADERS)."""
     has_anon = (
         vma.start not in p.no_saved_pages
         and next(p.index.segments(vma.start, vma.end), None) is not None
@@ -355,12 +364,12 @@ def vma_dump_size(p: _Proc, vma: Vma, mm_filter: int) -> int:
         return 0
     if mm_filter & MMF.MAPPED_PRIVATE:
         return vma.size
-    if mm_filter & MMF.ELF_HEADERS and vma.pgoff == 0 and vma.prot & PROT_READ:
-        if mf is not None and mf.mode & 0o111:
-            return PAGE_SIZE
-        # dump_vma_snapshot(): libraries need not be executable; look for the ELF magic
-        return PAGE_SIZE if p.read(vma.start, 4) == b"\x7fELF" else 0
-    return 0
+    if not (mm_filter & MMF.ELF_HEADERS and vma.pgoff == 0 and vma.prot & PROT_READ):
+        return 0
+    if mf is not None and mf.mode & 0o111:
+        return PAGE_SIZE
+    # dump_vma_snapshot(): libraries need not be executable; look for the ELF magic
+    return PAGE_SIZE if p.read(vma.start, 4) == b"\x7fELF" else 0
 
 
 def _segment(p: _Proc, vma: Vma, dump_size: int) -> Segment:
