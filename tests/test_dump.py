@@ -33,7 +33,6 @@ pytestmark = [pytest.mark.live]
 EXE = Path(sys.executable).parent / "criu-livedump"
 REAL_CRIU = "/usr/local/sbin/criu"
 PAGE = os.sysconf("SC_PAGE_SIZE")
-BLOCKERS = Path(__file__).parent / "programs" / "blockers"
 #: one name per test run: suites of other checkouts may run beside this one
 TEST_USER = f"cld-dumptest{os.getpid()}"
 
@@ -554,17 +553,9 @@ def test_target_of_another_uid(test_user: pwd.struct_passwd, tmp_path: Path) -> 
         proc.wait()
 
 
-def build_blocker(name: str, tmp_path: Path) -> Path:
-    out = tmp_path / name
-    subprocess.run(
-        ["gcc", "-O1", "-g", "-pthread", "-o", str(out), str(BLOCKERS / f"{name}.c")], check=True
-    )
-    return out
-
-
 @pytest.fixture
 def blocker_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[int]:
-    binary = build_blocker(request.param, tmp_path)
+    binary = programs_build.build(f"blockers/{request.param}")
     target = start_target(binary, rseq=False)
     try:
         yield target.pid

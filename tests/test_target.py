@@ -18,6 +18,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+from programs import build as programs_build
 
 from criu_livedump.errors import BlockerError, PermissionDeniedError, TargetError
 from criu_livedump.request import UNLIMITED
@@ -33,8 +34,6 @@ from criu_livedump.target import (
     inspect,
 )
 
-BLOCKERS_SRC = Path(__file__).parent / "programs" / "blockers"
-BIN_DIR = Path(__file__).parent / "programs" / "bin" / "blockers"
 CRIU = Path("/usr/local/sbin/criu")
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
@@ -42,24 +41,8 @@ NOBODY = 65534
 
 
 def build(name: str) -> Path:
-    """Compile tests/programs/blockers/NAME.c into tests/programs/bin/blockers/ when stale."""
-    src = BLOCKERS_SRC / f"{name}.c"
-    out = BIN_DIR / name
-    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
-        return out
-    BIN_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = BIN_DIR / f".{name}.{os.getpid()}.tmp"
-    proc = subprocess.run(
-        ["gcc", "-O1", "-g", "-Wall", "-Wextra", "-o", str(tmp), str(src)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode:
-        tmp.unlink(missing_ok=True)
-        pytest.fail(f"{src.name}: gcc failed:\n{proc.stderr}")
-    os.replace(tmp, out)
-    return out
+    """tests/programs/blockers/NAME.c, built when stale."""
+    return programs_build.build(f"blockers/{name}")
 
 
 @contextmanager

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import procs
 import pytest
 from programs import build as programs_build
 from syslock import hugepages
@@ -166,17 +165,6 @@ class CaseRun:
     coredump_filter: int
 
 
-def program_binary(program: str, tmp: Path) -> Path:
-    """Build *program* (see :attr:`KernelCase.program`)."""
-    if "/" not in program:
-        return programs_build.build(program)
-    # the blocker programs live in a subdirectory the build helper does not walk
-    out = tmp / Path(program).name
-    source = Path(programs_build.__file__).parent / f"{program}.c"
-    procs.run(["gcc", "-O1", "-g", "-pthread", "-o", str(out), str(source)], check=True)
-    return out
-
-
 def data_file(path: Path) -> Path:
     """32 pages of a recognisable pattern; mappings.c maps them 16 private, 8 shared at page 16,
     4 read-only at page 4."""
@@ -196,7 +184,7 @@ def run_case(case: KernelCase, tmp: Path, stack: contextlib.ExitStack) -> CaseRu
 
     The target is killed and reaped when *stack* closes; huge pages stay reserved until then.
     """
-    binary = program_binary(case.program, tmp)
+    binary = programs_build.build(case.program)
     argv = [str(data_file(tmp / "data")) if a == DATA else a for a in case.args]
     if case.hugepages and not stack.enter_context(hugepages(case.hugepages)):
         pytest.skip(f"the kernel could not reserve {case.hugepages} huge pages")

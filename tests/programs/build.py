@@ -28,7 +28,8 @@ def sources() -> list[Path]:
 
 
 def build(name: str) -> Path:
-    """Return the path of the built program *name* (``mappings`` or ``mappings.c``).
+    """Return the path of the built program *name* (``mappings``, ``mappings.c``, or
+    ``blockers/io_uring`` for a program in a subdirectory, built into the same one under bin/).
 
     :raises BuildError: the source is missing or gcc failed.
     """
@@ -39,8 +40,8 @@ def build(name: str) -> Path:
     out = BIN_DIR / stem
     if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
         return out
-    BIN_DIR.mkdir(exist_ok=True)
-    tmp = BIN_DIR / f".{stem}.{os.getpid()}.tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     proc = subprocess.run(
         ["gcc", *CFLAGS, "-o", str(tmp), str(src)],
         capture_output=True,
