@@ -435,7 +435,9 @@ def _own_vdso() -> bytes | None:
 
 
 def split_vvar(p: _Proc) -> list[Vma]:
-    """CRIU 4.x records ``[vvar]`` and ``[vvar_vclock]`` as one VMA; the kernel has two.
+    """CRIU 4.x records ``[vvar]`` and ``[vvar_vclock]`` as one VMA; the kernel has two since
+    Linux 6.13 (commit e93d2521b27f "x86/vdso: Split virtual clock pages into dedicated
+    mapping"), and the images do not say which kernel wrote them.
 
     When the saved vDSO is byte-identical to this host's, the images come from this kernel and
     its split applies; otherwise the merged VMA stays, with a warning.

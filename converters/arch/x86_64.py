@@ -26,7 +26,8 @@ from converters.elf import NT, Note
 #: EM_X86_64 (include/uapi/linux/elf-em.h)
 E_MACHINE: Final = 62
 PAGE_SIZE: Final = 4096
-#: NT_X86_XSTATE; NT_X86_XSAVE_LAYOUT (written by cores since Linux 6.11)
+#: NT_X86_XSTATE; NT_X86_XSAVE_LAYOUT, written by cores since Linux 6.12 (commit ba386777a30b
+#: "x86/elf: Add a new FPU buffer layout info to x86 core files")
 NT_X86_XSTATE: Final = 0x202
 NT_X86_XSAVE_LAYOUT: Final = 0x205
 
@@ -421,7 +422,7 @@ def thread_notes(core: Any, layout: CpuLayout) -> list[Note]:
 
 
 def process_notes(layout: CpuLayout) -> list[Note]:
-    """NT_X86_XSAVE_LAYOUT, written since Linux 6.11 (elf_coredump_extra_notes_write())."""
+    """NT_X86_XSAVE_LAYOUT, written since Linux 6.12 (elf_coredump_extra_notes_write())."""
     assert isinstance(layout, XsaveLayout)
     if not layout.components:
         return []

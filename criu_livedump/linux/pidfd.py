@@ -8,8 +8,9 @@ wait for a process, so how a process that is not our child ended is read two way
   status (fs/proc/array.c do_task_stat()); the pidfd confirms afterwards that the zombie read
   was still that process (pidfd_send_signal(2) with signal 0 fails with ESRCH once it is
   reaped, so the pid cannot have been reused in between);
-- once reaped, the ``PIDFD_GET_INFO`` ioctl (Linux 6.13) with ``PIDFD_INFO_EXIT`` (Linux 6.15,
-  filled by pidfs_exit() from release_task()) returns the same wait status.
+- once reaped, the ``PIDFD_GET_INFO`` ioctl (Linux 6.13, commit cdda1f26e74b) with
+  ``PIDFD_INFO_EXIT`` (Linux 6.15, filled by pidfs_exit() from release_task()) returns the same
+  wait status.
 
 On older kernels, or when neither is readable, the way it ended is unknown (None).
 """

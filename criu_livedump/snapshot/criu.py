@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Where ``make setup`` installs the CRIU it builds.
 DEFAULT_CRIU = Path("/usr/local/sbin/criu")
-#: Oldest CRIU that works on current kernels (3.17 fails on the ``[vvar_vclock]`` mapping).
+#: Oldest CRIU that works on current kernels: 3.17 fails on the ``[vvar_vclock]`` mapping of
+#: Linux 6.13 and later (kernel commit e93d2521b27f; CRIU learned it in pull request 2539).
 MIN_VERSION = (4, 1)
 #: Options every live dump gets. ``--tcp-close`` only skips dumping TCP state and leaves the
 #: target's connections alone, whereas ``--tcp-established`` puts live sockets in repair mode

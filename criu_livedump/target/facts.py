@@ -57,7 +57,8 @@ GHOST_LIMIT = 1 << 20
 _NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2)
 _NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4)
 
-# include/uapi/linux/pidfd.h: PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info) where the
+# include/uapi/linux/pidfd.h: PIDFD_GET_INFO (Linux 6.13, commit cdda1f26e74b "pidfd: add ioctl
+# to retrieve pid info") = _IOWR(0xFF, 11, struct pidfd_info) where the
 # struct is 72 bytes up to coredump_mask and its padding (Linux 6.16+).
 _PIDFD_INFO = struct.Struct("=QQ11IiII")
 _PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO.size << 16) | (0xFF << 8) | 11
