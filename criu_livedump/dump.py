@@ -338,6 +338,7 @@ def _snapshot(
             leave_running=task.leave_running,
             timeout=time_limit[0],
             deadline=time_limit[1],
+            ns_pid=task.ns_pid,
         ),
     )
     done = snap.complete(result)

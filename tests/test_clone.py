@@ -151,14 +151,6 @@ def test_refuses_traced_target(clone_target: Target) -> None:
     _assert_running(clone_target)
 
 
-@pytest.mark.live
-def test_refuses_seccomp_target(programs: dict[str, Path], targets: StartTarget) -> None:
-    target = targets(programs["clone_seccomp"], rseq=False)
-    with pytest.raises(clone.CloneRefusedError, match="seccomp"):
-        clone.clone_snapshot(target.pid)
-    _assert_running(target)
-
-
 # --- live: CRIU dumps the clone, the images are rewritten ---------------------------------------
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import time
@@ -28,6 +27,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from harness.corefile import CoreView, parse_nt_file
 from harness.kernel import CorePipe, kernel_core_of
+from podman import RUN_OPTIONS, require_podman
+from podman import podman as run_podman
 from programs import build as programs_build
 
 from converters.elf import NT
@@ -37,27 +38,9 @@ from criu_livedump.checkpoint_rootfs import image_refs, open_checkpoint
 pytestmark = [pytest.mark.live]
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-RUNC = Path("/usr/sbin/runc")
-#: what works here: crun fails on this cgroup v1 hybrid, and raised rlimits are refused
-PODMAN = ["podman", "--runtime", str(RUNC), "--cgroup-manager", "cgroupfs"]
-RUN_OPTIONS = ["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 LIBC_NAME = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 LOADER_NAME = "/lib64/ld-linux-x86-64.so.2"
 TIMEOUT = 60.0
-
-
-def _podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [*PODMAN, *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)}: {proc.stderr.strip()}")
-    return proc
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,14 +77,7 @@ def _with_other_build_id(data: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def podman() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: podman containers and core_pattern")
-    if shutil.which("podman") is None or not RUNC.exists():
-        pytest.skip("podman or runc is not installed (make setup installs them)")
-    probe = _podman("info", check=False)
-    if probe.returncode != 0:
-        lines = probe.stderr.strip().splitlines()
-        pytest.skip(f"podman cannot run here: {lines[-1] if lines else probe.returncode}")
+    require_podman()
 
 
 @dataclass
@@ -125,20 +101,20 @@ def checkpointed(podman: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     host_libc = _own_libc().read_bytes()
     libc = _with_other_build_id(host_libc)
     archive_rootfs = _rootfs_tar(tmp, libc)
-    _podman("import", str(archive_rootfs), image)
+    run_podman("import", str(archive_rootfs), image)
     try:
-        _podman("run", "-d", "--name", name, *RUN_OPTIONS, image, "/prog")
+        run_podman("run", "-d", "--name", name, *RUN_OPTIONS, image, "/prog")
         try:
             ns_pid, host_pid = _target(name)
             archive = tmp / "checkpoint.tar"
-            _podman("container", "checkpoint", "--leave-running", "--export", str(archive), name)
+            run_podman("container", "checkpoint", "--leave-running", "--export", str(archive), name)
             # a pipe: the process's own mount namespace would take a file pattern as its own path
             kernel = kernel_core_of(host_pid, CorePipe(tmp / "kernel", timeout=TIMEOUT))
             yield Checkpointed(archive, kernel, ns_pid, image, libc, host_libc[:PAGE])
         finally:
-            _podman("rm", "-f", "-t", "0", name, check=False)
+            run_podman("rm", "-f", "-t", "0", name, check=False)
     finally:
-        _podman("rmi", "-f", image, check=False)
+        run_podman("rmi", "-f", image, check=False)
 
 
 def _rootfs_tar(tmp: Path, libc: bytes) -> Path:
@@ -166,10 +142,10 @@ def _target(name: str) -> tuple[int, int]:
     """(pid in the container, pid here) of the container's target, once it is ready."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        logs = _podman("logs", name, check=False).stdout.split()
+        logs = run_podman("logs", name, check=False).stdout.split()
         if "ready" in logs:
             ns_pid = int(logs[logs.index("ready") + 1])
-            init = int(_podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
+            init = int(run_podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
             children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
             assert len(children) == 1, children
             return ns_pid, int(children[0])
@@ -234,7 +210,7 @@ def test_archive_without_its_image(checkpointed: Checkpointed, tmp_path: Path) -
     """The image gone from local storage: the files only it held are holes, one line says what
     to pass; the container's own changes still come from the archive. Runs last in this
     module (it removes the image)."""
-    _podman("rmi", "-f", checkpointed.image)
+    run_podman("rmi", "-f", checkpointed.image)
     _, stderr = _convert(checkpointed.archive, tmp_path / "out")
     kernel = _file_heads(checkpointed.kernel_core)
     ours = _file_heads(tmp_path / "out" / f"core.{checkpointed.ns_pid}")

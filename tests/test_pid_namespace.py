@@ -27,7 +27,6 @@ from harness.gdb import gdb_lwps
 pytestmark = [pytest.mark.live]
 
 TOOL = Path(sys.executable).parent / "criu-livedump"
-BLOCKED = 6
 
 
 @dataclass
@@ -85,7 +84,7 @@ def test_the_namespace_init_is_dumped_by_criu_with_its_namespace_ids(
 ) -> None:
     init = namespaced.init
     assert namespaced.ns_ids(init)[-1] == 1
-    proc = dump(init, "-o", str(tmp_path / "core"))
+    proc = dump(init, "--method", "criu", "-o", str(tmp_path / "core"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["method"] == "criu"
@@ -132,12 +131,30 @@ def test_tree_children_are_found_by_their_namespace_ids(
     assert os.kill(child, 0) is None
 
 
-def test_method_clone_is_refused_before_freezing(namespaced: Namespaced) -> None:
+@pytest.mark.parametrize("method", ["clone", "criu", "auto"])
+@pytest.mark.parametrize("who", ["init", "member"])
+def test_every_process_of_the_namespace_dumps_by_its_namespace_ids(
+    namespaced: Namespaced, programs: dict[str, Path], tmp_path: Path, method: str, who: str
+) -> None:
+    """The init and a process that is not the init (the threads program, process 2 there):
+    CRIU runs inside the namespace for the member and for any clone (a clone is never the
+    init), so every core names the process, its parent and its threads as the namespace does.
+    ``auto`` takes the clone."""
     init = namespaced.init
-    proc = dump(init, "--method", "clone", "-o", "/nonexistent/never-written")
-    assert proc.returncode == BLOCKED, proc.stderr
-    assert proc.stderr.splitlines() == [
-        f"error: process {init}: cannot be dumped: --method clone: it is the init of a PID"
-        " namespace, which CRIU dumps only from the init",
-        "hint: --method criu can dump it",
-    ]
+    pid = init if who == "init" else namespaced.children(init)[0]
+    ns_tids = sorted(
+        namespaced.ns_ids(int(t), "NSpid")[-1] for t in os.listdir(f"/proc/{pid}/task")
+    )
+    proc = dump(pid, "--method", method, "-o", str(tmp_path / "core"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["method"] == ("clone" if method == "auto" else method)
+    with CoreView(tmp_path / "core") as core:
+        ids = (core.prpsinfo["pr_pid"], core.prpsinfo["pr_ppid"])
+        threads = sorted(t.pid for t in core.threads)
+    assert ids == ((1, 0) if who == "init" else (2, 1))
+    assert threads == ns_tids
+    if who == "member":
+        assert sorted(gdb_lwps(programs["threads"], tmp_path / "core")) == ns_tids
+    assert os.kill(pid, 0) is None
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state in ("S", "R")

@@ -16,6 +16,9 @@ import struct
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+from criu_livedump.linux.caps import CAP, has_cap
+from criu_livedump.linux.procfs import read_status
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.restype = ctypes.c_long
@@ -50,6 +53,10 @@ class Opt(enum.IntFlag):
     TRACEEXEC = 1 << 4
     TRACEEXIT = 1 << 6
     EXITKILL = 1 << 20
+    #: the tracee's seccomp filters do not run while it is traced with this option
+    #: (kernel/seccomp.c: __secure_computing(); kernel/ptrace.c: ptrace_setoptions() allows it
+    #: only to a tracer with CAP_SYS_ADMIN that is not itself under seccomp)
+    SUSPEND_SECCOMP = 1 << 21
 
 
 class Event(enum.IntEnum):
@@ -103,6 +110,26 @@ def _call(req: Req, tid: int, addr: int | None = None, data: int | None = None) 
 
 
 _NO_OPTIONS = Opt(0)
+
+
+_UNDER_SECCOMP = "it runs under seccomp, whose filters must be suspended for injected code"
+
+
+def seccomp_suspension_refusal() -> str | None:
+    """Why this process cannot set :attr:`Opt.SUSPEND_SECCOMP` (the one wording of the refusal
+    of a target under seccomp, by either method), or None when it can. CRIU
+    needs the same to inject its parasite into a process under seccomp
+    (compel/src/lib/infect.c: compel_interrupt_task() calls ptrace_suspend_seccomp()).
+
+    The conditions are kernel/ptrace.c: ptrace_setoptions(): CAP_SYS_ADMIN in the initial user
+    namespace, the tracer not under seccomp itself.
+    """
+    status = read_status("/proc/self/status")
+    if not has_cap(int(status.get("CapEff", "0"), 16), CAP.SYS_ADMIN):
+        return f"{_UNDER_SECCOMP}, which needs CAP_SYS_ADMIN, and this tool lacks it"
+    if status.get("Seccomp", "0") != "0":
+        return f"{_UNDER_SECCOMP}, which needs a tracer not under seccomp itself"
+    return None
 
 
 def seize(tid: int, options: Opt = _NO_OPTIONS) -> None:

@@ -38,12 +38,15 @@ class CriuTask:
     :param leave_running: ``--leave-running`` (a disposable copy is killed by CRIU instead).
     :param options: CRIU options the target's blockers ask for (``--external ...``).
     :param pre_dump_rounds: ``criu pre-dump`` rounds before the dump.
+    :param ns_pid: *pid*'s id in its own PID namespace when CRIU is to run inside that namespace
+        (:func:`criu_livedump.snapshot.criu.in_pid_namespace`), else None.
     """
 
     pid: int
     leave_running: bool
     options: tuple[str, ...] = ()
     pre_dump_rounds: int = 0
+    ns_pid: int | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from criu_livedump.errors import (
     TargetDiedError,
     TargetError,
 )
+from criu_livedump.linux.caps import CAP, capabilities, has_cap
 from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
 from criu_livedump.linux.procfs import read_stat
 
@@ -292,7 +293,10 @@ class DumpStats:
 class DumpJob:
     """What to ask of CRIU for one live dump.
 
-    :param pid: root of the tree CRIU collects (CRIU always takes the whole tree below it).
+    :param pid: root of the tree CRIU collects (CRIU always takes the whole tree below it), as
+        this process sees it.
+    :param ns_pid: when set, CRIU runs inside *pid*'s PID namespace (:func:`in_pid_namespace`)
+        and is told this id of *pid* there.
     :param scratch: private directory; rounds go to ``scratch/1 .. scratch/N+1``.
     :param pre_dump_rounds: ``criu pre-dump --track-mem`` rounds before the dump; only honoured
         when the caller checked ``mem_dirty_track`` (see :func:`dump`).
@@ -320,6 +324,47 @@ class DumpJob:
     owner: tuple[int, int] | None = None
     #: False for a clone snapshot: CRIU then kills the dumped clone, which is what we want
     leave_running: bool = True
+    ns_pid: int | None = None
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """What CRIU's argv starts with: the namespace launcher, then :attr:`wrapper`."""
+        launcher = () if self.ns_pid is None else in_pid_namespace(self.pid)
+        return (*launcher, *self.wrapper)
+
+
+#: The launcher's programs (util-linux).
+LAUNCHER = ("nsenter", "unshare")
+#: What CRIU needs besides the launcher: every mount of the target declared external. A live
+#: core is never restored, so CRIU need not understand a container's mounts (criu/mount.c
+#: refuses, e.g., a cgroup mount "doesn't have a proper root mount" without it).
+EXTERNAL_MOUNTS = "--external=mnt[]"
+
+
+def launcher_refusal() -> str | None:
+    """Why CRIU cannot be run inside another PID namespace from here, or None when it can."""
+    if not has_cap(capabilities(), CAP.SYS_ADMIN):
+        return "running CRIU inside its PID namespace needs CAP_SYS_ADMIN, which this tool lacks"
+    missing = [name for name in LAUNCHER if shutil.which(name) is None]
+    if missing:
+        return f"running CRIU inside its PID namespace needs {' and '.join(missing)} (util-linux)"
+    return None
+
+
+def in_pid_namespace(pid: int) -> tuple[str, ...]:
+    """The argv prefix that runs a command inside *pid*'s PID namespace, with a /proc of it.
+
+    CRIU dumps a process of a PID namespace only from inside it, unless the process is the
+    namespace's init (criu/namespaces.c: "Can't dump a pid namespace without the process
+    init"): its pstree names processes by the ids CRIU's own namespace gives them, and it
+    reads /proc/PID of those ids. ``nsenter --pid`` setns()es into the namespace and forks (a
+    process joins a PID namespace only through its children, pid_namespaces(7)); ``unshare
+    --mount-proc`` then gives the child a private mount namespace (private propagation, so
+    nothing leaks back) with a /proc mounted there, which belongs to the PID namespace of the
+    process that mounts it (fs/proc/root.c: proc_fill_super() takes the mounter's
+    task_active_pid_ns()). Both need CAP_SYS_ADMIN; their exit status is the command's.
+    """
+    return ("nsenter", f"--target={pid}", "--pid", "--", "unshare", "--mount-proc", "--")
 
 
 @dataclass(frozen=True)
@@ -380,10 +425,10 @@ def plan_rounds(criu: Criu, job: DumpJob) -> list[list[str]]:
         action = "pre-dump" if k <= rounds else "dump"
         cmds.append(
             [
-                *job.wrapper,
+                *job.prefix,
                 *dump_argv(
                     criu,
-                    job.pid,
+                    job.pid if job.ns_pid is None else job.ns_pid,
                     job.scratch / str(k),
                     action=action,
                     track_mem=rounds > 0,
@@ -456,7 +501,7 @@ class _Watch:
 
 
 def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> None:
-    action = argv[len(job.wrapper) + 1]
+    action = argv[len(job.prefix) + 1]
     log_path = images / (DUMP_LOG if action == "dump" else PRE_DUMP_LOG)
     log.debug("running %s", " ".join(argv))
     # CRIU's output goes to a file: a pipe would block us on whatever process of its group

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from criu_livedump.linux import ptrace
 from criu_livedump.linux.mapped_files import open_mapped_files
 from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot import criu
@@ -29,16 +30,28 @@ class CriuSnapshot(Snapshot):
 
     @classmethod
     def refusals(cls, facts: TargetFacts, *, tree: bool) -> tuple[str, ...]:
-        """Every blocker of the tree that no CRIU option works around."""
-        return tuple(b.sentence(facts.pid) for b in facts.refusals)
+        """Every blocker of the tree that no CRIU option works around, and what CRIU needs
+        here: seccomp suspended for its parasite (compel/src/lib/infect.c), and, for a process
+        of a child PID namespace that is not its init, to run inside that namespace."""
+        reasons = [b.sentence(facts.pid) for b in facts.refusals]
+        if facts.seccomp and (why := ptrace.seccomp_suspension_refusal()) is not None:
+            reasons.append(why)
+        if _inside(facts) and (why := criu.launcher_refusal()) is not None:
+            reasons.append(f"it is process {facts.ns_pid} of its PID namespace; {why}")
+        return tuple(reasons)
 
     def handoff(self, binary: criu.Criu) -> CriuTask:
         rounds = pre_dump_rounds(self.request, binary, self.facts.rss)
+        options = dict.fromkeys(self.facts.criu_options)
+        inside = _inside(self.facts)
+        if inside or not self.facts.same_mnt_ns:
+            options[criu.EXTERNAL_MOUNTS] = None
         return CriuTask(
             pid=self.facts.pid,
             leave_running=True,
-            options=self.facts.criu_options,
+            options=tuple(options),
             pre_dump_rounds=rounds,
+            ns_pid=self.facts.ns_pid if inside else None,
         )
 
     def complete(self, result: criu.DumpResult) -> Snapshotted:
@@ -47,6 +60,13 @@ class CriuSnapshot(Snapshot):
         return Snapshotted(
             frozen_us=result.stats.frozen_time, freezing_us=result.stats.freezing_time
         )
+
+
+def _inside(facts: TargetFacts) -> bool:
+    """CRIU dumps the init of a PID namespace with its namespace from outside; any other process
+    of a child namespace only from inside it (criu/namespaces.c: "Can't dump a pid namespace
+    without the process init")."""
+    return facts.in_child_pid_ns and not facts.pid_ns_init
 
 
 def pre_dump_rounds(request: DumpRequest, binary: criu.Criu, rss: int) -> int:

@@ -99,7 +99,6 @@ class BlockerKind(enum.StrEnum):
 
     IO_URING = "io_uring"
     SYSV_SHM = "sysv_shm"
-    PID_NAMESPACE = "pid_namespace"
     DELETED_FILE = "deleted_file"
     EXTERNAL_UNIX = "external_unix"
     TRACED = "traced"
@@ -186,6 +185,16 @@ class TargetFacts:
             for opt in b.criu_options:
                 seen.setdefault(opt, None)
         return tuple(seen)
+
+    @property
+    def in_child_pid_ns(self) -> bool:
+        """It lives in a PID namespace below this process's (a container's process)."""
+        return len(self.nstgid) > 1
+
+    @property
+    def pid_ns_init(self) -> bool:
+        """It is the init (PID 1) of such a namespace: a container's main process."""
+        return self.in_child_pid_ns and self.ns_pid == 1
 
     @property
     def refusals(self) -> tuple[Blocker, ...]:
@@ -633,9 +642,7 @@ def traced(pid: int, tracer: int) -> Blocker:
     )
 
 
-def _blockers(
-    pid: int, tree: tuple[int, ...], status: dict[str, str], nstgid: tuple[int, ...]
-) -> tuple[Blocker, ...]:
+def _blockers(pid: int, tree: tuple[int, ...], status: dict[str, str]) -> tuple[Blocker, ...]:
     found: list[Blocker] = []
     for p in tree:  # the target first; one foreign session is enough to name
         try:
@@ -646,15 +653,6 @@ def _blockers(
         if session is not None:
             found.append(session)
             break
-    if len(nstgid) > 1 and nstgid[-1] != 1:
-        found.append(
-            Blocker(
-                BlockerKind.PID_NAMESPACE,
-                pid,
-                f"it is process {nstgid[-1]} inside a PID namespace, and CRIU can only dump a PID"
-                " namespace from its init process (PID 1 there)",
-            )
-        )
     tracer = int(status.get("TracerPid", "0"))
     if tracer:
         found.append(traced(pid, tracer))
@@ -780,7 +778,7 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
         cpu=stat.processor,  # the %C of core_pattern
         user_ns=_ns_ino(pid, "user"),
         tree=members,
-        blockers=_blockers(pid, members, status, nstgid),
+        blockers=_blockers(pid, members, status),
     )
 
 

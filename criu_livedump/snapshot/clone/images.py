@@ -67,22 +67,25 @@ def _entry(image: dict[str, Any], path: Path) -> dict[str, Any]:
 def rewrite_images(images_dir: Path, snap: Clone) -> dict[int, int]:
     """Rewrite CRIU's images of ``snap.clone_pid`` in *images_dir* to describe ``snap.pid``.
 
+    The images name processes and threads by their ids in the target's PID namespace (CRIU
+    ran there for a target inside a child namespace), so they are rewritten with those ids.
+
     :returns: what the images cannot carry, for the sidecar: the key of each SysV segment put
         back, by shmid, for its NT_FILE name.
 
     :raises CloneImagesError: an image CRIU should have written is missing or malformed.
     :raises converters.errors.ConversionError: an image cannot be decoded or encoded.
     """
-    cpid, pid = snap.clone_pid, snap.pid
+    cpid, pid = snap.clone_ns_pid or snap.clone_pid, snap.ns_pid or snap.pid
     _rewrite_pstree(images_dir, snap)
 
     template_path = images_dir / f"core-{cpid}.img"
     template = _load(template_path)
-    leader = pid if any(t.tid == pid for t in snap.threads) else snap.threads[0].tid
+    leader = snap.pid if any(t.tid == snap.pid for t in snap.threads) else snap.threads[0].tid
     for t in snap.threads:
         core = _thread_core(template, template_path, t, snap, leader=t.tid == leader)
-        dump_image(images_dir / f"core-{t.tid}.img", core)
-    if cpid not in {t.tid for t in snap.threads}:
+        dump_image(images_dir / f"core-{t.ns_tid or t.tid}.img", core)
+    if cpid not in {t.ns_tid or t.tid for t in snap.threads}:
         template_path.unlink()
 
     for stem in ("mm", "pagemap", "ids", "fs"):
@@ -100,14 +103,13 @@ def _rewrite_pstree(images_dir: Path, snap: Clone) -> None:
     path = images_dir / "pstree.img"
     image = _load(path)
     item = _entry(image, path)
-    if int(item["pid"]) != snap.clone_pid:
-        raise CloneImagesError(
-            f"{path}: describes process {item['pid']}, not clone {snap.clone_pid}"
-        )
-    item["pid"] = snap.pid
+    cpid = snap.clone_ns_pid or snap.clone_pid
+    if int(item["pid"]) != cpid:
+        raise CloneImagesError(f"{path}: describes process {item['pid']}, not clone {cpid}")
+    item["pid"] = snap.ns_pid or snap.pid
     item["pgid"] = snap.pgid
     item["sid"] = snap.sid
-    item["threads"] = [t.tid for t in snap.threads]
+    item["threads"] = [t.ns_tid or t.tid for t in snap.threads]
     dump_image(path, image)
 
 

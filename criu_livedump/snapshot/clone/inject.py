@@ -68,13 +68,6 @@ def _arch() -> Arch:
     return host()
 
 
-#: The one wording of this refusal, by :class:`~criu_livedump.snapshot.clone.method.CloneSnapshot`
-#: before anything freezes and by :func:`clone_snapshot` itself.
-SECCOMP_REFUSAL: Final = (
-    "it runs under seccomp, whose filters may forbid the syscalls the clone method injects"
-)
-
-
 @dataclass(frozen=True)
 class ThreadState:
     """One thread of the target as it was at the freeze (step 1).
@@ -93,6 +86,8 @@ class ThreadState:
     comm: str
     #: a signal the thread does not block is pending for it (its EINTR, if any, is real)
     signal_pending: bool = False
+    #: its id in the target's own PID namespace (last NSpid entry)
+    ns_tid: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +112,19 @@ class SideMapping:
     data_offset: int
 
 
+@dataclass(frozen=True)
+class ReapPlan:
+    """What reaping a dead clone from inside its target needs (the target waits for the
+    clone by the id its own namespace gives it)."""
+
+    pid: int
+    clone_pid: int
+    clone_ns_pid: int
+    tid: int
+    syscall_ip: int
+    suspend: Opt
+
+
 @dataclass
 class Clone:
     """A stopped copy-on-write clone of a target, and the target's state at the clone.
@@ -137,9 +145,15 @@ class Clone:
     smaps: tuple[SmapsEntry, ...] = ()
     #: the thread the clone was made from (its comm and TLS are the clone's)
     injector_tid: int = 0
+    #: the target's and the clone's ids in the target's own PID namespace (those CRIU's
+    #: images and the kernel's core use; ``pgid``, ``sid`` and each thread's ``ns_tid`` are too)
+    ns_pid: int = 0
+    clone_ns_pid: int = 0
     _pidfd: int = field(default=-1, repr=False)
     _held: bool = field(default=True, repr=False)
     _syscall_ip: int = field(default=0, repr=False)
+    #: Opt.SUSPEND_SECCOMP when the target runs under seccomp, for every injected syscall
+    _suspend: Opt = field(default=Opt(0), repr=False)
     _dead: bool = field(default=False, repr=False)
     #: (pid, write end of its pipe) of the watchdog that kills the clone should we die
     _watchdog: tuple[int, int] = field(default=(0, -1), repr=False)
@@ -159,6 +173,8 @@ class Clone:
             return
         cpid = self.clone_pid
         try:
+            # seccomp suspended for the injection only: the clone's own filters judge its pause()
+            ptrace.set_options(cpid, Opt.TRACESYSGOOD | Opt.EXITKILL)
             regs = _syscall_regs(ptrace.get_regs(cpid), self._syscall_ip, _arch().syscalls.pause)
             ptrace.set_regs(cpid, regs)
             ptrace.syscall(cpid)
@@ -190,7 +206,7 @@ class Clone:
                     _wait_exit(self.clone_pid)
                 self._held = False
             _wait_zombie(self.clone_pid, timeout=5.0)
-            _reap_in_target(self.pid, self.clone_pid, self.injector_tid, self._syscall_ip)
+            _reap_in_target(self.reap_plan())
         except (PtraceError, OSError, LivedumpError) as e:
             log.warning("clone %d of process %d: cleanup: %s", self.clone_pid, self.pid, e)
         finally:
@@ -198,6 +214,17 @@ class Clone:
                 os.close(self._pidfd)
                 self._pidfd = -1
             self._dismiss_watchdog()
+
+    def reap_plan(self) -> ReapPlan:
+        """What reaping the clone in the target needs."""
+        return ReapPlan(
+            self.pid,
+            self.clone_pid,
+            self.clone_ns_pid or self.clone_pid,
+            self.injector_tid,
+            self._syscall_ip,
+            self._suspend,
+        )
 
     def _dismiss_watchdog(self) -> None:
         """Tell the watchdog the clone is dealt with (one byte, then EOF) and reap it."""
@@ -224,11 +251,12 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
     :param timeout: seconds to wait for the target's threads to stop.
     :param side_dir: where the bytes of mappings CRIU refuses are copied (default: a file in the
         current directory is never written; without *side_dir* such mappings are refused).
-    :raises CloneRefusedError: the target is traced or runs under seccomp.
+    :raises CloneRefusedError: the target is traced, or runs under seccomp and this process
+        cannot suspend it (:func:`ptrace.seccomp_suspension_refusal`).
     :raises TargetError: the target vanished.
     :raises CloneError: anything else; the target is left running and no clone is alive.
     """
-    _check_target(pid)
+    suspend = _check_target(pid)
     # before the freeze: reading smaps walks every page table, allocating pages takes time
     smaps = tuple(smaps_entries(pid))
     copier = fork_lost.prepare(pid, smaps, side_dir) if side_dir is not None else None
@@ -259,7 +287,9 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
         injector_mask = threads[injector].sigmask
         syscall_ip = _syscall_address(pid, injector_saved)
         restore_regs = _arch().resume_regs(injector_saved, threads[injector].signal_pending)
-        clone_pid = _inject_clone(injector, injector_saved, restore_regs, injector_mask, syscall_ip)
+        clone_pid = _inject_clone(
+            injector, injector_saved, restore_regs, injector_mask, syscall_ip, suspend
+        )
         pidfd = os.pidfd_open(clone_pid)
         if copier is not None:
             copier.copy()
@@ -270,7 +300,9 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
                 ptrace.detach(tid)
         seized.clear()
         freeze = time.monotonic() - start
-        watchdog = _start_watchdog(pid, clone_pid, pidfd, injector, syscall_ip)
+        clone_ns_pid = _ns_id(read_status(f"/proc/{clone_pid}/status"), "NSpid", clone_pid)
+        reap = ReapPlan(pid, clone_pid, clone_ns_pid, injector, syscall_ip, suspend)
+        watchdog = _start_watchdog(reap, pidfd)
         _hook("detached")
         lost = copier.finish() if copier is not None else ()
     except BaseException as e:
@@ -289,6 +321,10 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
             snap_fail = Clone(pid, clone_pid, (), 0.0, 0, 0, _pidfd=pidfd, _watchdog=watchdog)
             snap_fail.injector_tid = injector
             snap_fail._syscall_ip = syscall_ip
+            snap_fail._suspend = suspend
+            with contextlib.suppress(OSError):
+                status = read_status(f"/proc/{clone_pid}/status")
+                snap_fail.clone_ns_pid = _ns_id(status, "NSpid", clone_pid)
             snap_fail.kill()
         if isinstance(e, PtraceError):
             if e.errno == errno.ESRCH and not Path(f"/proc/{pid}").exists():
@@ -309,8 +345,11 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
         fork_lost=lost,
         smaps=smaps,
         injector_tid=injector,
+        ns_pid=_ns_id(read_status(f"/proc/{pid}/status"), "NStgid", pid),
+        clone_ns_pid=clone_ns_pid,
         _pidfd=pidfd,
         _syscall_ip=syscall_ip,
+        _suspend=suspend,
         _watchdog=watchdog,
     )
     try:
@@ -327,8 +366,13 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
 # --- step 0: refusals ---------------------------------------------------------------------------
 
 
-def _check_target(pid: int) -> None:
-    """Refuse, before anything is frozen, what the clone method cannot handle."""
+def _check_target(pid: int) -> Opt:
+    """Refuse, before anything is frozen, what the clone method cannot handle.
+
+    :returns: the ptrace option the injection needs: :attr:`Opt.SUSPEND_SECCOMP` for a target
+        under seccomp, whose filter may forbid clone, close_range or any other injected
+        syscall (Docker's and Podman's default profiles, Kubernetes' RuntimeDefault), else none.
+    """
     try:
         status = read_status(f"/proc/{pid}/status")
         tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
@@ -345,7 +389,11 @@ def _check_target(pid: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             st = read_status(f"/proc/{pid}/task/{tid}/status")
             if st.get("Seccomp", "0") != "0":
-                raise CloneRefusedError(pid, SECCOMP_REFUSAL)
+                why_not = ptrace.seccomp_suspension_refusal()
+                if why_not is not None:
+                    raise CloneRefusedError(pid, why_not)
+                return Opt.SUSPEND_SECCOMP
+    return Opt(0)
 
 
 # --- step 1: seize and save ---------------------------------------------------------------------
@@ -421,29 +469,38 @@ def _read_comm(pid: int, tid: int) -> str:
 
 def _save_thread(pid: int, tid: int) -> ThreadState:
     sigmask = ptrace.get_sigmask(tid)
+    try:
+        status = read_status(f"/proc/{pid}/task/{tid}/status")
+    except FileNotFoundError:
+        status = {}
     return ThreadState(
         tid=tid,
         regs=ptrace.get_regs(tid),
         fpstate=ptrace.get_regsets(tid, _arch().fp_regsets),
         sigmask=sigmask,
         comm=_read_comm(pid, tid),
-        signal_pending=_signal_pending(pid, tid, sigmask),
+        signal_pending=_signal_pending(status, sigmask),
+        ns_tid=_ns_id(status, "NSpid", tid),
     )
 
 
-def _signal_pending(pid: int, tid: int, sigmask: int) -> bool:
-    """A signal that *tid* does not block is pending for it or for its process."""
-    try:
-        st = read_status(f"/proc/{pid}/task/{tid}/status")
-    except FileNotFoundError:
-        return False
-    pending = int(st.get("SigPnd", "0"), 16) | int(st.get("ShdPnd", "0"), 16)
+def _signal_pending(status: dict[str, str], sigmask: int) -> bool:
+    """A signal that the thread does not block is pending for it or for its process."""
+    pending = int(status.get("SigPnd", "0"), 16) | int(status.get("ShdPnd", "0"), 16)
     return bool(pending & ~sigmask)
 
 
+def _ns_id(status: dict[str, str], key: str, default: int) -> int:
+    """The innermost entry of an NS* line of /proc status (the id in the task's own PID
+    namespace, fs/proc/array.c: task_state())."""
+    ids = status.get(key, "").split()
+    return int(ids[-1]) if ids else default
+
+
 def _pgid_sid(pid: int) -> tuple[int, int]:
-    stat = read_stat(f"/proc/{pid}/stat")
-    return stat.pgrp, stat.session
+    """The target's process group and session, as its own PID namespace numbers them."""
+    status = read_status(f"/proc/{pid}/status")
+    return _ns_id(status, "NSpgid", 0), _ns_id(status, "NSsid", 0)
 
 
 # --- step 2: registers and injection ------------------------------------------------------------
@@ -530,15 +587,20 @@ def _syscall_regs(base: bytes, ip: int, nr: int, *args: int) -> bytes:
     return _arch().syscall_regs(base, ip, nr, args)
 
 
-def _inject_clone(tid: int, saved: bytes, restore: bytes, sigmask: int, syscall_ip: int) -> int:
+def _inject_clone(
+    tid: int, saved: bytes, restore: bytes, sigmask: int, syscall_ip: int, suspend: Opt
+) -> int:
     """Steps 2-3: fork the target from stopped thread *tid*; the clone is left stopped, traced.
 
     EXITKILL is on the target's thread only from before the clone exists until its registers
     are its own again, so that the child inherits it at birth (kernel/ptrace.c:
     ``ptrace_init_task()``); should this process die in that window, the target dies rather
-    than running on with injected registers.
+    than running on with injected registers. *suspend* (seccomp) is inherited the same way and
+    kept on the clone for its preparation (step 5), then dropped before it is released.
     """
-    ptrace.set_options(tid, Opt.TRACESYSGOOD | Opt.TRACECLONE | Opt.TRACEFORK | Opt.EXITKILL)
+    ptrace.set_options(
+        tid, Opt.TRACESYSGOOD | Opt.TRACECLONE | Opt.TRACEFORK | Opt.EXITKILL | suspend
+    )
     # No signal handler may run while our registers are in place (compel's parasite_run()).
     ptrace.set_sigmask(tid, _ALL_SIGNALS)
     try:
@@ -559,7 +621,7 @@ def _inject_clone(tid: int, saved: bytes, restore: bytes, sigmask: int, syscall_
     _, status = ptrace.wait(child)
     if not os.WIFSTOPPED(status):
         raise CloneError(f"clone {child}: did not start stopped (status {status:#x})")
-    ptrace.set_options(child, Opt.TRACESYSGOOD | Opt.EXITKILL)
+    ptrace.set_options(child, Opt.TRACESYSGOOD | Opt.EXITKILL | suspend)
     return child
 
 
@@ -667,11 +729,13 @@ def _ppid(pid: int) -> int:
         return 0
 
 
-def _reap_in_target(pid: int, clone_pid: int, tid: int, syscall_ip: int) -> None:
+def _reap_in_target(plan: ReapPlan) -> None:
     """Make the target ``wait4(CLONE, NULL, __WALL | WNOHANG, NULL)`` its clone's zombie.
 
-    One thread is seized for the duration of one syscall; the others run on.
+    One thread is seized for the duration of one syscall (seccomp suspended if the target runs
+    under it); the others run on.
     """
+    pid, clone_pid, tid = plan.pid, plan.clone_pid, plan.tid
     if _proc_state(clone_pid) == "" or _ppid(clone_pid) != pid:
         return  # already reaped (the target waits with __WALL), or not ours
     if not tid or not Path(f"/proc/{pid}/task/{tid}").exists():
@@ -686,21 +750,23 @@ def _reap_in_target(pid: int, clone_pid: int, tid: int, syscall_ip: int) -> None
             return
         saved = ptrace.get_regs(tid)
         mask = ptrace.get_sigmask(tid)
-        ip = syscall_ip or _syscall_address(pid, saved)
+        ip = plan.syscall_ip or _syscall_address(pid, saved)
         restore = _arch().resume_regs(saved, False)
-        ptrace.set_options(tid, Opt.TRACESYSGOOD)
+        ptrace.set_options(tid, Opt.TRACESYSGOOD | plan.suspend)
         ptrace.set_sigmask(tid, _ALL_SIGNALS)
+        wait_for = plan.clone_ns_pid
         try:
             ret, _ = _run_syscall(
                 tid,
                 _syscall_regs(
-                    saved, ip, _arch().syscalls.wait4, clone_pid, 0, ptrace.WALL | _WNOHANG, 0
+                    saved, ip, _arch().syscalls.wait4, wait_for, 0, ptrace.WALL | _WNOHANG, 0
                 ),
             )
         finally:
             ptrace.set_regs(tid, restore)
             ptrace.set_sigmask(tid, mask)
-        if ret != clone_pid:
+            ptrace.set_options(tid, Opt(0))
+        if ret != wait_for:
             log.warning("process %d: reaping clone %d: wait4 returned %d", pid, clone_pid, ret)
     finally:
         with contextlib.suppress(PtraceError):
@@ -710,9 +776,7 @@ def _reap_in_target(pid: int, clone_pid: int, tid: int, syscall_ip: int) -> None
 # --- the watchdog -------------------------------------------------------------------------------
 
 
-def _start_watchdog(
-    pid: int, clone_pid: int, pidfd: int, tid: int, syscall_ip: int
-) -> tuple[int, int]:
+def _start_watchdog(plan: ReapPlan, pidfd: int) -> tuple[int, int]:
     """Fork a watchdog that kills and reaps the clone if this process dies without doing it.
 
     Once released for CRIU the clone is no longer traced by us, so PTRACE_O_EXITKILL no longer
@@ -736,16 +800,14 @@ def _start_watchdog(
     if child == 0:  # pragma: no cover - runs in the forked watchdog
         try:
             os.close(wfd)
-            _watchdog(rfd, pid, clone_pid, pidfd, tid, syscall_ip)
+            _watchdog(rfd, plan, pidfd)
         finally:
             os._exit(0)
     os.close(rfd)
     return child, wfd
 
 
-def _watchdog(  # pragma: no cover - forked child
-    rfd: int, pid: int, clone_pid: int, pidfd: int, tid: int, syscall_ip: int
-) -> None:
+def _watchdog(rfd: int, plan: ReapPlan, pidfd: int) -> None:  # pragma: no cover - forked child
     os.setsid()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTSTP):
         signal.signal(sig, signal.SIG_IGN)
@@ -762,8 +824,8 @@ def _watchdog(  # pragma: no cover - forked child
     with contextlib.suppress(ProcessLookupError, OSError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     with contextlib.suppress(PtraceError, OSError, LivedumpError):
-        _wait_zombie(clone_pid, timeout=5.0)
-        _reap_in_target(pid, clone_pid, tid, syscall_ip)
+        _wait_zombie(plan.clone_pid, timeout=5.0)
+        _reap_in_target(plan)
 
 
 def _hook(step: str) -> None:

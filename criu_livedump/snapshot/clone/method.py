@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from converters.sidecar import DontFork, Sidecar
+from criu_livedump.linux import ptrace
 from criu_livedump.linux.mapped_files import open_mapped_files
 from criu_livedump.linux.procfs import SmapsEntry
 from criu_livedump.request import Method
+from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted
 from criu_livedump.snapshot.clone import images, inject
 from criu_livedump.snapshot.criu import Criu, DumpResult
@@ -37,22 +39,21 @@ class CloneSnapshot(Snapshot):
 
     @classmethod
     def refusals(cls, facts: TargetFacts, *, tree: bool) -> tuple[str, ...]:
-        """The target's own blockers the clone does not deal with (a tracer, a PID namespace),
-        and what the injected syscalls cannot work with."""
+        """The target's own blockers the clone does not deal with (a tracer), and what the
+        injection needs: seccomp suspended for a target under seccomp, CRIU run inside the
+        target's PID namespace for a target in a child one (the clone is never its init)."""
         reasons = [
             b.detail
             for b in facts.blockers
             if b.pid == facts.pid and b.refuse and b.kind not in HANDLES
         ]
-        if facts.seccomp:
-            reasons.append(inject.SECCOMP_REFUSAL)
+        if facts.seccomp and (why := ptrace.seccomp_suspension_refusal()) is not None:
+            reasons.append(why)
         if facts.state in ("T", "t"):
             # a job-control stop would end in the injected syscall; CRIU leaves it as it was
             reasons.append("it is stopped (state T)")
-        if len(facts.nstgid) > 1 and facts.nstgid[-1] == 1:
-            # criu/namespaces.c: "Can't dump a pid namespace without the process init"; a clone
-            # would be process 2 there
-            reasons.append("it is the init of a PID namespace, which CRIU dumps only from the init")
+        if facts.in_child_pid_ns and (why := criu.launcher_refusal()) is not None:
+            reasons.append(f"its clone is a process of its PID namespace; {why}")
         if tree:
             reasons.append("--tree needs the whole process tree, which only CRIU collects")
         return tuple(reasons)
@@ -72,7 +73,15 @@ class CloneSnapshot(Snapshot):
         for b in self.facts.blockers:
             if b.pid == self.facts.pid:
                 options.update(dict.fromkeys(b.criu_options))
-        return CriuTask(pid=clone.clone_pid, leave_running=False, options=tuple(options))
+        inside = self.facts.in_child_pid_ns
+        if inside or not self.facts.same_mnt_ns:
+            options[criu.EXTERNAL_MOUNTS] = None
+        return CriuTask(
+            pid=clone.clone_pid,
+            leave_running=False,
+            options=tuple(options),
+            ns_pid=clone.clone_ns_pid if inside else None,
+        )
 
     def complete(self, result: DumpResult) -> Snapshotted:
         clone = self._running_clone()
