@@ -3,16 +3,28 @@
 Each case (a row of :data:`CASES`) starts a blocked test program, takes our core of it (CRIU +
 converter, or the product's ``dump``), then lets the kernel dump the same unchanged process
 (SIGABRT) and compares the two cores field by field, with gdb's view of both. How to add a case:
-tests/harness/README.md.
+tests/harness/README.md. Every case runs twice: with the installed CRIU and with CRIU 4.1.1
+(:data:`OLDER_CRIU`) dumping.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
-from harness.cases import DATA, CaseRun, KernelCase, LiveDump, MountNamespace, run_case
+from harness.cases import (
+    DATA,
+    CaseRun,
+    CriuAndConvert,
+    KernelCase,
+    LiveDump,
+    MountNamespace,
+    run_case,
+)
+from harness.criu import criu_release
 from harness.compare import compare_with, note_layout_diffs, restart_diffs
 from harness.corefile import CoreView
 from harness.gdb import gdb_backtraces, gdb_warnings
@@ -73,11 +85,31 @@ CASES = (
 )
 
 
-@pytest.fixture(scope="module", params=sorted(CASES, key=lambda c: c.name), ids=lambda c: c.name)
+#: every case once more with CRIU 4.1.1 dumping: the last release before 4.2 changed the
+#: pagemap entries (issue 19), built beside the installed CRIU by `make setup`
+OLDER_CRIU = "4.1.1"
+
+
+def _dumping_with(case: KernelCase, version: str) -> KernelCase:
+    criu = str(criu_release(version))
+    dumper = case.dumper
+    assert isinstance(dumper, CriuAndConvert | LiveDump), f"{case.name}: which CRIU dumps?"
+    return replace(case, name=f"{case.name}@criu-{version}", dumper=replace(dumper, criu=criu))
+
+
+ALL_CASES = CASES + tuple(_dumping_with(c, OLDER_CRIU) for c in CASES)
+
+
+@pytest.fixture(
+    scope="module", params=sorted(ALL_CASES, key=lambda c: c.name), ids=lambda c: c.name
+)
 def run(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CaseRun]:
     case: KernelCase = request.param
+    criu = getattr(case.dumper, "criu", None)
+    if criu is not None and not os.access(criu, os.X_OK):
+        pytest.skip(f"{criu} is not built (make setup, or scripts/build-criu.sh {OLDER_CRIU})")
     with contextlib.ExitStack() as stack:
         yield run_case(case, tmp_path_factory.mktemp(case.name), stack)
 
@@ -89,7 +121,7 @@ def views(run: CaseRun) -> Iterator[tuple[CoreView, CoreView]]:
 
 
 def test_case_names_are_unique() -> None:
-    assert len({c.name for c in CASES}) == len(CASES)
+    assert len({c.name for c in ALL_CASES}) == len(ALL_CASES)
 
 
 def test_cores_equal(run: CaseRun, views: tuple[CoreView, CoreView]) -> None:

@@ -32,6 +32,15 @@ def criu_binary() -> str:
     return os.environ.get("CRIU") or DEFAULT_CRIU
 
 
+#: where ``scripts/build-criu.sh VERSION`` builds a release, beside the installed CRIU
+RELEASES_CACHE = Path(os.environ.get("CRIU_LIVEDUMP_CACHE", "/var/cache/criu-livedump"))
+
+
+def criu_release(version: str) -> Path:
+    """Where CRIU *version*'s binary is once built (``make setup`` builds 4.1.1)."""
+    return RELEASES_CACHE / f"criu-{version}" / "criu" / "criu"
+
+
 def criu_dump(
     pid: int, images_dir: str | os.PathLike[str], *, criu: str | os.PathLike[str] | None = None
 ) -> Path:
