@@ -24,9 +24,9 @@ from harness.cases import (
     MountNamespace,
     run_case,
 )
-from harness.criu import criu_release
 from harness.compare import compare_with, note_layout_diffs, restart_diffs
 from harness.corefile import CoreView
+from harness.criu import criu_release
 from harness.gdb import gdb_backtraces, gdb_warnings
 
 pytestmark = [pytest.mark.live, pytest.mark.kernel, pytest.mark.slow]
