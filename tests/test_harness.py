@@ -614,3 +614,18 @@ def test_copy_helper_keeps_sparse(tmp_path: Path) -> None:
     dst = _edit(src, tmp_path / "dst", (5, b"y"))
     assert dst.stat().st_blocks * 512 < 1 << 20
     assert dst.read_bytes()[:6] == b"x\0\0\0\0y"
+
+
+def test_bits_criu_sets_are_tolerated_only_where_the_kernel_has_them() -> None:
+    """XSTATE_BV's x87 bit, which CRIU's parasite sets in the target, is taken from the kernel's
+    core when ours lacks it; any other difference stays."""
+
+    def xstate(bv: int) -> bytes:
+        return bytes(512) + bytes([bv]) + bytes(63)
+
+    kernel, ours = xstate(0xA3), xstate(0xA2)
+    assert X86_64.as_after_criu("NT_X86_XSTATE", ours, kernel) == kernel
+    assert X86_64.as_after_criu("NT_X86_XSTATE", kernel, ours) == kernel  # ours set, theirs not
+    assert X86_64.as_after_criu("NT_X86_XSTATE", xstate(0xA0), kernel) == xstate(0xA1)
+    assert X86_64.as_after_criu("NT_FPREGSET", ours, kernel) == ours
+    assert X86_64.as_after_criu("NT_X86_XSTATE", None, kernel) is None

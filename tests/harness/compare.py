@@ -219,9 +219,9 @@ def _compare_threads(ours: CoreView, kernel: CoreView, opts: CompareOptions) -> 
                     f"kernel {k.prstatus[name]:#x}"
                 )
         for note, _ in machine.thread_notes.values():
-            out += _diff_blob(
-                kernel, f"thread {k.pid}: {note}", note, o.notes.get(note), k.notes.get(note)
-            )
+            theirs = k.notes.get(note)
+            mine = machine.as_after_criu(note, o.notes.get(note), theirs)
+            out += _diff_blob(kernel, f"thread {k.pid}: {note}", note, mine, theirs)
     return out
 
 

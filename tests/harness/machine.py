@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: the fields before the timevals in struct elf_prstatus (include/linux/elfcore.h); the same on
@@ -78,6 +78,10 @@ class Machine:
     erestart: frozenset[int]
     #: the register notes after each NT_PRSTATUS: (owner, type) -> (name, field table)
     thread_notes: Mapping[tuple[str, int], tuple[str, tuple[NoteField, ...]]]
+    #: bits of a register note that a CRIU dump run inside the target sets, by note name:
+    #: (byte offset, mask). The kernel's core of the target after ``criu dump --leave-running``
+    #: may have them where ours, from CRIU's images of the state before, has not.
+    set_by_criu: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def syscall_regs(self) -> tuple[str, str]:
@@ -101,6 +105,17 @@ class Machine:
         info["pr_fname"] = info["pr_fname"].rstrip(b"\0")
         info["pr_psargs"] = info["pr_psargs"].rstrip(b"\0")
         return info
+
+    def as_after_criu(self, note: str, ours: bytes | None, kernel: bytes | None) -> bytes | None:
+        """*ours* with the :attr:`set_by_criu` bits of *note* that *kernel* has set."""
+        if note not in self.set_by_criu or ours is None or kernel is None:
+            return ours
+        offset, mask = self.set_by_criu[note]
+        if len(ours) <= offset or len(kernel) <= offset:
+            return ours
+        fixed = bytearray(ours)
+        fixed[offset] |= kernel[offset] & mask
+        return bytes(fixed)
 
     def field_name(self, note: str, offset: int) -> str:
         """The name of the field of register note *note* at byte *offset*."""
