@@ -132,12 +132,14 @@ def test_system_settings_lock_excludes_other_processes(tmp_path: Path) -> None:
 
 @pytest.mark.kernel
 def test_core_pattern_restored_after_error() -> None:
-    before = (CORE_PATTERN.read_text(), CORE_USES_PID.read_text())
-    with pytest.raises(RuntimeError), core_pattern("/nonexistent-dir/kcore.%p", uses_pid=1):
-        assert CORE_PATTERN.read_text() == "/nonexistent-dir/kcore.%p\n"
-        assert CORE_USES_PID.read_text() == "1\n"
-        raise RuntimeError("boom")
-    assert (CORE_PATTERN.read_text(), CORE_USES_PID.read_text()) == before
+    # under the (re-entrant) lock throughout: another session's test may change the pattern
+    with system_settings_lock():
+        before = (CORE_PATTERN.read_text(), CORE_USES_PID.read_text())
+        with pytest.raises(RuntimeError), core_pattern("/nonexistent-dir/kcore.%p", uses_pid=1):
+            assert CORE_PATTERN.read_text() == "/nonexistent-dir/kcore.%p\n"
+            assert CORE_USES_PID.read_text() == "1\n"
+            raise RuntimeError("boom")
+        assert (CORE_PATTERN.read_text(), CORE_USES_PID.read_text()) == before
 
 
 @pytest.mark.live
@@ -483,6 +485,7 @@ def test_compare_skips_vvar_only_when_asked(kcore: KernelCore, tmp_path: Path) -
         (NT.PRPSINFO, 24, "NT_PRPSINFO pr_pid", 1),
         (NT.FPREGSET, 24, "NT_FPREGSET: mxcsr differs", 1),
         (NT.X86_XSTATE, 160 + 16 * 3, "NT_X86_XSTATE: xmm3 differs", 1),
+        (NT.X86_XSAVE_LAYOUT, 4, "NT_X86_XSAVE_LAYOUT: ours 1 notes", 1),
     ],
 )
 def test_compare_reports_changed_note(

@@ -80,7 +80,7 @@ def compare_cores(
     Compared: thread ids (ours must list the main thread first), per-thread non-volatile
     registers, NT_PRSTATUS ids and signal fields, the register notes (FPREGSET, XSTATE), the
     note type sequence, PT_LOAD (vaddr, memsz, filesz, flags), bytes of every segment the kernel
-    dumped, PRPSINFO, NT_AUXV and NT_FILE.
+    dumped, PRPSINFO, NT_AUXV, NT_FILE and the machine's per-core notes (XSAVE_LAYOUT).
 
     :param skip_vvar: do not compare the bytes of [vvar]/[vvar_vclock] (see :func:`vvar_ranges`).
     :param maps: /proc/PID/maps captured before the kernel dump (:attr:`Target.maps`).
@@ -430,6 +430,20 @@ def _compare_nt_file(ours: CoreView, kernel: CoreView, opts: CompareOptions) -> 
     return out
 
 
+def _compare_arch_notes(ours: CoreView, kernel: CoreView, opts: CompareOptions) -> list[str]:
+    """The machine's once-per-core notes (x86_64: NT_X86_XSAVE_LAYOUT), byte for byte."""
+    out = []
+    for (owner, ntype), name in kernel.machine.process_notes.items():
+        o = [n.desc for n in ours.notes if (n.owner, n.type) == (owner, ntype)]
+        k = [n.desc for n in kernel.notes if (n.owner, n.type) == (owner, ntype)]
+        if o != k:
+            out.append(
+                f"{name}: ours {len(o)} notes ({', '.join(d.hex()[:32] for d in o)}), "
+                f"kernel {len(k)} ({', '.join(d.hex()[:32] for d in k)})"
+            )
+    return out
+
+
 def _fmt_file(e: FileEntry) -> str:
     return f"{e.start:#x}-{e.end:#x} pgoff {e.pgoff:#x} {e.name}"
 
@@ -446,4 +460,5 @@ CHECKS: tuple[Check, ...] = (
     _compare_prpsinfo,
     _compare_auxv,
     _compare_nt_file,
+    _compare_arch_notes,
 )

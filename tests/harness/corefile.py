@@ -36,6 +36,7 @@ class NT(IntEnum):
     PRPSINFO = 3
     AUXV = 6
     X86_XSTATE = 0x202
+    X86_XSAVE_LAYOUT = 0x205
     SIGINFO = 0x53494749
     FILE = 0x46494C45
 

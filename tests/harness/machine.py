@@ -78,6 +78,8 @@ class Machine:
     erestart: frozenset[int]
     #: the register notes after each NT_PRSTATUS: (owner, type) -> (name, field table)
     thread_notes: Mapping[tuple[str, int], tuple[str, tuple[NoteField, ...]]]
+    #: architecture notes written once per core, compared byte for byte: (owner, type) -> name
+    process_notes: Mapping[tuple[str, int], str]
     #: bits of a register note that a CRIU dump run inside the target sets, by note name:
     #: (byte offset, mask). The kernel's core of the target after ``criu dump --leave-running``
     #: may have them where ours, from CRIU's images of the state before, has not.

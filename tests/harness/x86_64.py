@@ -75,6 +75,9 @@ FXSAVE_FIELDS = (
 #: NT_FPREGSET and NT_X86_XSTATE (include/uapi/linux/elf.h)
 _NT_FPREGSET = 2
 _NT_X86_XSTATE = 0x202
+#: NT_X86_XSAVE_LAYOUT (include/uapi/linux/elf.h), once per core since Linux 6.11
+#: (arch/x86/kernel/fpu/xstate.c: elf_coredump_extra_notes_write())
+_NT_X86_XSAVE_LAYOUT = 0x205
 
 #: -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK (linux/errno.h)
 ERESTART = frozenset((1 << 64) - e for e in (512, 513, 514, 516))
@@ -110,6 +113,7 @@ X86_64 = Machine(
         ("CORE", _NT_FPREGSET): ("NT_FPREGSET", FXSAVE_FIELDS),
         ("LINUX", _NT_X86_XSTATE): ("NT_X86_XSTATE", FXSAVE_FIELDS),
     },
+    process_notes={("LINUX", _NT_X86_XSAVE_LAYOUT): "NT_X86_XSAVE_LAYOUT"},
     # XSTATE_BV bit 0, "x87 state in use" (Intel's init optimisation, SDM vol. 1 13.6): CRIU's
     # parasite leaves it set, its x87 registers at their init values. Measured here: a `sleep`
     # reads 0xa2 through PTRACE_GETREGSET before `criu dump --leave-running`, 0xa3 after.
