@@ -1,8 +1,10 @@
 """``criu-livedump check``: can this host take live dumps, and how.
 
 :func:`run_check` gathers one :class:`Item` per fact (CRIU binary, ``criu check``, dirty
-tracking, privileges, core_pattern, core_uses_pid, scratch space). Items marked fatal mean live
-dumps cannot work here; the CLI prints the report and then fails with the first fatal reason.
+tracking, privileges, core_pattern, core_uses_pid, scratch space) and, for ``--pid PID``, what
+the process is and which methods can dump it, each with its refusals (the very refusals
+``dump`` applies before anything freezes). Items marked fatal mean live dumps cannot work here;
+the CLI prints the report and then fails with the first fatal reason.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from criu_livedump import scratch
+from criu_livedump import scratch, snapshot, target
 from criu_livedump.errors import LivedumpError
 from criu_livedump.linux.caps import CAP, capabilities, has_cap
 from criu_livedump.snapshot import criu
@@ -40,7 +42,11 @@ class Item:
         return _LABELS.get(self.key, self.key)
 
 
-_LABELS = {"criu_check": "criu check", "dirty_tracking": "dirty tracking"}
+_LABELS = {
+    "criu_check": "criu check",
+    "dirty_tracking": "dirty tracking",
+    **{f"method_{m.value}": f"method {m.value}" for m in snapshot.METHODS},
+}
 _SETUP_HINT = "run `make setup`, or name a working binary with --criu PATH"
 
 
@@ -185,8 +191,60 @@ def _scratch_item() -> Item:
     return Item("scratch", text, fatal, data, "make /var/tmp or /dev/shm writable")
 
 
-def run_check(criu_path: str | None = None) -> Report:
-    """Gather the report; never raises for a problem of the host (those are fatal items)."""
+def _process_item(facts: target.TargetFacts) -> Item:
+    what = []
+    if facts.pid_ns_init:
+        what.append("the init of a child PID namespace (a container's main process)")
+    elif facts.in_child_pid_ns:
+        what.append(f"process {facts.ns_pid} of a child PID namespace (a container's process)")
+    if facts.seccomp:
+        what.append("under seccomp")
+    if not facts.same_mnt_ns:
+        what.append("in another mount namespace")
+    text = f"{facts.pid} ({facts.comm})" + (": " + ", ".join(what) if what else "")
+    data = {
+        "pid": facts.pid,
+        "comm": facts.comm,
+        "ns_pid": facts.ns_pid,
+        "pid_namespace_init": facts.pid_ns_init,
+        "child_pid_namespace": facts.in_child_pid_ns,
+        "seccomp": facts.seccomp,
+        "same_mount_namespace": facts.same_mnt_ns,
+    }
+    return Item("process", text, False, data)
+
+
+def _method_items(pid: int) -> list[Item]:
+    """What process *pid* is and, one line per method, whether it can dump it and why not.
+
+    :raises TargetError: no such process (or not one that can be dumped at all).
+    """
+    facts = target.inspect(pid, tree=True)
+    try:
+        target.check_ptrace_allowed(facts)
+        access: tuple[str, ...] = ()
+    except LivedumpError as e:
+        access = (e.message,)
+    items = [_process_item(facts)]
+    refusals = {
+        m: (*access, *cls.refusals(facts, tree=False)) for m, cls in snapshot.METHODS.items()
+    }
+    auto = next((m for m, why in refusals.items() if not why), None)
+    for m, why in refusals.items():
+        text = f"cannot dump process {pid}: " + "; ".join(why) if why else "can dump it"
+        if m == auto:
+            text += " (auto takes it)"
+        data = {"can": not why, "refusals": list(why), "auto": m == auto}
+        items.append(Item(f"method_{m.value}", text, auto is None, data))
+    return items
+
+
+def run_check(criu_path: str | None = None, pid: int | None = None) -> Report:
+    """Gather the report; never raises for a problem of the host (those are fatal items).
+
+    :param pid: also say which methods can dump this process (fatal when none can).
+    :raises TargetError: *pid* names no process that could be dumped.
+    """
     items = _criu_items(criu_path)
     items.append(_privilege_item())
     pattern = _read_sysctl("core_pattern")
@@ -194,4 +252,6 @@ def run_check(criu_path: str | None = None) -> Report:
     items.append(Item("core_pattern", pattern, False, {"value": pattern}))
     items.append(Item("core_uses_pid", uses_pid, False, {"value": uses_pid}))
     items.append(_scratch_item())
+    if pid is not None:
+        items += _method_items(pid)
     return Report(tuple(items))

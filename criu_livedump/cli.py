@@ -166,11 +166,16 @@ def _emit_json(data: object) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--criu", "criu_path", metavar="PATH", help="The CRIU binary to use.")
-def check(as_json: bool, criu_path: str | None) -> None:
+@click.option(
+    "--pid",
+    type=click.IntRange(min=1),
+    help="Also say which methods can dump this process, and why not.",
+)
+def check(as_json: bool, criu_path: str | None, pid: int | None) -> None:
     """Report whether live dumps can work here, one line per fact."""
     from criu_livedump.check import run_check
 
-    report = run_check(criu_path)
+    report = run_check(criu_path, pid)
     if as_json:
         _emit_json(report.as_dict())
     else:

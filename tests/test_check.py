@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import StartTarget
 
 from criu_livedump.cli import ExitStatus, cli
 from criu_livedump.errors import CriuNotFoundError, CriuUnusableError
@@ -245,3 +246,63 @@ def test_console_script_check() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("criu: ")
     assert proc.stderr == ""
+
+
+# --- check --pid: which methods can dump that process ------------------------------------------
+
+
+def _method_lines(stdout: str) -> list[str]:
+    return [ln for ln in stdout.splitlines() if ln.startswith(("process:", "method "))]
+
+
+@pytest.mark.live
+def test_check_pid_of_a_plain_process(
+    runner: CliRunner, programs: dict[str, Path], targets: StartTarget
+) -> None:
+    target = targets(programs["threads"], "2")
+    result = runner.invoke(cli, ["check", "--pid", str(target.pid)])
+    assert result.exit_code == ExitStatus.OK, result.stderr
+    assert _method_lines(result.stdout) == [
+        f"process: {target.pid} (threads)",
+        "method clone: can dump it (auto takes it)",
+        "method criu: can dump it",
+    ]
+    data = json.loads(runner.invoke(cli, ["check", "--pid", str(target.pid), "--json"]).stdout)
+    assert data["method_clone"] == {"can": True, "refusals": [], "auto": True}
+    assert data["method_criu"] == {"can": True, "refusals": [], "auto": False}
+    assert data["process"]["ns_pid"] == target.pid
+
+
+@pytest.mark.live
+def test_check_pid_of_a_traced_process_names_every_refusal(
+    runner: CliRunner, programs: dict[str, Path], targets: StartTarget
+) -> None:
+    """A traced process: neither method can attach, each line says so, and check fails."""
+    target = targets(programs["threads"], "2")
+    tracer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom criu_livedump.linux import ptrace\n"
+         "ptrace.seize(int(sys.argv[1]))\nprint('ok', flush=True)\ntime.sleep(60)",
+         str(target.pid)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert tracer.stdout is not None and tracer.stdout.readline().strip() == "ok"
+        result = runner.invoke(cli, ["check", "--pid", str(target.pid), "--json"])
+    finally:
+        tracer.kill()
+        tracer.wait()
+        if tracer.stdout is not None:
+            tracer.stdout.close()
+    assert result.exit_code == ExitStatus.ENVIRONMENT
+    data = json.loads(result.stdout)
+    traced = f"it is being traced by process {tracer.pid}, and a process can have only one tracer"
+    for method in ("clone", "criu"):
+        assert data[f"method_{method}"]["can"] is False
+        assert traced in data[f"method_{method}"]["refusals"]
+    assert data["ok"] is False
+
+
+def test_check_pid_of_no_process(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["check", "--pid", "4194304"])
+    assert result.exit_code == ExitStatus.TARGET
+    assert error_lines(result.stderr) == ["error: process 4194304: no such process"]

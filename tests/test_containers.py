@@ -214,3 +214,53 @@ def test_calls_in_flight_in_a_container_survive_clone_dumps(
         results[call] = "ok" if word == "ok" else detail.strip()
     assert results == dict.fromkeys(CALLS, "ok"), results
     assert proc.returncode == 0
+
+
+# --- check --pid and refusals -------------------------------------------------------------------
+
+
+def _check(pid: int, *wrapper: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*wrapper, str(TOOL), "check", "--pid", str(pid), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+#: the tool without CAP_SYS_ADMIN (root otherwise)
+NO_SYS_ADMIN = ("setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--")
+
+
+def test_check_and_refusals_for_container_processes(image_root: Path, tmp_path: Path) -> None:
+    """``check --pid`` says both methods can dump either process of a container (auto: clone).
+    Without CAP_SYS_ADMIN the tool cannot even inspect it, and says so in one line."""
+    with container("--rootfs", str(image_root), "/bin/sh", "-c", "/threads 2; :") as name:
+        wait_for(lambda: "ready" in podman("logs", name).stdout.split(), 60, f"{name} ready")
+        init = init_pid(name)
+        service = int(Path(f"/proc/{init}/task/{init}/children").read_text().split()[0])
+        for pid, init_of_ns in ((init, True), (service, False)):
+            proc = _check(pid)
+            assert proc.returncode == 0, proc.stderr
+            data = json.loads(proc.stdout)
+            assert data["process"]["pid_namespace_init"] is init_of_ns
+            assert data["process"]["seccomp"] == 2
+            assert data["method_clone"] == {"can": True, "refusals": [], "auto": True}
+            assert data["method_criu"] == {"can": True, "refusals": [], "auto": False}
+
+        # without CAP_SYS_ADMIN even inspecting it fails (setns() into its namespaces), in one
+        # line with a true hint, before anything is frozen
+        for argv in (
+            [*NO_SYS_ADMIN, str(TOOL), "check", "--pid", str(service)],
+            [*NO_SYS_ADMIN, str(TOOL), "dump", str(service), "-o", str(tmp_path / "core")],
+        ):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+            assert out.returncode == 4, out.stderr
+            assert out.stderr.splitlines()[-2:] == [
+                f"error: process {service}: entering its uts namespace to inspect it needs"
+                " CAP_SYS_ADMIN",
+                "hint: run as root with CAP_SYS_ADMIN",
+            ]
+        assert not (tmp_path / "core").exists()
+        assert _state(service) == "S"

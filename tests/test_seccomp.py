@@ -9,6 +9,7 @@ CAP_SYS_ADMIN is refused in one line whose hint names only a method that accepts
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -106,3 +107,14 @@ def test_without_cap_sys_admin_clone_is_refused_with_a_true_hint(
     ]
     assert _state(target.pid) == "S"
     assert not (tmp_path / "c").exists()
+    # check --pid says the same for both methods, one line each
+    argv = [*argv[:4], str(TOOL), "check", "--pid", str(target.pid), "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 8, proc.stderr
+    data = json.loads(proc.stdout)
+    refusal = (
+        "it runs under seccomp, whose filters must be suspended for injected code, which needs"
+        " CAP_SYS_ADMIN, and this tool lacks it"
+    )
+    assert data["method_clone"] == {"can": False, "refusals": [refusal], "auto": False}
+    assert data["method_criu"] == {"can": False, "refusals": [refusal], "auto": False}

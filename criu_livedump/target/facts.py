@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import errno
 import fcntl
 import os
 import pickle
@@ -342,7 +343,7 @@ def _in_namespace(pid: int, kind: str, nstype: int, fn: Callable[[], _T]) -> _T:
             payload = pickle.dumps(("ok", fn()))
             code = 0
         except OSError as e:
-            payload = pickle.dumps(("err", e.strerror or "cannot enter it"))
+            payload = pickle.dumps(("err" if e.errno != errno.EPERM else "eperm", e.strerror))
         except BaseException:
             payload = pickle.dumps(("err", "the helper process failed"))
         with contextlib.suppress(BaseException):
@@ -355,8 +356,14 @@ def _in_namespace(pid: int, kind: str, nstype: int, fn: Callable[[], _T]) -> _T:
             chunks.append(chunk)
     os.waitpid(child, 0)
     status, value = pickle.loads(b"".join(chunks)) if chunks else ("err", "child died")
+    if status == "eperm":
+        # kernel/nsproxy.c: setns() wants CAP_SYS_ADMIN over the namespace
+        raise PermissionDeniedError(
+            f"process {pid}: entering its {kind} namespace to inspect it needs CAP_SYS_ADMIN",
+            hint="run as root with CAP_SYS_ADMIN",
+        )
     if status != "ok":
-        raise TargetError(pid, f"cannot enter its {kind} namespace ({value})")
+        raise TargetError(pid, f"cannot enter its {kind} namespace ({value or 'cannot enter it'})")
     return cast(_T, value)
 
 
