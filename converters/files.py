@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from converters.arch import host
 from converters.archive import MAX_ENTRIES, BoundedTarInfo
 from converters.images import MappedFile
 
@@ -188,7 +189,6 @@ def identity_mismatch(opened: OpenedFile, mf: MappedFile, *, live: bool = False)
 
 # --- resolving names inside a root ------------------------------------------------------------
 
-_SYS_OPENAT2 = 437  # the same number on x86_64 and aarch64 (include/uapi/asm-generic/unistd.h)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 
@@ -205,9 +205,8 @@ def _open_in_root(root_fd: int, name: str) -> int:
     :raises OSError: as openat2 fails.
     """
     how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(
-        _SYS_OPENAT2, root_fd, os.fsencode(name), ctypes.byref(how), ctypes.sizeof(how)
-    )
+    nr = host().syscalls.openat2
+    fd = _libc.syscall(nr, root_fd, os.fsencode(name), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), name)

@@ -30,7 +30,8 @@ class CpuLayout(Protocol):
 
 @dataclass(frozen=True)
 class Syscalls:
-    """Numbers of the syscalls the clone snapshot injects into a target or calls itself."""
+    """Numbers of the syscalls the clone snapshot injects into a target, and of those this
+    project calls itself through libc's syscall() (no wrapper in Python)."""
 
     clone: int
     wait4: int
@@ -40,6 +41,7 @@ class Syscalls:
     pause: int
     ioprio_set: int
     ioprio_get: int
+    openat2: int
 
 
 @dataclass(frozen=True)

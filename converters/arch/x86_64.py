@@ -101,6 +101,7 @@ class SYS:
     ppoll: Final = 271
     epoll_pwait: Final = 281
     close_range: Final = 436
+    openat2: Final = 437
 
 
 #: syscalls that return -ERESTARTNOHAND when a signal interrupts them (kernel/signal.c
@@ -555,6 +556,7 @@ ARCH: Final = Arch(
         pause=SYS.pause,
         ioprio_set=SYS.ioprio_set,
         ioprio_get=SYS.ioprio_get,
+        openat2=SYS.openat2,
     ),
     syscall_insn=SYSCALL_INSN,
     core_gregs=core_gregs,
