@@ -8,8 +8,9 @@ from functools import partial
 from pathlib import Path
 
 from converters import elf, model
+from converters.elf import PAGE_SIZE
 from converters.errors import ConversionError, OutputError
-from converters.images import PAGE_SIZE, ImageSet
+from converters.images import ImageSet
 from converters.options import UNLIMITED, ConvertOptions, CoreResult
 from converters.sidecar import read_sidecar
 from converters.sinks import FileSink, Sink

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from converters.sinks import Sink
 
+#: The page of every architecture in converters.arch.ARCHES (their ``page_size``; a test holds
+#: them equal): CRIU's images count in it, and the core aligns segments to it (ELF_EXEC_PAGESIZE).
 PAGE_SIZE = 4096
 
 

@@ -27,9 +27,9 @@ from google.protobuf.message import DecodeError, Message
 from pycriu.images import pb
 
 from converters.arch import Arch, by_criu_mtype
+from converters.elf import PAGE_SIZE
 from converters.errors import ImageFormatError, MissingImageError
 
-PAGE_SIZE = 4096
 _U32 = struct.Struct("<I")
 #: No sane image entry is larger than this (CRIU's own limit for an entry is far smaller).
 _MAX_ENTRY = 64 << 20

@@ -14,6 +14,7 @@ from pycriu.images import pb
 
 from converters.arch import ARCHES, by_criu_mtype, host, x86_64
 from converters.arch.base import PRPSINFO, SIGINFO, Arch, prstatus_struct
+from converters.elf import PAGE_SIZE
 from converters.errors import UnsupportedArchError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,12 @@ def test_rows_fill_every_field() -> None:
     for key in ("name", "e_machine", "criu_mtype"):
         values = [getattr(a, key) for a in ARCHES]
         assert len(set(values)) == len(values), key
+
+
+def test_one_page_size() -> None:
+    """The converter lays out every core with one page size: an architecture with another
+    (aarch64 with 64 KiB pages) needs it threaded through converters.elf and images first."""
+    assert {a.page_size for a in ARCHES} == {PAGE_SIZE}
 
 
 def test_lookup() -> None:

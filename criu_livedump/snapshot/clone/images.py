@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from converters.arch import by_criu_mtype
+from converters.elf import PAGE_SIZE
 from converters.images import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
-    PAGE_SIZE,
     PE_PARENT,
     PE_PRESENT,
     VMA_ANON_PRIVATE,
