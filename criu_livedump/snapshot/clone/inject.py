@@ -246,121 +246,192 @@ class Clone:
 
 
 def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = None) -> Clone:
-    """Steps 1-5: a stopped, prepared copy-on-write clone of process *pid*, target running.
+    """Steps 0-5: a stopped, prepared copy-on-write clone of process *pid*, target running
+    (:func:`prepare`, then :func:`freeze`).
 
     :param timeout: seconds to wait for the target's threads to stop.
-    :param side_dir: where the bytes of mappings CRIU refuses are copied (default: a file in the
-        current directory is never written; without *side_dir* such mappings are refused).
+    :param side_dir: where the bytes of mappings CRIU refuses are copied (without *side_dir*
+        such mappings are refused).
     :raises CloneRefusedError: the target is traced, or runs under seccomp and this process
         cannot suspend it (:func:`ptrace.seccomp_suspension_refusal`).
     :raises TargetError: the target vanished.
     :raises CloneError: anything else; the target is left running and no clone is alive.
     """
+    return freeze(prepare(pid, side_dir), timeout=timeout)
+
+
+@dataclass
+class Prepared:
+    """Step 0, done while the target runs: its refusals checked again, its smaps read (which
+    walks every page table) and the side file for the pages a fork does not copy allocated."""
+
+    pid: int
+    side_dir: Path | None
+    smaps: tuple[SmapsEntry, ...]
+    copier: fork_lost.Copier | None
+    #: the ptrace option the injection needs (seccomp suspended), see :func:`_check_target`
+    suspend: Opt
+
+    def close(self) -> None:
+        """Release the side file's mapping (idempotent)."""
+        if self.copier is not None:
+            self.copier.close()
+
+
+def prepare(pid: int, side_dir: Path | None = None) -> Prepared:
+    """Step 0 for process *pid*; see :class:`Prepared`.
+
+    :raises CloneRefusedError: the target is traced, or runs under seccomp and this process
+        cannot suspend it.
+    :raises TargetError: the target vanished.
+    """
     suspend = _check_target(pid)
-    # before the freeze: reading smaps walks every page table, allocating pages takes time
     smaps = tuple(smaps_entries(pid))
     copier = fork_lost.prepare(pid, smaps, side_dir) if side_dir is not None else None
+    return Prepared(pid, side_dir, smaps, copier, suspend)
+
+
+@dataclass
+class _Freeze:
+    """A freeze in progress (steps 1-4): what must be undone should it fail."""
+
+    pid: int
+    suspend: Opt
+    seized: list[int] = field(default_factory=list)
+    threads: dict[int, ThreadState] = field(default_factory=dict)
+    injector: int = 0
+    saved: bytes | None = None
+    restore: bytes | None = None
+    mask: int = 0
+    clone_pid: int = 0
+    clone_ns_pid: int = 0
+    pidfd: int = -1
+    syscall_ip: int = 0
+    watchdog: tuple[int, int] = (0, -1)
+
+
+def freeze(prepared: Prepared, *, timeout: float = 10.0) -> Clone:
+    """Steps 1-5: freeze the target, clone it, let it run on; then prepare the clone.
+
+    :raises TargetError: the target vanished.
+    :raises CloneError: anything else; the target is left running and no clone is alive.
+    """
+    pid, copier = prepared.pid, prepared.copier
+    state = _Freeze(pid, prepared.suspend)
     start = time.monotonic()
-    threads: dict[int, ThreadState] = {}
-    seized: list[int] = []
-    injector = 0
-    injector_saved: bytes | None = None
-    restore_regs: bytes | None = None
-    injector_mask = 0
-    clone_pid = 0
-    pidfd = -1
-    syscall_ip = 0
-    watchdog = (0, -1)
     try:
-        _seize_all(pid, seized, timeout)
-        for tid in seized:
-            threads[tid] = _save_thread(pid, tid)
-            # Before anything else can go wrong: an EINTR our interrupt caused becomes a restart.
-            fixed = _eintr_fixup(threads[tid].regs, threads[tid].signal_pending)
-            if fixed is not None:
-                ptrace.set_regs(tid, fixed)
+        _stop_threads(state, timeout)
         pgid, sid = _pgid_sid(pid)
         _hook("seized")
-
-        injector = pid if pid in threads else seized[0]
-        injector_saved = threads[injector].regs
-        injector_mask = threads[injector].sigmask
-        syscall_ip = _syscall_address(pid, injector_saved)
-        restore_regs = _arch().resume_regs(injector_saved, threads[injector].signal_pending)
-        clone_pid = _inject_clone(
-            injector, injector_saved, restore_regs, injector_mask, syscall_ip, suspend
-        )
-        pidfd = os.pidfd_open(clone_pid)
+        _make_clone(state)
         if copier is not None:
             copier.copy()
         _hook("cloned")
-
-        for tid in seized:
+        for tid in state.seized:
             with contextlib.suppress(ProcessLookupError, PtraceError):
                 ptrace.detach(tid)
-        seized.clear()
-        freeze = time.monotonic() - start
-        clone_ns_pid = _ns_id(read_status(f"/proc/{clone_pid}/status"), "NSpid", clone_pid)
-        reap = ReapPlan(pid, clone_pid, clone_ns_pid, injector, syscall_ip, suspend)
-        watchdog = _start_watchdog(reap, pidfd)
+        state.seized.clear()
+        frozen = time.monotonic() - start
+        cpid = state.clone_pid
+        state.clone_ns_pid = _ns_id(read_status(f"/proc/{cpid}/status"), "NSpid", cpid)
+        reap = ReapPlan(
+            pid, cpid, state.clone_ns_pid, state.injector, state.syscall_ip, state.suspend
+        )
+        state.watchdog = _start_watchdog(reap, state.pidfd)
         _hook("detached")
         lost = copier.finish() if copier is not None else ()
     except BaseException as e:
         # Step 7: whatever failed, the target runs on and the clone dies with us.
-        if copier is not None:
-            copier.close()
-        if injector_saved is not None and injector in seized:
-            with contextlib.suppress(PtraceError):
-                ptrace.set_regs(injector, restore_regs or injector_saved)
-                ptrace.set_sigmask(injector, injector_mask)
-                ptrace.set_options(injector, Opt(0))
-        for tid in seized:
-            with contextlib.suppress(PtraceError):
-                ptrace.detach(tid)
-        if clone_pid:
-            snap_fail = Clone(pid, clone_pid, (), 0.0, 0, 0, _pidfd=pidfd, _watchdog=watchdog)
-            snap_fail.injector_tid = injector
-            snap_fail._syscall_ip = syscall_ip
-            snap_fail._suspend = suspend
-            with contextlib.suppress(OSError):
-                status = read_status(f"/proc/{clone_pid}/status")
-                snap_fail.clone_ns_pid = _ns_id(status, "NSpid", clone_pid)
-            snap_fail.kill()
-        if isinstance(e, PtraceError):
-            if e.errno == errno.ESRCH and not Path(f"/proc/{pid}").exists():
-                raise TargetError(pid, "exited during the clone snapshot") from e
-            raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
-        if isinstance(e, OSError):  # the side file (fork_lost), pidfd_open
-            where = f"{e.filename}: " if e.filename else ""
-            raise CloneError(f"process {pid}: clone snapshot failed: {where}{e.strerror}") from e
+        prepared.close()
+        _undo(state)
+        _raise_as_clone_error(pid, e)
         raise
-
     snap = Clone(
         pid=pid,
-        clone_pid=clone_pid,
-        threads=tuple(threads[t] for t in sorted(threads)),
-        freeze_seconds=freeze,
+        clone_pid=state.clone_pid,
+        threads=tuple(state.threads[t] for t in sorted(state.threads)),
+        freeze_seconds=frozen,
         pgid=pgid,
         sid=sid,
         fork_lost=lost,
-        smaps=smaps,
-        injector_tid=injector,
+        smaps=prepared.smaps,
+        injector_tid=state.injector,
         ns_pid=_ns_id(read_status(f"/proc/{pid}/status"), "NStgid", pid),
-        clone_ns_pid=clone_ns_pid,
-        _pidfd=pidfd,
-        _syscall_ip=syscall_ip,
-        _suspend=suspend,
-        _watchdog=watchdog,
+        clone_ns_pid=state.clone_ns_pid,
+        _pidfd=state.pidfd,
+        _syscall_ip=state.syscall_ip,
+        _suspend=state.suspend,
+        _watchdog=state.watchdog,
     )
     try:
-        snap.side_mappings = _prepare_clone(snap, side_dir)
+        snap.side_mappings = _prepare_clone(snap, prepared.side_dir)
         _hook("prepared")
     except BaseException as e:
         snap.kill()
         if isinstance(e, PtraceError):
-            raise CloneError(f"clone {clone_pid} of process {pid}: {e}") from e
+            raise CloneError(f"clone {snap.clone_pid} of process {pid}: {e}") from e
         raise
     return snap
+
+
+def _stop_threads(state: _Freeze, timeout: float) -> None:
+    """Step 1: seize and stop every thread and save its state."""
+    _seize_all(state.pid, state.seized, timeout)
+    for tid in state.seized:
+        state.threads[tid] = _save_thread(state.pid, tid)
+        # Before anything else can go wrong: an EINTR our interrupt caused becomes a restart.
+        fixed = _eintr_fixup(state.threads[tid].regs, state.threads[tid].signal_pending)
+        if fixed is not None:
+            ptrace.set_regs(tid, fixed)
+
+
+def _make_clone(state: _Freeze) -> None:
+    """Steps 2-3: inject the clone from one thread (the leader when it is alive)."""
+    pid, threads = state.pid, state.threads
+    state.injector = injector = pid if pid in threads else state.seized[0]
+    state.saved = saved = threads[injector].regs
+    state.mask = threads[injector].sigmask
+    state.syscall_ip = _syscall_address(pid, saved)
+    state.restore = _arch().resume_regs(saved, threads[injector].signal_pending)
+    state.clone_pid = _inject_clone(
+        injector, saved, state.restore, state.mask, state.syscall_ip, state.suspend
+    )
+    state.pidfd = os.pidfd_open(state.clone_pid)
+
+
+def _undo(state: _Freeze) -> None:
+    """After a failed freeze: the injector's registers back, every thread detached, the clone
+    (if any) killed and reaped."""
+    if state.saved is not None and state.injector in state.seized:
+        with contextlib.suppress(PtraceError):
+            ptrace.set_regs(state.injector, state.restore or state.saved)
+            ptrace.set_sigmask(state.injector, state.mask)
+            ptrace.set_options(state.injector, Opt(0))
+    for tid in state.seized:
+        with contextlib.suppress(PtraceError):
+            ptrace.detach(tid)
+    if state.clone_pid:
+        failed = Clone(
+            state.pid, state.clone_pid, (), 0.0, 0, 0, _pidfd=state.pidfd, _watchdog=state.watchdog
+        )
+        failed.injector_tid = state.injector
+        failed._syscall_ip = state.syscall_ip
+        failed._suspend = state.suspend
+        with contextlib.suppress(OSError):
+            status = read_status(f"/proc/{state.clone_pid}/status")
+            failed.clone_ns_pid = _ns_id(status, "NSpid", state.clone_pid)
+        failed.kill()
+
+
+def _raise_as_clone_error(pid: int, e: BaseException) -> None:
+    """Translate a ptrace or OS failure of the freeze; anything else is left to the caller."""
+    if isinstance(e, PtraceError):
+        if e.errno == errno.ESRCH and not Path(f"/proc/{pid}").exists():
+            raise TargetError(pid, "exited during the clone snapshot") from e
+        raise CloneError(f"process {pid}: clone snapshot failed: {e}") from e
+    if isinstance(e, OSError):  # the side file (fork_lost), pidfd_open
+        where = f"{e.filename}: " if e.filename else ""
+        raise CloneError(f"process {pid}: clone snapshot failed: {where}{e.strerror}") from e
 
 
 # --- step 0: refusals ---------------------------------------------------------------------------

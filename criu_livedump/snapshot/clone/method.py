@@ -35,6 +35,7 @@ class CloneSnapshot(Snapshot):
     """Freeze the target for the time a fork takes; CRIU dumps the fork, alone."""
 
     method = Method.CLONE
+    _prepared: inject.Prepared | None = None
     _clone: inject.Clone | None = None
 
     @classmethod
@@ -58,11 +59,15 @@ class CloneSnapshot(Snapshot):
             reasons.append("--tree needs the whole process tree, which only CRIU collects")
         return tuple(reasons)
 
-    def freeze(self) -> None:
+    def prepare(self) -> None:
         side = self.work / "side"
         side.mkdir(mode=0o700)
+        self._prepared = inject.prepare(self.facts.pid, side)
+
+    def freeze(self) -> None:
+        assert self._prepared is not None, "prepare() first"
         # steps 1-5 of inject.py: the target's freeze is the clone's making
-        self._clone = inject.clone_snapshot(self.facts.pid, side_dir=side)
+        self._clone = inject.freeze(self._prepared)
 
     def handoff(self, binary: Criu) -> CriuTask:
         clone = self._running_clone()
@@ -94,6 +99,8 @@ class CloneSnapshot(Snapshot):
     def close(self) -> None:
         if self._clone is not None:
             self._clone.kill()
+        if self._prepared is not None:
+            self._prepared.close()
         super().close()
 
     def _running_clone(self) -> inject.Clone:
