@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time as time_mod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -87,43 +88,33 @@ def _exe_text(facts: TargetFacts, name_only: bool) -> str:
     return _escape(path)
 
 
+#: The %-specifiers that print a fact (fs/coredump.c:coredump_parse()), each as
+#: ``(facts, signal, time) -> text``. %i/%I name the dumping thread; a live dump is taken on
+#: behalf of the thread-group leader.
+_SPECIFIERS: dict[str, Callable[[TargetFacts, int, int], str]] = {
+    "%": lambda f, s, t: "%",
+    "p": lambda f, s, t: str(f.ns_pid),  # task_tgid_vnr()
+    "P": lambda f, s, t: str(f.pid),  # task_tgid_nr()
+    "i": lambda f, s, t: str(f.ns_pid),
+    "I": lambda f, s, t: str(f.pid),
+    "u": lambda f, s, t: str(f.uids.real),  # from_kuid(&init_user_ns, cred->uid)
+    "g": lambda f, s, t: str(f.gids.real),
+    "d": lambda f, s, t: str(f.dumpable),
+    "s": lambda f, s, t: str(s),
+    "t": lambda f, s, t: str(t),
+    "h": lambda f, s, t: _escape(f.nodename),
+    "e": lambda f, s, t: _escape(f.comm),
+    "f": lambda f, s, t: _exe_text(f, name_only=True),
+    "E": lambda f, s, t: _exe_text(f, name_only=False),
+    "c": lambda f, s, t: _RLIM_INFINITY_TEXT if f.core_soft == UNLIMITED else str(f.core_soft),
+    "C": lambda f, s, t: str(f.cpu),
+}
+
+
 def _specifier(
     spec: str, facts: TargetFacts, signal: int, time: int, *, pipe: bool, pattern: str
 ) -> str:
     """The text one %-specifier expands to, as coredump_parse() prints it ("" when dropped)."""
-    if spec == "%":
-        return "%"
-    if spec == "p":
-        return str(facts.ns_pid)  # task_tgid_vnr()
-    if spec == "P":
-        return str(facts.pid)  # task_tgid_nr()
-    # %i/%I name the dumping thread; a live dump is taken on behalf of the thread-group leader.
-    if spec == "i":
-        return str(facts.ns_pid)
-    if spec == "I":
-        return str(facts.pid)
-    if spec == "u":
-        return str(facts.uids.real)  # from_kuid(&init_user_ns, cred->uid)
-    if spec == "g":
-        return str(facts.gids.real)
-    if spec == "d":
-        return str(facts.dumpable)
-    if spec == "s":
-        return str(signal)
-    if spec == "t":
-        return str(time)
-    if spec == "h":
-        return _escape(facts.nodename)
-    if spec == "e":
-        return _escape(facts.comm)
-    if spec == "f":
-        return _exe_text(facts, name_only=True)
-    if spec == "E":
-        return _exe_text(facts, name_only=False)
-    if spec == "c":
-        return _RLIM_INFINITY_TEXT if facts.core_soft == UNLIMITED else str(facts.core_soft)
-    if spec == "C":
-        return str(facts.cpu)
     if spec == "F":
         if pipe:
             raise DestinationError(
@@ -132,7 +123,8 @@ def _specifier(
                 " running"
             )
         return ""  # the kernel installs a pidfd only for pipes, and prints nothing otherwise
-    return ""  # unknown specifiers are dropped whole
+    printer = _SPECIFIERS.get(spec)
+    return "" if printer is None else printer(facts, signal, time)  # unknown ones are dropped
 
 
 def expand(
@@ -163,8 +155,31 @@ def expand(
             hint="pass -o PATH or -o -",
         )
     pipe = pattern.startswith("|")
+    name, pid_in_pattern = _corename(pattern, facts, signal, time)
+    if pipe:
+        argv = tuple(name.split("\0"))
+        if not argv[0]:
+            raise DestinationError(f"core_pattern {pattern!r}: a pipe with no handler")
+        return Destination(DestinationKind.PIPE, pattern, " ".join(argv), argv=argv)
+    if core_uses_pid and not pid_in_pattern:
+        name += f".{facts.ns_pid}"
+    if not name:
+        raise DestinationError(f"core_pattern {pattern!r} expands to an empty file name")
+    if facts.dumpable == 2 and not name.startswith("/"):
+        # coredump_file(): root-only cores go only to fully qualified paths.
+        raise DestinationError(
+            f"core_pattern {pattern!r}: process {facts.pid} may only dump core to a fully"
+            " qualified path (suid_dumpable=2)",
+            hint="pass -o PATH",
+        )
+    return Destination(DestinationKind.FILE, pattern, name, path=_host_path(name, facts))
+
+
+def _corename(pattern: str, facts: TargetFacts, signal: int, time: int) -> tuple[str, bool]:
+    """The corename buffer as coredump_parse() fills it (for pipes, NULs separate arguments),
+    and whether %p was in the pattern."""
+    pipe = pattern.startswith("|")
     text = pattern[1:] if pipe else pattern
-    # The corename buffer as coredump_parse() fills it: for pipes, NULs separate arguments.
     out: list[str] = []
     used = 0
     was_space = False
@@ -192,32 +207,12 @@ def expand(
         if i + 1 >= len(text):
             break  # a single % at the end: dropped, and the pattern ends
         spec = text[i + 1]
-        if spec == "p":
-            pid_in_pattern = True
+        pid_in_pattern = pid_in_pattern or spec == "p"
         piece = _specifier(spec, facts, signal, time, pipe=pipe, pattern=pattern)
         out.append(piece)
         used += len(piece)
         i += 2
-    if pipe:
-        argv = tuple("".join(out).split("\0"))
-        if not argv[0]:
-            raise DestinationError(f"core_pattern {pattern!r}: a pipe with no handler")
-        return Destination(DestinationKind.PIPE, pattern, " ".join(argv), argv=argv)
-
-    current = out
-    name = "".join(current)
-    if core_uses_pid and not pid_in_pattern:
-        name += f".{facts.ns_pid}"
-    if not name:
-        raise DestinationError(f"core_pattern {pattern!r} expands to an empty file name")
-    if facts.dumpable == 2 and not name.startswith("/"):
-        # coredump_file(): root-only cores go only to fully qualified paths.
-        raise DestinationError(
-            f"core_pattern {pattern!r}: process {facts.pid} may only dump core to a fully"
-            " qualified path (suid_dumpable=2)",
-            hint="pass -o PATH",
-        )
-    return Destination(DestinationKind.FILE, pattern, name, path=_host_path(name, facts))
+    return "".join(out), pid_in_pattern
 
 
 def _host_path(name: str, facts: TargetFacts) -> Path:

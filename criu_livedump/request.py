@@ -13,9 +13,10 @@ from __future__ import annotations
 import enum
 import re
 import signal as signal_mod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard, TypeVar
 
 from converters.options import UNLIMITED
 from criu_livedump.errors import PermissionDeniedError, RequestError
@@ -363,95 +364,100 @@ def build_request(spec_words: Sequence[str] = (), **flags: FlagValue) -> DumpReq
         raise RequestError(f"unknown option {_flag(unknown[0])}")
     spec = parse_spec(spec_words)
     given: Mapping[str, FlagValue] = {k: v for k, v in flags.items() if v is not None}
-
-    core_limit = spec.core_limit
-    if "core_limit" in given:
-        v = given["core_limit"]
-        core_limit = (
-            _checked_int(v, 0, _SIZE_MAX, "core limit", _flag("core_limit"), allow=UNLIMITED)
-            if isinstance(v, int) and not isinstance(v, bool)
-            else parse_size(_text(v), f"{_flag('core_limit')} {v}")
-        )
-
-    sched_prio = spec.sched_prio
-    if "sched_prio" in given:
-        sched_prio = _int_flag(given["sched_prio"], NICE_MIN, NICE_MAX, "nice value", "sched_prio")
-
-    io_prio = IoPrio(None, spec.io_prio) if spec.io_prio is not None else None
-    if "io_prio" in given:
-        v = given["io_prio"]
-        io_prio = (
-            IoPrio(None, _checked_int(v, 0, IOPRIO_LEVEL_MAX, "level", _flag("io_prio")))
-            if isinstance(v, int) and not isinstance(v, bool)
-            else parse_io_prio(_text(v), f"{_flag('io_prio')} {v}")
-        )
-
-    oom_score_adj = oom_adj_to_score_adj(spec.oom_adj) if spec.oom_adj is not None else None
-    if "oom_adj" in given:
-        v = given["oom_adj"]
-        if isinstance(v, int) and not isinstance(v, bool):
-            legacy = _checked_int(v, OOM_DISABLE, OOM_ADJUST_MAX, "legacy oom_adj", "--oom-adj")
-            oom_score_adj = oom_adj_to_score_adj(legacy)
-        else:
-            oom_score_adj = parse_oom_adj(_text(v), f"--oom-adj {v}")
-
-    coredump_filter = None
-    if "coredump_filter" in given:
-        v = given["coredump_filter"]
-        coredump_filter = (
-            _checked_int(v, 0, COREDUMP_FILTER_MAX, "coredump filter", "--coredump-filter")
-            if isinstance(v, int) and not isinstance(v, bool)
-            else parse_coredump_filter(_text(v), f"--coredump-filter {v}")
-        )
-
-    pre_dump = None
-    if "pre_dump" in given:
-        pre_dump = _int_flag(given["pre_dump"], 0, PRE_DUMP_MAX, "pre-dump rounds", "pre_dump")
-    timeout = None
-    if "timeout" in given:
-        timeout = _int_flag(given["timeout"], 1, TIMEOUT_MAX, "number of seconds", "timeout")
-
-    sig = None
-    if "signal" in given:
-        v = given["signal"]
-        sig = (
-            _checked_int(v, 0, int(signal_mod.SIGRTMAX), "signal", "--signal")
-            if isinstance(v, int) and not isinstance(v, bool)
-            else parse_signal(_text(v), f"--signal {v}")
-        )
-
-    method = Method.AUTO
-    if "method" in given:
-        v = _text(given["method"]).strip().lower()
-        try:
-            method = Method(v)
-        except ValueError:
-            valid = ", ".join(m.value for m in Method)
-            raise RequestError(f"--method {v}: unknown method (valid: {valid})") from None
-
-    output = None
-    if "output" in given:
-        output = _text(given["output"])
-        if not output:
-            raise RequestError("--output: empty path (use - for stdout)")
-    scratch = Path(_text(given["scratch"])) if "scratch" in given else None
-
+    spec_io = IoPrio(None, spec.io_prio) if spec.io_prio is not None else None
+    spec_oom = oom_adj_to_score_adj(spec.oom_adj) if spec.oom_adj is not None else None
+    # keyword arguments are evaluated in order: the first bad flag in this order is reported
     return DumpRequest(
-        core_limit=core_limit,
-        sched_prio=sched_prio,
-        io_prio=io_prio,
-        oom_score_adj=oom_score_adj,
-        output=output,
-        scratch=scratch,
+        core_limit=_given(given, "core_limit", _core_limit_flag, spec.core_limit),
+        sched_prio=_given(given, "sched_prio", _sched_prio_flag, spec.sched_prio),
+        io_prio=_given(given, "io_prio", _io_prio_flag, spec_io),
+        oom_score_adj=_given(given, "oom_adj", _oom_adj_flag, spec_oom),
+        coredump_filter=_given(given, "coredump_filter", _coredump_filter_flag, None),
+        pre_dump=_given(given, "pre_dump", _pre_dump_flag, None),
+        timeout=_given(given, "timeout", _timeout_flag, None),
+        signal=_given(given, "signal", _signal_flag, None),
+        method=_given(given, "method", _method_flag, Method.AUTO),
+        output=_given(given, "output", _output_flag, None),
+        scratch=Path(_text(given["scratch"])) if "scratch" in given else None,
         keep_images=bool(given.get("keep_images", False)),
-        coredump_filter=coredump_filter,
-        pre_dump=pre_dump,
-        signal=sig,
         force=bool(given.get("force", False)),
         tree=bool(given.get("tree", False)),
-        method=method,
-        timeout=timeout,
     )
+
+
+_T = TypeVar("_T")
+
+
+def _given(
+    given: Mapping[str, FlagValue], name: str, parse: Callable[[FlagValue], _T], default: _T
+) -> _T:
+    """Flag *name* parsed, or *default* (the SPEC word's value, or none) when not given."""
+    return parse(given[name]) if name in given else default
+
+
+def _is_int(v: FlagValue) -> TypeGuard[int]:
+    """An int given by a library caller (bool is no number here)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _core_limit_flag(v: FlagValue) -> int:
+    flag = _flag("core_limit")
+    if _is_int(v):
+        return _checked_int(v, 0, _SIZE_MAX, "core limit", flag, allow=UNLIMITED)
+    return parse_size(_text(v), f"{flag} {v}")
+
+
+def _sched_prio_flag(v: FlagValue) -> int:
+    return _int_flag(v, NICE_MIN, NICE_MAX, "nice value", "sched_prio")
+
+
+def _io_prio_flag(v: FlagValue) -> IoPrio:
+    if _is_int(v):
+        return IoPrio(None, _checked_int(v, 0, IOPRIO_LEVEL_MAX, "level", _flag("io_prio")))
+    return parse_io_prio(_text(v), f"{_flag('io_prio')} {v}")
+
+
+def _oom_adj_flag(v: FlagValue) -> int:
+    if _is_int(v):
+        legacy = _checked_int(v, OOM_DISABLE, OOM_ADJUST_MAX, "legacy oom_adj", "--oom-adj")
+        return oom_adj_to_score_adj(legacy)
+    return parse_oom_adj(_text(v), f"--oom-adj {v}")
+
+
+def _coredump_filter_flag(v: FlagValue) -> int:
+    if _is_int(v):
+        return _checked_int(v, 0, COREDUMP_FILTER_MAX, "coredump filter", "--coredump-filter")
+    return parse_coredump_filter(_text(v), f"--coredump-filter {v}")
+
+
+def _pre_dump_flag(v: FlagValue) -> int:
+    return _int_flag(v, 0, PRE_DUMP_MAX, "pre-dump rounds", "pre_dump")
+
+
+def _timeout_flag(v: FlagValue) -> int:
+    return _int_flag(v, 1, TIMEOUT_MAX, "number of seconds", "timeout")
+
+
+def _signal_flag(v: FlagValue) -> int:
+    if _is_int(v):
+        return _checked_int(v, 0, int(signal_mod.SIGRTMAX), "signal", "--signal")
+    return parse_signal(_text(v), f"--signal {v}")
+
+
+def _method_flag(v: FlagValue) -> Method:
+    text = _text(v).strip().lower()
+    try:
+        return Method(text)
+    except ValueError:
+        valid = ", ".join(m.value for m in Method)
+        raise RequestError(f"--method {text}: unknown method (valid: {valid})") from None
+
+
+def _output_flag(v: FlagValue) -> str:
+    output = _text(v)
+    if not output:
+        raise RequestError("--output: empty path (use - for stdout)")
+    return output
 
 
 def _checked_int(
@@ -466,7 +472,7 @@ def _checked_int(
 
 def _int_flag(value: FlagValue, lo: int, hi: int, what: str, name: str) -> int:
     flag = _flag(name)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         return _checked_int(value, lo, hi, what, flag)
     return _int_in_range(_text(value), lo, hi, what, f"{flag} {value}")
 
