@@ -27,10 +27,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """Lead a session of our own when ours is led from outside our PID namespace.
 
     CRIU refuses any process whose session id is 0 in its PID namespace (see
-    :func:`criu_livedump.target._session_blocker`), and a test runner entered into a container
-    without setsid() (CI's case) would pass that session to every target it starts. Leading a
-    session here gives the targets one CRIU can dump; tests/test_foreign_session.py covers the
-    other case on purpose. The parent-death signal keeps us from outliving a killed ``make``.
+    :func:`criu_livedump.target.blockers._session_blocker`), and a test runner entered into a
+    container without setsid() (CI's case) would pass that session to every target it starts.
+    Leading a session here gives the targets one CRIU can dump; tests/test_foreign_session.py
+    covers the other case on purpose. The parent-death signal keeps us from outliving a killed
+    ``make``.
 
     Pytest is also made a child subreaper, so that what a test leaves behind comes back to it
     and :func:`_no_process_left` can kill it.

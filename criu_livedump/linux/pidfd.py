@@ -13,6 +13,9 @@ wait for a process, so how a process that is not our child ended is read two way
   wait status.
 
 On older kernels, or when neither is readable, the way it ended is unknown (None).
+
+:func:`dumpable` reads the same ioctl's ``PIDFD_INFO_COREDUMP`` (Linux 6.16): the process's
+__get_dumpable(), exact.
 """
 
 from __future__ import annotations
@@ -25,17 +28,36 @@ import select
 import signal
 import struct
 
-__all__ = ["Pidfd", "describe_wait_status"]
+from criu_livedump.linux.procfs import read_stat
 
-#: include/uapi/linux/pidfd.h: struct pidfd_info, PIDFD_INFO_SIZE_VER0 = 64 bytes:
-#: mask, cgroupid (u64), pid .. fsgid (11 x u32), exit_code (s32, since Linux 6.15).
-_PIDFD_INFO = struct.Struct("=QQ11Ii")
-assert _PIDFD_INFO.size == 64
+__all__ = ["Pidfd", "describe_wait_status", "dumpable"]
+
+#: include/uapi/linux/pidfd.h: PIDFD_GET_INFO (Linux 6.13, commit cdda1f26e74b "pidfd: add
+#: ioctl to retrieve pid info"); struct pidfd_info up to coredump_mask and its padding, 72 bytes
+#: (PIDFD_INFO_SIZE_VER1, Linux 6.16): mask, cgroupid (u64), pid .. fsgid (11 x u32),
+#: exit_code (s32, since Linux 6.15), coredump_mask (u32, since Linux 6.16), padding. A kernel
+#: with a shorter struct fills only its own part (copy_struct_to_user()).
+_PIDFD_INFO = struct.Struct("=QQ11IiII")
+assert _PIDFD_INFO.size == 72
+_EXIT_CODE, _COREDUMP_MASK = 13, 14  # field indexes
 _PIDFD_INFO_EXIT = 1 << 3
+_PIDFD_INFO_COREDUMP = 1 << 4
+_PIDFD_COREDUMP_SKIP = 1 << 1
+_PIDFD_COREDUMP_USER = 1 << 2
+_PIDFD_COREDUMP_ROOT = 1 << 3
 #: _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info) (include/uapi/asm-generic/ioctl.h)
 _PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO.size << 16) | (0xFF << 8) | 11
-#: 1-based field number of exit_code in /proc/PID/stat (proc(5)).
-_STAT_EXIT_CODE = 52
+
+
+def _get_info(fd: int, request: int) -> tuple[int, ...]:
+    """PIDFD_GET_INFO on pidfd *fd*, asking for the *request* mask.
+
+    :raises OSError: ENOTTY/EINVAL before Linux 6.13, ESRCH once reaped (before 6.15).
+    """
+    buf = bytearray(_PIDFD_INFO.size)
+    struct.pack_into("=Q", buf, 0, request)
+    fcntl.ioctl(fd, _PIDFD_GET_INFO, buf)
+    return _PIDFD_INFO.unpack(bytes(buf))
 
 
 class Pidfd:
@@ -71,11 +93,10 @@ class Pidfd:
             return not self._still_here()
         for tid in tids:
             try:
-                with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as f:
-                    state = f.read().rsplit(b")", 1)[1].split()[0]
-            except (OSError, IndexError):
+                state = read_stat(f"/proc/{self.pid}/task/{tid}/stat").state
+            except (OSError, IndexError, ValueError):
                 continue
-            if state not in (b"Z", b"X"):
+            if state not in ("Z", "X"):
                 return False
         return self._still_here()
 
@@ -98,30 +119,24 @@ class Pidfd:
 
     def _zombie_status(self) -> int | None:
         try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                text = f.read()
-            fields = text.rsplit(b")", 1)[1].split()
-            state, code = fields[0], int(fields[_STAT_EXIT_CODE - 3])
+            stat = read_stat(f"/proc/{self.pid}/stat")
         except (OSError, IndexError, ValueError):
             return None
-        if state not in (b"Z", b"X") or not self._still_here():
+        if stat.state not in ("Z", "X") or not self._still_here():
             return None
-        return code
+        return stat.exit_code
 
     def _info_status(self) -> int | None:
-        buf = bytearray(_PIDFD_INFO.size)
-        struct.pack_into("=Q", buf, 0, _PIDFD_INFO_EXIT)
         try:
-            fcntl.ioctl(self.fd, _PIDFD_GET_INFO, buf)
+            info = _get_info(self.fd, _PIDFD_INFO_EXIT)
         except OSError as e:
             # ENOTTY/EINVAL: before Linux 6.13; ESRCH: reaped, exit info unknown (before 6.15)
             if e.errno not in (errno.ENOTTY, errno.EINVAL, errno.ESRCH):
                 raise
             return None
-        info = _PIDFD_INFO.unpack(bytes(buf))
         if not info[0] & _PIDFD_INFO_EXIT:
             return None
-        return int(info[-1])
+        return int(info[_EXIT_CODE])
 
 
 def describe_wait_status(status: int | None) -> str | None:
@@ -137,4 +152,30 @@ def describe_wait_status(status: int | None) -> str | None:
         return f"killed by signal {sig}{name}{core}"
     if os.WIFEXITED(status):
         return f"exited with status {os.WEXITSTATUS(status)}"
+    return None
+
+
+def dumpable(pid: int) -> int | None:
+    """__get_dumpable() of process *pid* (0 off, 1 user, 2 root-only), exact: pidfd_info()
+    reports pidfs_coredump_mask() of a live mm since Linux 6.16. None when the kernel (or the
+    process) does not say."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        info = _get_info(fd, _PIDFD_INFO_COREDUMP)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    coredump_mask = info[_COREDUMP_MASK]
+    if not info[0] & _PIDFD_INFO_COREDUMP:
+        return None
+    if coredump_mask & _PIDFD_COREDUMP_USER:
+        return 1
+    if coredump_mask & _PIDFD_COREDUMP_ROOT:
+        return 2
+    if coredump_mask & _PIDFD_COREDUMP_SKIP:
+        return 0
     return None

@@ -14,6 +14,7 @@ __all__ = [
     "MapsEntry",
     "SmapsEntry",
     "Stat",
+    "read_link",
     "read_maps",
     "read_stat",
     "read_status",
@@ -57,6 +58,14 @@ def read_maps(pid: int) -> list[MapsEntry]:
     return out
 
 
+def read_link(path: str | os.PathLike[str]) -> str | None:
+    """Where a /proc link (``fd/N``, ``exe``, ``cwd``...) points, None when it cannot be read."""
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
 def read_status(path: str | os.PathLike[str]) -> dict[str, str]:
     """A /proc status file (``/proc/PID/status``, ``/proc/PID/task/TID/status``) as
     ``{field: value}``, values stripped.
@@ -84,7 +93,9 @@ class Stat(NamedTuple):
     stime: int  #: 15
     cutime: int  #: 16
     cstime: int  #: 17
+    vsize: int  #: 23, bytes; 0 once exit_mm() has run
     processor: int  #: 39, task_cpu()
+    exit_code: int  #: 52 (Linux 3.5), the wait status of a zombie
 
 
 def read_stat(path: str | os.PathLike[str]) -> Stat:
@@ -105,7 +116,9 @@ def read_stat(path: str | os.PathLike[str]) -> Stat:
         stime=int(rest[12]),
         cutime=int(rest[13]),
         cstime=int(rest[14]),
+        vsize=int(rest[20]),
         processor=int(rest[36]),
+        exit_code=int(rest[49]),
     )
 
 
