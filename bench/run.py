@@ -1033,7 +1033,21 @@ def _mm(st: dict[str, Any] | None, fmt: str = ".1f") -> str:
 
 def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
     """BENCHMARKS.md from one results document."""
-    m = results["machine"]
+    sections = (
+        _md_intro(results, json_rel),
+        _md_machine(results),
+        _md_freeze(results, png_rel),
+        _md_dontfork(results),
+        _md_wall_time(results),
+        _md_conversion(results),
+        _md_targets_and_sizes(results),
+        _md_reading(results),
+    )
+    return "\n".join(line for section in sections for line in section)
+
+
+def _md_intro(results: dict[str, Any], json_rel: str) -> list[str]:
+    """The title, where the figures come from, and how to read a freeze."""
     out: list[str] = []
     w = out.append
     w("# Benchmarks")
@@ -1060,6 +1074,14 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         "cells from a single run say so."
     )
     w("")
+    return out
+
+
+def _md_machine(results: dict[str, Any]) -> list[str]:
+    """The machine and the peers."""
+    out: list[str] = []
+    w = out.append
+    m = results["machine"]
     w("## Machine")
     w("")
     keys = ("kernel", "cpu", "cores", "mem_total_gib", "thp", "criu", "gdb", "python", "scratch")
@@ -1076,6 +1098,13 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         if name in results["peers"]:
             w(f"- `{name}`: {results['peers'][name]}")
     w("")
+    return out
+
+
+def _md_freeze(results: dict[str, Any], png_rel: str | None) -> list[str]:
+    """The freeze of the target, per size and peer."""
+    out: list[str] = []
+    w = out.append
     w("## Freeze of the target")
     w("")
     w(
@@ -1118,6 +1147,13 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         w("")
         w(f"![freeze time vs size]({png_rel})")
     w("")
+    return out
+
+
+def _md_dontfork(results: dict[str, Any]) -> list[str]:
+    """The all-MADV_DONTFORK workload, when it ran."""
+    out: list[str] = []
+    w = out.append
     df = results.get("dontfork")
     if df is not None and "skipped" not in df:
         fr = df["freeze"]
@@ -1153,6 +1189,13 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
             if "error" in p:
                 w(f"\n- {peer} failed: {p['error']}")
         w("")
+    return out
+
+
+def _md_wall_time(results: dict[str, Any]) -> list[str]:
+    """Wall time until the core is complete."""
+    out: list[str] = []
+    w = out.append
     w("## End-to-end wall time (until the core is complete)")
     w("")
     w("| size | gcore s | criu s (all of `dump`) | criu dump s (CRIU) | criu convert s | clone s |")
@@ -1169,6 +1212,13 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
             f"| {_mm(fr.get('clone', {}).get('wall_s'), '.2f')} |"
         )
     w("")
+    return out
+
+
+def _md_conversion(results: dict[str, Any]) -> list[str]:
+    """The conversion alone, and CRIU's own coredump tool."""
+    out: list[str] = []
+    w = out.append
     w("## Conversion (`criu-livedump convert` on the criu peer's images)")
     w("")
     w(
@@ -1215,6 +1265,13 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         else:
             w(f"- failed: {tool_res.get('error')}")
     w("")
+    return out
+
+
+def _md_targets_and_sizes(results: dict[str, Any]) -> list[str]:
+    """The issues' targets, and the cores' sizes."""
+    out: list[str] = []
+    w = out.append
     w("## Targets")
     w("")
     w("| target | result | detail |")
@@ -1245,6 +1302,13 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
                 cells.append(f"{p[key] / MIB:.1f}" if key in p else "-")
         w(f"| {s['mib']} MiB | " + " | ".join(cells) + " |")
     w("")
+    return out
+
+
+def _md_reading(results: dict[str, Any]) -> list[str]:
+    """Notes for the reader."""
+    out: list[str] = []
+    w = out.append
     w("## Reading these figures")
     w("")
     w(
@@ -1277,7 +1341,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
                 f"{alone:.2f} s alone ({slowdown:.1f}x)."
             )
     w("")
-    return "\n".join(out)
+    return out
 
 
 def publish(results: dict[str, Any], cfg: Config) -> Path:
