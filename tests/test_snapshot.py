@@ -9,6 +9,7 @@ import pytest
 from facts import facts
 
 from criu_livedump.errors import BlockerError
+from criu_livedump.linux import ptrace
 from criu_livedump.request import Method
 from criu_livedump.snapshot import METHODS, choose
 from criu_livedump.snapshot.clone.method import CloneSnapshot
@@ -38,7 +39,7 @@ def test_every_method_is_in_the_table_and_selectable() -> None:
 
 def test_auto_takes_the_first_method_that_refuses_nothing() -> None:
     assert choose(Method.AUTO, PLAIN) is CloneSnapshot
-    assert choose(Method.AUTO, plain(seccomp=2)) is CriuSnapshot
+    assert choose(Method.AUTO, plain(state="T")) is CriuSnapshot
     assert choose(Method.AUTO, PLAIN, tree=True) is CriuSnapshot
     # io_uring: CRIU refuses it, the clone copies it out
     assert choose(Method.AUTO, plain(blockers=(IO_URING,))) is CloneSnapshot
@@ -70,12 +71,16 @@ def test_traced_target_is_one_refusal_with_no_hint() -> None:
     assert refusal(Method.AUTO, f).message == f"process {PID}: cannot be dumped: {blocker.detail}"
 
 
-def test_process_inside_a_pid_namespace_is_refused_by_both() -> None:
-    inner = Blocker(BlockerKind.PID_NAMESPACE, PID, "it is process 5 inside a PID namespace")
-    f = plain(nstgid=(PID, 5), ns_pid=5, blockers=(inner,))
+def test_seccomp_without_suspension_is_one_refusal_of_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both methods need seccomp suspended (the clone for its injected syscalls, CRIU for its
+    parasite): without it, one wording from either, and no method to suggest."""
+    why = "it runs under seccomp, which needs CAP_SYS_ADMIN, and this tool lacks it"
+    monkeypatch.setattr(ptrace, "seccomp_suspension_refusal", lambda: why)
+    f = plain(seccomp=2)
+    assert CloneSnapshot.refusals(f, tree=False) == CriuSnapshot.refusals(f, tree=False) == (why,)
     assert refusal(Method.CLONE, f).hint is None
-    assert refusal(Method.AUTO, f).message.endswith(inner.detail)
-    # its init: only CRIU can dump it
-    init = plain(nstgid=(PID, 1), ns_pid=1)
-    assert choose(Method.AUTO, init) is CriuSnapshot
-    assert "init of a PID namespace" in refusal(Method.CLONE, init).message
+    assert refusal(Method.AUTO, f).message == f"process {PID}: cannot be dumped: {why}"
+    monkeypatch.setattr(ptrace, "seccomp_suspension_refusal", lambda: None)
+    assert choose(Method.AUTO, f) is CloneSnapshot
