@@ -30,7 +30,6 @@ from harness.corefile import CoreView
 from harness.gdb import gdb_backtraces
 from harness.kernel import CorePipe, kernel_core_of
 from harness.procstate import MapEntry, RseqArea, read_maps, read_rseq_areas
-from known_traces import without_known_traces, without_xstate_warning
 from podman import (
     PODMAN,
     RUN_OPTIONS,
@@ -156,15 +155,13 @@ def test_pids_are_the_namespace_ids(dumped: Dumped) -> None:
 def test_core_equals_the_kernels(dumped: Dumped) -> None:
     with CoreView(dumped.ours) as ours, CoreView(dumped.kernel) as kernel:
         diffs = compare_cores(ours, kernel, maps=dumped.maps, rseq=dumped.rseq)
-    diffs = without_known_traces(diffs, dumped.method)
     assert diffs == [], f"{len(diffs)} differences:\n" + "\n".join(diffs)
 
 
 def test_gdb_backtraces_equal(dumped: Dumped) -> None:
     binary = programs_build.build("threads")
 
-    ours = without_xstate_warning(gdb_backtraces(binary, dumped.ours))
-    assert ours == without_xstate_warning(gdb_backtraces(binary, dumped.kernel))
+    assert gdb_backtraces(binary, dumped.ours) == gdb_backtraces(binary, dumped.kernel)
 
 
 # --- in flight ------------------------------------------------------------------------------
