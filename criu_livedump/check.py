@@ -97,11 +97,11 @@ def _criu_items(explicit: str | None) -> list[Item]:
         info["error"] = str(e)
         return [Item("criu", str(e), True, info, e.hint or _SETUP_HINT)]
     info["version"] = ver
-    too_old = criu.version_tuple(ver) < criu.MIN_VERSION
-    text = f"{binary.path} version {ver} ({binary.source})"
-    if too_old:
-        text += f": too old, need {'.'.join(map(str, criu.MIN_VERSION))} or later"
-    items = [Item("criu", text, too_old, info, _SETUP_HINT)]
+    said = criu.support(ver)
+    info["support"] = said.text
+    info["tested"] = list(criu.TESTED_RELEASES)
+    text = f"{binary.path} version {ver} ({binary.source}): {said.text}"
+    items = [Item("criu", text, not said.usable, info, _SETUP_HINT)]
 
     try:
         result = criu.check(binary)

@@ -182,6 +182,29 @@ def test_check_too_old(runner: CliRunner, tmp_path: Path) -> None:
     assert "too old, need 4.1 or later" in line
 
 
+@pytest.mark.parametrize(
+    ("version", "usable", "untested"),
+    [("3.17.1", False, False), ("4.0", False, False), ("4.1", True, False),
+     ("4.1.1", True, False), ("4.2.1", True, False), ("4.3", True, True), ("5.0", True, True)],
+)  # fmt: skip
+def test_support_of_each_release(version: str, usable: bool, untested: bool) -> None:
+    said = criu.support(version)
+    assert (said.usable, said.untested) == (usable, untested)
+    assert "4.1.1, 4.2.1" in said.text
+
+
+def test_check_names_the_supported_releases(runner: CliRunner, tmp_path: Path) -> None:
+    """A release newer than those tested is a warning in its line, not a refusal."""
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho 'Version: 4.3'\n")
+    fake.chmod(0o755)
+    result = runner.invoke(cli, ["check", "--json", "--criu", str(fake)])
+    data = json.loads(result.stdout)
+    assert data["criu"]["tested"] == ["4.1.1", "4.2.1"]
+    assert data["criu"]["support"].startswith("newer than the releases tested (4.1.1, 4.2.1)")
+    assert not any("version 4.3" in p for p in data["problems"])
+
+
 # --- discovery order ----------------------------------------------------------------------------
 
 

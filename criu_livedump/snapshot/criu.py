@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from criu_livedump.errors import (
     CriuError,
@@ -40,6 +41,49 @@ DEFAULT_CRIU = Path("/usr/local/sbin/criu")
 #: Oldest CRIU that works on current kernels: 3.17 fails on the ``[vvar_vclock]`` mapping of
 #: Linux 6.13 and later (kernel commit e93d2521b27f; CRIU learned it in pull request 2539).
 MIN_VERSION = (4, 1)
+#: The releases live dumps are tested with: tests/test_kernel_compare.py runs every case with
+#: each (scripts/build-criu.sh builds them). A later release may write images whose changes
+#: the converter does not know yet (4.2 moved pagemap page counts, issue 19).
+TESTED_RELEASES = ("4.1.1", "4.2.1")
+#: The oldest release whose images ``convert`` reads (converters/images.py lists the variants).
+OLDEST_IMAGES = (3, 11)
+
+
+class Support(NamedTuple):
+    """What this project says of a CRIU release (:func:`support`)."""
+
+    #: live dumps may run it (False: refused)
+    usable: bool
+    #: newer than every release tested: a warning
+    untested: bool
+    #: one sentence, e.g. "too old, need 4.1 or later (tested: 4.1.1, 4.2.1)"
+    text: str
+
+
+def support(ver: str) -> Support:
+    """Whether live dumps can use CRIU *ver*, and one sentence saying so."""
+    have = version_tuple(ver)
+    tested = ", ".join(TESTED_RELEASES)
+    if have < MIN_VERSION:
+        return Support(
+            False, False, f"too old, need {_dotted(MIN_VERSION)} or later (tested: {tested})"
+        )
+    if have[:2] > version_tuple(TESTED_RELEASES[-1])[:2]:
+        return Support(
+            True,
+            True,
+            (
+                f"newer than the releases tested ({tested}): its images may hold changes the "
+                "converter does not read yet"
+            ),
+        )
+    return Support(
+        True,
+        False,
+        f"supported (tested: {tested}; images convert from CRIU {_dotted(OLDEST_IMAGES)} on)",
+    )
+
+
 #: Options every live dump gets. ``--tcp-close`` only skips dumping TCP state and leaves the
 #: target's connections alone, whereas ``--tcp-established`` puts live sockets in repair mode
 #: (clients stalled for hundreds of ms), so it is never used.
@@ -245,12 +289,15 @@ def require_working(criu: Criu) -> str:
     :raises CriuUnusableError: naming the binary and what is wrong with it.
     """
     ver = version(criu)
-    if version_tuple(ver) < MIN_VERSION:
+    said = support(ver)
+    if not said.usable:
         raise CriuUnusableError(
             str(criu.path),
-            f"CRIU {ver} is too old (need {_dotted(MIN_VERSION)} or later)",
+            f"CRIU {ver} is {said.text}",
             hint="run `make setup` to build a current CRIU",
         )
+    if said.untested:
+        log.warning("CRIU %s is %s", ver, said.text)
     result = check(criu)
     if not result.passed:
         raise CriuUnusableError(str(criu.path), f"`criu check` failed: {result.message}")
