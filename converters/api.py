@@ -108,7 +108,7 @@ def _write(
             sink.abort()
             raise
     except OSError as e:  # a sink that failed outside its own translation
-        raise OutputError(getattr(sink, "name", "core"), str(e)) from e
+        raise OutputError(getattr(sink, "name", "core"), e.strerror or "write failed") from e
     finally:
         m.close()
     result = CoreResult(

@@ -54,12 +54,28 @@ def popen(argv: Sequence[str | os.PathLike[str]], **kwargs: Any) -> subprocess.P
 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:
-    """SIGKILL *proc*'s whole process group (it leads one, see :func:`popen`) and reap it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
+    """SIGKILL *proc*'s whole process group (it leads one, see :func:`popen`) and reap it.
+
+    Only while *proc* is not reaped: its pid, zombie or not, then still names its group. Once
+    reaped, the number is free, and with pid_max 32768 and several test suites running it is
+    soon another process's, maybe another group's leader: it is never signalled then.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def wait_exit(proc: subprocess.Popen[Any], timeout: float) -> bool:
+    """Wait up to *timeout* seconds for *proc* to exit, without reaping it (its zombie keeps
+    its pid and process group id ours, see :func:`kill_group`); whether it exited."""
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(pidfd, selectors.EVENT_READ)
+            return bool(sel.select(timeout))
+    finally:
+        os.close(pidfd)
 
 
 def run(
@@ -80,17 +96,16 @@ def run(
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, **kwargs)
         try:
-            proc.wait(timeout=timeout)
-        except BaseException:
-            kill_group(proc)
+            ended = wait_exit(proc, timeout)
+        finally:
+            kill_group(proc)  # helpers it left in its group, or itself on timeout
+        if not ended:
             err.seek(0)
             tail = err.read()[-2000:].decode(errors="replace")
             raise AssertionError(
                 f"{os.fspath(argv[0])} {' '.join(os.fspath(a) for a in argv[1:3])}..."
                 f" did not finish within {timeout:.0f} s; its stderr: {tail}"
-            ) from None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # helpers it left in its group
+            )
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()

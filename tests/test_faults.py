@@ -303,16 +303,14 @@ def test_criu_killed_mid_dump(
 # --- the target exits mid-dump ------------------------------------------------------------------
 
 
-def _clones_alive(exe: Path) -> list[int]:
-    """Live processes running *exe*: after the test's target is reaped, only clones."""
+def _clones_alive(exe: Path, target: int) -> list[int]:
+    """Live processes running *exe* that are the dead *target*'s clones: its children, or
+    orphans given to us (pytest is a child subreaper, see conftest)."""
     pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry}/exe") == str(exe):
-                    stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                    if stat[0] not in ("Z", "X"):
-                        pids.append(int(entry))
+    for pid, state in {**procs.children(target), **procs.children(os.getpid())}.items():
+        with contextlib.suppress(OSError):
+            if pid != target and state not in "ZX" and os.readlink(f"/proc/{pid}/exe") == str(exe):
+                pids.append(pid)
     return pids
 
 
@@ -423,7 +421,7 @@ def test_target_killed_by_a_hanging_criu(
     assert _gone(criu_pid) and _gone(helper) and _group_left(criu_pid) == []
     assert os.listdir(out) == []
     assert os.listdir(scratch) == []
-    assert _clones_alive(programs["heartbeat"]) == []
+    assert _clones_alive(programs["heartbeat"], heartbeat.pid) == []
 
 
 def test_whole_dump_timeout(heartbeat: Heartbeat, tmp_path: Path, dirs: tuple[Path, Path]) -> None:
@@ -480,7 +478,7 @@ def test_target_killed_while_criu_dumps_its_clone(
     assert os.listdir(out) == ["core"]
     assert (out / "core").read_bytes()[:4] == b"\x7fELF"
     assert os.listdir(scratch) == []
-    assert _clones_alive(programs["heartbeat"]) == []
+    assert _clones_alive(programs["heartbeat"], heartbeat.pid) == []
 
 
 # --- full filesystems ---------------------------------------------------------------------------
