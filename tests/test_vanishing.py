@@ -39,11 +39,11 @@ STAGES = [
     ("criu", "criu_livedump.dump:criu_credentials", False),
     ("criu", "criu_livedump.snapshot.criu:dump", False),
     ("criu", "criu_livedump.snapshot.leave_running:open_mapped_files", True),
-    ("criu", "criu_livedump.dump:dump_time_facts", True),
+    ("criu", "criu_livedump.dump:with_dump_time_facts", True),
     ("clone", "criu_livedump.snapshot.clone.inject:clone_snapshot", False),
     ("clone", "criu_livedump.snapshot.clone.method:open_mapped_files", True),
     ("clone", "criu_livedump.snapshot.criu:dump", True),
-    ("clone", "criu_livedump.dump:dump_time_facts", True),
+    ("clone", "criu_livedump.dump:with_dump_time_facts", True),
 ]
 
 
