@@ -302,10 +302,6 @@ class FileRoot:
     _open: dict[str, OpenedFile | str] = field(default_factory=dict)
     _root_fd: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.root is not None:
-            self.root = Path(os.path.realpath(self.root))
-
     def open(self, name: str) -> OpenedFile | str:
         """The opened file, or a sentence saying why it cannot be used (:data:`NO_ROOT` when
         there is no root to look in)."""
@@ -327,6 +323,8 @@ class FileRoot:
             return NO_ROOT
         try:
             if self._root_fd is None:
+                # opened as given, not through realpath(): /proc/PID/root, a running
+                # container's root, is a link that realpath() would take for "/"
                 self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             path_fd = _open_in_root(self._root_fd, name)
         except OSError as e:

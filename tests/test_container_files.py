@@ -16,13 +16,13 @@ import json
 import os
 import subprocess
 import tarfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import procs
 import pytest
 from elftools.elf.elffile import ELFFile
 from harness.corefile import CoreView, parse_nt_file
@@ -45,9 +45,7 @@ TIMEOUT = 60.0
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     exe = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "criu-livedump"
-    return subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, timeout=300, check=False
-    )
+    return procs.run([str(exe), *args], text=True)
 
 
 def _own_libc() -> Path:
@@ -140,17 +138,16 @@ def _rootfs_tar(tmp: Path, libc: bytes) -> Path:
 
 def _target(name: str) -> tuple[int, int]:
     """(pid in the container, pid here) of the container's target, once it is ready."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        logs = run_podman("logs", name, check=False).stdout.split()
-        if "ready" in logs:
-            ns_pid = int(logs[logs.index("ready") + 1])
-            init = int(run_podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
-            children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
-            assert len(children) == 1, children
-            return ns_pid, int(children[0])
-        time.sleep(0.2)
-    raise AssertionError(f"container {name} never said ready")
+
+    def ready() -> list[str] | None:
+        words = run_podman("logs", name, check=False).stdout.split()
+        return words[words.index("ready") :] if "ready" in words else None
+
+    ns_pid = int(procs.wait_for(ready, TIMEOUT, f"container {name} saying ready", 0.2)[1])
+    init = int(run_podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
+    children = procs.children(init)
+    assert len(children) == 1, children
+    return ns_pid, next(iter(children))
 
 
 def _file_heads(core: Path) -> dict[str, tuple[int, bytes]]:

@@ -11,11 +11,13 @@ import json
 import os
 import stat
 import struct
+import subprocess
 import tarfile
 from dataclasses import replace
 from pathlib import Path
 
 import images
+import procs
 import pytest
 from elftools.elf.elffile import ELFFile
 
@@ -352,3 +354,29 @@ def test_live_descriptors_pass_unless_another_library(tmp_path: Path) -> None:
     finally:
         os.close(data_fd)
         os.close(libc_fd)
+
+
+def test_files_root_of_a_running_container(tmp_path: Path) -> None:
+    """``--files-root /proc/PID/root`` reads a live mount namespace's files (here a tmpfs only
+    it has), not this host's files of the same names: what the summary line offers for images
+    of a container that still runs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a mount namespace")
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "data").write_bytes(b"HOST" * (len(SECRET) // 4))  # what the host sees
+    script = f"mount -t tmpfs tmpfs {private} && printf %s {SECRET.decode()} > {private}/data"
+    proc = procs.popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{script} && echo ok"
+         " && exec sleep 60"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert procs.readline(proc.stdout, 30, "the mount namespace's tmpfs") == "ok\n"
+        img = _set(tmp_path, [str(private / "data")], mnt_id=106)
+        root = Path(f"/proc/{proc.pid}/root")
+        result, core = _run(img, tmp_path / "out", root)
+        assert SECRET[:PAGE] in core and b"HOSTHOST" not in core
+        assert not result.warnings
+    finally:
+        procs.kill_group(proc)
