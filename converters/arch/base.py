@@ -95,8 +95,6 @@ class Arch:
     #: ``resume_regs(regs, signal_pending)``: the registers that continue a stopped thread as
     #: the kernel would after a stop with no signal handler
     resume_regs: Callable[[bytes, bool], bytes]
-    #: ``criu_regs(regs)``: the registers CRIU's compel would save for the thread
-    criu_regs: Callable[[bytes], bytes]
     #: ``image_thread_info(template, regs, fpstate, same_thread)``: CRIU's
     #: :attr:`thread_info_field` entry (pb2dict form) for a thread stopped with ptrace *regs*
     #: and :attr:`fp_regsets` buffers *fpstate*, from *template* (CRIU's entry of the clone),

@@ -569,6 +569,5 @@ ARCH: Final = Arch(
     syscall_result=syscall_result,
     syscall_regs=syscall_regs,
     resume_regs=resume_regs,
-    criu_regs=criu_regs,
     image_thread_info=image_thread_info,
 )

@@ -6,9 +6,8 @@ ordinary image set:
 
 - ``pstree.img``: the original pid, its pgid and sid (the clone ran setsid()), every thread id;
 - ``core-TID.img`` per original thread, from the clone's core as template: task-level fields
-  (``tc``) for the leader only, per-thread registers from the freeze, stored as CRIU stores them
-  (:func:`criu_livedump.snapshot.clone.inject.criu_regs`), FXSAVE/XSAVE areas, blocked signals,
-  comm;
+  (``tc``) for the leader only, per-thread registers and FP state from the freeze, stored as
+  CRIU stores them (the arch's ``image_thread_info``), blocked signals, comm;
 - ``mm``/``pagemap``/``ids``/``fs``/``core`` renamed from the clone's pid;
 - mappings copied out of the clone (SysV shm, io_uring rings) put back as VMAs, their bytes in
   a shmem pagemap and pages image of their own.
