@@ -59,6 +59,9 @@ VMA_AREA_SOCKET = 1 << 11
 VMA_AREA_VVAR = 1 << 12
 VMA_AREA_AIORING = 1 << 13
 VMA_AREA_MEMFD = 1 << 14
+#: not a VMA: a range of MADV_GUARD_INSTALL guard pages inside a real one, listed after the
+#: real VMAs since CRIU 4.2 (commit 9c0f725a6, where PAGEMAP_SCAN reports PAGE_IS_GUARD)
+VMA_AREA_GUARD = 1 << 16
 
 # criu/include/pagemap.h
 PE_PARENT = 1 << 0
@@ -386,6 +389,8 @@ class ImageSet:
         vmas = []
         prev_end = 0
         for i, v in enumerate(mm.vmas):
+            if v.status & VMA_AREA_GUARD:
+                continue  # see guards()
             vma = Vma(
                 start=int(v.start),
                 end=int(v.end),
@@ -405,6 +410,24 @@ class ImageSet:
             prev_end = vma.end
             vmas.append(vma)
         return vmas
+
+    def guards(self, pid: int, mm: Any) -> list[tuple[int, int]]:
+        """The MADV_GUARD_INSTALL ranges CRIU >= 4.2 lists among the VMAs (VMA_AREA_GUARD
+        entries, which overlap the real VMAs they sit in), sorted.
+
+        :raises ImageFormatError: a range that is not page aligned or empty.
+        """
+        out = []
+        for i, v in enumerate(mm.vmas):
+            if v.status & VMA_AREA_GUARD:
+                start, end = int(v.start), int(v.end)
+                if start % PAGE_SIZE or end % PAGE_SIZE or end <= start:
+                    raise ImageFormatError(
+                        str(self.directory / f"mm-{pid}.img"),
+                        f"guard vma {i} [{start:#x}, {end:#x}) invalid",
+                    )
+                out.append((start, end))
+        return sorted(out)
 
     def thread_core(self, tid: int) -> Thread:
         path = self.directory / f"core-{tid}.img"

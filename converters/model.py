@@ -107,6 +107,8 @@ class _Proc:
     absent: frozenset[int] = frozenset()
     #: ConvertOptions.mapped_fds
     mapped_fds: Mapping[int, int] = field(default_factory=dict)
+    #: MADV_GUARD_INSTALL ranges (ImageSet.guards()), sorted
+    guards: list[tuple[int, int]] = field(default_factory=list)
     #: names of mapped files not looked up, for want of a files root (see converters.origin)
     unrooted: set[str] = field(default_factory=set)
     #: identity_mismatch() verdicts by (fd, name): None for the right file
@@ -219,6 +221,10 @@ class _Proc:
 
     def sources(self, vma: Vma, start: int, end: int) -> Iterator[Run]:
         """Split ``[start, end)`` of *vma* by where its bytes come from."""
+        runs = self._sources(vma, start, end)
+        return _outside_guards(runs, self.guards) if self.guards else runs
+
+    def _sources(self, vma: Vma, start: int, end: int) -> Iterator[Run]:
         saved: list[Run] = []
         shm: PageIndex | None = None
         mf = self.mapped(vma)
@@ -265,6 +271,28 @@ class Run(NamedTuple):
     path: Path | None
     fd: int | None
     offset: int
+
+
+def _outside_guards(runs: Iterator[Run], guards: list[tuple[int, int]]) -> Iterator[Run]:
+    """Runs read from a mapped file become holes over guard ranges: the kernel's
+    get_dump_page() fails on a guard marker (mm/gup.c) and dump_user_range() skips the page.
+    Saved pages never fall there (CRIU's pagemap has none), nor do other holes need cutting."""
+    for run in runs:
+        if run.kind != "data" or run.fd is None:
+            yield run
+            continue
+        pos = run.lo
+        i = max(bisect_right(guards, (run.lo, 1 << 64)) - 1, 0)
+        while i < len(guards) and guards[i][0] < run.hi:
+            g_lo, g_hi = max(guards[i][0], pos), min(guards[i][1], run.hi)
+            if g_lo < g_hi:
+                if g_lo > pos:
+                    yield run._replace(lo=pos, hi=g_lo, offset=run.offset + pos - run.lo)
+                yield Run(g_lo, g_hi, "hole", None, None, 0)
+                pos = g_hi
+            i += 1
+        if pos < run.hi:
+            yield run._replace(lo=pos, offset=run.offset + pos - run.lo)
 
 
 def _gap(lo: int, hi: int, opened: OpenedFile | None, base: int, file_end: int) -> Iterator[Run]:
@@ -623,6 +651,7 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
     try:
         p = _Proc(images, pid, images.vmas(pid, mm), images.page_index(pid), files, warnings)
         p.mapped_fds = options.mapped_fds
+        p.guards = images.guards(pid, mm)
         threads = [images.thread_core(tid) for tid in proc.threads]
         mm_filter = _first(
             options.coredump_filter, sidecar.coredump_filter, DEFAULT_COREDUMP_FILTER

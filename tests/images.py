@@ -33,6 +33,7 @@ VMA_ANON_SHARED = 1 << 8
 VMA_ANON_PRIVATE = 1 << 9
 VMA_AREA_VVAR = 1 << 12
 VMA_AREA_MEMFD = 1 << 14
+VMA_AREA_GUARD = 1 << 16
 
 # criu/include/pagemap.h
 PE_PARENT = 1 << 0
@@ -160,6 +161,9 @@ class Proc:
     present_flags: int = PE_PRESENT
     #: which CRIU's pagemap_entry layout to write (a key of :data:`PAGEMAP_LAYOUTS`)
     pagemap_layout: str = "4.2"
+    #: MADV_GUARD_INSTALL ranges, written as CRIU >= 4.2 does: VMA_AREA_GUARD entries after
+    #: the real VMAs (criu/mem.c:collect_madv_guards())
+    guards: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def arg_start(self) -> int:
@@ -176,7 +180,8 @@ class Proc:
                     flags=MAP_PRIVATE | MAP_ANONYMOUS | 0x100,  # MAP_GROWSDOWN
                 )
             )
-        return sorted(out, key=lambda v: int(v["start"]))
+        guards = [vma(lo, hi, prot=0, flags=0, status=VMA_AREA_GUARD) for lo, hi in self.guards]
+        return sorted(out, key=lambda v: int(v["start"])) + guards
 
     def all_pages(self) -> list[tuple[int, bytes]]:
         out = list(self.pages)

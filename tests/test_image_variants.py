@@ -12,6 +12,7 @@ from pathlib import Path
 
 import images
 import pytest
+from elftools.elf.elffile import ELFFile
 from test_convert_unit import BASE, PAGE, _convert, memory
 
 from converters.images import (
@@ -119,3 +120,31 @@ def test_shmem_pagemap_of_criu_4_1(tmp_path: Path) -> None:
     core = _convert(img, tmp_path / "out", coredump_filter=0x3F)
     assert memory(core, memfd_start, PAGE) == bytes(PAGE)
     assert memory(core, memfd_start + PAGE, PAGE) == images.pattern(0x42)
+
+
+def test_guard_ranges_of_criu_4_2(tmp_path: Path) -> None:
+    """CRIU 4.2 lists MADV_GUARD_INSTALL ranges as VMA_AREA_GUARD entries overlapping real
+    VMAs: no program header of their own, and a file-backed range reads as a hole."""
+    root = tmp_path / "root"
+    root.mkdir()
+    content = bytes(range(256)) * (4 * PAGE // 256)
+    (root / "data").write_bytes(content)
+    file_base = BASE + 0x10_0000
+    proc = images.Proc(
+        100,
+        vmas=[
+            images.vma(BASE, BASE + 4 * PAGE),
+            images.file_vma(file_base, file_base + 4 * PAGE, file_id=5),
+        ],
+        pages=[(BASE, images.pattern(BASE))],
+        guards=[(BASE + PAGE, BASE + 3 * PAGE), (file_base + PAGE, file_base + 2 * PAGE)],
+    )
+    img = images.build(tmp_path / "img", [proc], files=[images.reg_file(5, "/data", len(content))])
+    core = _convert(img, tmp_path / "out", coredump_filter=0x3F, files_root=root)
+    assert memory(core, BASE, PAGE) == images.pattern(BASE)
+    assert memory(core, file_base, PAGE) == content[:PAGE]
+    assert memory(core, file_base + PAGE, PAGE) == bytes(PAGE)
+    assert memory(core, file_base + 2 * PAGE, 2 * PAGE) == content[2 * PAGE :]
+    with ELFFile((tmp_path / "out" / "core.100").open("rb")) as elf:
+        loads = [s["p_vaddr"] for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+    assert loads.count(BASE) == 1 and loads.count(file_base) == 1
