@@ -221,28 +221,35 @@ class TarMember:
 
 
 class TarOverlay:
-    """The regular files of an uncompressed tar (a checkpoint's ``rootfs-diff.tar``: what the
-    container changed in its root filesystem), read in place, plus the names it deleted
-    (``deleted.files``). Links, devices and sparse members are never read: a name that is one
-    of them is answered with a reason."""
+    """The regular files of an uncompressed tar, read in place, as the files under *mount*: a
+    checkpoint's ``rootfs-diff.tar`` (what the container changed in its root filesystem; with
+    the names it deleted, ``deleted.files``) over ``/``, or its ``devshm-checkpoint.tar`` (the
+    whole content of its /dev/shm tmpfs) over ``/dev/shm``. Links, devices and sparse members
+    are never read: a name that is one of them is answered with a reason."""
 
-    def __init__(self, tar: Path | None, deleted: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, tar: Path | None, deleted: frozenset[str] = frozenset(), mount: str = "/"
+    ) -> None:
         self.tar = tar
         self.deleted = deleted
+        #: the mount the tar holds whole (its names are the only files there), "/" for none
+        self.mount = _normal(mount)
         self.members: dict[str, TarMember | str] = {}
         self._fd: int | None = None
         if tar is not None:
             self._index(tar)
 
     @classmethod
-    def load(cls, tar: Path, deleted_list: Path) -> TarOverlay | None:
+    def load(
+        cls, tar: Path, deleted_list: Path | None = None, mount: str = "/"
+    ) -> TarOverlay | None:
         """The overlay of *tar* and of the JSON list of deleted names *deleted_list*, either of
         which may be absent; None when both are.
 
         :raises OSError, tarfile.TarError, ArchiveError, ValueError: an unreadable tar or list.
         """
         deleted: frozenset[str] = frozenset()
-        if deleted_list.is_file():
+        if deleted_list is not None and deleted_list.is_file():
             names = json.loads(deleted_list.read_text())
             if not isinstance(names, list):
                 raise ValueError(f"{deleted_list.name} is not a JSON list")
@@ -250,25 +257,29 @@ class TarOverlay:
         has_tar = tar.is_file() and not tar.is_symlink()
         if not has_tar and not deleted:
             return None
-        return cls(tar if has_tar else None, deleted)
+        return cls(tar if has_tar else None, deleted, mount)
 
     def _index(self, tar: Path) -> None:
         with tarfile.open(tar, "r:", tarinfo=BoundedTarInfo) as tf:
             for count, m in enumerate(tf, start=1):
                 if count > MAX_ENTRIES:
                     raise ValueError(f"{tar.name}: more than {MAX_ENTRIES} entries")
-                name = _normal(m.name)
+                name = _normal(f"{self.mount}/{m.name}")
                 if m.isreg() and not m.issparse() and m.type != tarfile.CONTTYPE:
                     self.members[name] = TarMember(m.offset_data, m.size, stat.S_IFREG | m.mode)
                 elif not m.isdir():
-                    self.members[name] = "not a regular file in the container's changes"
+                    self.members[name] = f"not a regular file in the checkpoint's {tar.name}"
 
     def open(self, name: str) -> OpenedFile | str | None:
         """The member *name*, a reason it cannot be read, or None when the tar leaves the name
         to the root below."""
         member = self.members.get(name)
         if member is None:
-            return "deleted in the container" if name in self.deleted else None
+            if name in self.deleted:
+                return "deleted in the container"
+            if self.mount != "/" and name.startswith(self.mount + "/"):
+                return f"not in the checkpoint's copy of {self.mount}"
+            return None
         if isinstance(member, str):
             return member
         if self._fd is None:
@@ -277,6 +288,11 @@ class TarOverlay:
         extents = ((0, member.size, member.offset),) if member.size else ()
         return OpenedFile(self._fd, member.size, extents, member.mode)
 
+    @property
+    def fd(self) -> int | None:
+        """The tar's descriptor, once a member was opened (members share it)."""
+        return self._fd
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -284,7 +300,8 @@ class TarOverlay:
 
 
 def _normal(name: str) -> str:
-    """A tar member's or a listed name as an absolute path without ``.`` or empty parts."""
+    """A tar member's or a listed name as an absolute path without ``.`` or empty parts
+    (``..`` stays: no name the kernel gives holds one, so such a member is never found)."""
     return "/" + "/".join(p for p in name.split("/") if p not in ("", "."))
 
 
@@ -294,11 +311,11 @@ NO_ROOT = "not read from this host"
 
 @dataclass
 class FileRoot:
-    """Opens mapped files by name: from *overlay* first, then under *root* (None: nowhere).
-    Caches descriptors; :meth:`close` releases them."""
+    """Opens mapped files by name: from the first of *overlays* that has an answer, then under
+    *root* (None: nowhere). Caches descriptors; :meth:`close` releases them."""
 
     root: Path | None
-    overlay: TarOverlay | None = None
+    overlays: tuple[TarOverlay, ...] = ()
     _open: dict[str, OpenedFile | str] = field(default_factory=dict)
     _root_fd: int | None = None
 
@@ -315,8 +332,8 @@ class FileRoot:
             return "not an absolute path"
         if "\0" in name:  # no kernel path holds one
             return "name holds a NUL byte"
-        if self.overlay is not None:
-            found = self.overlay.open(name)
+        for overlay in self.overlays:
+            found = overlay.open(name)
             if found is not None:
                 return found
         if self.root is None:
@@ -347,13 +364,13 @@ class FileRoot:
         return self._open.get(key)
 
     def close(self) -> None:
-        overlay_fd = self.overlay._fd if self.overlay is not None else None
+        shared = {o.fd for o in self.overlays}  # the overlays close their own
         for entry in self._open.values():
-            if isinstance(entry, OpenedFile) and entry.fd != overlay_fd:
+            if isinstance(entry, OpenedFile) and entry.fd not in shared:
                 os.close(entry.fd)
         self._open.clear()
-        if self.overlay is not None:
-            self.overlay.close()
+        for overlay in self.overlays:
+            overlay.close()
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None

@@ -56,12 +56,15 @@ class CheckpointFiles:
     :param changes: ``rootfs-diff.tar``, what the container changed in its root filesystem
         (may not exist).
     :param deleted: ``deleted.files``, the JSON list of names it deleted (may not exist).
+    :param devshm: ``devshm-checkpoint.tar``, the content of its /dev/shm (Podman; may not
+        exist).
     """
 
     image: str
     image_root: Path | None
     changes: Path
     deleted: Path
+    devshm: Path | None = None
 
 
 @dataclass

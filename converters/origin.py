@@ -45,18 +45,25 @@ def files_for(
     :raises ImageFormatError: the archive's rootfs-diff.tar or deleted.files is unreadable.
     """
     ck = options.checkpoint
-    overlay = None
+    overlays: tuple[TarOverlay, ...] = ()
     if ck is not None:
         try:
-            overlay = TarOverlay.load(ck.changes, ck.deleted)
+            loaded = (
+                TarOverlay.load(ck.changes, ck.deleted),
+                None if ck.devshm is None else TarOverlay.load(ck.devshm, mount="/dev/shm"),
+            )
         except (OSError, tarfile.TarError, ArchiveError, ValueError, UnicodeDecodeError) as e:
-            raise ImageFormatError(str(ck.changes), f"unreadable container changes ({e})") from e
+            raise ImageFormatError(
+                str(ck.changes.parent), f"unreadable container files ({e})"
+            ) from e
+        # /dev/shm first: the tar holds that whole mount, which no other layer may answer for
+        overlays = tuple(o for o in reversed(loaded) if o is not None)
     if options.files_root is not None:
-        return FileRoot(options.files_root, overlay), None
+        return FileRoot(options.files_root, overlays), None
     if ck is not None and ck.image_root is not None:
-        return FileRoot(ck.image_root, overlay), None
+        return FileRoot(ck.image_root, overlays), None
     why = foreign(images, options, sidecar)
-    return FileRoot(None if why else Path("/"), overlay), why
+    return FileRoot(None if why else Path("/"), overlays), why
 
 
 def foreign(images: ImageSet, options: ConvertOptions, sidecar: Sidecar) -> str | None:

@@ -3,10 +3,11 @@ changes the archive carries.
 
 ``podman container checkpoint --export`` and CRI-O (the Kubernetes kubelet's checkpoint API)
 write, beside the CRIU images under ``checkpoint/``: ``config.dump`` (the container's
-configuration, naming its image), ``rootfs-diff.tar`` (the files the container changed) and
-``deleted.files`` (those it deleted). The image's root filesystem is mounted from local
-storage with ``podman image mount`` (CRI-O shares that storage) and unmounted afterwards; the
-changes are read in place from the tar (:class:`converters.files.TarOverlay`).
+configuration, naming its image), ``rootfs-diff.tar`` (the files the container changed),
+``deleted.files`` (those it deleted) and, from Podman, ``devshm-checkpoint.tar`` (its
+/dev/shm). The image's root filesystem is mounted from local storage with ``podman image
+mount`` (CRI-O shares that storage) and unmounted afterwards; the tars are read in place
+(:class:`converters.files.TarOverlay`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def open_checkpoint(
                 image_root=root,
                 changes=top / "rootfs-diff.tar",
                 deleted=top / "deleted.files",
+                devshm=top / "devshm-checkpoint.tar",
             )
             yield images_dir, replace(options, checkpoint=ck)
 

@@ -276,6 +276,7 @@ def test_plain_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
         tf.add(images / "pstree.img", "checkpoint/pstree.img")
     with open_checkpoint(archive, options, tmp_dir=tmp_path) as (d, got):
         assert d.name == "checkpoint"
+        top = d.parent
         assert got.checkpoint == CheckpointFiles(
-            "", None, d.parent / "rootfs-diff.tar", d.parent / "deleted.files"
+            "", None, top / "rootfs-diff.tar", top / "deleted.files", top / "devshm-checkpoint.tar"
         )

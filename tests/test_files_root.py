@@ -291,38 +291,55 @@ def test_explicit_files_root_serves_foreign_images(tmp_path: Path) -> None:
     ]
 
 
+def _tar(path: Path, members: dict[str, bytes | str]) -> Path:
+    """An uncompressed tar of regular files (bytes) and symlinks (their target, a str)."""
+    with tarfile.open(path, "w") as tf:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(content), 0o644
+                tf.addfile(info, io.BytesIO(content))
+    return path
+
+
 def test_container_changes_over_its_image(tmp_path: Path, spy: list[str]) -> None:
-    """A checkpoint's rootfs-diff.tar laid over its image's root: changed files come from the
-    tar (read in place), deleted ones from nowhere, a link in it is never followed, the rest
-    from the image."""
+    """A checkpoint's rootfs-diff.tar laid over its image's root, its devshm-checkpoint.tar
+    as /dev/shm: changed files come from the tar (read in place), deleted ones from nowhere,
+    a link in it is never followed, /dev/shm holds only what its tar has, the rest comes from
+    the image."""
     image = tmp_path / "image"
     (image / "lib").mkdir(parents=True)
-    for name in ("changed.so", "gone.so", "base.so", "link.so"):
-        (image / "lib" / name).write_bytes(b"IMAGE:" + name.encode() + bytes(len(SECRET) - 20))
-    changes = tmp_path / "rootfs-diff.tar"
-    with tarfile.open(changes, "w") as tf:
-        new = b"CHANGED" + bytes(len(SECRET) - 7)
-        info = tarfile.TarInfo("lib/changed.so")
-        info.size, info.mode = len(new), 0o644
-        tf.addfile(info, io.BytesIO(new))
-        link = tarfile.TarInfo("lib/link.so")
-        link.type, link.linkname = tarfile.SYMTYPE, str(SHADOW)
-        tf.addfile(link)
+    (image / "dev" / "shm").mkdir(parents=True)
+    for name in ("lib/changed.so", "lib/gone.so", "lib/base.so", "lib/link.so", "dev/shm/old"):
+        (image / name).write_bytes(b"IMAGE:" + name.encode() + bytes(len(SECRET) - 30))
+    pad = bytes(len(SECRET) - 7)
+    changes = _tar(
+        tmp_path / "rootfs-diff.tar",
+        {"lib/changed.so": b"CHANGED" + pad, "lib/link.so": str(SHADOW)},
+    )
+    devshm = _tar(tmp_path / "devshm-checkpoint.tar", {"./shm-obj": b"SHMSHMS" + pad})
     (tmp_path / "deleted.files").write_text(json.dumps(["/lib/gone.so"]))
-    names = ["/lib/changed.so", "/lib/gone.so", "/lib/base.so", "/lib/link.so"]
-    sizes = [len(SECRET)] * 3 + [len(SECRET)]
+    names = ["/lib/changed.so", "/lib/gone.so", "/lib/base.so", "/lib/link.so",
+             "/dev/shm/shm-obj", "/dev/shm/old"]  # fmt: skip
+    sizes = [len(SECRET)] * len(names)
     sizes[2] = (image / "lib" / "base.so").stat().st_size
     img = _set(tmp_path, names, sizes, mnt_id=106, mode=0o100644)
-    ck = CheckpointFiles("example", image, changes, tmp_path / "deleted.files")
+    ck = CheckpointFiles("example", image, changes, tmp_path / "deleted.files", devshm)
     result, core = _run(img, tmp_path / "out", None, ConvertOptions(checkpoint=ck))
-    assert b"CHANGED" in core and b"IMAGE:base.so" in core
-    assert b"IMAGE:changed.so" not in core and b"IMAGE:gone.so" not in core
-    assert b"IMAGE:link.so" not in core
+    assert b"CHANGED" in core and b"IMAGE:lib/base.so" in core and b"SHMSHMS" in core
+    for absent in ("changed.so", "gone.so", "link.so"):
+        assert f"IMAGE:lib/{absent}".encode() not in core
+    assert b"IMAGE:dev/shm/old" not in core
     assert str(SHADOW) not in spy
     assert result.warnings == [
         f"/lib/gone.so: deleted in the container; mapping at {BASE + 4 * PAGE:#x} written as holes",
-        "/lib/link.so: not a regular file in the container's changes; mapping at"
+        "/lib/link.so: not a regular file in the checkpoint's rootfs-diff.tar; mapping at"
         f" {BASE + 12 * PAGE:#x} written as holes",
+        "/dev/shm/old: not in the checkpoint's copy of /dev/shm; mapping at"
+        f" {BASE + 20 * PAGE:#x} written as holes",
     ]
 
 

@@ -1,7 +1,7 @@
 /* A container's process for tests/test_container_files.py: as the container's init it forks
  * the target and waits for it (an init ignores a SIGABRT it has no handler for); the target
  * writes /data.elf into the container's root filesystem (so that it travels in the checkpoint's
- * rootfs-diff.tar), maps it, says "ready PID" and blocks. */
+ * rootfs-diff.tar), maps it, maps a file of /dev/shm shared, says "ready PID" and blocks. */
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -30,6 +30,17 @@ int main(void)
 	if (mmap(NULL, sizeof(page), PROT_READ, MAP_PRIVATE, fd, 0) == MAP_FAILED)
 		return 1;
 	close(fd);
+	/* a POSIX shared memory object (shm_open() is this): a file on the container's /dev/shm
+	 * tmpfs, which Podman saves as devshm-checkpoint.tar */
+	fd = open("/dev/shm/shared", O_RDWR | O_CREAT | O_TRUNC, 0600);
+	if (fd < 0 || ftruncate(fd, sizeof(page)) != 0)
+		return 1;
+	char *shared = mmap(NULL, sizeof(page), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (shared == MAP_FAILED)
+		return 1;
+	close(fd);
+	memset(shared, 'S', sizeof(page));
+	memcpy(shared, "container's shared memory", 25);
 	printf("ready %d\n", getpid());
 	fflush(stdout);
 	for (;;)
