@@ -29,10 +29,10 @@ from criu_livedump.conversion_child import (
     scheduling_preexec,
 )
 from criu_livedump.errors import (
-    CloneError,
     DestinationError,
     LivedumpError,
     RequestError,
+    SnapshotError,
     TargetDiedError,
     TargetError,
 )
@@ -230,12 +230,8 @@ def live_dump(
         try:
             return _live_dump(pid, request, criu_path=criu_path, stdout=stdout)
         except TargetDiedError as e:
-            if e.pid == pid:
+            if e.pid == pid or not watched.exited():  # the target, or a process of its tree
                 raise
-            if not watched.exited():  # the process CRIU dumped was the target's clone
-                raise CloneError(
-                    f"process {pid}: its clone {e.pid} {e.problem}; the target runs on"
-                ) from e
             raise TargetDiedError(pid, describe_wait_status(watched.wait_status())) from e
         except (LivedumpError, OSError, ValueError) as e:
             if watched.exited():
@@ -325,22 +321,32 @@ def _snapshot(
     snap.freeze()
     task = snap.handoff(binary)
     options = (*task.options, *creds.extra_args)
-    result = criu.dump(
-        binary,
-        criu.DumpJob(
-            pid=task.pid,
-            scratch=snap.work,
-            pre_dump_rounds=task.pre_dump_rounds,
-            extra_args=options,
-            preexec=scheduling_preexec(priorities),
-            wrapper=creds.wrapper,
-            owner=None if creds.uid is None else (creds.uid, creds.gid or 0),
-            leave_running=task.leave_running,
-            timeout=time_limit[0],
-            deadline=time_limit[1],
-            ns_pid=task.ns_pid,
-        ),
-    )
+    try:
+        result = criu.dump(
+            binary,
+            criu.DumpJob(
+                pid=task.pid,
+                scratch=snap.work,
+                pre_dump_rounds=task.pre_dump_rounds,
+                extra_args=options,
+                preexec=scheduling_preexec(priorities),
+                wrapper=creds.wrapper,
+                owner=None if creds.uid is None else (creds.uid, creds.gid or 0),
+                leave_running=task.leave_running,
+                timeout=time_limit[0],
+                deadline=time_limit[1],
+                ns_pid=task.ns_pid,
+                tree=task.tree,
+            ),
+        )
+    except TargetDiedError as e:
+        if e.pid != task.pid or task.pid == snap.facts.pid:
+            raise
+        # CRIU dumped a copy of the target (the clone method's): the snapshot failed, not it
+        raise SnapshotError(
+            f"process {snap.facts.pid}: the copy CRIU dumped (process {e.pid}) {e.problem};"
+            " the target runs on"
+        ) from e
     done = snap.complete(result)
     report.criu_options = options
     report.pre_dump_rounds = task.pre_dump_rounds

@@ -269,3 +269,23 @@ def test_scratch_filled_before_criu_could_log_why(
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
     wait_state(sleeper.pid, "S")
+
+
+def test_tree_member_gone_under_a_hanging_criu(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """CRIU collects the target's whole tree: a member that dies under a hanging CRIU ends the
+    dump the same way, and the error names that member and the tree's root."""
+    member = procs.popen(["sleep", "600"])
+    try:
+        binary = fake_criu(tmp_path, f"kill -KILL {member.pid}\nexec sleep 600\n")
+        job = criu.DumpJob(pid=sleeper.pid, scratch=tmp_path / "s", tree=(member.pid,))
+        with pytest.raises(TargetDiedError) as info:
+            criu.dump(binary, job)
+        assert str(info.value) == (
+            f"process {member.pid}: died during the dump of process {sleeper.pid}'s tree"
+            " (killed by signal 9 (SIGKILL))"
+        )
+        assert sleeper.poll() is None
+    finally:
+        procs.kill_group(member)

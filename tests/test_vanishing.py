@@ -40,7 +40,8 @@ STAGES = [
     ("criu", "criu_livedump.snapshot.criu:dump", False),
     ("criu", "criu_livedump.snapshot.leave_running:open_mapped_files", True),
     ("criu", "criu_livedump.dump:with_dump_time_facts", True),
-    ("clone", "criu_livedump.snapshot.clone.inject:clone_snapshot", False),
+    ("clone", "criu_livedump.snapshot.clone.inject:prepare", False),
+    ("clone", "criu_livedump.snapshot.clone.inject:freeze", False),
     ("clone", "criu_livedump.snapshot.clone.method:open_mapped_files", True),
     ("clone", "criu_livedump.snapshot.criu:dump", True),
     ("clone", "criu_livedump.dump:with_dump_time_facts", True),
@@ -57,8 +58,11 @@ def _kill(target: Target) -> None:
     )
 
 
-def _killing_before(fn: Callable[..., Any], target: Target) -> Callable[..., Any]:
+def _killing_before(
+    fn: Callable[..., Any], target: Target, fired: list[bool]
+) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        fired.append(True)
         _kill(target)
         return fn(*args, **kwargs)
 
@@ -81,7 +85,8 @@ def test_target_dies_at_each_stage(
     target = targets(programs["threads"], "3", rseq=False)
     module, name = stage.split(":")
     where = importlib.import_module(module)
-    monkeypatch.setattr(where, name, _killing_before(getattr(where, name), target))
+    fired: list[bool] = []
+    monkeypatch.setattr(where, name, _killing_before(getattr(where, name), target, fired))
     scratch, out = tmp_path / "scratch", tmp_path / "out"
     scratch.mkdir()
     out.mkdir()
@@ -90,7 +95,9 @@ def test_target_dies_at_each_stage(
     )
     try:
         report = dump.live_dump(target.pid, request)
+        assert fired, f"{stage} is no longer called by a dump: update STAGES"
     except TargetDiedError as e:
+        assert fired, f"{stage} is no longer called by a dump: update STAGES"
         assert str(e) == (
             f"process {target.pid}: died during the dump (killed by signal 9 (SIGKILL))"
         )

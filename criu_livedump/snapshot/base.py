@@ -40,6 +40,7 @@ class CriuTask:
     :param pre_dump_rounds: ``criu pre-dump`` rounds before the dump.
     :param ns_pid: *pid*'s id in its own PID namespace when CRIU is to run inside that namespace
         (:func:`criu_livedump.snapshot.criu.in_pid_namespace`), else None.
+    :param tree: the other processes CRIU collects with *pid* (its descendants), watched with it.
     """
 
     pid: int
@@ -47,6 +48,7 @@ class CriuTask:
     options: tuple[str, ...] = ()
     pre_dump_rounds: int = 0
     ns_pid: int | None = None
+    tree: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

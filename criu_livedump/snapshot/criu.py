@@ -342,6 +342,8 @@ class DumpJob:
 
     :param pid: root of the tree CRIU collects (CRIU always takes the whole tree below it), as
         this process sees it.
+    :param tree: the other processes CRIU dumps with *pid* (its descendants: CRIU always takes
+        the whole tree), watched like it.
     :param ns_pid: when set, CRIU runs inside *pid*'s PID namespace (:func:`in_pid_namespace`)
         and is told this id of *pid* there.
     :param scratch: private directory; rounds go to ``scratch/1 .. scratch/N+1``.
@@ -372,6 +374,7 @@ class DumpJob:
     #: False for a clone snapshot: CRIU then kills the dumped clone, which is what we want
     leave_running: bool = True
     ns_pid: int | None = None
+    tree: tuple[int, ...] = ()
 
     @property
     def prefix(self) -> tuple[str, ...]:
@@ -511,6 +514,11 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
         watched = Pidfd(job.pid)
     except ProcessLookupError:
         raise TargetError(job.pid, "no such process") from None
+    members = [watched]
+    for other in job.tree:
+        with contextlib.suppress(ProcessLookupError):  # gone already: CRIU will not see it
+            members.append(Pidfd(other))
+    watch = _Watch(tuple(members), deadline, job.timeout)
     cmds = plan_rounds(criu, job)
     resumed = was_stopped = False
     try:
@@ -520,13 +528,14 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
             images.mkdir(mode=0o700, parents=True, exist_ok=False)
             if job.owner is not None:
                 os.chown(images, *job.owner)
-            _run_round(argv, images, job, _Watch(watched, deadline, job.timeout))
+            _run_round(argv, images, job, watch)
     finally:
         # a disposable clone is killed by CRIU; only a live target must run on
         try:
             resumed = ensure_running(job.pid, was_stopped) if job.leave_running else False
         finally:
-            watched.close()
+            for pidfd in members:
+                pidfd.close()
     seconds = time.monotonic() - start
     final = Path(cmds[-1][cmds[-1].index("-D") + 1])
     return DumpResult(
@@ -540,11 +549,24 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
 
 @dataclass(frozen=True)
 class _Watch:
-    """What a round of CRIU is watched for: the end of *process* and the *deadline*."""
+    """What a round of CRIU is watched for: the end of any of *processes* (the root of the
+    dumped tree first) and the *deadline*."""
 
-    process: Pidfd
+    processes: tuple[Pidfd, ...]
     deadline: float
     timeout: float
+
+    def dead(self) -> Pidfd | None:
+        """The first watched process that has ended, if any."""
+        return next((p for p in self.processes if p.exited()), None)
+
+    def died(self, dead: Pidfd) -> TargetDiedError:
+        """The error for *dead*'s end, named as the root or as a member of its tree."""
+        how = describe_wait_status(dead.wait_status())
+        root = self.processes[0].pid
+        if dead.pid == root:
+            return TargetDiedError(root, how)
+        return TargetDiedError(dead.pid, how, during=f"the dump of process {root}'s tree")
 
 
 def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> None:
@@ -572,9 +594,9 @@ def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> No
         _supervise(proc, argv, watch)
         output.seek(0)
         out = output.read()[-8192:].decode(errors="replace")
+    if proc.returncode != 0 and (dead := watch.dead()) is not None:
+        raise watch.died(dead)
     if proc.returncode != 0:
-        if watch.process.exited():
-            raise TargetDiedError(job.pid, _how_it_ended(watch.process))
         tail = _log_tail(log_path) or out
         hint = None
         full = "No space left on device" in tail
@@ -611,11 +633,11 @@ def _supervise(proc: subprocess.Popen[bytes], argv: Sequence[str], watch: _Watch
                     )
                 if _wait_readable(criu_fd, min(left, WATCH_STEP)):
                     break
-                if watch.process.exited():
-                    how = _how_it_ended(watch.process)
+                if (dead := watch.dead()) is not None:
+                    died = watch.died(dead)  # now: once CRIU is gone its zombie may be reaped
                     _wait_readable(criu_fd, TARGET_GONE_GRACE)
                     _kill_group(proc)
-                    raise TargetDiedError(watch.process.pid, how or _how_it_ended(watch.process))
+                    raise died if died.how else watch.died(dead)
         except KeyboardInterrupt:
             # Let CRIU finish (it leaves the target running); kill it only if it dawdles.
             with contextlib.suppress(KeyboardInterrupt):
@@ -639,10 +661,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-def _how_it_ended(process: Pidfd) -> str | None:
-    return describe_wait_status(process.wait_status())
 
 
 #: Free bytes (to unprivileged users, f_bavail) under which a failed CRIU's scratch filesystem

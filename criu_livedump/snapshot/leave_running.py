@@ -52,6 +52,7 @@ class CriuSnapshot(Snapshot):
             options=tuple(options),
             pre_dump_rounds=rounds,
             ns_pid=self.facts.ns_pid if inside else None,
+            tree=tuple(p for p in self.facts.tree if p != self.facts.pid),
         )
 
     def complete(self, result: criu.DumpResult) -> Snapshotted:
