@@ -356,10 +356,8 @@ class ImageSet:
         if not pstree:
             raise ImageFormatError(str(directory / "pstree.img"), "no process in the tree")
         processes = _processes(directory / "pstree.img", pstree)
-        files = {
-            int(fe.id): fe
-            for fe in _optional_entries(directory / "files.img", "FILES", pb.file_entry)
-        }
+        _check_inventory(directory / "inventory.img")
+        files = {int(fe.id): fe for fe in _file_entries(directory)}
         memfd = {
             int(me.inode_id): me
             for me in _optional_entries(
@@ -576,6 +574,33 @@ def _build_id(words: Any) -> bytes | None:
 def _optional_entries(path: Path, magic: str, message: type[Message]) -> list[Any]:
     """:func:`read_entries` of an image CRIU writes only when it has something to say."""
     return read_entries(path, magic, message) if path.exists() else []
+
+
+#: inventory_entry.img_version values CRIU writes (criu/include/magic.h): CRTOOLS_IMAGES_V1
+#: (images without the IMG_COMMON word, before CRIU 1.x's V1_1) and CRTOOLS_IMAGES_V1_1
+IMAGE_VERSIONS = (1, 2)
+
+
+def _check_inventory(path: Path) -> None:
+    """Refuse an image set whose version no CRIU release has written, as CRIU's own
+    check_img_inventory() (criu/image.c) does. No inventory: not checked."""
+    inventory = _optional_entries(path, "INVENTORY", pb.inventory_entry)
+    if inventory and int(inventory[0].img_version) not in IMAGE_VERSIONS:
+        raise ImageFormatError(
+            str(path),
+            f"image version {inventory[0].img_version} is not one CRIU writes "
+            f"({', '.join(map(str, IMAGE_VERSIONS))})",
+        )
+
+
+def _file_entries(directory: Path) -> list[Any]:
+    """files.img's entries; for images older than files.img (CRIU < 3.4, commit fe6fa3bec),
+    reg-files.img's, as ``REG`` file entries. CRIU reads reg-files.img only when files.img is
+    absent (criu/files-reg.c:collect_remaps_and_regfiles())."""
+    if (directory / "files.img").exists():
+        return read_entries(directory / "files.img", "FILES", pb.file_entry)
+    regs = _optional_entries(directory / "reg-files.img", "REG_FILES", pb.reg_file_entry)
+    return [pb.file_entry(id=r.id, type=pb.fd_types.Value("REG"), reg=r) for r in regs]
 
 
 def _processes(path: Path, pstree: list[Any]) -> list[Process]:

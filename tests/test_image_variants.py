@@ -15,6 +15,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from test_convert_unit import BASE, PAGE, _convert, memory
 
+from converters.errors import ImageFormatError
 from converters.images import (
     PE_LAZY,
     PE_PARENT,
@@ -148,3 +149,34 @@ def test_guard_ranges_of_criu_4_2(tmp_path: Path) -> None:
     with ELFFile((tmp_path / "out" / "core.100").open("rb")) as elf:
         loads = [s["p_vaddr"] for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
     assert loads.count(BASE) == 1 and loads.count(file_base) == 1
+
+
+def test_reg_files_image_before_criu_3_4(tmp_path: Path) -> None:
+    """Before files.img (CRIU 3.4), regular files were in reg-files.img as reg_file_entry."""
+    root = tmp_path / "root"
+    root.mkdir()
+    content = bytes(range(256)) * (2 * PAGE // 256)
+    (root / "lib.so").write_bytes(content)
+    proc = images.Proc(100, vmas=[images.file_vma(BASE, BASE + 2 * PAGE, file_id=5)])
+    img = images.build(tmp_path / "img", [proc])
+    images.write_image(
+        img / "reg-files.img", "REG_FILES", [images.reg_file(5, "/lib.so", len(content))["reg"]]
+    )
+    core = _convert(img, tmp_path / "out", coredump_filter=0x3F, files_root=root)
+    assert memory(core, BASE, 2 * PAGE) == content
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_inventory_versions_criu_writes(tmp_path: Path, version: int) -> None:
+    """img_version 1 (CRTOOLS_IMAGES_V1) and 2 (V1_1, every release since 1.x) convert."""
+    img = images.simple(tmp_path / "img")
+    images.write_image(img / "inventory.img", "INVENTORY", [{"img_version": version}])
+    core = _convert(img, tmp_path / "out")
+    assert memory(core, BASE, PAGE) == images.pattern(BASE)
+
+
+def test_inventory_version_no_criu_wrote(tmp_path: Path) -> None:
+    img = images.simple(tmp_path / "img")
+    images.write_image(img / "inventory.img", "INVENTORY", [{"img_version": 3}])
+    with pytest.raises(ImageFormatError, match=r"inventory\.img: image version 3 is not one"):
+        _convert(img, tmp_path / "out")
