@@ -267,6 +267,12 @@ class TarOverlay:
                 name = _normal(f"{self.mount}/{m.name}")
                 if m.isreg() and not m.issparse() and m.type != tarfile.CONTTYPE:
                     self.members[name] = TarMember(m.offset_data, m.size, stat.S_IFREG | m.mode)
+                elif m.islnk() and isinstance(
+                    target := self.members.get(_normal(f"{self.mount}/{m.linkname}")), TarMember
+                ):
+                    # a hard link to a regular file earlier in the tar (tar writes a file's
+                    # second name so): the same bytes, never a path looked up anywhere
+                    self.members[name] = target
                 elif not m.isdir():
                     self.members[name] = f"not a regular file in the checkpoint's {tar.name}"
 

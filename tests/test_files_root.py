@@ -292,11 +292,15 @@ def test_explicit_files_root_serves_foreign_images(tmp_path: Path) -> None:
 
 
 def _tar(path: Path, members: dict[str, bytes | str]) -> Path:
-    """An uncompressed tar of regular files (bytes) and symlinks (their target, a str)."""
+    """An uncompressed tar of regular files (bytes), symlinks (their target, a str) and hard
+    links (``"=" + the linked member``)."""
     with tarfile.open(path, "w") as tf:
         for name, content in members.items():
             info = tarfile.TarInfo(name)
-            if isinstance(content, str):
+            if isinstance(content, str) and content.startswith("="):
+                info.type, info.linkname = tarfile.LNKTYPE, content[1:]
+                tf.addfile(info)
+            elif isinstance(content, str):
                 info.type, info.linkname = tarfile.SYMTYPE, content
                 tf.addfile(info)
             else:
@@ -318,12 +322,17 @@ def test_container_changes_over_its_image(tmp_path: Path, spy: list[str]) -> Non
     pad = bytes(len(SECRET) - 7)
     changes = _tar(
         tmp_path / "rootfs-diff.tar",
-        {"lib/changed.so": b"CHANGED" + pad, "lib/link.so": str(SHADOW)},
+        {
+            "lib/changed.so": b"CHANGED" + pad,
+            "lib/link.so": str(SHADOW),
+            "lib/hard.so": "=lib/changed.so",
+            "lib/hard-out.so": "=../../etc/shadow",
+        },
     )
     devshm = _tar(tmp_path / "devshm-checkpoint.tar", {"./shm-obj": b"SHMSHMS" + pad})
     (tmp_path / "deleted.files").write_text(json.dumps(["/lib/gone.so"]))
     names = ["/lib/changed.so", "/lib/gone.so", "/lib/base.so", "/lib/link.so",
-             "/dev/shm/shm-obj", "/dev/shm/old"]  # fmt: skip
+             "/dev/shm/shm-obj", "/dev/shm/old", "/lib/hard.so", "/lib/hard-out.so"]  # fmt: skip
     sizes = [len(SECRET)] * len(names)
     sizes[2] = (image / "lib" / "base.so").stat().st_size
     img = _set(tmp_path, names, sizes, mnt_id=106, mode=0o100644)
@@ -340,7 +349,10 @@ def test_container_changes_over_its_image(tmp_path: Path, spy: list[str]) -> Non
         f" {BASE + 12 * PAGE:#x} written as holes",
         "/dev/shm/old: not in the checkpoint's copy of /dev/shm; mapping at"
         f" {BASE + 20 * PAGE:#x} written as holes",
+        "/lib/hard-out.so: not a regular file in the checkpoint's rootfs-diff.tar; mapping at"
+        f" {BASE + 28 * PAGE:#x} written as holes",
     ]
+    assert core.count(b"CHANGED") == 2  # /lib/changed.so and its hard link
 
 
 def test_live_descriptors_pass_unless_another_library(tmp_path: Path) -> None:
