@@ -7,6 +7,47 @@ into a dict: a pagemap of a large process has hundreds of thousands of entries.
 
 Every malformed input becomes an :class:`~converters.errors.ImageFormatError` naming the file;
 protobuf's and pycriu's own exceptions never leave this module.
+
+Image-format variants (issue 19): every one CRIU has written since 3.11, and the older ones
+CRIU 4.2 itself still reads, read as CRIU reads them. pycriu is 4.2's; protobuf decodes by
+field number and keeps absent optional fields distinguishable (``HasField``), so an older
+entry decodes with the newer classes. Unit tests: tests/test_image_variants.py (named by
+release); real images: tests/releases/ (4.1.1, 3.17.1's layout).
+
+==================  ==============================================  ===========================
+CRIU (commit)       what it wrote                                   read here as
+==================  ==============================================  ===========================
+< 1.4 (6b70e4ad8)   remap_file_path_entry without remap_type        LINKED (:func:`_remaps`)
+any                 inventory img_version 1 (no IMG_COMMON word)    both magic layouts
+                    or 2; CRIU refuses any other                    (:func:`_check_magic`); other
+                                                                    versions refused
+< 3.3 (0ce86c360)   ghost file: the bytes right after the entry     one extent (:func:`_read_ghost`)
+>= 3.3              from 3 pages: chunks (offset, length, bytes)    extents; gaps are holes
+< 3.4 (fe6fa3bec)   regular files in reg-files.img, no files.img    ``REG`` file entries
+                                                                    (:func:`_file_entries`)
+< 3.5 (9bc9fcb0c)   pagemap_entry: in_parent, no flags              :func:`pagemap_entry_run`
+3.5 .. 4.1.x        pagemap_entry page count u32 in field 2         field 2 when 5 is unset
+>= 4.2 (afb2e6c3f)  page count u64 in field 5, field 2 left 0       field 5
+3.11 .. 3.13        no memfd: a shared memfd mapping is anonymous   as shared anonymous memory;
+                    shared memory (VMA_ANON_SHARED); its name is    NT_FILE says "/dev/zero
+                    not in the images                               (deleted)" (not recoverable)
+>= 3.14 (c1e72aa9,  memfd.img inodes, MEMFD file entries            :meth:`ImageSet.mapped_file`
+e3a5d097)
+< 3.19 (dfa541095)  memfd_inode_entry without mode                  mode unknown (0): unchecked
+older (7b18c13c,    reg_file_entry without build_id                 build-id not checked
+3.15)
+>= 4.0 (6e491a19a)  x86 xsave.cet (CET, supervisor state)           ignored: no user XSTATE part
+>= 4.2 (9c0f725a6)  VMA_AREA_GUARD entries after the VMAs: guard     not VMAs; file bytes under
+                    ranges overlapping real VMAs                    them are holes (guards())
+>= 4.2 (7bf402f6b)  VMA_AREA_UPROBES vma, bytes not dumped (only    holes (the kernel writes
+                    with --allow-uprobes)                           the XOL page: not in images)
+< 2.0 (dde0df460)   creds in creds-PID.img, none in thread_core     not read: pr_uid/pr_gid 0
+==================  ==============================================  ===========================
+
+Unchanged since before 3.11 as far as the converter reads them: pstree_entry, mm_entry
+(mm_saved_auxv a repeated uint64 since 808b8f2f0), vma_entry, core_entry's thread_info_x86,
+task_core_entry and thread_core_entry (per-thread blk_sigset and creds since 2.0), the
+PE_PARENT/PE_LAZY/PE_PRESENT values (fixed in 3.5, 48675a3c7), pages-N.img.
 """
 
 from __future__ import annotations
@@ -512,26 +553,10 @@ class ImageSet:
 
 
 def pagemap_entry_run(e: Any) -> tuple[int, int]:
-    """``(PE_* flags, number of pages)`` of a ``pagemap_entry``, read as CRIU's
-    criu/pagemap.c:init_compat_pagemap_entry() reads every version's entries:
-
-    ============================  ===============================  ===========================
-    written by                    on disk                          read as
-    ============================  ===============================  ===========================
-    CRIU < 3.5 (before 9bc9fcb0c  field 2 ``nr_pages`` (u32),       ``in_parent`` true: PE_PARENT;
-    "replace 'zero' and 'lazy'    field 3 ``in_parent``, no         else PE_PRESENT
-    booleans with 'flags'")       ``flags``
-    CRIU 3.5 .. 4.1.x             field 2 ``nr_pages`` (u32),       ``flags`` (PE_PARENT 1,
-                                  field 4 ``flags``                 PE_LAZY 2, PE_PRESENT 4,
-                                                                    stable since 3.5)
-    CRIU >= 4.2 (afb2e6c3f        field 2 ``compat_nr_pages`` = 0,  field 5 ``nr_pages``
-    "change PagemapEntry.nr_      field 4 ``flags``, field 5
-    pages to uint64")             ``nr_pages`` (u64)
-    ============================  ===============================  ===========================
-
-    pycriu 4.2's pagemap.proto names field 2 ``compat_nr_pages``: protobuf decodes a field by
-    number, so an older entry's page count lands there and field 5 reads as unset (0), which
-    is why ``HasField`` and not the value decides.
+    """``(PE_* flags, number of pages)`` of a ``pagemap_entry`` of any release (the module's
+    table), as criu/pagemap.c:init_compat_pagemap_entry() reads it: ``in_parent`` adds
+    PE_PARENT, no ``flags`` means PE_PRESENT, field 5 when set, else field 2 (which pycriu 4.2
+    names ``compat_nr_pages``; an older entry's count decodes there).
     """
     flags = int(e.flags) if e.HasField("flags") else 0
     if e.HasField("in_parent") and e.in_parent:
