@@ -17,7 +17,8 @@ release); real images: tests/releases/ (4.1.1, 3.17.1's layout).
 ==================  ==============================================  ===========================
 CRIU (commit)       what it wrote                                   read here as
 ==================  ==============================================  ===========================
-< 1.4 (6b70e4ad8)   remap_file_path_entry without remap_type        LINKED (:func:`_remaps`)
+< 1.4 (6b70e4ad8)   remap_file_path_entry without remap_type: top   GHOST if remap_id's top bit
+                    bit of remap_id set for a ghost file            is set, else LINKED
 any                 inventory img_version 1 (no IMG_COMMON word)    both magic layouts
                     or 2; CRIU refuses any other                    (:func:`_check_magic`); other
                                                                     versions refused
@@ -82,6 +83,7 @@ MAX_PARENT_DEPTH = 64
 _MAGIC = pyimages.magic.by_name
 _REMAP_LINKED = pb.remap_type.Value("LINKED")
 _REMAP_GHOST = pb.remap_type.Value("GHOST")
+_REMAP_GHOST_BIT = 1 << 31
 _COMMON = _MAGIC["IMG_COMMON"]
 _SERVICE = _MAGIC["IMG_SERVICE"]
 
@@ -655,13 +657,20 @@ def _remaps(path: Path) -> tuple[frozenset[int], dict[int, int]]:
     remaps: dict[int, int] = {}
     for r in _optional_entries(path, "REMAP_FPATH", pb.remap_file_path_entry):
         # images/remap-file-path.proto: LINKED (0) or GHOST (1) means the file was unlinked
-        # when dumped (PROCFS is a dead process's /proc entry); an old image without the field
-        # is LINKED
-        kind = r.remap_type if r.HasField("remap_type") else _REMAP_LINKED
+        # when dumped (PROCFS is a dead process's /proc entry). Before the field (CRIU < 1.4)
+        # the top bit of remap_id said GHOST (criu/include/image.h REMAP_GHOST), as
+        # criu/files-reg.c:collect_one_remap() still reads it.
+        remap_id = int(r.remap_id)
+        if r.HasField("remap_type"):
+            kind = r.remap_type
+        elif remap_id & _REMAP_GHOST_BIT:
+            kind, remap_id = _REMAP_GHOST, remap_id & ~_REMAP_GHOST_BIT
+        else:
+            kind = _REMAP_LINKED
         if kind in (_REMAP_LINKED, _REMAP_GHOST):
             ghosts.add(int(r.orig_id))
         if kind == _REMAP_GHOST:
-            remaps[int(r.orig_id)] = int(r.remap_id)
+            remaps[int(r.orig_id)] = remap_id
     return frozenset(ghosts), remaps
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import images
 import pytest
 from elftools.elf.elffile import ELFFile
-from test_convert_unit import BASE, PAGE, _convert, memory
+from test_convert_unit import BASE, PAGE, _convert, _ghost_images, memory
 
 from converters.errors import ImageFormatError
 from converters.images import (
@@ -180,3 +180,51 @@ def test_inventory_version_no_criu_wrote(tmp_path: Path) -> None:
     images.write_image(img / "inventory.img", "INVENTORY", [{"img_version": 3}])
     with pytest.raises(ImageFormatError, match=r"inventory\.img: image version 3 is not one"):
         _convert(img, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "remap",
+    [
+        pytest.param({"remap_id": 1, "remap_type": "GHOST"}, id="criu-1.4-on-remap_type"),
+        pytest.param({"remap_id": 1 | 1 << 31}, id="criu-before-1.4-top-bit"),
+    ],
+)
+def test_ghost_remaps(tmp_path: Path, remap: dict[str, object]) -> None:
+    """A deleted file's ghost copy found through remap-fpath.img in either layout."""
+    img, content = _ghost_images(tmp_path, chunks=None)
+    images.write_image(img / "remap-fpath.img", "REMAP_FPATH", [{"orig_id": 5, **remap}])
+    core = _convert(img, tmp_path / "out", coredump_filter=0x3F)
+    assert memory(core, BASE, 4 * PAGE) == content
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param(None, id="criu-before-3.3-whole"),
+        pytest.param([(0, PAGE), (2 * PAGE, 2 * PAGE)], id="criu-3.3-on-chunks"),
+    ],
+)
+def test_ghost_file_layouts(tmp_path: Path, chunks: list[tuple[int, int]] | None) -> None:
+    """ghost-file-N.img: the bytes after the entry (before 3.3, and small files since), or
+    chunks since 3.3 (0ce86c360), the file's holes left out."""
+    img, content = _ghost_images(tmp_path, chunks=chunks)
+    core = _convert(img, tmp_path / "out", coredump_filter=0x3F)
+    want = content if chunks is None else content[:PAGE] + bytes(PAGE) + content[2 * PAGE :]
+    assert memory(core, BASE, 4 * PAGE) == want
+
+
+def test_memfd_inode_without_mode_before_criu_3_19(tmp_path: Path) -> None:
+    """memfd_inode_entry.mode arrived in 3.19 (dfa541095); without it the memfd still maps."""
+    memfd_start = BASE + 0x10_0000
+    inode = images.memfd_inode(1, "data", PAGE, 42)
+    del inode["mode"]
+    proc = images.Proc(100, vmas=[images.memfd_vma(memfd_start, memfd_start + PAGE, 7)])
+    img = images.build(
+        tmp_path / "img",
+        [proc],
+        files=[images.memfd_file(7, 1)],
+        memfds=[inode],
+        shmem={42: [(0, images.pattern(0x42))]},
+    )
+    core = _convert(img, tmp_path / "out", coredump_filter=0x3F)
+    assert memory(core, memfd_start, PAGE) == images.pattern(0x42)
