@@ -42,7 +42,7 @@ older (7b18c13c,    reg_file_entry without build_id                 build-id not
                     ranges overlapping real VMAs                    them are holes (guards())
 >= 4.2 (7bf402f6b)  VMA_AREA_UPROBES vma, bytes not dumped (only    holes (the kernel writes
                     with --allow-uprobes)                           the XOL page: not in images)
-< 2.0 (dde0df460)   creds in creds-PID.img, none in thread_core     not read: pr_uid/pr_gid 0
+< 2.0 (dde0df460)   creds in creds-PID.img, none in thread_core     :meth:`ImageSet.task_creds`
 ==================  ==============================================  ===========================
 
 Unchanged since before 3.11 as far as the converter reads them: pstree_entry, mm_entry
@@ -451,6 +451,13 @@ class ImageSet:
             prev_end = vma.end
             vmas.append(vma)
         return vmas
+
+    def task_creds(self, pid: int) -> Any | None:
+        """The creds_entry of creds-PID.img, where CRIU < 2.0 kept a task's credentials
+        (dde0df460 moved them into thread_core; criu/cr-restore.c:rst_prep_creds_from_img()
+        still reads it), or None."""
+        entries = _optional_entries(self.directory / f"creds-{pid}.img", "CREDS", pb.creds_entry)
+        return entries[0] if entries else None
 
     def guards(self, pid: int, mm: Any) -> list[tuple[int, int]]:
         """The MADV_GUARD_INSTALL ranges CRIU >= 4.2 lists among the VMAs (VMA_AREA_GUARD

@@ -574,8 +574,9 @@ def _prpsinfo(
     n = max(0, min(arg_end - arg_start, ELF_PRARGSZ - 1))
     psargs = p.read(arg_start, n).replace(b"\0", b" ") if n else b""
     uid = gid = 0
-    if th is not None and th.HasField("creds"):
-        uid, gid = int(th.creds.uid), int(th.creds.gid)
+    creds = th.creds if th is not None and th.HasField("creds") else p.images.task_creds(p.pid)
+    if creds is not None:
+        uid, gid = int(creds.uid), int(creds.gid)
     nice = int(th.sched_nice) if th is not None and th.HasField("sched_nice") else 0
     if not -20 <= nice <= 19:  # MIN_NICE..MAX_NICE; pr_nice is a char
         raise ImageFormatError(

@@ -8,18 +8,21 @@ same bytes and facts as the 4.2 layout gives; converters/images.py holds the tab
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import images
 import pytest
 from elftools.elf.elffile import ELFFile
-from test_convert_unit import BASE, PAGE, _convert, _ghost_images, memory
+from test_convert_unit import BASE, PAGE, _convert, _ghost_images, memory, read_notes
 
 from converters.errors import ImageFormatError
 from converters.images import (
     PE_LAZY,
     PE_PARENT,
     PE_PRESENT,
+    dump_image,
+    load_image,
     pagemap_runs,
 )
 
@@ -228,3 +231,17 @@ def test_memfd_inode_without_mode_before_criu_3_19(tmp_path: Path) -> None:
     )
     core = _convert(img, tmp_path / "out", coredump_filter=0x3F)
     assert memory(core, memfd_start, PAGE) == images.pattern(0x42)
+
+
+@pytest.mark.parametrize("where", ["thread_core", "creds-image"])
+def test_task_credentials(tmp_path: Path, where: str) -> None:
+    """NT_PRPSINFO's uid/gid: thread_core.creds since CRIU 2.0, creds-PID.img before."""
+    img = images.simple(tmp_path / "img", uid=1234, gid=5678)
+    if where == "creds-image":
+        core = load_image(img / "core-100.img")
+        creds = core["entries"][0]["thread_core"].pop("creds")
+        dump_image(img / "core-100.img", core)
+        images.write_image(img / "creds-100.img", "CREDS", [creds])
+    core_path = _convert(img, tmp_path / "out")
+    (psinfo,) = [n.desc for n in read_notes(core_path) if n.type == 3]  # NT_PRPSINFO
+    assert struct.unpack_from("<II", psinfo, 16) == (1234, 5678)  # pr_uid, pr_gid
