@@ -116,3 +116,28 @@ def test_without_cap_sys_admin_clone_is_refused_with_a_true_hint(
     )
     assert data["method_clone"] == {"can": False, "refusals": [refusal], "auto": False}
     assert data["method_criu"] == {"can": False, "refusals": [refusal], "auto": False}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="suspending seccomp needs CAP_SYS_ADMIN")
+def test_a_filter_that_fails_pause_stops_the_clone_before_it_is_released(
+    programs: dict[str, Path], targets: StartTarget, tmp_path: Path
+) -> None:
+    """The clone sleeps in pause() for CRIU under its own filters; one that fails pause() with
+    EPERM would let the released clone run the target's code. The clone tries pause() while
+    still held, so the dump fails in one line, the target runs on and no clone is left."""
+    target = targets(programs["clone_seccomp"], "errno-pause", rseq=False)
+    argv = [str(TOOL), "dump", str(target.pid), "--method", "clone", "--core-limit", "unlimited"]
+    argv += ["-o", str(tmp_path / "c")]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: clone ")
+    assert line.endswith(
+        ": its seccomp filter does not let it sleep in pause() (Operation not permitted), so it"
+        " cannot be left for CRIU"
+    )
+    assert not (tmp_path / "c").exists()
+    assert _state(target.pid) == "S"
+    assert "TracerPid:\t0" in Path(f"/proc/{target.pid}/status").read_text()
+    kids = Path(f"/proc/{target.pid}/task/{target.pid}/children").read_text().split()
+    assert kids == []

@@ -167,7 +167,7 @@ class Clone:
         thread's, all blocked, at the fork): only SIGKILL or CRIU's own PTRACE_INTERRUPT end it,
         and CRIU then sees an ordinary interrupted syscall it restarts or kills.
 
-        :raises CloneError: the clone vanished.
+        :raises CloneError: the clone vanished, or its seccomp filter does not let it sleep.
         """
         if not self._held:
             return
@@ -175,11 +175,19 @@ class Clone:
         try:
             # seccomp suspended for the injection only: the clone's own filters judge its pause()
             ptrace.set_options(cpid, Opt.TRACESYSGOOD | Opt.EXITKILL)
+            if self._suspend:
+                _check_pause_allowed(cpid, self._syscall_ip)
             regs = _syscall_regs(ptrace.get_regs(cpid), self._syscall_ip, _arch().syscalls.pause)
             ptrace.set_regs(cpid, regs)
             ptrace.syscall(cpid)
-            _expect_syscall_stop(cpid)  # entry: detach from here runs the syscall itself
-            ptrace.detach(cpid)
+            _, status = ptrace.wait(cpid)
+            if ptrace.stop_event(status) == Event.STOP:  # the trial's interrupt, on the way out
+                ptrace.syscall(cpid)
+                _, status = ptrace.wait(cpid)
+            _check_stopped(cpid, status)
+            if not ptrace.is_syscall_stop(status):
+                raise CloneError(f"clone {cpid}: unexpected stop {status:#x} before its pause()")
+            ptrace.detach(cpid)  # at pause()'s entry: the detached clone runs the syscall itself
         except PtraceError as e:
             raise CloneError(f"clone {cpid} of process {self.pid}: {e}") from e
         self._held = False
@@ -694,6 +702,40 @@ def _inject_clone(
         raise CloneError(f"clone {child}: did not start stopped (status {status:#x})")
     ptrace.set_options(child, Opt.TRACESYSGOOD | Opt.EXITKILL | suspend)
     return child
+
+
+#: include/linux/errno.h (the same on every architecture): what an interrupted pause() returns
+_ERESTARTNOHAND: Final = 514
+
+
+def _check_pause_allowed(cpid: int, ip: int) -> None:
+    """Try the clone's ``pause()`` under its own seccomp filters while it is still traced.
+
+    Released, the clone sleeps in pause() for CRIU under its filters again. A filter that fails
+    pause() (SECCOMP_RET_ERRNO, or RET_TRACE with no tracer asking for it) would return the
+    clone to the target's code with nobody holding it. Here it is still ours: it enters
+    pause() and is interrupted right away (PTRACE_INTERRUPT), so an allowed pause() exits with
+    -ERESTARTNOHAND (kernel/signal.c: sys_pause()); any other result is the filter's, and a
+    filter that kills ends the clone, not the target.
+
+    The clone is left at the trial's syscall-exit stop, its interrupt's stop perhaps pending.
+
+    :raises CloneError: the filter forbids pause(); the clone is left stopped, for :meth:`kill`.
+    """
+    ptrace.set_regs(cpid, _syscall_regs(ptrace.get_regs(cpid), ip, _arch().syscalls.pause))
+    ptrace.syscall(cpid)
+    _expect_syscall_stop(cpid)  # entry; the filter runs after it (kernel/entry/common.c)
+    ptrace.syscall(cpid)
+    ptrace.interrupt(cpid)
+    _, status = ptrace.wait(cpid)
+    _check_stopped(cpid, status)
+    result = _arch().syscall_result(ptrace.get_regs(cpid))
+    if not ptrace.is_syscall_stop(status) or result != -_ERESTARTNOHAND:
+        what = os.strerror(-result) if ptrace.is_syscall_stop(status) else f"stop {status:#x}"
+        raise CloneError(
+            f"clone {cpid}: its seccomp filter does not let it sleep in pause() ({what}), so it"
+            " cannot be left for CRIU"
+        )
 
 
 # --- step 5: prepare the clone ------------------------------------------------------------------
