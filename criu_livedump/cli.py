@@ -467,6 +467,91 @@ def dump(
             click.echo(line, err=True)
 
 
+# --- serve, request ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--mount",
+    "mountpoint",
+    metavar="DIR",
+    default="/run/livedump",
+    show_default=True,
+    help="Where the FUSE filesystem (PID/livedump, PID/status) is mounted.",
+)
+@click.option("--no-mount", is_flag=True, help="Serve the socket only.")
+@click.option(
+    "--socket",
+    "socket_path",
+    metavar="PATH",
+    default="/run/criu-livedump.sock",
+    show_default=True,
+    help="The request socket (systemd's, when socket-activated).",
+)
+@click.option("--no-socket", is_flag=True, help="Serve the filesystem only.")
+@click.option("--max-dumps", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=6.0,
+    show_default=True,
+    help="Dumps per minute per uid (root exempt).",
+)
+@click.option(
+    "--burst", type=click.IntRange(min=1), default=3, show_default=True, help="Dumps in a row."
+)
+@click.option("--criu", "criu_path", metavar="PATH", help="The CRIU binary to use.")
+def serve(
+    *,
+    mountpoint: str,
+    no_mount: bool,
+    socket_path: str,
+    no_socket: bool,
+    max_dumps: int,
+    rate: float,
+    burst: int,
+    criu_path: str | None,
+) -> None:
+    """Take live dumps for any local user, as the kernel's ptrace rules allow.
+
+    Users write SPEC words to DIR/PID/livedump (`echo core_limit=unlimited >
+    /run/livedump/PID/livedump`) or run `criu-livedump request PID [SPEC...]`. Every request
+    is logged on stderr.
+    """
+    from criu_livedump.serve import run
+    from criu_livedump.serve.service import Limits, Service
+
+    if no_mount and no_socket:
+        raise RequestError("--no-mount and --no-socket leave nothing to serve")
+    logging.getLogger("criu_livedump.serve").setLevel(logging.INFO)
+    service = Service(Limits(max_dumps=max_dumps, rate=rate, burst=burst), criu_path=criu_path)
+    run(
+        service,
+        None if no_mount else Path(mountpoint),
+        None if no_socket else Path(socket_path),
+    )
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("pid", type=click.IntRange(min=1))
+@click.argument("spec", nargs=-1)
+@click.option("--socket", "socket_path", metavar="PATH", help="The service's socket.")
+@click.option("--no-wait", is_flag=True, help="Return once the snapshot is taken.")
+def request(pid: int, spec: tuple[str, ...], socket_path: str | None, no_wait: bool) -> None:
+    """Ask `criu-livedump serve` for a live core of PID (any user may).
+
+    Users without access to this installation run the same stdlib-only client with the
+    system's python3: criu_livedump/serve/client.py (see the README).
+    """
+    from criu_livedump.serve import client
+
+    argv = [str(pid), *spec, *(["--no-wait"] if no_wait else [])]
+    argv += ["--socket", socket_path] if socket_path else []
+    code = client.main(argv)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
 def _binary_stdout() -> IO[bytes]:
     return sys.stdout.buffer
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -210,7 +211,12 @@ def _child_core(
 
 
 def live_dump(
-    pid: int, request: DumpRequest, *, criu_path: str | None = None, stdout: IO[bytes] | None = None
+    pid: int,
+    request: DumpRequest,
+    *,
+    criu_path: str | None = None,
+    stdout: IO[bytes] | None = None,
+    on_snapshot: Callable[[DumpReport], None] | None = None,
 ) -> DumpReport:
     """Dump running process *pid* as *request* asks; the target keeps running.
 
@@ -219,6 +225,8 @@ def live_dump(
     ended when that can be read, and never in the failing step's own words.
 
     :param stdout: where ``-o -`` writes (its file descriptor is handed to the child).
+    :param on_snapshot: called once the snapshot is taken and the target runs on, before the
+        conversion (``serve`` answers the request then, as the livedump patch's write returns).
     :raises TargetDiedError: the target ended before its core was complete; nothing written.
     :raises LivedumpError: a refusal (before anything is frozen) or a failure, one line each.
     """
@@ -228,7 +236,7 @@ def live_dump(
         raise TargetError(pid, "no such process") from None
     with watched:
         try:
-            return _live_dump(pid, request, criu_path=criu_path, stdout=stdout)
+            return _live_dump(pid, request, criu_path, stdout, on_snapshot)
         except TargetDiedError as e:
             if e.pid == pid or not watched.exited():  # the target, or a process of its tree
                 raise
@@ -240,7 +248,11 @@ def live_dump(
 
 
 def _live_dump(
-    pid: int, request: DumpRequest, *, criu_path: str | None, stdout: IO[bytes] | None
+    pid: int,
+    request: DumpRequest,
+    criu_path: str | None,
+    stdout: IO[bytes] | None,
+    on_snapshot: Callable[[DumpReport], None] | None,
 ) -> DumpReport:
     started = time.monotonic()
 
@@ -274,6 +286,8 @@ def _live_dump(
         with method(facts, request, work) as snap:
             limit_s = (timeout, started + timeout)
             result, done = _snapshot(snap, binary, creds, priorities, report, limit_s)
+            if on_snapshot is not None:
+                on_snapshot(report)
             _write_sidecar(result.images_dir, facts, sink, limit, signal, done.sidecar)
             outcome = _convert(result.images_dir, facts, request, sink, snap, priorities, stdout)
             _report_conversion(report, outcome, sink)

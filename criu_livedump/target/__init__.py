@@ -5,7 +5,14 @@ pass (:mod:`.access`). Nothing here stops or changes the target.
 The public face is re-exported here.
 """
 
-from criu_livedump.target.access import CallerCreds, caller_creds, check_ptrace_allowed
+from criu_livedump.target.access import (
+    CallerCreds,
+    caller_creds,
+    check_ptrace_allowed,
+    check_requester_may_dump,
+    pid_ns_visible,
+    requester_creds,
+)
 from criu_livedump.target.blockers import (
     GHOST_LIMIT,
     Blocker,
@@ -25,6 +32,9 @@ __all__ = [
     "caller_creds",
     "check_blockers",
     "check_ptrace_allowed",
+    "check_requester_may_dump",
     "inspect",
+    "pid_ns_visible",
+    "requester_creds",
     "traced",
 ]

@@ -10,13 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from criu_livedump.errors import PermissionDeniedError
+from criu_livedump.errors import PermissionDeniedError, TargetError
 from criu_livedump.linux.caps import CAP, has_cap
 from criu_livedump.linux.namespaces import ns_ino
 from criu_livedump.linux.procfs import read_status
 from criu_livedump.target.facts import Ids, TargetFacts, ids, threads_of
 
-__all__ = ["CallerCreds", "caller_creds", "check_ptrace_allowed"]
+__all__ = [
+    "CallerCreds",
+    "caller_creds",
+    "check_ptrace_allowed",
+    "check_requester_may_dump",
+    "pid_ns_visible",
+    "requester_creds",
+]
 
 # include/uapi/linux/nsfs.h
 _NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2)
@@ -33,6 +40,8 @@ class CallerCreds:
     cap_prm: int
     cap_eff: int
     user_ns: int
+    #: the inode of its PID namespace (0: not known, no visibility rule applied)
+    pid_ns: int = 0
 
 
 def _has_cap_in_user_ns(pid: int, cap: int, caller: CallerCreds) -> bool:
@@ -81,7 +90,95 @@ def caller_creds() -> CallerCreds:
         cap_prm=int(status["CapPrm"], 16),
         cap_eff=int(status["CapEff"], 16),
         user_ns=ns_ino("self", "user"),
+        pid_ns=ns_ino("self", "pid"),
     )
+
+
+def requester_creds(pid: int, uid: int, gid: int) -> CallerCreds:
+    """The credentials a request to the service is judged on.
+
+    *uid* and *gid* are what the kernel reported with the request, never anything the requester
+    said: the FUSE request header's ids (fs/fuse/dev.c:fuse_fill_in_header() copies
+    current_fsuid()/current_fsgid()) or SO_PEERCRED's (net/core/sock.c:cred_to_ucred(): the
+    euid/egid at connect()). All four ids are set to them, so the real-id comparison of
+    :func:`check_ptrace_allowed` is the fsuid comparison of PTRACE_MODE_FSCREDS. Capabilities
+    and namespaces come from /proc/*pid* (a thread id is fine); the capabilities count only
+    while that process still has those ids (else it changed credentials since, and gets none).
+
+    :raises TargetError: the requesting process is gone (its pid is unknown: 0).
+    """
+    try:
+        status = read_status(Path(f"/proc/{pid}/status")) if pid > 0 else {}
+    except OSError:
+        status = {}
+    if "Tgid" not in status:
+        raise TargetError(pid, "the requesting process is gone")
+    same = ids(status["Uid"]).fs == uid and ids(status["Gid"]).fs == gid
+    prm, eff = (int(status[k], 16) if same else 0 for k in ("CapPrm", "CapEff"))
+    return CallerCreds(
+        pid=int(status["Tgid"]),
+        uids=Ids(uid, uid, uid, uid),
+        gids=Ids(gid, gid, gid, gid),
+        cap_prm=prm,
+        cap_eff=eff,
+        user_ns=ns_ino(pid, "user"),
+        pid_ns=ns_ino(pid, "pid"),
+    )
+
+
+def pid_ns_visible(pid: int, requester: CallerCreds) -> bool:
+    """Whether *pid* lives in the requester's PID namespace or one below it: the processes a
+    requester can name at all (kernel/pid.c: a pid has numbers only in its own namespace and
+    its ancestors; fs/proc shows a process only to those). Walked with NS_GET_PARENT from the
+    target's namespace up, as kernel/pid_namespace.c:pidns_get_parent() allows."""
+    if not requester.pid_ns:
+        return True
+    return _ns_has_ancestor(f"/proc/{pid}/ns/pid", requester.pid_ns)
+
+
+def _ns_has_ancestor(path: str, ancestor: int) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        while os.fstat(fd).st_ino != ancestor:
+            try:
+                parent = fcntl.ioctl(fd, _NS_GET_PARENT)
+            except OSError:
+                return False
+            os.close(fd)
+            fd = parent
+        return True
+    finally:
+        os.close(fd)
+
+
+def check_requester_may_dump(facts: TargetFacts, requester: CallerCreds) -> None:
+    """Whether a request's sender may have *facts*' process dumped by the service.
+
+    This is kernel/ptrace.c:ptrace_may_access(task, PTRACE_MODE_ATTACH_FSCREDS), the check
+    fs/proc/base.c:proc_mem_open() makes (through mm_access()) before /proc/PID/mem hands out a
+    process's memory: a live dump reads all of it and stops the target for a moment, so ATTACH,
+    not READ (READ is for /proc/PID/maps-like facts), and FSCREDS because the request is a
+    file write judged on the writer's filesystem ids, which is how a /proc/PID file of the
+    livedump patch is checked (the patch's own source is not at hand: this is the mode its
+    /proc/PID/mem sibling uses). Beyond ptrace_may_access(), the target must be visible in the
+    requester's PID namespace, and a requester never dumps itself (it waits in the write).
+    A non-dumpable target needs CAP_SYS_PTRACE, as in the kernel (no tool-side --force).
+
+    :raises TargetError: not visible to the requester (as if it did not exist).
+    :raises PermissionDeniedError: the rule that failed, in one sentence.
+    """
+    if not pid_ns_visible(facts.pid, requester):
+        raise TargetError(facts.pid, "no such process")
+    if requester.pid == facts.pid:
+        raise PermissionDeniedError(
+            f"process {facts.pid} ({facts.comm}) is the process making the request; it cannot"
+            " be dumped while it waits for the answer",
+            hint="ask from another process",
+        )
+    check_ptrace_allowed(facts, force=True, caller=requester)
 
 
 def check_ptrace_allowed(

@@ -1,0 +1,74 @@
+"""``criu-livedump serve``: live dumps for every local user, allowed by the kernel's own rules.
+
+Two doors, one request path: a FUSE filesystem in the livedump patch's shape
+(:mod:`.fusefs`: ``echo core_limit=unlimited > /run/livedump/PID/livedump``) and a unix socket
+(:mod:`.sock`, one JSON request per connection, used by the stdlib-only :mod:`.client`). Both
+hand the requester's kernel-reported credentials and the SPEC words to
+:class:`.service.Service`, which decides (target/access.py), bounds (one dump per target, a rate
+per uid, a cap on concurrent dumps), runs the dump in a worker process (:mod:`.worker`, the
+library's ``live_dump``) and logs every request.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+from criu_livedump.errors import EnvironmentUnfitError
+from criu_livedump.serve.service import Limits, Service
+
+__all__ = ["DEFAULT_MOUNT", "DEFAULT_SOCKET", "Limits", "run"]
+
+DEFAULT_MOUNT = Path("/run/livedump")
+DEFAULT_SOCKET = Path("/run/criu-livedump.sock")
+
+
+def run(service: Service, mountpoint: Path | None, socket_path: Path | None) -> None:
+    """Serve both doors (either may be None) until SIGTERM or SIGINT.
+
+    :raises EnvironmentUnfitError: the socket cannot be bound or FUSE cannot be used.
+    """
+    from criu_livedump.serve.sock import listening_socket, serve_socket
+
+    stop = threading.Event()
+    listener = None
+    if socket_path is not None:
+        try:
+            listener = listening_socket(socket_path)
+        except OSError as e:
+            raise EnvironmentUnfitError(f"{socket_path}: cannot listen: {e.strerror}") from e
+    thread = None
+    if listener is not None:
+        thread = threading.Thread(target=serve_socket, args=(service, listener, stop), daemon=True)
+        thread.start()
+    try:
+        if mountpoint is not None:
+            _mount(service, mountpoint)
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=5)
+        if listener is not None:
+            listener.close()
+
+
+def _mount(service: Service, mountpoint: Path) -> None:
+    try:
+        from criu_livedump.serve.fusefs import mount
+    except (ImportError, OSError) as e:
+        raise EnvironmentUnfitError(
+            f"FUSE is not usable here ({e})",
+            hint="install fuse3 and the project's `serve` extra (make setup does), or use"
+            " --no-mount",
+        ) from e
+    try:
+        mount(service, mountpoint)
+    except (RuntimeError, OSError) as e:
+        raise EnvironmentUnfitError(
+            f"{mountpoint}: cannot mount the livedump filesystem: {e}"
+        ) from e
