@@ -21,7 +21,8 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 debs=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
       libprotobuf-c-dev libprotobuf-dev pkg-config protobuf-c-compiler protobuf-compiler uuid-dev
       gcc make gdb elfutils xz-utils zstd curl ca-certificates iproute2 passwd liburing-dev
-      redis-server redis-tools nginx-light postgresql postgresql-contrib podman runc)
+      redis-server redis-tools nginx-light postgresql postgresql-contrib podman runc
+      fuse3)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -84,7 +85,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel
   "$venv/bin/pip" install -q "protobuf>=4.21,<6"
   "$venv/bin/pip" install -q --no-build-isolation "$src/lib"
-  "$venv/bin/pip" install -q -e "$here[dev]"
+  "$venv/bin/pip" install -q -e "$here[dev,serve]"
   echo "$want" >"$stamp"
 fi
 say "ready: $("$criu_bin" --version | head -1), venv at $venv"

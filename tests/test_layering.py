@@ -105,9 +105,21 @@ def test_each_layer_imports_only_what_is_below_it(path: Path) -> None:
     assert upward == []
 
 
-def test_only_the_cli_runs_a_dump() -> None:
-    users = [p.name for p in _modules("criu_livedump") if "dump" in _product_imports(p)]
-    assert users == ["cli.py"]
+def test_only_the_cli_and_the_services_worker_run_a_dump() -> None:
+    """`dump` and `serve` (in its worker process) take the one path; nothing else does."""
+    users = [
+        p.relative_to(ROOT / "criu_livedump").as_posix()
+        for p in _modules("criu_livedump")
+        if "dump" in _product_imports(p)
+    ]
+    assert users == ["cli.py", "serve/worker.py"]
+
+
+def test_the_request_client_is_standalone() -> None:
+    """serve/client.py runs with the system's python3 for any user: standard library only."""
+    used = _imports(ROOT / "criu_livedump" / "serve" / "client.py")
+    assert not used & {"criu_livedump", "converters", "click", "pycriu"}
+    assert "socket" in used
 
 
 def _long_functions(package: str, limit: int) -> list[str]:

@@ -32,10 +32,10 @@ def run(service: Service, mountpoint: Path | None, socket_path: Path | None) -> 
     from criu_livedump.serve.sock import listening_socket, serve_socket
 
     stop = threading.Event()
-    listener = None
+    listener, owned = None, False
     if socket_path is not None:
         try:
-            listener = listening_socket(socket_path)
+            listener, owned = listening_socket(socket_path)
         except OSError as e:
             raise EnvironmentUnfitError(f"{socket_path}: cannot listen: {e.strerror}") from e
     thread = None
@@ -55,6 +55,8 @@ def run(service: Service, mountpoint: Path | None, socket_path: Path | None) -> 
             thread.join(timeout=5)
         if listener is not None:
             listener.close()
+        if owned and socket_path is not None:
+            socket_path.unlink(missing_ok=True)
 
 
 def _mount(service: Service, mountpoint: Path) -> None:

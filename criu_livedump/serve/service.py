@@ -36,7 +36,7 @@ from criu_livedump.errors import (
     TargetError,
 )
 from criu_livedump.linux.namespaces import ns_ino
-from criu_livedump.request import build_request, check_privileges
+from criu_livedump.request import DumpRequest, build_request, check_privileges
 
 __all__ = ["ERRNO_BY_ERROR", "Answer", "Job", "Limits", "Service", "errno_for"]
 
@@ -164,9 +164,19 @@ class Service:
             return e.errno
         return 0
 
-    def _check_words(self, requester: Requester, facts: target.TargetFacts, words: str) -> None:
+    def _parse(self, words: str) -> DumpRequest:
         try:
-            request = build_request([words])
+            if len(words.encode(errors="surrogateescape")) > MAX_WORDS_BYTES:
+                raise RequestError(f"more than {MAX_WORDS_BYTES} bytes of SPEC words")
+            return build_request([words])
+        except RequestError as e:
+            raise _Refused(errno.EINVAL, e.message) from e
+
+    def _check_privileges(
+        self, requester: Requester, facts: target.TargetFacts, request: DumpRequest
+    ) -> None:
+        """What the words ask for, against the requester's own privileges (EPERM)."""
+        try:
             creds = target.requester_creds(requester.pid, requester.uid, requester.gid)
             # the limits of capable() (do_prlimit(), setpriority()) are the initial user
             # namespace's: capabilities held in another count for nothing here
@@ -229,15 +239,16 @@ class Service:
     def submit(self, requester: Requester, pid: int, words: str) -> Answer:
         """Decide and, if allowed, start the dump; return once its snapshot is taken.
 
+        The words are read first (EINVAL says nothing of the target), then the rules.
+
         :param words: the SPEC text (the empty string takes a dump with the target's defaults).
         """
         shown = f"door={requester.door} uid={requester.uid} pid={requester.pid} target={pid}"
         shown += f" words={words!r}"
         try:
-            if len(words.encode(errors="surrogateescape")) > MAX_WORDS_BYTES:
-                raise _Refused(errno.EINVAL, f"more than {MAX_WORDS_BYTES} bytes of SPEC words")
+            request = self._parse(words)
             facts = self.check_access(requester, pid)
-            self._check_words(requester, facts, words)
+            self._check_privileges(requester, facts, request)
             self._reserve(requester, pid)
         except _Refused as e:
             log.info("%s decision=refused result=%s (%s)", shown, errno.errorcode[e.errno], e)
@@ -249,7 +260,7 @@ class Service:
         except BaseException:
             self._release(pid, "failed: the worker could not start\n")
             raise
-        if first.get("stage") == "snapshot":
+        if first.get("stage") == "snapshot" or first.get("ok"):  # ok: no core to write
             return Answer(0, "snapshot taken", job)
         job.done.wait()
         return Answer(int(first.get("errno", errno.EIO)), str(first.get("error", "failed")))

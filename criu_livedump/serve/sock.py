@@ -38,9 +38,10 @@ _PID_MAX_LIMIT = 4 * 1024 * 1024
 _UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 
 
-def listening_socket(path: Path) -> socket.socket:
+def listening_socket(path: Path) -> tuple[socket.socket, bool]:
     """The socket systemd passed (LISTEN_FDS), else *path* bound anew, mode 0666 (who may
-    dump whom is decided per request, on SO_PEERCRED)."""
+    dump whom is decided per request, on SO_PEERCRED); and whether the path is ours to remove
+    at the end (not systemd's)."""
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(
         os.environ.get("LISTEN_FDS", "0") or 0
     ):
@@ -48,7 +49,7 @@ def listening_socket(path: Path) -> socket.socket:
             os.environ.pop(name, None)
         sock = socket.socket(fileno=_SD_LISTEN_FDS_START)
         os.set_inheritable(sock.fileno(), False)
-        return sock
+        return sock, False
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             path.unlink()
@@ -56,7 +57,7 @@ def listening_socket(path: Path) -> socket.socket:
     sock.bind(str(path))
     os.chmod(path, 0o666)
     sock.listen(128)
-    return sock
+    return sock, True
 
 
 def serve_socket(service: Service, sock: socket.socket, stop: threading.Event) -> None:
