@@ -40,6 +40,7 @@ from criu_livedump.errors import (
     SnapshotError,
     TargetError,
 )
+from criu_livedump.serve.client import MOUNT_PATH, SOCKET_PATH
 
 log = logging.getLogger("criu_livedump")
 
@@ -475,7 +476,7 @@ def dump(
     "--mount",
     "mountpoint",
     metavar="DIR",
-    default="/run/livedump",
+    default=MOUNT_PATH,
     show_default=True,
     help="Where the FUSE filesystem (PID/livedump, PID/status) is mounted.",
 )
@@ -484,7 +485,7 @@ def dump(
     "--socket",
     "socket_path",
     metavar="PATH",
-    default="/run/criu-livedump.sock",
+    default=SOCKET_PATH,
     show_default=True,
     help="The request socket (systemd's, when socket-activated).",
 )
@@ -518,7 +519,7 @@ def serve(
     /run/livedump/PID/livedump`) or run `criu-livedump request PID [SPEC...]`. Every request
     is logged on stderr.
     """
-    from criu_livedump.serve import run
+    from criu_livedump.serve.daemon import run
     from criu_livedump.serve.service import Limits, Service
 
     if no_mount and no_socket:

@@ -511,3 +511,123 @@ def _results(log: Path) -> list[str]:
         for line in log.read_text().splitlines()
         if "result=" in line and "decision" not in line
     ]
+
+
+@pytest.mark.live
+@needs_root
+def test_a_failing_criu_or_a_full_disk_fails_that_request_only(
+    users: list[User], area: Path
+) -> None:
+    a, b = users[0], users[1]
+    small = area / "small"
+    small.mkdir()
+    fake = area / "criu-fails"
+    fake.write_text("#!/bin/sh\necho 'Error (fake): no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=1777", "livedump-test", small],
+        check=True,
+        timeout=30,
+    )
+    try:
+        with core_pattern(f"{small}/core.%u.%p"):
+            with serving(area, "--criu", str(fake)) as served, target_of(a, area) as pid:
+                done = as_user(
+                    a,
+                    SYSTEM_PYTHON,
+                    area / "client.py",
+                    str(pid),
+                    "core_limit=1M",
+                    "--socket",
+                    served.socket,
+                )
+                assert done.returncode == 1 and done.stderr.startswith(
+                    "error: Input/output error: criu"
+                )
+                assert _trace(pid)[:2] == ("S", "0")
+                again = as_user(
+                    a,
+                    SYSTEM_PYTHON,
+                    area / "client.py",
+                    str(pid),
+                    "core_limit=1M",
+                    "--socket",
+                    served.socket,
+                )
+                assert again.stderr.startswith("error: Input/output error: criu")  # not EBUSY
+            with serving(area) as served, target_of(a, area) as pid, target_of(b, area) as other:
+                full = as_user(
+                    a,
+                    SYSTEM_PYTHON,
+                    area / "client.py",
+                    str(pid),
+                    "core_limit=unlimited",
+                    "--socket",
+                    served.socket,
+                )
+                assert full.returncode == 1 and "No space left on device" in full.stderr, (
+                    full.stderr
+                )
+                assert list(small.iterdir()) == []  # nothing half-written
+                assert _trace(pid)[:2] == ("S", "0")
+                fits = as_user(
+                    b,
+                    SYSTEM_PYTHON,
+                    area / "client.py",
+                    str(other),
+                    "core_limit=8k",
+                    "--socket",
+                    served.socket,
+                )
+                assert fits.returncode == 0, fits.stderr
+                assert [p.name for p in small.iterdir()] == [f"core.{b.uid}.{other}"]
+    finally:
+        subprocess.run(["umount", small], timeout=30, check=False)
+
+
+@needs_root
+def test_systemd_socket_activation(users: list[User], area: Path) -> None:
+    """With LISTEN_PID/LISTEN_FDS the service answers on fd 3 and leaves systemd's path be."""
+    sock = area / "activated.sock"
+    wrapper = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        "s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o666); s.listen(8)\n"
+        "os.dup2(s.fileno(), 3) if s.fileno() != 3 else os.set_inheritable(3, True)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.argv[2], [sys.argv[2], 'serve', '--no-mount', '--socket', '/nonexistent'])\n"
+    )
+    tool = ROOT_DIR / ".venv" / "bin" / "criu-livedump"
+    with open(area / "serve.log", "wb") as err:
+        proc = procs.popen(
+            [SYSTEM_PYTHON, "-c", wrapper, sock, tool], stdin=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        procs.wait_for(sock.exists, 30, "the activated socket")
+        inode = sock.stat().st_ino
+        with target_of(None, area) as roots:
+            done = procs.wait_for(
+                lambda: (
+                    (
+                        d := as_user(
+                            users[0],
+                            SYSTEM_PYTHON,
+                            area / "client.py",
+                            str(roots),
+                            "--socket",
+                            sock,
+                        )
+                    ).stderr.startswith("error: Permission denied")
+                    and d
+                ),
+                30,
+                "an answer on the activated socket",
+                step=0.2,
+            )
+            assert done.returncode == 1
+        proc.send_signal(signal.SIGTERM)
+        assert procs.wait_exit(proc, 30)
+        assert sock.stat().st_ino == inode  # systemd's to remove
+        assert not Path("/nonexistent").exists()
+    finally:
+        procs.kill_group(proc)

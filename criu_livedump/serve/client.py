@@ -19,7 +19,9 @@ import socket
 import sys
 from typing import Any
 
+#: where the service is found (``criu-livedump serve``'s defaults)
 SOCKET_PATH = "/run/criu-livedump.sock"
+MOUNT_PATH = "/run/livedump"
 #: longer than any dump the service lets run (it bounds each with the dump's own timeout)
 TIMEOUT = 3600.0
 
