@@ -217,6 +217,7 @@ def live_dump(
     criu_path: str | None = None,
     stdout: IO[bytes] | None = None,
     on_snapshot: Callable[[DumpReport], None] | None = None,
+    decided: Pidfd | None = None,
 ) -> DumpReport:
     """Dump running process *pid* as *request* asks; the target keeps running.
 
@@ -227,6 +228,9 @@ def live_dump(
     :param stdout: where ``-o -`` writes (its file descriptor is handed to the child).
     :param on_snapshot: called once the snapshot is taken and the target runs on, before the
         conversion (``serve`` answers the request then, as the livedump patch's write returns).
+    :param decided: a pidfd of the process the caller decided on (``serve``'s access rules):
+        refused unless that process still runs once *pid* is held here, so that both name one
+        process and a pid reused in between is never dumped.
     :raises TargetDiedError: the target ended before its core was complete; nothing written.
     :raises LivedumpError: a refusal (before anything is frozen) or a failure, one line each.
     """
@@ -235,6 +239,8 @@ def live_dump(
     except ProcessLookupError:
         raise TargetError(pid, "no such process") from None
     with watched:
+        if decided is not None and decided.exited():
+            raise TargetError(pid, "ended before its dump began")
         try:
             return _live_dump(pid, request, criu_path, stdout, on_snapshot)
         except TargetDiedError as e:

@@ -631,3 +631,67 @@ def test_systemd_socket_activation(users: list[User], area: Path) -> None:
         assert not Path("/nonexistent").exists()
     finally:
         procs.kill_group(proc)
+
+
+@pytest.mark.live
+@needs_root
+def test_a_second_request_while_a_dump_runs_is_busy(users: list[User], area: Path) -> None:
+    """CRIU held at a gate keeps the first dump running: the target is EBUSY to every door,
+    its status says running, and it is free again once that dump ended."""
+    a = users[0]
+    gate = area / "gate"
+    fake = area / "criu-gated"
+    fake.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.05; done\nexit 1\n")
+    fake.chmod(0o755)
+    client = [SYSTEM_PYTHON, area / "client.py"]
+    try:
+        with (
+            core_pattern(f"{area / 'cores'}/core.%u.%p"),
+            serving(area, "--criu", str(fake), "--burst", "5") as served,
+            target_of(a, area) as pid,
+        ):
+            sock = ["--socket", served.socket]
+            first = procs.popen(
+                a.argv(*client, str(pid), "core_limit=1M", *sock),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                procs.wait_for(
+                    lambda: "decision=accepted" in served.log.read_text(), 60, "the first dump"
+                )
+                path = served.mount / str(pid) / "livedump"
+                assert helper(a, area, "write", path, "\n") == {"result": "EBUSY"}
+                busy = as_user(a, *client, str(pid), *sock)
+                assert busy.stderr.startswith("error: Device or resource busy"), busy.stderr
+                status = as_user(a, "cat", served.mount / str(pid) / "status")
+                assert status.stdout == "running\n"
+                gate.touch()
+                _, err = first.communicate(timeout=120)
+                assert first.returncode == 1 and err.startswith(b"error: Input/output error")
+            finally:
+                procs.kill_group(first)
+            after = as_user(a, *client, str(pid), "core_limit=1M", *sock)
+            assert after.stderr.startswith("error: Input/output error"), after.stderr
+    finally:
+        gate.touch()
+
+
+def test_a_dump_refuses_a_pid_no_longer_the_one_decided_on() -> None:
+    """``live_dump(decided=...)``: the process the service decided on ended, so *pid* may be
+    another's by now; nothing is inspected or frozen."""
+    from criu_livedump.dump import live_dump
+    from criu_livedump.errors import TargetError
+    from criu_livedump.linux.pidfd import Pidfd
+    from criu_livedump.request import build_request
+
+    gone = procs.popen(["true"], stdin=subprocess.DEVNULL)
+    decided = Pidfd(gone.pid)
+    try:
+        assert procs.wait_exit(gone, 30)
+        with pytest.raises(TargetError, match="ended before its dump began"):
+            live_dump(os.getpid(), build_request(), decided=decided)
+    finally:
+        decided.close()
+        procs.kill_group(gone)

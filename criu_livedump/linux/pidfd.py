@@ -66,9 +66,10 @@ class Pidfd:
     :raises ProcessLookupError: no such process.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, fd: int | None = None) -> None:
+        """:param fd: a pidfd of *pid* opened elsewhere (inherited), owned from now on."""
         self.pid = pid
-        self.fd = os.pidfd_open(pid)
+        self.fd = os.pidfd_open(pid) if fd is None else fd
 
     def close(self) -> None:
         if self.fd >= 0:

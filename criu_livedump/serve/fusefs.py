@@ -55,7 +55,7 @@ class LivedumpFs(mfusepy.Operations):  # type: ignore[misc]  # mfusepy is untype
         if not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1] not in _FILES):
             raise _fail(errno.ENOENT)
         pid = int(parts[0])
-        if not self.service.may_see(_caller(), pid):
+        if not self.service.visible(_caller(), [pid]):
             raise _fail(errno.ENOENT)
         return pid, parts[1] if len(parts) == 2 else None
 
@@ -78,9 +78,8 @@ class LivedumpFs(mfusepy.Operations):  # type: ignore[misc]  # mfusepy is untype
         pid, _ = self._split(path)
         if pid is not None:
             return [".", "..", *_FILES]
-        caller = _caller()
         pids = (int(n) for n in os.listdir("/proc") if n.isdigit())
-        return [".", "..", *(str(p) for p in pids if self.service.may_see(caller, p))]
+        return [".", "..", *(str(p) for p in self.service.visible(_caller(), pids))]
 
     def open(self, path: str, fi: Any) -> int:
         pid, name = self._split(path)

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +37,7 @@ from criu_livedump.errors import (
     TargetError,
 )
 from criu_livedump.linux.namespaces import ns_ino
+from criu_livedump.linux.pidfd import Pidfd
 from criu_livedump.request import DumpRequest, build_request, check_privileges
 
 __all__ = ["ERRNO_BY_ERROR", "Answer", "Job", "Limits", "Service", "errno_for"]
@@ -138,13 +140,13 @@ class Service:
 
     # --- the decision ----------------------------------------------------------------------
 
-    def may_see(self, requester: Requester, pid: int) -> bool:
-        """Whether *pid* exists for the requester (its PID namespace or one below)."""
+    def visible(self, requester: Requester, pids: Iterable[int]) -> list[int]:
+        """Those of *pids* that exist for the requester (its PID namespace or one below)."""
         try:
             creds = target.requester_creds(requester.pid, requester.uid, requester.gid)
         except LivedumpError:
-            return False
-        return os.path.isdir(f"/proc/{pid}") and target.pid_ns_visible(pid, creds)
+            return []
+        return [p for p in pids if os.path.isdir(f"/proc/{p}") and target.pid_ns_visible(p, creds)]
 
     def check_access(self, requester: Requester, pid: int) -> target.TargetFacts:
         """The target's facts if the requester may dump it, else :class:`_Refused`."""
@@ -245,38 +247,48 @@ class Service:
         """
         shown = f"door={requester.door} uid={requester.uid} pid={requester.pid} target={pid}"
         shown += f" words={words!r}"
+        decided: Pidfd | None = None
         try:
             request = self._parse(words)
+            decided = _open_pidfd(pid)
             facts = self.check_access(requester, pid)
             self._check_privileges(requester, facts, request)
             self._reserve(requester, pid)
         except _Refused as e:
+            if decided is not None:
+                decided.close()
             log.info("%s decision=refused result=%s (%s)", shown, errno.errorcode[e.errno], e)
             return Answer(e.errno, e.message)
         job = Job(target=pid, uid=requester.uid)
         log.info("%s decision=accepted", shown)
         try:
-            first = self._start(job, words, shown)
+            first = self._start(job, words, shown, decided)
         except BaseException:
             self._release(pid, "failed: the worker could not start\n")
             raise
+        finally:
+            decided.close()  # the worker holds its own copy
         if first.get("stage") == "snapshot" or first.get("ok"):  # ok: no core to write
             return Answer(0, "snapshot taken", job)
         job.done.wait()
         return Answer(int(first.get("errno", errno.EIO)), str(first.get("error", "failed")))
 
-    def _start(self, job: Job, words: str, shown: str) -> dict[str, Any]:
-        """Start the worker; return its first record, and finish the job in a thread."""
+    def _start(self, job: Job, words: str, shown: str, decided: Pidfd) -> dict[str, Any]:
+        """Start the worker with the pidfd decided on; return its first record, and finish
+        the job in a thread."""
         proc = subprocess.Popen(
             [sys.executable, "-m", "criu_livedump.serve.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            pass_fds=(decided.fd,),
         )
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(
-                json.dumps({"pid": job.target, "words": words, "criu": self.criu_path}).encode()
+                json.dumps(
+                    {"pid": job.target, "words": words, "criu": self.criu_path, "pidfd": decided.fd}
+                ).encode()
             )
             proc.stdin.close()
         except OSError:
@@ -322,6 +334,14 @@ def _record(stream: IO[bytes]) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _open_pidfd(pid: int) -> Pidfd:
+    """The process the decision is about, held from here to the worker's dump."""
+    try:
+        return Pidfd(pid)
+    except OSError:  # ESRCH, or EINVAL for a thread that does not lead its group
+        raise _Refused(errno.ESRCH, f"process {pid}: no such process") from None
 
 
 def _message(error: BaseException) -> str:

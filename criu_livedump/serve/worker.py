@@ -17,6 +17,7 @@ from typing import Any
 from converters.errors import ConversionError
 from criu_livedump.dump import DumpReport, live_dump
 from criu_livedump.errors import LivedumpError
+from criu_livedump.linux.pidfd import Pidfd
 from criu_livedump.request import build_request
 from criu_livedump.serve.service import errno_for
 
@@ -26,14 +27,21 @@ def _emit(record: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def run(pid: int, words: str, criu_path: str | None = None) -> dict[str, Any]:
-    """The dump of *pid* as *words* ask; the final record (never raises a library error)."""
+def run(pid: int, words: str, criu_path: str | None, decided: Pidfd) -> dict[str, Any]:
+    """The dump of *pid* as *words* ask; the final record (never raises a library error).
+
+    :param decided: the pidfd the service decided on (see ``live_dump``'s *decided*).
+    """
     try:
         # --force: the service applied the kernel's rule (a non-dumpable target needs the
         # requester's CAP_SYS_PTRACE) instead of the CLI's own policy
         request = build_request([words], force=True)
         report: DumpReport = live_dump(
-            pid, request, criu_path=criu_path, on_snapshot=lambda _: _emit({"stage": "snapshot"})
+            pid,
+            request,
+            criu_path=criu_path,
+            on_snapshot=lambda _: _emit({"stage": "snapshot"}),
+            decided=decided,
         )
     except LivedumpError as e:
         return {"stage": "done", "ok": False, "errno": errno_for(e), "error": e.message}
@@ -57,10 +65,12 @@ def main() -> None:
         job = json.loads(sys.stdin.read())
         pid, words = int(job["pid"]), str(job["words"])
         criu_path = None if job.get("criu") is None else str(job["criu"])
+        decided = Pidfd(pid, int(job["pidfd"]))
     except (ValueError, KeyError, TypeError):
         _emit({"stage": "done", "ok": False, "errno": 22, "error": "bad job"})
         return
-    _emit(run(pid, words, criu_path))
+    with decided:
+        _emit(run(pid, words, criu_path, decided))
 
 
 if __name__ == "__main__":
