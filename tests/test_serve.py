@@ -199,6 +199,10 @@ def serving(area: Path, *flags: str) -> Iterator[Served]:
         assert served.alive(), log.read_text()
         yield served
         assert served.alive(), log.read_text()
+        proc.send_signal(signal.SIGTERM)  # a clean stop: status 0, unmounted, socket removed
+        assert procs.wait_exit(proc, 30)
+        assert proc.wait() == 0, log.read_text()
+        assert not os.path.ismount(mount) and not sock.exists()
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -46,6 +46,10 @@ class LivedumpFs(mfusepy.Operations):  # type: ignore[misc]  # mfusepy is untype
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.mounted = False
+
+    def init(self, path: str) -> None:
+        self.mounted = True
 
     def _split(self, path: str) -> tuple[int | None, str | None]:
         """``(pid, file)`` of a path; ``(None, None)`` for the root; ENOENT for the rest."""
@@ -94,6 +98,9 @@ class LivedumpFs(mfusepy.Operations):  # type: ignore[misc]  # mfusepy is untype
             raise _fail(number)
         return 0
 
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        raise _fail(errno.EACCES)  # nothing is made here: `> DIR/NAME` of an unknown name
+
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
         return 0  # the shell's O_TRUNC on `>`: nothing to cut
 
@@ -120,16 +127,25 @@ class LivedumpFs(mfusepy.Operations):  # type: ignore[misc]  # mfusepy is untype
 def mount(service: Service, mountpoint: Path) -> None:
     """Serve the filesystem on *mountpoint* until unmounted or SIGINT/SIGTERM (foreground).
 
+    :raises RuntimeError: it could not be mounted (mfusepy's error: fuse_main()'s status).
+
     allow_other lets every user in: root may always mount with it (fusermount3 wants
     ``user_allow_other`` in /etc/fuse.conf only from unprivileged mounters).
     """
     mountpoint.mkdir(parents=True, exist_ok=True)
-    mfusepy.FUSE(
-        LivedumpFs(service),
-        str(mountpoint),
-        raw_fi=True,
-        foreground=True,
-        allow_other=True,
-        fsname="livedump",
-        subtype="livedump",
-    )
+    operations = LivedumpFs(service)
+    try:
+        mfusepy.FUSE(
+            operations,
+            str(mountpoint),
+            raw_fi=True,
+            foreground=True,
+            allow_other=True,
+            fsname="livedump",
+            subtype="livedump",
+        )
+    except RuntimeError:
+        # fuse_main() returns non-zero (8 with Debian's libfuse 3.14) when SIGTERM ended its
+        # loop: once mounted, that is how a service stops
+        if not operations.mounted:
+            raise
