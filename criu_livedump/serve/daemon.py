@@ -30,6 +30,7 @@ def run(service: Service, mountpoint: Path | None, socket_path: Path | None) -> 
     if listener is not None:
         thread = threading.Thread(target=serve_socket, args=(service, listener, stop), daemon=True)
         thread.start()
+    service.start()
     try:
         if mountpoint is not None:
             _mount(service, mountpoint)
@@ -39,6 +40,7 @@ def run(service: Service, mountpoint: Path | None, socket_path: Path | None) -> 
             stop.wait()
     finally:
         stop.set()
+        service.close()
         if thread is not None:
             thread.join(timeout=5)
         if listener is not None:

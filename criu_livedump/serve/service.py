@@ -14,18 +14,15 @@ CRIU, or a crash fails that request only. Every request is logged on one line.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from converters.errors import ConversionError
 from criu_livedump import target
@@ -39,6 +36,7 @@ from criu_livedump.errors import (
 from criu_livedump.linux.namespaces import ns_ino
 from criu_livedump.linux.pidfd import Pidfd
 from criu_livedump.request import DumpRequest, build_request, check_privileges
+from criu_livedump.serve.pool import Spare, Worker
 
 __all__ = ["ERRNO_BY_ERROR", "Answer", "Job", "Limits", "Service", "errno_for"]
 
@@ -137,6 +135,15 @@ class Service:
         self._buckets: dict[int, tuple[float, float]] = {}
         self._status: OrderedDict[int, str] = OrderedDict()
         self._own_user_ns = ns_ino("self", "user")
+        self._workers = Spare()
+
+    def start(self) -> None:
+        """Start a worker ahead of the first request."""
+        self._workers.refill()
+
+    def close(self) -> None:
+        """End the spare worker; running dumps finish on their own."""
+        self._workers.close()
 
     # --- the decision ----------------------------------------------------------------------
 
@@ -274,39 +281,20 @@ class Service:
         return Answer(int(first.get("errno", errno.EIO)), str(first.get("error", "failed")))
 
     def _start(self, job: Job, words: str, shown: str, decided: Pidfd) -> dict[str, Any]:
-        """Start the worker with the pidfd decided on; return its first record, and finish
-        the job in a thread."""
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "criu_livedump.serve.worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-            pass_fds=(decided.fd,),
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            proc.stdin.write(
-                json.dumps(
-                    {"pid": job.target, "words": words, "criu": self.criu_path, "pidfd": decided.fd}
-                ).encode()
-            )
-            proc.stdin.close()
-        except OSError:
-            pass  # it died already: its (absent) records say so
-        first = _record(proc.stdout)
+        """Hand the job and the pidfd decided on to a worker; return its first record, and
+        finish the job in a thread."""
+        worker = self._workers.take()
+        worker.send({"pid": job.target, "words": words, "criu": self.criu_path}, decided.fd)
+        first = worker.record()
         finisher = threading.Thread(
-            target=self._finish, args=(job, proc, first, shown), daemon=True
+            target=self._finish, args=(job, worker, first, shown), daemon=True
         )
         finisher.start()
         return first
 
-    def _finish(
-        self, job: Job, proc: subprocess.Popen[bytes], first: dict[str, Any], shown: str
-    ) -> None:
-        assert proc.stdout is not None
-        final = first if first.get("stage") == "done" else _record(proc.stdout)
-        proc.stdout.close()
-        code = proc.wait()
+    def _finish(self, job: Job, worker: Worker, first: dict[str, Any], shown: str) -> None:
+        final = first if first.get("stage") == "done" else worker.record()
+        code = worker.finish()
         if not final:
             final = {
                 "stage": "done",
@@ -316,7 +304,10 @@ class Service:
             }
         job.final = final
         if final.get("ok"):
-            status = f"ok: {final.get('destination')} ({final.get('size', 0)} bytes)\n"
+            status = (
+                f"ok: {final.get('destination')} ({final.get('size', 0)} bytes,"
+                f" frozen {int(final.get('frozen_us') or 0) / 1000:.1f} ms)\n"
+            )
             if final.get("no_core_reason"):
                 status = f"ok: no core written: {final['no_core_reason']}\n"
         else:
@@ -324,16 +315,6 @@ class Service:
         self._release(job.target, status)
         log.info("%s result=%s", shown, status.strip())
         job.done.set()
-
-
-def _record(stream: IO[bytes]) -> dict[str, Any]:
-    """One JSON line of the worker, or {} at its end (or on garbage)."""
-    line = stream.readline()
-    try:
-        value = json.loads(line) if line else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _open_pidfd(pid: int) -> Pidfd:

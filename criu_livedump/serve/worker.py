@@ -1,7 +1,8 @@
 """One dump of ``serve``, in its own process: ``python -m criu_livedump.serve.worker``.
 
-Reads ``{"pid": N, "words": "SPEC"}`` on stdin (the service decided already: the requester may
-dump that process with those words) and runs the library's :func:`~criu_livedump.dump.live_dump`,
+Reads ``{"pid": N, "words": "SPEC"}`` and the pidfd decided on from stdin, a socket
+(:mod:`.pool`; the service decided already: the requester may dump that process with those
+words) and runs the library's :func:`~criu_livedump.dump.live_dump`,
 the very path of ``criu-livedump dump``, with the core where the kernel would put it. It writes
 JSON lines on stdout: ``{"stage": "snapshot"}`` once the target runs on again, then
 ``{"stage": "done", "ok": ...}``. A process of its own per dump keeps a full disk, a failing
@@ -11,6 +12,8 @@ CRIU or a crash inside this request.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from typing import Any
 
@@ -60,13 +63,30 @@ def run(pid: int, words: str, criu_path: str | None, decided: Pidfd) -> dict[str
     }
 
 
-def main() -> None:
+def _job() -> tuple[dict[str, Any], list[int]]:
+    """The job and its pidfd, from the service over stdin (a SOCK_SEQPACKET socket); stdin is
+    /dev/null afterwards. ({}, []) when the service ended this spare instead."""
+    with socket.socket(fileno=os.dup(0)) as jobs:
+        message, fds, _, _ = socket.recv_fds(jobs, 1 << 16, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     try:
-        job = json.loads(sys.stdin.read())
+        job = json.loads(message) if message else {}
+    except ValueError:
+        job = {}
+    return (job if isinstance(job, dict) else {}), fds
+
+
+def main() -> None:
+    job, fds = _job()
+    if not job and not fds:
+        return
+    try:
         pid, words = int(job["pid"]), str(job["words"])
         criu_path = None if job.get("criu") is None else str(job["criu"])
-        decided = Pidfd(pid, int(job["pidfd"]))
-    except (ValueError, KeyError, TypeError):
+        decided = Pidfd(pid, fds[0])
+    except (ValueError, KeyError, TypeError, IndexError):
         _emit({"stage": "done", "ok": False, "errno": 22, "error": "bad job"})
         return
     with decided:
