@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
 import struct
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
@@ -660,11 +661,13 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
         signal = _first(options.signal, sidecar.signal, 0)
         ppid = _first(sidecar.ppid if proc.ppid == 0 else None, proc.ppid, 0)
         arch = threads[0].arch
+        _check_page_size(mm, arch, images.directory / f"mm-{pid}.img")
         layout = _layout(arch, sidecar, images.directory)
         p.sysv_keys = dict(sidecar.sysv_keys)
         p.no_saved_pages = _no_saved_pages(sidecar, p.vmas)
         _fork_excluded(p, sidecar)
-        p.vmas = split_vvar(p)
+        if arch.name == platform.machine():  # another machine's images: another kernel's
+            p.vmas = split_vvar(p)
         segments = [_segment(p, vma, vma_dump_size(p, vma, mm_filter)) for vma in p.vmas]
         total = sum(s.filesz for s in segments)
         if total > MAX_CORE_BYTES:
@@ -722,6 +725,26 @@ def _first(*values: int | None) -> int:
         if v is not None:
             return v
     raise AssertionError("no default")
+
+
+#: AT_PAGESZ (include/uapi/linux/auxvec.h): the page size of the kernel that ran the process
+AT_PAGESZ = 6
+
+
+def _check_page_size(mm: object, arch: Arch, path: Path) -> None:
+    """Refuse images of a kernel whose pages are not :data:`PAGE_SIZE` bytes (an arm64 kernel
+    with 16 or 64 KiB pages): CRIU records the page size nowhere but in the saved auxv.
+
+    :raises ImageFormatError: AT_PAGESZ is another size.
+    """
+    raw = [int(v) for v in getattr(mm, "mm_saved_auxv", [])]
+    for i in range(0, len(raw) - 1, 2):
+        if raw[i] == AT_PAGESZ and raw[i + 1] != PAGE_SIZE:
+            raise ImageFormatError(
+                str(path),
+                f"{arch.name} page size {raw[i + 1]} (AT_PAGESZ) is not supported"
+                f" (supported: {PAGE_SIZE})",
+            )
 
 
 def _layout(arch: Arch, sidecar: Sidecar, directory: Path) -> CpuLayout:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pycriu.images import pb
 
-from converters.arch import ARCHES, by_criu_mtype, host, x86_64
+from converters.arch import ARCHES, aarch64, by_criu_mtype, host, x86_64
 from converters.arch.base import PRPSINFO, SIGINFO, Arch, prstatus_struct
 from converters.elf import PAGE_SIZE
 from converters.errors import UnsupportedArchError
@@ -41,10 +41,13 @@ def test_one_page_size() -> None:
 
 def test_lookup() -> None:
     assert by_criu_mtype("X86_64", "core-1.img") is x86_64.ARCH
+    assert by_criu_mtype("AARCH64", "core-1.img") is aarch64.ARCH
     assert host().name == "x86_64"  # the reference machine
     with pytest.raises(UnsupportedArchError) as e:
-        by_criu_mtype("AARCH64", "core-7.img")
-    assert str(e.value) == "core-7.img: architecture AARCH64 is not supported (supported: X86_64)"
+        by_criu_mtype("PPC64", "core-7.img")
+    assert str(e.value) == (
+        "core-7.img: architecture PPC64 is not supported (supported: X86_64, AARCH64)"
+    )
 
 
 # --- x86_64 layouts against the kernel's ----------------------------------------------------------
@@ -171,6 +174,71 @@ def test_core_gregs_undo_criu_rewind() -> None:
 
     regs = x86_64.unpack_regs(x86_64.core_gregs(Core(), read))
     assert regs["rip"] == 0x5002 and regs["rax"] == -x86_64.ERESTARTNOHAND & U64
+
+
+# --- aarch64 -------------------------------------------------------------------------------------
+
+
+def test_aarch64_note_sizes() -> None:
+    """sizeof() in arch/arm64/include/uapi/asm/ptrace.h and include/linux/elfcore.h."""
+    assert aarch64.USER_PT_REGS.size == 34 * 8  # struct user_pt_regs
+    assert prstatus_struct(aarch64.USER_PT_REGS.size).size == 0x188  # struct elf_prstatus
+    assert aarch64.FPSIMD.size == 528  # struct user_fpsimd_state
+    assert aarch64.HWDEBUG_SIZE == 8 + 16 * 16  # struct user_hwdebug_state
+    assert pb.core_entry.march.Value("AARCH64") and aarch64.ARCH.thread_info_field in (
+        f.name for f in pb.core_entry.DESCRIPTOR.fields
+    )
+
+
+def _aarch64_core() -> pb.core_entry:
+    core = pb.core_entry(mtype=pb.core_entry.march.Value("AARCH64"))
+    ti = core.ti_aarch64
+    ti.clear_tid_addr = 0
+    ti.tls = 0xFFFF_8000_1234
+    ti.gpregs.regs.extend(range(100, 131))
+    ti.gpregs.sp, ti.gpregs.pc, ti.gpregs.pstate = 0xFFFF_F000, 0xAAAA_0004, 0x6000_0000
+    ti.fpsimd.vregs.extend(range(1, 65))
+    ti.fpsimd.fpsr, ti.fpsimd.fpcr = 0x10, 0x200_0000
+    return core
+
+
+def test_aarch64_core_gregs_are_criu_registers() -> None:
+    """arm64's do_signal() rewinds a restartable syscall before both a ptrace stop and a core
+    dump: CRIU's registers are the core's as they are."""
+    raw = aarch64.core_gregs(_aarch64_core(), lambda a, n: bytes(n))
+    regs = aarch64.unpack_regs(raw)
+    assert [regs[f"x{i}"] for i in range(31)] == list(range(100, 131))
+    assert (regs["sp"], regs["pc"], regs["pstate"]) == (0xFFFF_F000, 0xAAAA_0004, 0x6000_0000)
+
+
+def test_aarch64_thread_notes() -> None:
+    notes = aarch64.thread_notes(_aarch64_core(), aarch64.cpu_layout(None))
+    assert [(n.name, n.type, len(n.desc)) for n in notes] == [
+        (b"CORE", 2, 528),
+        (b"LINUX", aarch64.NT_ARM_TLS, 8),
+        (b"LINUX", aarch64.NT_ARM_HW_BREAK, 264),
+        (b"LINUX", aarch64.NT_ARM_HW_WATCH, 264),
+        (b"LINUX", aarch64.NT_ARM_SYSTEM_CALL, 4),
+        (b"LINUX", aarch64.NT_ARM_TAGGED_ADDR_CTRL, 8),
+    ]
+    fp, tls, brk, _, sysc, _ = (n.desc for n in notes)
+    assert fp[:16] == (1).to_bytes(8, "little") + (2).to_bytes(8, "little")  # v0, low half first
+    assert fp[512:520] == (0x10).to_bytes(4, "little") + (0x200_0000).to_bytes(4, "little")
+    assert tls == (0xFFFF_8000_1234).to_bytes(8, "little")
+    assert brk[:4] == (0x606).to_bytes(4, "little")
+    assert sysc == b"\xff\xff\xff\xff"
+    recorded = aarch64.cpu_layout({"break_info": 0x810, "watch_info": 0x804})
+    assert aarch64.thread_notes(_aarch64_core(), recorded)[3].desc[:4] == bytes([4, 8, 0, 0])
+    with pytest.raises(ValueError):
+        aarch64.cpu_layout({"xcr0": 3})
+
+
+def test_aarch64_syscall_regs() -> None:
+    base = aarch64.pack_regs({"x0": 9, "x5": 7, "sp": 0x7000, "pc": 0x10})
+    d = aarch64.unpack_regs(aarch64.syscall_regs(base, 0x4000, aarch64.SYS.wait4, (5, 0, -1)))
+    assert (d["pc"], d["x8"], d["sp"]) == (0x4000, 260, 0x7000)
+    assert (d["x0"], d["x1"], d["x2"], d["x5"]) == (5, 0, U64, 0)
+    assert aarch64.pc(aarch64.pack_regs(d)) == 0x4000
 
 
 # --- nothing outside converters/arch knows x86 --------------------------------------------------

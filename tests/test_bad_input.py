@@ -54,9 +54,25 @@ def _delete(name: str) -> Breaker:
     return go
 
 
-def _aarch64(d: Path) -> None:
-    proc = images.Proc(100, mtype="AARCH64")
-    images.write_image(d / "core-100.img", "CORE", [images.core_entry(proc, 100, 0)])
+def _mtype(mtype: str) -> Breaker:
+    def go(d: Path) -> None:
+        proc = images.Proc(100, mtype=mtype)
+        images.write_image(d / "core-100.img", "CORE", [images.core_entry(proc, 100, 0)])
+
+    return go
+
+
+def _page_size(size: int) -> Breaker:
+    """mm-100.img saved by a kernel with *size*-byte pages (AT_PAGESZ)."""
+
+    def go(d: Path) -> None:
+        base = 0x1000_0000
+        proc = images.Proc(
+            100, vmas=[images.vma(base, base + 4 * images.PAGE)], auxv=[6, size, 0, 0]
+        )
+        images.build(d, [proc])
+
+    return go
 
 
 def _ghost(chunks: list[tuple[int, int]] | None, *, cut: int | None = None) -> Breaker:
@@ -132,7 +148,14 @@ CASES: dict[str, tuple[Breaker, str, str, type[ConversionError]]] = {
         "missing image",
         MissingImageError,
     ),
-    "other architecture": (_aarch64, "core-100.img", "AARCH64", UnsupportedArchError),
+    "other architecture": (_mtype("PPC64"), "core-100.img", "PPC64", UnsupportedArchError),
+    "aarch64 without registers": (
+        _mtype("AARCH64"),
+        "core-100.img",
+        "no ti_aarch64",
+        ImageFormatError,
+    ),
+    "64 KiB pages": (_page_size(65536), "mm-100.img", "page size 65536", ImageFormatError),
     "pagemap past the pages file": (
         _truncate("pages-100.img", images.PAGE),
         "pagemap-100.img",

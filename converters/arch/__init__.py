@@ -27,12 +27,12 @@ from __future__ import annotations
 import platform
 from typing import Final
 
-from converters.arch import x86_64
+from converters.arch import aarch64, x86_64
 from converters.arch.base import Arch
 from converters.errors import UnsupportedArchError
 
 #: every supported architecture
-ARCHES: Final[tuple[Arch, ...]] = (x86_64.ARCH,)
+ARCHES: Final[tuple[Arch, ...]] = (x86_64.ARCH, aarch64.ARCH)
 
 
 def by_criu_mtype(mtype: str, path: str) -> Arch:
