@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -385,10 +386,53 @@ class DumpJob:
 
 #: The launcher's programs (util-linux).
 LAUNCHER = ("nsenter", "unshare")
-#: What CRIU needs besides the launcher: every mount of the target declared external. A live
-#: core is never restored, so CRIU need not understand a container's mounts (criu/mount.c
-#: refuses, e.g., a cgroup mount "doesn't have a proper root mount" without it).
-EXTERNAL_MOUNTS = "--external=mnt[]"
+
+
+def foreign_namespace_options(pid: int, *, inside: bool) -> tuple[str, ...]:
+    """CRIU options for a target whose namespaces are not CRIU's (a container's process).
+
+    A live core is never restored, so CRIU need not describe those namespaces: every mount is
+    declared external (criu/mount.c otherwise refuses, e.g., a container's cgroup mount "doesn't
+    have a proper root mount"), and so is the network namespace, which CRIU would otherwise
+    dump while the target is frozen (its links, routes, and iptables-save and nft run inside it:
+    measured here, 214 ms of a Podman container's freeze under ``--method criu`` against 131 ms
+    without). *inside*: CRIU runs in a mount namespace of its own (:func:`in_pid_namespace`).
+    """
+    options = []
+    if inside or not _same_ns(pid, "mnt"):
+        options.append("--external=mnt[]")
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            options += [f"--skip-mnt={m}" for m in fuse_mountpoints(f.read())]
+    if not _same_ns(pid, "net"):
+        # criu/net.c: a network namespace named by its inode is recorded, not dumped
+        options.append(f"--external=net[{os.stat(f'/proc/{pid}/ns/net').st_ino}]:livedump")
+    return tuple(options)
+
+
+def fuse_mountpoints(mountinfo: str) -> list[str]:
+    """The mount points of FUSE mounts in a /proc/PID/mountinfo text (proc(5): the fifth field,
+    octal escapes decoded; the filesystem type follows the `` - `` separator).
+
+    CRIU refuses to dump any FUSE mount it cannot match with a mount of its own namespace
+    (criu/filesystems.c: always_fail(), "failed to dump fs ... (fuse)"), such as one made inside
+    a container, or one a host made after CRIU's namespace was copied; ``--skip-mnt`` leaves
+    it out (criu/proc_parse.c: should_skip_mount()), and CRIU still fails loudly should a file
+    the dump needs live there.
+    """
+    points = []
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if sep and len(fields) >= 5 and tail.split(" ", 1)[0].split(".")[0] in ("fuse", "fuseblk"):
+            points.append(_MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _same_ns(pid: int, kind: str) -> bool:
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino == os.stat(f"/proc/self/ns/{kind}").st_ino
 
 
 def launcher_refusal() -> str | None:

@@ -42,14 +42,12 @@ class CriuSnapshot(Snapshot):
 
     def handoff(self, binary: criu.Criu) -> CriuTask:
         rounds = pre_dump_rounds(self.request, binary, self.facts.rss)
-        options = dict.fromkeys(self.facts.criu_options)
         inside = _inside(self.facts)
-        if inside or not self.facts.same_mnt_ns:
-            options[criu.EXTERNAL_MOUNTS] = None
+        options = criu.foreign_namespace_options(self.facts.pid, inside=inside)
         return CriuTask(
             pid=self.facts.pid,
             leave_running=True,
-            options=tuple(options),
+            options=(*self.facts.criu_options, *options),
             pre_dump_rounds=rounds,
             ns_pid=self.facts.ns_pid if inside else None,
             tree=tuple(p for p in self.facts.tree if p != self.facts.pid),

@@ -79,8 +79,9 @@ class CloneSnapshot(Snapshot):
             if b.pid == self.facts.pid:
                 options.update(dict.fromkeys(b.criu_options))
         inside = self.facts.in_child_pid_ns
-        if inside or not self.facts.same_mnt_ns:
-            options[criu.EXTERNAL_MOUNTS] = None
+        options.update(
+            dict.fromkeys(criu.foreign_namespace_options(clone.clone_pid, inside=inside))
+        )
         return CriuTask(
             pid=clone.clone_pid,
             leave_running=False,
