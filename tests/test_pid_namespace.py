@@ -24,6 +24,8 @@ import pytest
 from harness.corefile import CoreView
 from harness.gdb import gdb_lwps
 
+from criu_livedump.snapshot.criu import fuse_mountpoints
+
 pytestmark = [pytest.mark.live]
 
 TOOL = Path(sys.executable).parent / "criu-livedump"
@@ -158,3 +160,54 @@ def test_every_process_of_the_namespace_dumps_by_its_namespace_ids(
     assert os.kill(pid, 0) is None
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     assert state in ("S", "R")
+
+
+#: an empty FUSE filesystem, served in the foreground on argv[1] (mfusepy, as `serve` uses)
+_FUSE_EMPTY = (
+    "import sys, mfusepy; mfusepy.FUSE(mfusepy.Operations(), sys.argv[1], foreground=True)"
+)
+
+
+@pytest.mark.parametrize("method", ["clone", "criu"])
+def test_a_fuse_mount_in_the_namespace_is_left_out(
+    programs: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    """A FUSE mount made inside the target's own mount namespace (as inside a container):
+    CRIU cannot dump it nor match it with one of its own, so it is skipped; the dump of a
+    process there (sh -> FUSE server, threads) works."""
+    mnt = tmp_path / "fuse"
+    mnt.mkdir()
+    script = f"{sys.executable} -c '{_FUSE_EMPTY}' {mnt} & {programs['threads']} 2; :"
+    argv = [
+        "unshare", "--pid", "--mount", "--propagation", "private", "--fork", "--kill-child",
+        "--", "setsid", "sh", "-c", script,
+    ]  # fmt: skip
+    proc = procs.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert procs.readline(proc.stdout, 60, "threads in the namespace").startswith("ready")
+        (init,) = procs.wait_for(lambda: Namespaced(proc, 0).children(proc.pid), 30, "its init")
+        (target,) = [
+            kid
+            for kid in Namespaced(proc, init).children(init)
+            if Path(f"/proc/{kid}/comm").read_text().strip() == "threads"
+        ]
+        mountinfo = Path(f"/proc/{target}/mountinfo")
+        procs.wait_for(lambda: " - fuse" in mountinfo.read_text(), 30, "the FUSE mount")
+        out = dump(target, "--method", method, "-o", str(tmp_path / "core"))
+        assert out.returncode == 0, out.stderr
+        assert f"--skip-mnt={mnt}" in json.loads(out.stdout)["criu_options"]
+        assert os.kill(target, 0) is None
+    finally:
+        procs.kill_group(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_fuse_mountpoints_are_read_from_mountinfo() -> None:
+    mountinfo = (
+        "36 35 98:0 /m /mnt/a\\040b rw master:1 - fuse.sshfs host:/x rw\n"
+        "37 35 98:0 / /tmp ro - tmpfs tmpfs rw\n"
+        "38 35 0:9 / /c rw - fuseblk /dev/sdb rw\n"
+        "39 35 0:9 / /sys/fs/fuse/connections rw - fusectl fusectl rw\n"
+    )
+    assert fuse_mountpoints(mountinfo) == ["/mnt/a b", "/c"]
