@@ -41,7 +41,7 @@ from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
 from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
 from criu_livedump.pattern import DestinationKind, destination
-from criu_livedump.request import DumpRequest, Method, check_privileges
+from criu_livedump.request import DumpRequest, check_privileges
 from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.credentials import CriuCredentials, criu_credentials
 from criu_livedump.target.dump_time import with_dump_time_facts
@@ -166,16 +166,21 @@ def resolve_sink(
 
 
 def _child_core(
-    pid: int, request: DumpRequest, images_dir: Path, signal: int, priorities: Priorities
+    pid: int,
+    request: DumpRequest,
+    images_dir: Path,
+    signal: int,
+    priorities: Priorities,
+    method: str,
 ) -> DumpReport:
-    """With ``--tree``: the core of one child from the same images, written where the kernel
-    would put that child's core (its own core_pattern expansion and RLIMIT_CORE), or next to
-    ``-o PATH`` as ``PATH.PID``."""
+    """With ``--tree``: the core of one child from the same images (taken by *method*), written
+    where the kernel would put that child's core (its own core_pattern expansion and
+    RLIMIT_CORE), or next to ``-o PATH`` as ``PATH.PID``."""
     try:
         facts = target.inspect(pid)
     except LivedumpError as e:
         return DumpReport(pid=pid, comm="?", no_core_reason=f"gone after the dump ({e.message})")
-    report = DumpReport(pid=pid, comm=facts.comm, method=Method.CRIU.value)
+    report = DumpReport(pid=pid, comm=facts.comm, method=method)
     limit = effective_limit(request, facts)
     if request.output is not None:
         request_for_child = replace(request, output=f"{request.output}.{pid}")
@@ -299,7 +304,9 @@ def _live_dump(
             _report_conversion(report, outcome, sink)
             if request.tree:
                 report.children += [
-                    _child_core(child, request, result.images_dir, signal, priorities)
+                    _child_core(
+                        child, request, result.images_dir, signal, priorities, report.method
+                    )
                     for child in facts.tree
                     if child != pid
                 ]
