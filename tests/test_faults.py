@@ -794,7 +794,8 @@ def test_unprivileged_user_on_own_process(
     error line, the target runs on, no clone or core left behind."""
     uid, gid, base = unprivileged
     out, scratch = base / "out", base / "scratch"
-    proc = subprocess.Popen(
+    # its own process group, which Heartbeat.close() kills (procs.kill_group)
+    proc = procs.popen(
         [*_as_user(uid, gid), str(programs["heartbeat"])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
