@@ -40,6 +40,7 @@ from criu_livedump.errors import (
     SnapshotError,
     TargetError,
 )
+from criu_livedump.request import Method
 from criu_livedump.serve.client import MOUNT_PATH, SOCKET_PATH
 
 log = logging.getLogger("criu_livedump")
@@ -435,7 +436,9 @@ def _progress_bar(images_dirs: list[Path], options: Any) -> Iterator[ProgressQue
 @click.option("--signal", metavar="N", help="si_signo written to the notes (default 0).")
 @click.option("--force", is_flag=True, help="Dump a non-dumpable target (core owned by root).")
 @click.option("--tree", is_flag=True, help="Also write cores of the target's children.")
-@click.option("--method", metavar="auto|criu|clone", help="How to snapshot the target.")
+@click.option(
+    "--method", metavar="|".join(Method), help="How to snapshot the target (snapshot.METHODS)."
+)
 @click.option(
     "--timeout",
     metavar="SECONDS",
