@@ -182,3 +182,11 @@ class ConvertFailedError(LivedumpError):
 
 class EnvironmentUnfitError(LivedumpError):
     """This host cannot take live dumps at all (``criu-livedump check`` fails)."""
+
+
+class PageStreamError(SnapshotError):
+    """CRIU's page stream (``--page-server`` over our socket) broke or could not be written."""
+
+    def __init__(self, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"CRIU's page stream: {problem}", hint=hint)
+        self.problem = problem

@@ -376,6 +376,8 @@ class DumpJob:
     leave_running: bool = True
     ns_pid: int | None = None
     tree: tuple[int, ...] = ()
+    #: descriptors CRIU inherits (a page server's socket: page_server.criu_options)
+    pass_fds: tuple[int, ...] = ()
 
     @property
     def prefix(self) -> tuple[str, ...]:
@@ -630,6 +632,7 @@ def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> No
                 # CRIU while its parasite is inside the target (we decide when to stop it), and
                 # the group is what is killed with it.
                 start_new_session=True,
+                pass_fds=job.pass_fds,
                 preexec_fn=job.preexec,  # noqa: PLW1509 (the CLI is single-threaded here)
                 env=None if job.env is None else dict(job.env),
             )
