@@ -1,12 +1,16 @@
 /*
  * Benchmark target for `make bench`: a process that notices when it is frozen.
  *
- *   workload MIB [dontfork]
+ *   workload MIB [dontfork] [threads=N] [maps=N]
  *
  * - MIB MiB of private anonymous memory, every page non-zero (so CRIU, gcore and the converter
  *   all move real bytes: none of them may skip a zero page); with "dontfork" it is
  *   MADV_DONTFORK, as V8 keeps its heap, so a fork (a clone snapshot) does not copy it;
  * - 4 busy threads spinning on arithmetic, so the freeze has running threads to stop;
+ * - threads=N: N more threads, idle as a server's pool is, blocked in turn in FUTEX_WAIT, read()
+ *   of a pipe, epoll_wait() and a long nanosleep() (JVMs and C++ servers run thousands);
+ * - maps=N: N more one-page private anonymous mappings, written to, alternately read-only and
+ *   read-write so that no two merge: N more VMAs whose page tables a fork copies;
  * - a heartbeat thread that sleeps 1 ms at a time and records the longest gap between two of
  *   its wake-ups (CLOCK_MONOTONIC): a freeze of the process shows up as one long gap.
  *
@@ -28,8 +32,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +47,8 @@
 static _Atomic uint64_t longest_gap_ns;
 static _Atomic uint64_t beats;
 static _Atomic int reset_requested;
+static uint32_t idle_word;
+static int idle_pipe[2], idle_epoll;
 
 static uint64_t now_ns(void)
 {
@@ -56,6 +65,68 @@ static void *busy(void *arg)
 	for (;;)
 		x = x * 6364136223846793005u + 1442695040888963407u;
 	return NULL;
+}
+
+/* An idle thread: blocked for ever in one of four calls, by its index. */
+static void *idle(void *arg)
+{
+	struct timespec day = { 86400, 0 };
+	struct epoll_event ev;
+	char c;
+
+	for (;;) {
+		switch ((uintptr_t)arg % 4) {
+		case 0:
+			syscall(SYS_futex, &idle_word, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
+			break;
+		case 1:
+			if (read(idle_pipe[0], &c, 1) < 0 && errno != EINTR)
+				return NULL;
+			break;
+		case 2:
+			epoll_wait(idle_epoll, &ev, 1, -1);
+			break;
+		default:
+			nanosleep(&day, NULL);
+		}
+	}
+	return NULL;
+}
+
+static int start_idle(long n)
+{
+	pthread_attr_t attr;
+	pthread_t tid;
+	long i;
+
+	if (pipe(idle_pipe) != 0 || (idle_epoll = epoll_create1(0)) < 0)
+		return -1;
+	/* small stacks: a thousand default 8 MiB stacks are address space, not the point */
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, 64 << 10);
+	for (i = 0; i < n; i++)
+		if (pthread_create(&tid, &attr, idle, (void *)(uintptr_t)i) != 0)
+			return -1;
+	pthread_attr_destroy(&attr);
+	return 0;
+}
+
+/* N one-page mappings, written, alternately PROT_READ and PROT_READ|PROT_WRITE: N VMAs. */
+static int map_many(long n)
+{
+	long page = sysconf(_SC_PAGESIZE), i;
+	unsigned char *area;
+
+	area = mmap(NULL, (size_t)n * (size_t)page, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (area == MAP_FAILED)
+		return -1;
+	for (i = 0; i < n; i++) {
+		area[i * page] = (unsigned char)(1 + i % 255);
+		if (i % 2 && mprotect(area + i * page, (size_t)page, PROT_READ) != 0)
+			return -1;
+	}
+	return 0;
 }
 
 static void *heartbeat(void *arg)
@@ -94,10 +165,21 @@ int main(int argc, char **argv)
 	size_t size, off;
 	unsigned char *mem;
 	long page = sysconf(_SC_PAGESIZE);
-	int i;
+	int i, dontfork = 0;
+	long idle_threads = 0, maps = 0;
 
-	if (argc < 2 || argc > 3 || atol(argv[1]) <= 0 || (argc == 3 && strcmp(argv[2], "dontfork"))) {
-		fprintf(stderr, "usage: %s MIB [dontfork]\n", argv[0]);
+	for (i = 2; i < argc; i++) {
+		if (strcmp(argv[i], "dontfork") == 0)
+			dontfork = 1;
+		else if (strncmp(argv[i], "threads=", 8) == 0 && atol(argv[i] + 8) >= 0)
+			idle_threads = atol(argv[i] + 8);
+		else if (strncmp(argv[i], "maps=", 5) == 0 && atol(argv[i] + 5) >= 0)
+			maps = atol(argv[i] + 5);
+		else
+			break;
+	}
+	if (argc < 2 || atol(argv[1]) <= 0 || i < argc) {
+		fprintf(stderr, "usage: %s MIB [dontfork] [threads=N] [maps=N]\n", argv[0]);
 		return 2;
 	}
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -107,7 +189,15 @@ int main(int argc, char **argv)
 		perror("mmap");
 		return 1;
 	}
-	if (argc == 3 && madvise(mem, size, MADV_DONTFORK) != 0) {
+	if (maps && map_many(maps) != 0) {
+		perror("maps");
+		return 1;
+	}
+	if (idle_threads && start_idle(idle_threads) != 0) {
+		perror("threads");
+		return 1;
+	}
+	if (dontfork && madvise(mem, size, MADV_DONTFORK) != 0) {
 		perror("madvise");
 		return 1;
 	}

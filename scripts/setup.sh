@@ -4,7 +4,8 @@
 #   2. a working CRIU (>= 4.1) built from Debian's upstream source tarball, fetched from the
 #      archive that this machine's apt is configured for (the URI is read from the apt sources
 #      at run time; no mirror host name lives in this repository);
-#   3. .venv/ with the project (editable) and pycriu built from the same CRIU source.
+#   3. .venv/ with the project (editable) and pycriu built from the same CRIU source;
+#   4. the clone snapshot's ptrace batch helper, criu_livedump/linux/_ptrace_batch.so.
 # A second run reuses the cache and takes seconds.
 set -euo pipefail
 
@@ -87,6 +88,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/pip" install -q --no-build-isolation "$src/lib"
   "$venv/bin/pip" install -q -e "$here[dev,serve]"
   echo "$want" >"$stamp"
+fi
+
+# --- 4. the ptrace batch helper (criu_livedump/linux/ptrace.py loads it) ------------------------
+helper_src="$here/criu_livedump/linux/ptrace_batch.c"
+helper="$here/criu_livedump/linux/_ptrace_batch.so"
+if [ ! -f "$helper" ] || [ "$helper_src" -nt "$helper" ]; then
+  # built beside and renamed into place: a concurrent dump never loads half a library
+  gcc -O2 -shared -fPIC -Wall -Wextra -Werror -o "$helper.$$" "$helper_src"
+  mv -f "$helper.$$" "$helper"
+  say "built $helper"
 fi
 say "ready: $("$criu_bin" --version | head -1), venv at $venv"
 say "supported: live dumps with CRIU 4.1 and 4.2 (tested: 4.1.1, 4.2.1); images written by CRIU 3.11 to 4.2 convert"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import procs
@@ -248,8 +249,12 @@ def test_ptrace_regs_are_the_archs() -> None:
         ptrace.wait(proc.pid)
         regs = ptrace.get_regs(proc.pid)
         assert len(regs) == x86_64.USER_REGS_STRUCT.size
-        fp, xstate = ptrace.get_regsets(proc.pid, x86_64.ARCH.fp_regsets)
+        xstate, fp = ptrace.get_regsets(proc.pid, x86_64.ARCH.fp_regsets)
         assert len(fp) == x86_64.FXSAVE.size and len(xstate) >= len(fp)
+        # the snapshot saves XSAVE alone: the FXSAVE regset is derived from it, byte for byte
+        derived = x86_64.image_fpregs((xstate, b""), None)
+        assert derived is not None
+        assert x86_64.pack_fxsave(types.SimpleNamespace(**derived)) == fp
     finally:
         proc.kill()
         proc.wait(timeout=10)

@@ -80,8 +80,9 @@ class Arch:
     cpu_layout: Callable[[Mapping[str, Any] | None], CpuLayout]
 
     # --- the clone snapshot: ptrace registers ---------------------------------------------------
-    #: (note type, buffer size) of each FP regset the snapshot saves per thread, in the order
-    #: :attr:`image_fpregs` takes them
+    #: (note type, largest size) of the FP regsets, the most complete first: the snapshot
+    #: saves per thread the first one the CPU has, the others empty (:attr:`image_thread_info`
+    #: derives them from it)
     fp_regsets: tuple[tuple[int, int], ...]
     #: program counter
     pc: Callable[[bytes], int]

@@ -145,18 +145,26 @@ def core_gregs(core: Any, read: ReadMemory) -> bytes:
     return pack_regs(regs)
 
 
+# One register read straight from the raw struct: the freeze asks these of every thread.
+_REG: Final = struct.Struct("<Q")
+_RIP: Final = USER_REGS.index("rip") * 8
+_ORIG_RAX: Final = USER_REGS.index("orig_rax") * 8
+_RAX: Final = USER_REGS.index("rax") * 8
+_S64: Final = struct.Struct("<q")
+
+
 def pc(raw: bytes) -> int:
-    return unpack_regs(raw)["rip"]
+    return int(_REG.unpack_from(raw, _RIP)[0])
 
 
 def syscall_nr(raw: bytes) -> int | None:
     """The syscall a thread is stopped in (or at the exit of): orig_rax holds its number."""
-    nr = _signed(unpack_regs(raw)["orig_rax"])
+    nr = int(_S64.unpack_from(raw, _ORIG_RAX)[0])
     return nr if nr >= 0 else None
 
 
 def syscall_result(raw: bytes) -> int:
-    return _signed(unpack_regs(raw)["rax"])
+    return int(_S64.unpack_from(raw, _RAX)[0])
 
 
 def syscall_regs(base: bytes, ip: int, nr: int, args: Sequence[int]) -> bytes:
@@ -437,10 +445,13 @@ def cpu_layout(recorded: Mapping[str, Any] | None) -> XsaveLayout:
 def image_fpregs(
     regsets: Sequence[bytes], criu_saved: Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
-    """CRIU's ``user_x86_fpregs_entry`` (with ``xsave``) from the FXSAVE and XSAVE regsets, or
-    None without FPU state. CET state comes from its own regset, not from the XSAVE user
-    buffer: kept from *criu_saved*."""
-    fxsave, xstate = regsets
+    """CRIU's ``user_x86_fpregs_entry`` (with ``xsave``) from the XSAVE regset, or from the
+    FXSAVE one on a CPU without XSAVE, or None without FPU state. The snapshot reads only the
+    first regset of :data:`ARCH`'s ``fp_regsets`` the CPU has: the FXSAVE image is the legacy
+    region of the XSAVE area, its first 512 bytes (Intel SDM vol. 1, 13.4.1; a live test
+    compares the two regsets of one thread). CET state comes from its own regset, not from the
+    XSAVE user buffer: kept from *criu_saved*."""
+    xstate, fxsave = regsets
     area = xstate if len(xstate) >= 512 else fxsave
     if len(area) < 512:
         return None
@@ -563,7 +574,7 @@ ARCH: Final = Arch(
     thread_notes=thread_notes,
     process_notes=process_notes,
     cpu_layout=cpu_layout,
-    fp_regsets=((NT.PRFPREG, FXSAVE.size), (NT_X86_XSTATE, XSTATE_BUF_SIZE)),
+    fp_regsets=((NT_X86_XSTATE, XSTATE_BUF_SIZE), (NT.PRFPREG, FXSAVE.size)),
     pc=pc,
     syscall_nr=syscall_nr,
     syscall_result=syscall_result,

@@ -19,6 +19,7 @@ __all__ = [
     "read_stat",
     "read_status",
     "smaps_entries",
+    "task_ids",
 ]
 
 _PROC = Path("/proc")
@@ -64,6 +65,14 @@ def read_link(path: str | os.PathLike[str]) -> str | None:
         return os.readlink(path)
     except OSError:
         return None
+
+
+def task_ids(pid: int) -> list[int]:
+    """The thread ids of *pid*, sorted; empty when the process is gone."""
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return []
 
 
 def read_status(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -43,7 +43,8 @@ from converters.images import (
 )
 from criu_livedump.errors import CloneImagesError
 from criu_livedump.snapshot.clone.fork_lost import ForkLostArea
-from criu_livedump.snapshot.clone.inject import Clone, SideMapping, ThreadState
+from criu_livedump.snapshot.clone.freeze import ThreadState
+from criu_livedump.snapshot.clone.inject import Clone, SideMapping
 
 O_RDWR: Final = 2
 SS_DISABLE: Final = 2

@@ -2,8 +2,8 @@
 
 Steps (issue 5):
 
-1. PTRACE_SEIZE + PTRACE_INTERRUPT every thread until ``/proc/PID/task`` is stable; save each
-   thread's registers, FXSAVE and XSAVE areas and blocked-signal mask.
+1. PTRACE_SEIZE every thread while it runs, then stop them all and save each one's registers,
+   XSAVE area, blocked and pending signals (:mod:`criu_livedump.snapshot.clone.freeze`).
 2. In one thread, inject ``clone(flags=0)``: a copy-on-write copy of the process with no exit
    signal, so the target never gets SIGCHLD for it and a plain ``waitpid(-1)`` never reaps it.
 3. The clone is auto-attached (PTRACE_O_TRACECLONE) with PTRACE_O_EXITKILL inherited at birth,
@@ -14,7 +14,10 @@ Steps (issue 5):
 
 Between 3 and 4, while the target is still frozen, the pages a fork does not copy
 (MADV_DONTFORK, MADV_WIPEONFORK) are read from the target into a side file
-(:mod:`criu_livedump.snapshot.clone.fork_lost`).
+(:mod:`criu_livedump.snapshot.clone.fork_lost`). Nothing else happens while it is frozen: what
+/proc can tell is read before (thread names, a syscall instruction to inject) or from the clone
+after (process group and session), and the clone's own first stop is awaited once the target
+runs again. The freeze is reported in its four steps (:class:`FreezeSteps`).
 
 :meth:`Clone.release_for_criu` then leaves the clone asleep for ``criu dump -t CLONE``,
 and :meth:`Clone.kill` makes sure, whatever happened, that the clone is gone (reaped
@@ -45,9 +48,25 @@ from typing import Final
 from converters.arch import Arch, host
 from criu_livedump.errors import CloneError, CloneRefusedError, LivedumpError, TargetError
 from criu_livedump.linux import ptrace
-from criu_livedump.linux.procfs import SmapsEntry, read_maps, read_stat, read_status, smaps_entries
+from criu_livedump.linux.procfs import (
+    SmapsEntry,
+    read_maps,
+    read_stat,
+    read_status,
+    smaps_entries,
+    task_ids,
+)
 from criu_livedump.linux.ptrace import Event, Opt, PtraceError
+from criu_livedump.linux.sched import realtime
 from criu_livedump.snapshot.clone import fork_lost
+from criu_livedump.snapshot.clone.freeze import (
+    AllThreads,
+    FreezeSteps,
+    ThreadNames,
+    ThreadState,
+    ns_id,
+    read_names,
+)
 from criu_livedump.target import traced
 
 log = logging.getLogger(__name__)
@@ -66,28 +85,6 @@ _WNOHANG: Final = 1
 def _arch() -> Arch:
     """This host's architecture: registers, syscall numbers and the syscall instruction."""
     return host()
-
-
-@dataclass(frozen=True)
-class ThreadState:
-    """One thread of the target as it was at the freeze (step 1).
-
-    :ivar regs: the general registers exactly as ptrace returned them (for a thread inside an
-        interrupted syscall: the pc after the syscall, the result the -ERESTART* code).
-    :ivar fpstate: the architecture's FP regsets (:attr:`converters.arch.base.Arch.fp_regsets`),
-        each empty where the CPU lacks it.
-    :ivar sigmask: blocked signals, bit N-1 for signal N.
-    """
-
-    tid: int
-    regs: bytes
-    fpstate: tuple[bytes, ...]
-    sigmask: int
-    comm: str
-    #: a signal the thread does not block is pending for it (its EINTR, if any, is real)
-    signal_pending: bool = False
-    #: its id in the target's own PID namespace (last NSpid entry)
-    ns_tid: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +146,8 @@ class Clone:
     #: images and the kernel's core use; ``pgid``, ``sid`` and each thread's ``ns_tid`` are too)
     ns_pid: int = 0
     clone_ns_pid: int = 0
+    #: how long each step of the freeze took (:attr:`freeze_seconds` is their sum)
+    freeze_steps: FreezeSteps = field(default_factory=FreezeSteps)
     _pidfd: int = field(default=-1, repr=False)
     _held: bool = field(default=True, repr=False)
     _syscall_ip: int = field(default=0, repr=False)
@@ -207,6 +206,10 @@ class Clone:
             if self._pidfd >= 0:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            elif self._held:
+                # no pidfd yet, but traced by us: its pid cannot be reused before we reap it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.clone_pid, signal.SIGKILL)
             if self._held:
                 # Tracer's wait: the tracee's exit is reported to us, then it is left to the
                 # real parent (kernel/exit.c: wait_task_zombie(), EXIT_TRACE).
@@ -271,7 +274,8 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
 @dataclass
 class Prepared:
     """Step 0, done while the target runs: its refusals checked again, its smaps read (which
-    walks every page table) and the side file for the pages a fork does not copy allocated."""
+    walks every page table), the side file for the pages a fork does not copy allocated, the
+    names of its threads and where a syscall instruction is read."""
 
     pid: int
     side_dir: Path | None
@@ -279,6 +283,10 @@ class Prepared:
     copier: fork_lost.Copier | None
     #: the ptrace option the injection needs (seccomp suspended), see :func:`_check_target`
     suspend: Opt
+    #: comm and namespace id of each thread, by tid
+    names: dict[int, ThreadNames] = field(default_factory=dict)
+    #: a syscall instruction in the vDSO (or elsewhere), for an injector outside any syscall
+    fallback_ip: int | None = None
 
     def close(self) -> None:
         """Release the side file's mapping (idempotent)."""
@@ -293,10 +301,16 @@ def prepare(pid: int, side_dir: Path | None = None) -> Prepared:
         cannot suspend it.
     :raises TargetError: the target vanished.
     """
+    try:
+        ptrace.check_helper()
+    except ptrace.HelperMissingError as e:
+        raise CloneError(f"process {pid}: the clone method cannot run: {e.strerror}") from e
     suspend = _check_target(pid)
     smaps = tuple(smaps_entries(pid))
     copier = fork_lost.prepare(pid, smaps, side_dir) if side_dir is not None else None
-    return Prepared(pid, side_dir, smaps, copier, suspend)
+    nested = len(read_status(f"/proc/{pid}/status").get("NStgid", "").split()) > 1
+    names = {tid: read_names(pid, tid, nested=nested) for tid in task_ids(pid)}
+    return Prepared(pid, side_dir, smaps, copier, suspend, names, _syscall_fallback(pid))
 
 
 @dataclass
@@ -305,8 +319,8 @@ class _Freeze:
 
     pid: int
     suspend: Opt
-    seized: list[int] = field(default_factory=list)
-    threads: dict[int, ThreadState] = field(default_factory=dict)
+    threads: AllThreads
+    fallback_ip: int | None = None
     injector: int = 0
     saved: bytes | None = None
     restore: bytes | None = None
@@ -325,23 +339,24 @@ def freeze(prepared: Prepared, *, timeout: float = 10.0) -> Clone:
     :raises CloneError: anything else; the target is left running and no clone is alive.
     """
     pid, copier = prepared.pid, prepared.copier
-    state = _Freeze(pid, prepared.suspend)
-    start = time.monotonic()
+    state = _Freeze(pid, prepared.suspend, AllThreads(pid, timeout), prepared.fallback_ip)
     try:
-        _stop_threads(state, timeout)
-        pgid, sid = _pgid_sid(pid)
-        _hook("seized")
-        _make_clone(state)
-        if copier is not None:
-            copier.copy()
-        _hook("cloned")
-        for tid in state.seized:
-            with contextlib.suppress(ProcessLookupError, PtraceError):
-                ptrace.detach(tid)
-        state.seized.clear()
-        frozen = time.monotonic() - start
+        state.threads.seize()
+        with realtime() as boosted:
+            state.threads.stop()
+            state.threads.save()
+            _hook("seized")
+            _make_clone(state)
+            if copier is not None:
+                copier.copy()
+            _hook("cloned")
+            state.threads.resume()
+        steps = state.threads.steps(realtime=boosted)
         cpid = state.clone_pid
-        state.clone_ns_pid = _ns_id(read_status(f"/proc/{cpid}/status"), "NSpid", cpid)
+        state.pidfd = os.pidfd_open(cpid)
+        _adopt_clone(cpid, state.suspend)
+        clone_status = read_status(f"/proc/{cpid}/status")
+        state.clone_ns_pid = ns_id(clone_status, "NSpid", cpid)
         reap = ReapPlan(
             pid, cpid, state.clone_ns_pid, state.injector, state.syscall_ip, state.suspend
         )
@@ -356,16 +371,18 @@ def freeze(prepared: Prepared, *, timeout: float = 10.0) -> Clone:
         raise
     snap = Clone(
         pid=pid,
-        clone_pid=state.clone_pid,
-        threads=tuple(state.threads[t] for t in sorted(state.threads)),
-        freeze_seconds=frozen,
-        pgid=pgid,
-        sid=sid,
+        clone_pid=cpid,
+        threads=state.threads.threads(prepared.names),
+        freeze_seconds=steps.total,
+        # the clone's, as the fork left them: the target's at the freeze
+        pgid=ns_id(clone_status, "NSpgid", 0),
+        sid=ns_id(clone_status, "NSsid", 0),
         fork_lost=lost,
         smaps=prepared.smaps,
         injector_tid=state.injector,
-        ns_pid=_ns_id(read_status(f"/proc/{pid}/status"), "NStgid", pid),
+        ns_pid=ns_id(read_status(f"/proc/{pid}/status"), "NStgid", pid),
         clone_ns_pid=state.clone_ns_pid,
+        freeze_steps=steps,
         _pidfd=state.pidfd,
         _syscall_ip=state.syscall_ip,
         _suspend=state.suspend,
@@ -382,42 +399,30 @@ def freeze(prepared: Prepared, *, timeout: float = 10.0) -> Clone:
     return snap
 
 
-def _stop_threads(state: _Freeze, timeout: float) -> None:
-    """Step 1: seize and stop every thread and save its state."""
-    _seize_all(state.pid, state.seized, timeout)
-    for tid in state.seized:
-        state.threads[tid] = _save_thread(state.pid, tid)
-        # Before anything else can go wrong: an EINTR our interrupt caused becomes a restart.
-        fixed = _eintr_fixup(state.threads[tid].regs, state.threads[tid].signal_pending)
-        if fixed is not None:
-            ptrace.set_regs(tid, fixed)
-
-
 def _make_clone(state: _Freeze) -> None:
-    """Steps 2-3: inject the clone from one thread (the leader when it is alive)."""
+    """Step fork, inside the freeze: the clone injected into one thread (the leader when it is
+    alive: the clone carries its comm and TLS)."""
     pid, threads = state.pid, state.threads
-    state.injector = injector = pid if pid in threads else state.seized[0]
-    state.saved = saved = threads[injector].regs
-    state.mask = threads[injector].sigmask
-    state.syscall_ip = _syscall_address(pid, saved)
-    state.restore = _arch().resume_regs(saved, threads[injector].signal_pending)
-    state.clone_pid = _inject_clone(
-        injector, saved, state.restore, state.mask, state.syscall_ip, state.suspend
-    )
-    state.pidfd = os.pidfd_open(state.clone_pid)
+    state.injector = injector = pid if pid in threads.seized else threads.seized[0]
+    state.saved = saved = threads.regs(injector)
+    state.mask = threads.sigmask(injector)
+    ip = _syscall_at_pc(pid, saved) or state.fallback_ip
+    if ip is None:
+        raise CloneError(f"process {pid}: no syscall instruction found in its executable mappings")
+    state.syscall_ip = ip
+    state.restore = _arch().resume_regs(saved, threads.signal_pending(injector))
+    state.clone_pid = _inject_clone(injector, saved, state.restore, state.mask, ip, state.suspend)
 
 
 def _undo(state: _Freeze) -> None:
     """After a failed freeze: the injector's registers back, every thread detached, the clone
     (if any) killed and reaped."""
-    if state.saved is not None and state.injector in state.seized:
+    if state.saved is not None and state.injector in state.threads.seized:
         with contextlib.suppress(PtraceError):
             ptrace.set_regs(state.injector, state.restore or state.saved)
             ptrace.set_sigmask(state.injector, state.mask)
             ptrace.set_options(state.injector, Opt(0))
-    for tid in state.seized:
-        with contextlib.suppress(PtraceError):
-            ptrace.detach(tid)
+    state.threads.release()
     if state.clone_pid:
         failed = Clone(
             state.pid, state.clone_pid, (), 0.0, 0, 0, _pidfd=state.pidfd, _watchdog=state.watchdog
@@ -427,12 +432,14 @@ def _undo(state: _Freeze) -> None:
         failed._suspend = state.suspend
         with contextlib.suppress(OSError):
             status = read_status(f"/proc/{state.clone_pid}/status")
-            failed.clone_ns_pid = _ns_id(status, "NSpid", state.clone_pid)
+            failed.clone_ns_pid = ns_id(status, "NSpid", state.clone_pid)
         failed.kill()
 
 
 def _raise_as_clone_error(pid: int, e: BaseException) -> None:
     """Translate a ptrace or OS failure of the freeze; anything else is left to the caller."""
+    if isinstance(e, ptrace.StopTimeoutError):
+        raise CloneError(f"thread {e.tid}: did not stop in time (uninterruptible sleep?)") from e
     if isinstance(e, PtraceError):
         if e.errno == errno.ESRCH and not Path(f"/proc/{pid}").exists():
             raise TargetError(pid, "exited during the clone snapshot") from e
@@ -475,43 +482,7 @@ def _check_target(pid: int) -> Opt:
     return Opt(0)
 
 
-# --- step 1: seize and save ---------------------------------------------------------------------
-
-
-def _list_tids(pid: int) -> list[int]:
-    try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
-        return []
-
-
-def _seize_all(pid: int, seized: list[int], timeout: float) -> None:
-    """Seize and stop every thread, re-listing until no new thread appears (appends to *seized*)."""
-    deadline = time.monotonic() + timeout
-    known: set[int] = set()
-    while True:
-        new = [t for t in _list_tids(pid) if t not in known]
-        if not new:
-            break
-        fresh: list[int] = []
-        for tid in new:
-            known.add(tid)
-            try:
-                ptrace.seize(tid)
-                ptrace.interrupt(tid)
-            except PtraceError as e:
-                if e.errno == errno.ESRCH:  # exited meanwhile
-                    continue
-                if e.errno == errno.EPERM:
-                    raise CloneRefusedError(pid, f"cannot ptrace thread {tid}: {e.strerror}") from e
-                raise
-            seized.append(tid)
-            fresh.append(tid)
-        for tid in fresh:
-            if not _wait_stopped(tid, deadline):
-                seized.remove(tid)
-    if not seized:
-        raise TargetError(pid, "exited before it could be frozen")
+# --- step 1: seize and save (freeze.py) ---------------------------------------------------------
 
 
 def _wait_stopped(tid: int, deadline: float) -> bool:
@@ -538,90 +509,48 @@ def _wait_stopped(tid: int, deadline: float) -> bool:
             ptrace.cont(tid)
 
 
-def _read_comm(pid: int, tid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
-            return f.read().rstrip("\n")
-    except FileNotFoundError:
-        return ""
-
-
-def _save_thread(pid: int, tid: int) -> ThreadState:
-    sigmask = ptrace.get_sigmask(tid)
-    try:
-        status = read_status(f"/proc/{pid}/task/{tid}/status")
-    except FileNotFoundError:
-        status = {}
-    return ThreadState(
-        tid=tid,
-        regs=ptrace.get_regs(tid),
-        fpstate=ptrace.get_regsets(tid, _arch().fp_regsets),
-        sigmask=sigmask,
-        comm=_read_comm(pid, tid),
-        signal_pending=_signal_pending(status, sigmask),
-        ns_tid=_ns_id(status, "NSpid", tid),
-    )
-
-
-def _signal_pending(status: dict[str, str], sigmask: int) -> bool:
-    """A signal that the thread does not block is pending for it or for its process."""
-    pending = int(status.get("SigPnd", "0"), 16) | int(status.get("ShdPnd", "0"), 16)
-    return bool(pending & ~sigmask)
-
-
-def _ns_id(status: dict[str, str], key: str, default: int) -> int:
-    """The innermost entry of an NS* line of /proc status (the id in the task's own PID
-    namespace, fs/proc/array.c: task_state())."""
-    ids = status.get(key, "").split()
-    return int(ids[-1]) if ids else default
-
-
-def _pgid_sid(pid: int) -> tuple[int, int]:
-    """The target's process group and session, as its own PID namespace numbers them."""
-    status = read_status(f"/proc/{pid}/status")
-    return _ns_id(status, "NSpgid", 0), _ns_id(status, "NSsid", 0)
-
-
 # --- step 2: registers and injection ------------------------------------------------------------
 
 
-def _eintr_fixup(regs: bytes, pending: bool) -> bytes | None:
-    """For a thread resuming from its interrupt stop: the registers to set, or None (the kernel's
-    own restart logic suffices for -ERESTART* codes)."""
-    arch = _arch()
-    if arch.syscall_nr(regs) is None or -arch.syscall_result(regs) != errno.EINTR:
-        return None
-    fixed = arch.resume_regs(regs, pending)
-    return fixed if arch.pc(fixed) != arch.pc(regs) else None
-
-
-def _syscall_address(pid: int, regs: bytes) -> int:
-    """Where a syscall instruction is in the target: just before the pc inside a syscall, else
-    the vDSO, else any executable mapping."""
+def _syscall_at_pc(pid: int, regs: bytes) -> int | None:
+    """Inside the freeze: the syscall instruction just before the pc of a thread that sits in a
+    syscall, or None."""
     arch = _arch()
     insn = arch.syscall_insn
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    at = arch.pc(regs) - len(insn)
+    if arch.syscall_nr(regs) is None or at < 0:
+        return None
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        at = arch.pc(regs) - len(insn)
-        if arch.syscall_nr(regs) is not None and at >= 0:
-            with contextlib.suppress(OSError):
-                if os.pread(fd, len(insn), at) == insn:
-                    return at
-        maps = read_maps(pid)
-        ordered = [m for m in maps if m.name == "[vdso]"] + [
-            m for m in maps if "x" in m.perms and m.name not in ("[vdso]", "[vsyscall]")
-        ]
-        for start, end, perms, *_ in ordered:
-            if "x" not in perms:
-                continue
-            with contextlib.suppress(OSError):
-                chunk = os.pread(fd, min(end - start, 1 << 20), start)
-                i = chunk.find(insn)
-                if i >= 0:
-                    return start + i
+        with contextlib.suppress(OSError):
+            if os.pread(fd, len(insn), at) == insn:
+                return at
     finally:
         os.close(fd)
-    raise CloneError(f"process {pid}: no syscall instruction found in its executable mappings")
+    return None
+
+
+def _syscall_fallback(pid: int) -> int | None:
+    """Before the freeze: a syscall instruction in the vDSO, else in any executable mapping, for
+    an injecting thread that does not sit in a syscall."""
+    insn = _arch().syscall_insn
+    maps = read_maps(pid)
+    ordered = [m for m in maps if m.name == "[vdso]"] + [
+        m for m in maps if "x" in m.perms and m.name not in ("[vdso]", "[vsyscall]")
+    ]
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for m in ordered:
+            if "x" not in m.perms:
+                continue
+            with contextlib.suppress(OSError):
+                chunk = os.pread(fd, min(m.end - m.start, 1 << 20), m.start)
+                i = chunk.find(insn)
+                if i >= 0:
+                    return m.start + i
+    finally:
+        os.close(fd)
+    return None
 
 
 def _run_syscall(tid: int, regs: bytes, *, expect_clone: bool = False) -> tuple[int, int]:
@@ -669,7 +598,8 @@ def _syscall_regs(base: bytes, ip: int, nr: int, *args: int) -> bytes:
 def _inject_clone(
     tid: int, saved: bytes, restore: bytes, sigmask: int, syscall_ip: int, suspend: Opt
 ) -> int:
-    """Steps 2-3: fork the target from stopped thread *tid*; the clone is left stopped, traced.
+    """Steps 2-3: fork the target from stopped thread *tid*; the clone is left traced, on its
+    way to its first stop (:func:`_adopt_clone` waits for it once the target runs again).
 
     EXITKILL is on the target's thread only from before the clone exists until its registers
     are its own again, so that the child inherits it at birth (kernel/ptrace.c:
@@ -697,11 +627,16 @@ def _inject_clone(
         raise CloneError(
             f"thread {tid}: injected clone failed: {os.strerror(-ret) if ret < 0 else ret}"
         )
+    return child
+
+
+def _adopt_clone(child: int, suspend: Opt) -> None:
+    """After the freeze: the clone's first stop (a traced child stops before its first user
+    instruction, kernel/ptrace.c: ``ptrace_init_task()``), then its own options."""
     _, status = ptrace.wait(child)
     if not os.WIFSTOPPED(status):
         raise CloneError(f"clone {child}: did not start stopped (status {status:#x})")
     ptrace.set_options(child, Opt.TRACESYSGOOD | Opt.EXITKILL | suspend)
-    return child
 
 
 #: include/linux/errno.h (the same on every architecture): what an interrupted pause() returns
@@ -852,7 +787,7 @@ def _reap_in_target(plan: ReapPlan) -> None:
     if _proc_state(clone_pid) == "" or _ppid(clone_pid) != pid:
         return  # already reaped (the target waits with __WALL), or not ours
     if not tid or not Path(f"/proc/{pid}/task/{tid}").exists():
-        tids = _list_tids(pid)
+        tids = task_ids(pid)
         if not tids:
             return
         tid = tids[0]
@@ -863,7 +798,9 @@ def _reap_in_target(plan: ReapPlan) -> None:
             return
         saved = ptrace.get_regs(tid)
         mask = ptrace.get_sigmask(tid)
-        ip = plan.syscall_ip or _syscall_address(pid, saved)
+        ip = plan.syscall_ip or _syscall_at_pc(pid, saved) or _syscall_fallback(pid)
+        if ip is None:
+            raise CloneError(f"process {pid}: no syscall instruction to reap clone {clone_pid}")
         restore = _arch().resume_regs(saved, False)
         ptrace.set_options(tid, Opt.TRACESYSGOOD | plan.suspend)
         ptrace.set_sigmask(tid, _ALL_SIGNALS)
