@@ -158,7 +158,8 @@ def seccomp_abort(pid: int) -> None:
         mask = ptrace.get_sigmask(tid)
         regs = x86_64.unpack_regs(saved)
         assert regs["orig_rax"] < 1 << 63, "the init's main thread is not blocked in a syscall"
-        ip = inject._syscall_address(pid, saved)
+        ip = inject._syscall_at_pc(pid, saved)
+        assert ip is not None, "no syscall instruction before the main thread's pc"
         scratch = (regs["rsp"] - _SCRATCH_BELOW_SP) & ~15
         blob = _FPROG.pack(1, scratch + _FPROG.size) + _FILTER.pack(
             _BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS
