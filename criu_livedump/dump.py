@@ -63,6 +63,8 @@ class DumpReport:
     no_core_reason: str | None = None
     frozen_us: int = 0
     freezing_us: int = 0
+    #: the freeze in its steps, where the method times them (clone: stop, save, fork, resume)
+    freeze_steps_us: dict[str, int] = field(default_factory=dict)
     dump_seconds: float = 0.0
     convert_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -89,6 +91,7 @@ class DumpReport:
             "no_core_reason": self.no_core_reason,
             "frozen_time_us": self.frozen_us,
             "freezing_time_us": self.freezing_us,
+            "freeze_steps_us": dict(self.freeze_steps_us),
             "dump_seconds": round(self.dump_seconds, 6),
             "convert_seconds": round(self.convert_seconds, 6),
             "total_seconds": round(self.total_seconds, 6),
@@ -380,6 +383,7 @@ def _snapshot(
     report.dump_seconds = result.seconds
     report.resumed_by_us = result.resumed_by_us
     report.frozen_us, report.freezing_us = done.frozen_us, done.freezing_us
+    report.freeze_steps_us = dict(done.freeze_steps_us)
     return result, done
 
 

@@ -64,8 +64,12 @@ class Inflight:
 
 
 @pytest.fixture
-def inflight(programs: dict[str, Path]) -> Iterator[Inflight]:
-    proc = subprocess.Popen([programs["inflight"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+def inflight(programs: dict[str, Path], request: pytest.FixtureRequest) -> Iterator[Inflight]:
+    """The running program: one thread in each call, or as many as the parameter says."""
+    copies = str(getattr(request, "param", 1))
+    proc = subprocess.Popen(
+        [programs["inflight"], copies], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().split()
@@ -94,6 +98,8 @@ def dump_repeatedly(target: Inflight, method: str, tmp_path: Path) -> None:
         assert state not in ("T", "t"), state
 
 
+#: 167 threads in each call: 1003 threads, as a server's pools have (issue 12)
+@pytest.mark.parametrize("inflight", [1, 167], indirect=True, ids=["7-threads", "1003-threads"])
 def test_clone_method_leaves_every_call_alone(inflight: Inflight, tmp_path: Path) -> None:
     dump_repeatedly(inflight, "clone", tmp_path)
     status, results = inflight.finish()

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -58,11 +59,14 @@ class Snapshotted:
     :param frozen_us: how long the target was frozen, in microseconds.
     :param freezing_us: how long freezing it took, where the method measures that apart.
     :param sidecar: facts for ``livedump.json`` that only this method knows.
+    :param freeze_steps_us: the freeze split into its steps (``stop``, ``save``, ``fork``,
+        ``resume`` for the clone), in microseconds, where the method times them.
     """
 
     frozen_us: int
     freezing_us: int = 0
     sidecar: Sidecar = field(default_factory=Sidecar)
+    freeze_steps_us: Mapping[str, int] = field(default_factory=dict)
 
 
 class Snapshot(ABC):

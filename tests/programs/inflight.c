@@ -1,17 +1,19 @@
 /* Test target for in-flight syscalls: one thread blocked in each call a live dump must not
  * disturb, and a report of every spurious EINTR, short sleep or early wake-up.
  *
- * usage: inflight
+ * usage: inflight [COPIES]
  *
- * Threads block in
+ * COPIES threads (default 1) block in each of
  *   read       read() of 8 bytes on a pipe (the main thread writes them on "go");
  *   nanosleep  nanosleep() of 1 s, again and again until "go"; each must last the full second
  *              (CLOCK_MONOTONIC), an early return is a "short sleep";
  *   epoll_wait epoll_wait() with an infinite timeout on an eventfd;
  *   poll       poll() with an infinite timeout on a second pipe;
  *   futex      FUTEX_WAIT (no timeout) on a word that only "go" changes;
- *   accept     accept() on a listening TCP socket on 127.0.0.1 (the test connects on "go");
- * and the main thread itself in read() on stdin, a pipe the test writes "go\n" to.
+ *   accept     accept() on a listening TCP socket on 127.0.0.1 (the test connects on "go",
+ *              and the main thread COPIES - 1 more times);
+ * and the main thread itself in read() on stdin, a pipe the test writes "go\n" to. With 167
+ * copies the process has 1003 threads, as a server's pools have.
  *
  * A call that fails with EINTR is counted and retried, so that one interruption does not hide
  * the next. Prints "ready PORT" once every thread is blocked, and after "go", when every thread
@@ -176,11 +178,14 @@ static void on_sigchld(int sig)
 	sigchld++;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	void *(*bodies[])(void *) = { reader, sleeper, epoller, poller, futexer, acceptor };
-	enum { NTHREADS = sizeof(bodies) / sizeof(bodies[0]) };
-	pthread_t threads[NTHREADS];
+	enum { NBODIES = sizeof(bodies) / sizeof(bodies[0]) };
+	int copies = argc > 1 ? atoi(argv[1]) : 1, nthreads;
+	pthread_t *threads;
+	pthread_attr_t attr;
+	int *extra;
 	struct sockaddr_in addr = { .sin_family = AF_INET };
 	socklen_t alen = sizeof(addr);
 	struct epoll_event ev = { .events = EPOLLIN };
@@ -200,13 +205,24 @@ int main(void)
 		die("epoll");
 	lsock = socket(AF_INET, SOCK_STREAM, 0);
 	addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	if (lsock < 0 || bind(lsock, (struct sockaddr *)&addr, sizeof(addr)) || listen(lsock, 4) ||
-	    getsockname(lsock, (struct sockaddr *)&addr, &alen))
+	if (copies < 1 || copies > 1000) {
+		fprintf(stderr, "usage: inflight [COPIES (1-1000)]\n");
+		return 2;
+	}
+	nthreads = NBODIES * copies;
+	threads = calloc((size_t)nthreads, sizeof(*threads));
+	extra = calloc((size_t)copies, sizeof(*extra));
+	if (!threads || !extra)
+		die("calloc");
+	if (lsock < 0 || bind(lsock, (struct sockaddr *)&addr, sizeof(addr)) ||
+	    listen(lsock, copies + 4) || getsockname(lsock, (struct sockaddr *)&addr, &alen))
 		die("socket");
-	for (int i = 0; i < NTHREADS; i++)
-		if (pthread_create(&threads[i], NULL, bodies[i], NULL))
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, 256 << 10);
+	for (int i = 0; i < nthreads; i++)
+		if (pthread_create(&threads[i], &attr, bodies[i % NBODIES], NULL))
 			die("pthread_create");
-	while (blocked < NTHREADS)
+	while (blocked < nthreads)
 		usleep(1000);
 	usleep(100000); /* from "blocked++" into the call itself */
 	printf("ready %d\n", ntohs(addr.sin_port));
@@ -223,12 +239,19 @@ int main(void)
 	if (n <= 0 || strncmp(line, "go\n", 3) != 0)
 		note(STDIN, "read %d bytes instead of go", (int)n);
 	go = 1;
-	if (write(data_pipe[1], "12345678", 8) != 8 || write(poll_pipe[1], "x", 1) != 1 ||
-	    eventfd_write(efd, 1))
+	for (int i = 0; i < copies; i++)
+		if (write(data_pipe[1], "12345678", 8) != 8)
+			die("wake");
+	if (write(poll_pipe[1], "x", 1) != 1 || eventfd_write(efd, 1))
 		die("wake");
 	__atomic_store_n(&futex_word, 1, __ATOMIC_SEQ_CST);
-	syscall(SYS_futex, &futex_word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
-	for (int i = 0; i < NTHREADS; i++)
+	syscall(SYS_futex, &futex_word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+	for (int i = 1; i < copies; i++) {
+		extra[i] = socket(AF_INET, SOCK_STREAM, 0);
+		if (extra[i] < 0 || connect(extra[i], (struct sockaddr *)&addr, sizeof(addr)))
+			die("connect");
+	}
+	for (int i = 0; i < nthreads; i++)
 		pthread_join(threads[i], NULL);
 
 	for (int c = 0; c < NCALLS; c++) {

@@ -4,6 +4,7 @@ rewritten to describe the target (:mod:`~criu_livedump.snapshot.clone.images`)."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 
 from converters.sidecar import DontFork, Sidecar
@@ -16,6 +17,8 @@ from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted
 from criu_livedump.snapshot.clone import images, inject
 from criu_livedump.snapshot.criu import Criu, DumpResult
 from criu_livedump.target import BlockerKind, TargetFacts
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HANDLES", "CloneSnapshot", "clone_facts"]
 
@@ -95,7 +98,17 @@ class CloneSnapshot(Snapshot):
         copied = frozenset((a.start, a.end) for a in clone.fork_lost)
         sidecar = clone_facts(clone.smaps, copied=copied, sysv_keys=sysv_keys)
         clone.kill()
-        return Snapshotted(frozen_us=round(clone.freeze_seconds * 1_000_000), sidecar=sidecar)
+        steps = clone.freeze_steps
+        log.info(
+            "process %d: frozen %.1f ms: stop %.1f, save %.1f, fork %.1f, resume %.1f ms (%s)",
+            clone.pid, steps.total * 1e3, steps.stop * 1e3, steps.save * 1e3, steps.fork * 1e3,
+            steps.resume * 1e3, "tracer under SCHED_FIFO" if steps.realtime else "no SCHED_FIFO",
+        )  # fmt: skip
+        return Snapshotted(
+            frozen_us=round(steps.total * 1_000_000),
+            sidecar=sidecar,
+            freeze_steps_us=steps.microseconds(),
+        )
 
     def close(self) -> None:
         if self._clone is not None:
