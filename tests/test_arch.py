@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import errno
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,7 @@ def _get(raw: bytes, name: str) -> int:
         (x86_64.ERESTARTSYS, 0, 0, 2),
         (x86_64.ERESTARTNOHAND, 0, 0, 2),
         (x86_64.ERESTARTNOINTR, 0, 0, 2),
-        (x86_64.ERESTART_RESTARTBLOCK, x86_64.SYS.restart_syscall, -errno.EINTR, 0),
+        (x86_64.ERESTART_RESTARTBLOCK, x86_64.SYS.restart_syscall, x86_64.SYS.restart_syscall, 2),
     ],
 )
 def test_restart_conventions(code: int, resume_rax: int, criu_rax: int, criu_back: int) -> None:
@@ -125,6 +126,28 @@ def test_restart_conventions(code: int, resume_rax: int, criu_rax: int, criu_bac
     saved = x86_64.criu_regs(regs)
     assert _get(saved, "rip") == 0x1002 - criu_back
     assert _get(saved, "rax") == (criu_rax or 35) & U64
+
+
+@pytest.mark.parametrize(
+    ("orig", "code"),
+    [
+        (35, x86_64.ERESTARTSYS),  # read, futex, accept...
+        (35, x86_64.ERESTART_RESTARTBLOCK),  # nanosleep
+        (x86_64.SYS.restart_syscall, x86_64.ERESTART_RESTARTBLOCK),  # nanosleep interrupted again
+    ],
+)
+def test_restart_codes_survive_the_images(orig: int, code: int) -> None:
+    """What the clone's images hold (criu_regs) the converter (core_gregs) turns back into the
+    registers the kernel's core shows: the pc after the syscall, rax the -ERESTART code."""
+    raw = _regs(orig_rax=orig, rax=-code & U64, rip=0x1002)
+    saved = x86_64.unpack_regs(x86_64.criu_regs(raw))
+    gp = types.SimpleNamespace(**{x86_64.CRIU_REG_NAMES.get(k, k): v for k, v in saved.items()})
+    core = types.SimpleNamespace(thread_info=types.SimpleNamespace(gpregs=gp))
+
+    def read(addr: int, size: int) -> bytes:
+        return x86_64.SYSCALL_INSN if (addr, size) == (0x1000, 2) else bytes(size)
+
+    assert x86_64.core_gregs(core, read) == raw
 
 
 def test_epoll_eintr_restarted_only_without_timeout_or_pending_signal() -> None:

@@ -23,6 +23,7 @@ from harness.compare import (
     compare_cores,
     compare_syscall_regs,
     note_layout_diffs,
+    register_diffs,
     restart_diffs,
     vvar_ranges,
 )
@@ -372,6 +373,27 @@ def test_restart_diffs_tolerate_only_the_restart_trap(kcore: KernelCore, tmp_pat
         with CoreView(nr) as ours:
             assert restart_diffs(ours, k) == [
                 f"thread {t.pid}: orig_rax ours 0x1234 kernel {t.regs['orig_rax']:#x}"
+            ]
+
+
+@pytest.mark.live
+@pytest.mark.kernel
+def test_register_diffs_see_volatile_registers(kcore: KernelCore, tmp_path: Path) -> None:
+    """What compare_cores leaves alone (a syscall argument register) register_diffs reports;
+    the restart trap it tolerates as restart_diffs does."""
+    with CoreView(kcore.path) as k:
+        assert register_diffs(k, k) == []
+        t = next(t for t in k.threads if t.regs["rax"] in X86_64.erestart)
+        copy = _edit(
+            kcore.path,
+            tmp_path / "copy",
+            _reg_edit(k, t.pid, "r10", t.regs["r10"] ^ 0x40),
+            _reg_edit(k, t.pid, "rax", t.regs["orig_rax"]),
+        )
+        with CoreView(copy) as ours:
+            assert compare_cores(ours, k, maps=kcore.maps, rseq=kcore.rseq) == []
+            assert register_diffs(ours, k) == [
+                f"thread {t.pid}: r10 ours {t.regs['r10'] ^ 0x40:#x} kernel {t.regs['r10']:#x}"
             ]
 
 

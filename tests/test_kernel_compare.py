@@ -24,7 +24,7 @@ from harness.cases import (
     MountNamespace,
     run_case,
 )
-from harness.compare import compare_with, note_layout_diffs, restart_diffs
+from harness.compare import compare_with, note_layout_diffs, register_diffs, restart_diffs
 from harness.corefile import CoreView
 from harness.criu import criu_release
 from harness.gdb import gdb_backtraces, gdb_warnings
@@ -46,6 +46,9 @@ CASES = (
     KernelCase("mappings-livedump-clone", *MAPPINGS, dumper=CLONE),
     KernelCase("mappings-0x3f-livedump-clone", *MAPPINGS, coredump_filter=0x3F, dumper=CLONE),
     KernelCase("threads-livedump-clone", "threads", ("12",), dumper=CLONE),
+    # a server's thread pools (issue 12): 512 threads in futex, read, nanosleep, epoll_wait
+    # and accept, every register of every thread as the kernel's core has it
+    KernelCase("pool-512-livedump-clone", "pool", ("512",), dumper=CLONE, every_register=True),
     # the mapped data file replaced on disk after the start: the converter alone reads CRIU's
     # copy (a ghost-file image); `dump` reads /proc/PID/map_files
     KernelCase("mappings-replaced-0x33", *MAPPINGS, replace_data=True),
@@ -143,6 +146,14 @@ def test_syscall_registers_differ_only_by_restart(views: tuple[CoreView, CoreVie
     """rax may differ only as the known trap: CRIU saves rax = orig_rax for a thread stopped in
     a restartable syscall, the kernel's core holds -ERESTART* there."""
     assert restart_diffs(*views) == []
+
+
+def test_every_register_equal(run: CaseRun, views: tuple[CoreView, CoreView]) -> None:
+    if not run.case.every_register:
+        pytest.skip("not every thread of this program sits in a syscall")
+    ours, kernel = views
+    assert len(kernel.threads) > 1
+    assert register_diffs(ours, kernel) == []
 
 
 def test_gdb_backtraces_equal(run: CaseRun) -> None:

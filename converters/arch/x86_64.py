@@ -135,7 +135,10 @@ def core_gregs(core: Any, read: ReadMemory) -> bytes:
     in_syscall = orig >= 0 and rax in (regs["orig_rax"], SYS.restart_syscall)
     if in_syscall and read(regs["rip"], 2) == SYSCALL_INSN:
         regs["rip"] += 2
-        if rax == SYS.restart_syscall and orig != SYS.restart_syscall:
+        if rax == SYS.restart_syscall:
+            # what arch_do_signal_or_restart() resumes -ERESTART_RESTARTBLOCK with; a thread
+            # already in restart_syscall gets it again (each restart_block fn returns it when
+            # interrupted: hrtimer_nanosleep_restart(), futex_wait_restart(), do_restart_poll())
             err = ERESTART_RESTARTBLOCK
         elif orig in _RESTARTNOHAND:
             err = ERESTARTNOHAND
@@ -224,10 +227,13 @@ def resume_regs(raw: bytes, signal_pending: bool = False) -> bytes:
 
 
 def criu_regs(raw: bytes) -> bytes:
-    """The registers CRIU would have saved for a thread stopped with *raw*.
+    """The registers CRIU's images hold for a thread stopped with *raw*.
 
     compel/arch/x86/src/lib/infect.c: ``compel_get_task_regs()`` rewinds a restartable syscall
-    (rip - 2, rax = orig_rax) and turns -ERESTART_RESTARTBLOCK into -EINTR.
+    (rip - 2, rax = orig_rax). It turns -ERESTART_RESTARTBLOCK into -EINTR, which
+    :func:`core_gregs` could not tell from a real EINTR; the clone snapshot's images get the
+    kernel's own resumption instead (arch_do_signal_or_restart(): rip - 2, rax =
+    __NR_restart_syscall), which :func:`core_gregs` turns back into -ERESTART_RESTARTBLOCK.
     """
     regs = unpack_regs(raw)
     if _signed(regs["orig_rax"]) < 0:
@@ -235,7 +241,8 @@ def criu_regs(raw: bytes) -> bytes:
     out = dict(regs)
     err = -_signed(regs["rax"])
     if not _rewind_restartable(regs, out, err) and err == ERESTART_RESTARTBLOCK:
-        out["rax"] = -errno.EINTR & _U64
+        out["rax"] = SYS.restart_syscall
+        out["rip"] = regs["rip"] - 2
     return pack_regs(out)
 
 

@@ -147,6 +147,9 @@ class KernelCase:
     #: default-size huge pages reserved for the whole case (skipped if the kernel has not them)
     hugepages: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
+    #: every thread blocked in a syscall: every general register compared, volatile ones too
+    #: (:func:`harness.compare.register_diffs`)
+    every_register: bool = False
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,22 @@ def restart_diffs(ours: CoreView, kernel: CoreView) -> list[str]:
     return bad
 
 
+def register_diffs(ours: CoreView, kernel: CoreView) -> list[str]:
+    """Every general register of every thread (by TID) compared, volatile ones included: for
+    a target whose threads all sit blocked in syscalls nothing may differ but the syscall
+    return register, and that only as :func:`restart_diffs` tolerates."""
+    m = kernel.machine
+    bad = restart_diffs(ours, kernel)
+    for k in kernel.threads:
+        o = ours.thread(k.pid)
+        if o is None:
+            continue
+        for reg in m.user_regs:
+            if reg != m.syscall_return_reg and o.regs[reg] != k.regs[reg]:
+                bad.append(f"thread {k.pid}: {reg} ours {o.regs[reg]:#x} kernel {k.regs[reg]:#x}")
+    return bad
+
+
 #: the notes the kernel writes first, for the dumping thread and the process
 #: (fs/binfmt_elf.c:fill_note_info(), write_note_info())
 KERNEL_FIRST_NOTES = (NT.PRSTATUS, NT.PRPSINFO, NT.SIGINFO, NT.AUXV, NT.FILE)
