@@ -10,8 +10,12 @@ neighbours on a shared machine rather than absolute truths:
   usable yet, CRIU driven directly plus ``criu-livedump convert``, and the results say so);
 - ``clone``: ``criu-livedump dump PID --method clone``, when it exists.
 
+Then the same peers on workloads shaped like servers (``--shapes``; issue 12): 10, 100 and 1000
+threads, and 30,000 mappings, each of 64 MiB, with fork() of the same process as the floor.
+
 The freeze is what the target saw (its heartbeat's longest gap in a window around the dump) and,
-for CRIU, its own ``frozen_time`` from ``stats-dump``. Then the conversion alone: ``criu-livedump
+for CRIU, its own ``frozen_time`` from ``stats-dump``; for clone the tool's own figure, split into
+its steps (stop, save, fork, resume). Then the conversion alone: ``criu-livedump
 convert`` on the dump's images against ``cp --sparse=always`` of the pages images, its peak RSS,
 the core's apparent and allocated size; and CRIU's own ``coredump`` tool on a 16 MiB process.
 
@@ -39,7 +43,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +62,10 @@ FULL_SIZES = (256, 1024, 4096)
 QUICK_SIZES = (64, 256)
 #: the all-MADV_DONTFORK workload (V8's heap is MADV_DONTFORK; a clone must copy it frozen)
 DONTFORK_MIB = 256
+#: the size of the workloads shaped like servers (--shapes)
+SHAPE_MIB = 64
+#: threads of the workload without idle ones: main, heartbeat, 4 busy
+BASE_THREADS = 6
 #: CRIU's coredump tool is quadratic in the number of pages: one small process only.
 COREDUMP_TOOL_MIB = 16
 COREDUMP_TOOL_TIMEOUT = 300.0
@@ -70,6 +78,13 @@ CLONE_FREEZE_TARGET_MIB = 4096
 CONVERT_SPEEDUP_TARGET = 100.0
 CONVERT_SPEEDUP_MIB = 1024
 CONVERT_RSS_TARGET_MIB = 100.0
+#: issue 12: the clone's freeze of 1000 threads, and against gcore's, and of 30,000 mappings
+#: against fork() alone
+THREADS_TARGET = 1000
+THREADS_FREEZE_TARGET_MS = 30.0
+THREADS_GCORE_RATIO_TARGET = 15.0
+MAPS_TARGET = 30_000
+MAPS_OVER_FORK_TARGET_MS = 10.0
 BUDGET_FULL_S = 15 * 60
 BUDGET_QUICK_S = 3 * 60
 
@@ -242,13 +257,59 @@ def build_workload(out_dir: Path) -> Path:
     return exe
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a workload holds beside its memory: its threads (:data:`BASE_THREADS` at least; the
+    others idle in futex, read, epoll_wait and nanosleep), more one-page mappings, its memory
+    MADV_DONTFORK."""
+
+    threads: int = BASE_THREADS
+    maps: int = 0
+    dontfork: bool = False
+
+    def argv(self) -> list[str]:
+        out = ["dontfork"] if self.dontfork else []
+        if self.threads > BASE_THREADS:
+            out.append(f"threads={self.threads - BASE_THREADS}")
+        if self.maps:
+            out.append(f"maps={self.maps}")
+        return out
+
+    def label(self) -> str:
+        parts = [f"{self.threads} threads"] if self.threads > BASE_THREADS else []
+        parts += [f"{self.maps:,} mappings"] if self.maps else []
+        parts += ["MADV_DONTFORK"] if self.dontfork else []
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threads": self.threads, "maps": self.maps, "dontfork": self.dontfork}
+
+    @classmethod
+    def parse(cls, word: str) -> Shape:
+        """``threads=N`` or ``maps=N``.
+
+        :raises ValueError: anything else.
+        """
+        key, _, value = word.partition("=")
+        n = int(value)
+        if key == "threads" and n >= BASE_THREADS:
+            return cls(threads=n)
+        if key == "maps" and n > 0:
+            return cls(maps=n)
+        raise ValueError(word)
+
+
+#: the server-shaped workloads of issue 12
+SHAPES = (Shape(threads=10), Shape(threads=100), Shape(threads=1000), Shape(maps=30_000))
+
+
 class Workload:
     """A running ``workload MIB``, spoken to over its stdin/stdout line protocol."""
 
-    def __init__(self, exe: Path, mib: int, *, dontfork: bool = False) -> None:
+    def __init__(self, exe: Path, mib: int, *, shape: Shape = Shape()) -> None:
         self.mib = mib
         self.proc = subprocess.Popen(
-            [str(exe), str(mib), *(["dontfork"] if dontfork else [])],
+            [str(exe), str(mib), *shape.argv()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -326,8 +387,8 @@ class Workload:
 
 
 @contextmanager
-def workload(exe: Path, mib: int, *, dontfork: bool = False) -> Iterator[Workload]:
-    w = Workload(exe, mib, dontfork=dontfork)
+def workload(exe: Path, mib: int, *, shape: Shape = Shape()) -> Iterator[Workload]:
+    w = Workload(exe, mib, shape=shape)
     try:
         yield w
     finally:
@@ -356,6 +417,8 @@ class DumpRun:
     dump_s: float | None = None  #: the snapshot alone (CRIU), when known
     convert_s: float | None = None  #: the conversion alone, when known
     images: Path | None = None  #: the images kept for the conversion benchmark
+    #: the tool's freeze in its steps (clone: stop, save, fork, resume), in ms
+    steps_ms: dict[str, float] = field(default_factory=dict)
 
 
 class Peer:
@@ -486,6 +549,7 @@ class CliPeer(Peer):
                 dump_s=_report_s(report, "dump_seconds"),
                 convert_s=_report_s(report, "convert_seconds"),
                 images=images,
+                steps_ms=_report_steps(report),
             )
         finally:
             core.unlink(missing_ok=True)
@@ -497,6 +561,14 @@ def _report_ms(report: Any) -> float | None:
     """The freeze the CLI's report gives (``frozen_time_us``: CRIU's frozen_time), in ms."""
     value = find_key(report, "frozen_time_us")
     return float(value) / 1000.0 if isinstance(value, int | float) and value > 0 else None
+
+
+def _report_steps(report: Any) -> dict[str, float]:
+    """The freeze's steps the CLI's report gives (``freeze_steps_us``), in ms."""
+    steps = find_key(report, "freeze_steps_us")
+    if not isinstance(steps, dict):
+        return {}
+    return {k: float(v) / 1000.0 for k, v in steps.items() if isinstance(v, int | float)}
 
 
 def _report_s(report: Any, *names: str) -> float | None:
@@ -541,6 +613,8 @@ class Config:
     plot: bool
     #: size of the all-MADV_DONTFORK workload (0: not measured)
     dontfork_mib: int = 0
+    #: the server-shaped workloads, each of :data:`SHAPE_MIB` MiB
+    shapes: tuple[Shape, ...] = ()
 
 
 def measure_peer(
@@ -589,6 +663,11 @@ def measure_peer(
         "core_apparent": done[-1].core_apparent,
         "core_allocated": done[-1].core_allocated,
     }
+    steps = sorted({k for r in done for k in r.steps_ms}, key=list(done[-1].steps_ms).index)
+    if steps:
+        result["steps_ms"] = {
+            k: stat([r.steps_ms[k] for r in done if k in r.steps_ms]) for k in steps
+        }
     return result, images
 
 
@@ -723,6 +802,7 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
         "quick": cfg.quick,
         "config": {
             "sizes_mib": list(cfg.sizes),
+            "shapes": [sh.as_dict() for sh in cfg.shapes],
             "runs": cfg.runs,
             "gcore": cfg.gcore,
             "slow_peer_s": SLOW_PEER_SECONDS,
@@ -761,9 +841,14 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
         for mib in cfg.sizes:
             results["sizes"].append(measure_size(exe, mib, peers, scratch, cfg, deadline, say))
         if cfg.dontfork_mib:
+            dontfork = Shape(dontfork=True)
             results["dontfork"] = measure_size(
-                exe, cfg.dontfork_mib, peers, scratch, cfg, deadline, say, dontfork=True
+                exe, cfg.dontfork_mib, peers, scratch, cfg, deadline, say, shape=dontfork
             )
+        results["shapes"] = [
+            measure_size(exe, SHAPE_MIB, peers, scratch, cfg, deadline, say, shape=shape)
+            for shape in cfg.shapes
+        ]
         if cfg.coredump_tool:
             say(f"CRIU coredump tool on {COREDUMP_TOOL_MIB} MiB")
             results["criu_coredump"] = measure_coredump_tool(exe, scratch, say)
@@ -784,14 +869,21 @@ def measure_size(
     deadline: float,
     say: Progress,
     *,
-    dontfork: bool = False,
+    shape: Shape = Shape(),
 ) -> dict[str, Any]:
     """Every peer on one workload of *mib* MiB, then the conversion of the criu peer's images.
 
-    With *dontfork* the workload's memory is MADV_DONTFORK (the clone copies it while the
-    target is frozen) and no conversion is measured.
+    A *shape* other than the plain one (more threads or mappings, or the memory MADV_DONTFORK,
+    which the clone copies while the target is frozen) is measured without the conversion.
     """
-    entry: dict[str, Any] = {"mib": mib, "freeze": {}, "dontfork": dontfork}
+    plain = shape == Shape()
+    dontfork = shape.dontfork
+    entry: dict[str, Any] = {
+        "mib": mib,
+        "freeze": {},
+        "dontfork": dontfork,
+        "shape": shape.as_dict(),
+    }
     # At the peak the workload, its images and a core (or a copy of the pages) coexist on
     # tmpfs; plus a margin for the other tenants of the machine.
     need = (3 * mib + 1024) * MIB
@@ -801,19 +893,19 @@ def measure_size(
         )
         say(f"{mib} MiB: skipped ({entry['skipped']})")
         return entry
-    label = f"{mib} MiB{' MADV_DONTFORK' if dontfork else ''}"
+    label = f"{mib} MiB" + ("" if plain else f", {shape.label()}")
     say(f"{label}: starting the workload")
-    size_dir = scratch / f"size-{mib}{'-dontfork' if dontfork else ''}"
+    size_dir = scratch / f"size-{mib}-{'-'.join(shape.argv()) or 'plain'}"
     size_dir.mkdir()
     try:
-        with workload(exe, mib, dontfork=dontfork) as w:
+        with workload(exe, mib, shape=shape) as w:
             entry["baseline_gap_ms"] = baseline_gap_ms(w)
             # fork() is the floor of any copy-on-write snapshot: the kernel copies the page
             # tables (dup_mmap()) while the target waits.
             entry["fork_ms"] = stat([w.fork_ms() for _ in range(cfg.runs)])
             images = None
             for peer in peers:
-                keep = peer.name == "criu" and not dontfork
+                keep = peer.name == "criu" and plain
                 try:
                     figures, kept = measure_peer(peer, w, size_dir, cfg.runs, keep, deadline, say)
                 except BenchError as e:
@@ -911,6 +1003,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         worst = max(c["convert"]["peak_rss_mib"]["max"] for c in convs)
         add(name, worst < CONVERT_RSS_TARGET_MIB, f"max {worst:.0f} MiB over all sizes")
 
+    targets += _shape_targets(results)
     budget = BUDGET_QUICK_S if results["quick"] else BUDGET_FULL_S
     what = "--quick" if results["quick"] else "make bench"
     add(
@@ -919,6 +1012,57 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{results['elapsed_s']:.0f} s",
     )
     return targets
+
+
+def _shape(results: dict[str, Any], want: Shape) -> dict[str, Any] | None:
+    """The measured entry of shape *want*, if any."""
+    for s in results.get("shapes", []):
+        if "skipped" not in s and s.get("shape") == want.as_dict():
+            found: dict[str, Any] = s
+            return found
+    return None
+
+
+def _shape_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's targets: the clone's freeze (the heartbeat gap the target saw, medians) of
+    1000 threads and against gcore's, and of 30,000 mappings against fork() alone."""
+    out: list[dict[str, Any]] = []
+    name = (
+        f"{THREADS_TARGET} threads: clone freeze <= {THREADS_FREEZE_TARGET_MS:.0f} ms and "
+        f">= {THREADS_GCORE_RATIO_TARGET:.0f}x shorter than gcore's"
+    )
+    s = _shape(results, Shape(threads=THREADS_TARGET))
+    clone = (s or {}).get("freeze", {}).get("clone", {})
+    gcore = (s or {}).get("freeze", {}).get("gcore", {})
+    gap, gcore_gap = median(clone.get("gap_ms")), median(gcore.get("gap_ms"))
+    if s is None:
+        out.append({"target": name, "met": None, "detail": "not measured: no such shape"})
+    elif gap is None or gcore_gap is None:
+        why = clone.get("error") or gcore.get("error") or "a peer did not run"
+        out.append({"target": name, "met": False, "detail": f"not measured: {why}"})
+    else:
+        own = median(clone.get("frozen_ms"))
+        detail = (
+            f"clone gap {gap:.1f} ms (tool's own {_f(own)} ms), gcore gap {gcore_gap:.1f} ms: "
+            f"{gcore_gap / gap:.1f}x; no dump {_f(s.get('baseline_gap_ms'))} ms"
+        )
+        met = gap <= THREADS_FREEZE_TARGET_MS and gcore_gap / gap >= THREADS_GCORE_RATIO_TARGET
+        out.append({"target": name, "met": met, "detail": detail})
+    name = f"{MAPS_TARGET:,} mappings: clone freeze <= fork() + {MAPS_OVER_FORK_TARGET_MS:.0f} ms"
+    s = _shape(results, Shape(maps=MAPS_TARGET))
+    clone = (s or {}).get("freeze", {}).get("clone", {})
+    gap, fork = median(clone.get("gap_ms")), median((s or {}).get("fork_ms"))
+    if s is None:
+        out.append({"target": name, "met": None, "detail": "not measured: no such shape"})
+    elif gap is None or fork is None:
+        why = clone.get("error") or "clone did not run"
+        out.append({"target": name, "met": False, "detail": f"not measured: {why}"})
+    else:
+        own = median(clone.get("frozen_ms"))
+        detail = f"clone gap {gap:.1f} ms (tool's own {_f(own)} ms), fork() {fork:.1f} ms"
+        met = gap <= fork + MAPS_OVER_FORK_TARGET_MS
+        out.append({"target": name, "met": met, "detail": detail})
+    return out
 
 
 # --- output: JSON, PNG, Markdown ----------------------------------------------------------------
@@ -1038,6 +1182,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         _md_machine(results),
         _md_freeze(results, png_rel),
         _md_dontfork(results),
+        _md_shapes(results),
         _md_wall_time(results),
         _md_conversion(results),
         _md_targets_and_sizes(results),
@@ -1189,6 +1334,63 @@ def _md_dontfork(results: dict[str, Any]) -> list[str]:
             if "error" in p:
                 w(f"\n- {peer} failed: {p['error']}")
         w("")
+    return out
+
+
+def _steps_cell(p: dict[str, Any] | None) -> str:
+    """The clone's steps, medians in ms: ``stop / save / fork / resume``."""
+    steps = (p or {}).get("steps_ms") or {}
+    if not steps:
+        return "-"
+    return " / ".join(f"{median(v):.1f}" for v in steps.values())
+
+
+def _md_shapes(results: dict[str, Any]) -> list[str]:
+    """The server-shaped workloads (issue 12), when they ran."""
+    shapes = [s for s in results.get("shapes", []) if "skipped" not in s]
+    if not shapes:
+        return []
+    out: list[str] = []
+    w = out.append
+    w(f"### Shaped like servers: many threads, many mappings ({shapes[0]['mib']} MiB each)")
+    w("")
+    w(
+        "The workload with more threads (idle in futex, read, epoll_wait and nanosleep, as a "
+        "server's pools are) or more mappings (one page each). Every thread is stopped and "
+        "saved while the target is frozen, and fork() copies every mapping: `fork() alone` is "
+        "the same process forking itself. The clone's own figure is split into its steps "
+        "(`stop / save / fork / resume`, medians)."
+    )
+    w("")
+    w(
+        "| shape | no dump (noise) | fork() alone ms | gcore gap ms | criu gap ms "
+        "| criu frozen_time ms | clone gap ms | clone freeze (tool) ms "
+        "| clone stop / save / fork / resume ms | gcore / clone |"
+    )
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for s in shapes:
+        fr = s["freeze"]
+
+        def cell(peer: str, key: str, fr: dict[str, Any] = fr) -> str:
+            p = fr.get(peer)
+            if p is None:
+                return "n/a"
+            return "failed" if "error" in p else _mm(p.get(key))
+
+        sh = s["shape"]
+        label = f"{sh['maps']:,} mappings" if sh["maps"] else f"{sh['threads']} threads"
+        w(
+            f"| {label} | {_f(s.get('baseline_gap_ms'))} | {_mm(s.get('fork_ms'))} "
+            f"| {cell('gcore', 'gap_ms')} | {cell('criu', 'gap_ms')} "
+            f"| {cell('criu', 'frozen_ms')} | {cell('clone', 'gap_ms')} "
+            f"| {cell('clone', 'frozen_ms')} | {_steps_cell(fr.get('clone'))} "
+            f"| {_x(fr.get('clone', {}).get('gcore_over_this'))} |"
+        )
+    for s in shapes:
+        for peer, p in s["freeze"].items():
+            if "error" in p:
+                w(f"\n- {peer} with {s['shape']} failed: {p['error']}")
+    w("")
     return out
 
 
@@ -1365,7 +1567,12 @@ def publish(results: dict[str, Any], cfg: Config) -> Path:
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} MiB only")
-    p.add_argument("--sizes", help="comma-separated sizes in MiB (overrides --quick's)")
+    p.add_argument("--sizes", help="comma-separated sizes in MiB (overrides --quick's), or 'none'")
+    p.add_argument(
+        "--shapes",
+        help=f"comma-separated server-shaped {SHAPE_MIB} MiB workloads, threads=N or maps=N, or "
+        f"'none' (default: {','.join(_shape_word(sh) for sh in SHAPES)}; --quick: none)",
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per peer and size (default 3)")
     p.add_argument(
         "--dontfork-mib",
@@ -1385,13 +1592,24 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         help="regenerate BENCHMARKS.md from the latest full results (else the latest quick ones)",
     )
     a = p.parse_args(argv)
-    if a.sizes:
+    if a.sizes == "none":
+        sizes: tuple[int, ...] = ()
+    elif a.sizes:
         try:
             sizes = tuple(int(x) for x in a.sizes.split(","))
         except ValueError:
             p.error(f"--sizes {a.sizes}: not a comma-separated list of integers")
     else:
         sizes = QUICK_SIZES if a.quick else FULL_SIZES
+    if a.shapes == "none":
+        shapes: tuple[Shape, ...] = ()
+    elif a.shapes:
+        try:
+            shapes = tuple(Shape.parse(x) for x in a.shapes.split(","))
+        except ValueError:
+            p.error(f"--shapes {a.shapes}: not threads=N (N >= {BASE_THREADS}) or maps=N words")
+    else:
+        shapes = () if a.quick or a.sizes else SHAPES
     if a.runs < 1 or any(s < 1 for s in sizes):
         p.error("--runs and --sizes must be positive")
     if a.dontfork_mib is not None and a.dontfork_mib < 0:
@@ -1399,7 +1617,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     cfg = Config(
         sizes=sizes,
         runs=a.runs,
-        quick=a.quick or bool(a.sizes),
+        quick=a.quick or bool(a.sizes) or bool(a.shapes),
         gcore=not a.no_gcore,
         coredump_tool=not a.no_coredump_tool,
         scratch_parent=a.scratch,
@@ -1407,8 +1625,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         markdown=None if a.no_markdown else a.markdown,
         plot=not a.no_plot,
         dontfork_mib=DONTFORK_MIB if a.dontfork_mib is None else a.dontfork_mib,
+        shapes=shapes,
     )
     return cfg, a.report_only
+
+
+def _shape_word(shape: Shape) -> str:
+    return f"maps={shape.maps}" if shape.maps else f"threads={shape.threads}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

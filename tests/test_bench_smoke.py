@@ -175,12 +175,18 @@ def _verdicts(results: Any) -> dict[str, bool | None]:
 
 def test_targets_met() -> None:
     v = _verdicts(_results(clone_gap=20.0, tool_mb_s=0.5, ours_mb_s=400.0, rss=40.0))
-    assert v == {"clone": True, "convert": True, "conversion": True, "make": True}
+    assert v == {
+        "clone": True, "convert": True, "conversion": True, "make": True,
+        "1000": None, "30,000": None,  # no shaped workloads in these results
+    }  # fmt: skip
 
 
 def test_targets_missed() -> None:
     v = _verdicts(_results(clone_gap=80.0, tool_mb_s=0.5, ours_mb_s=40.0, rss=150.0))
-    assert v == {"clone": False, "convert": False, "conversion": False, "make": True}
+    assert v == {
+        "clone": False, "convert": False, "conversion": False, "make": True,
+        "1000": None, "30,000": None,
+    }  # fmt: skip
 
 
 def test_target_missed_when_clone_is_unavailable() -> None:
@@ -219,6 +225,60 @@ def test_markdown_lists_every_size_and_target() -> None:
     for needle in ("| 1024 MiB |", "| 4096 MiB |", "| 8192 MiB | skipped: needs 33 GiB", "r.png"):
         assert needle in text
     assert text.count("| met |") == 4
+
+
+def _shaped(shape: Any, fork: float, gaps: dict[str, float]) -> dict[str, Any]:
+    return {
+        "mib": 64,
+        "shape": shape.as_dict(),
+        "dontfork": False,
+        "baseline_gap_ms": 2.0,
+        "fork_ms": _stat(fork),
+        "freeze": {
+            peer: {
+                "gap_ms": _stat(gap),
+                "frozen_ms": _stat(gap - 1),
+                **({"steps_ms": {k: _stat(1.0) for k in ("stop", "save", "fork", "resume")}}
+                   if peer == "clone" else {}),
+            }
+            for peer, gap in gaps.items()
+        },
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("clone_1000", "gcore_1000", "clone_maps", "verdicts"),
+    [
+        (20.0, 600.0, 55.0, (True, True)),  # 30x gcore; 5 ms over fork()
+        (35.0, 600.0, 55.0, (False, True)),  # over 30 ms
+        (25.0, 300.0, 55.0, (False, True)),  # only 12x gcore
+        (20.0, 600.0, 65.0, (True, False)),  # 15 ms over fork()
+    ],
+)
+def test_shape_targets(
+    clone_1000: float, gcore_1000: float, clone_maps: float, verdicts: tuple[bool, bool]
+) -> None:
+    results = _results(20.0, 0.5, 400.0, 40.0)
+    results["shapes"] = [
+        _shaped(bench.Shape(threads=10), 5.0, {"gcore": 300.0, "clone": 6.0}),
+        _shaped(bench.Shape(threads=1000), 5.0, {"gcore": gcore_1000, "clone": clone_1000}),
+        _shaped(bench.Shape(maps=30_000), 50.0, {"gcore": 2000.0, "clone": clone_maps}),
+    ]
+    v = _verdicts(results)
+    assert (v["1000"], v["30,000"]) == verdicts
+    text = "\n".join(bench._md_shapes(results))
+    for needle in ("| 10 threads |", "| 1000 threads |", "| 30,000 mappings |", "1.0 / 1.0"):
+        assert needle in text
+
+
+def test_shapes_argv_and_words() -> None:
+    shape = bench.Shape.parse("threads=1000")
+    assert shape.argv() == [f"threads={1000 - bench.BASE_THREADS}"]
+    assert bench.Shape.parse("maps=30000").argv() == ["maps=30000"]
+    assert bench.Shape().argv() == []
+    for bad in ("threads=2", "maps=0", "mappings=3", "threads=x"):
+        with pytest.raises(ValueError, match=r"."):
+            bench.Shape.parse(bad)
 
 
 def test_stat_median_min_max() -> None:
