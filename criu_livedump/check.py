@@ -1,7 +1,8 @@
 """``criu-livedump check``: can this host take live dumps, and how.
 
 :func:`run_check` gathers one :class:`Item` per fact (CRIU binary, ``criu check``, dirty
-tracking, privileges, core_pattern, core_uses_pid, scratch space) and, for ``--pid PID``, what
+tracking, privileges, core_pattern, core_uses_pid, scratch space, what the clone method's freeze
+needs) and, for ``--pid PID``, what
 the process is and which methods can dump it, each with its refusals (the very refusals
 ``dump`` applies before anything freezes). Items marked fatal mean live dumps cannot work here;
 the CLI prints the report and then fails with the first fatal reason.
@@ -16,7 +17,9 @@ from typing import Any
 
 from criu_livedump import scratch, snapshot, target
 from criu_livedump.errors import LivedumpError
+from criu_livedump.linux import ptrace
 from criu_livedump.linux.caps import CAP, capabilities, has_cap
+from criu_livedump.linux.sched import realtime
 from criu_livedump.snapshot import criu
 
 
@@ -45,6 +48,7 @@ class Item:
 _LABELS = {
     "criu_check": "criu check",
     "dirty_tracking": "dirty tracking",
+    "clone_freeze": "clone freeze",
     **{f"method_{m.value}": f"method {m.value}" for m in snapshot.METHODS},
 }
 _SETUP_HINT = "run `make setup`, or name a working binary with --criu PATH"
@@ -164,6 +168,25 @@ def _privilege_item() -> Item:
     return Item("privileges", text, False, data)
 
 
+def _clone_freeze_item() -> Item:
+    """What the clone method's freeze needs: the ptrace batch helper (built by setup), and
+    SCHED_FIFO for the tracer, without which the freeze of many threads is longer."""
+    try:
+        ptrace.check_helper()
+        helper = None
+    except ptrace.HelperMissingError as e:
+        helper = e.strerror
+    with realtime() as fifo:
+        pass
+    data: dict[str, Any] = {"helper": str(ptrace.HELPER), "helper_ok": helper is None}
+    data["sched_fifo"] = fifo
+    fifo_text = "SCHED_FIFO for the tracer" if fifo else "no SCHED_FIFO (a longer freeze)"
+    if helper is not None:
+        return Item("clone_freeze", f"the clone method cannot run: {helper}; {fifo_text}",
+                    False, data, "run `make setup`")  # fmt: skip
+    return Item("clone_freeze", f"ptrace batch helper built; {fifo_text}", False, data)
+
+
 def _read_sysctl(name: str) -> str:
     try:
         return Path(f"/proc/sys/kernel/{name}").read_text().rstrip("\n")
@@ -252,6 +275,7 @@ def run_check(criu_path: str | None = None, pid: int | None = None) -> Report:
     items.append(Item("core_pattern", pattern, False, {"value": pattern}))
     items.append(Item("core_uses_pid", uses_pid, False, {"value": uses_pid}))
     items.append(_scratch_item())
+    items.append(_clone_freeze_item())
     if pid is not None:
         items += _method_items(pid)
     return Report(tuple(items))

@@ -13,6 +13,7 @@ from conftest import StartTarget
 
 from criu_livedump.cli import ExitStatus, cli
 from criu_livedump.errors import CriuNotFoundError, CriuUnusableError
+from criu_livedump.linux import ptrace
 from criu_livedump.snapshot import criu
 
 SOFT_DIRTY_BIT = 1 << 55  # Documentation/admin-guide/mm/soft-dirty.rst
@@ -60,14 +61,33 @@ def test_check_passes_here_text(runner: CliRunner) -> None:
         "core_pattern",
         "core_uses_pid",
         "scratch",
+        "clone freeze",
     ]
     assert lines[1].startswith("criu check: passed")
+    assert lines[7].startswith("clone freeze: ptrace batch helper built")
     expected = "available" if soft_dirty_works() else "unavailable"
     assert lines[2].split(": ", 1)[1].startswith(expected)
     assert lines[4] == "core_pattern: " + Path("/proc/sys/kernel/core_pattern").read_text().rstrip(
         "\n"
     )
     assert not error_lines(result.stderr)
+
+
+def test_check_names_a_missing_batch_helper(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without the helper `make setup` builds, check says the clone method cannot run (and
+    live dumps still can: --method criu)."""
+    monkeypatch.setattr(ptrace, "HELPER", tmp_path / "_ptrace_batch.so")
+    ptrace._helper.cache_clear()
+    try:
+        result = runner.invoke(cli, ["check", "--json"])
+    finally:
+        ptrace._helper.cache_clear()
+    assert result.exit_code == ExitStatus.OK, result.stderr
+    item = json.loads(result.stdout)["clone_freeze"]
+    assert item["helper_ok"] is False
+    assert item["helper"] == str(tmp_path / "_ptrace_batch.so")
 
 
 def test_check_passes_here_json(runner: CliRunner) -> None:

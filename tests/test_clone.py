@@ -20,8 +20,10 @@ from harness.launcher import Target
 from converters.arch import x86_64
 from converters.images import load_image
 from criu_livedump.linux import ptrace
+from criu_livedump.linux.procfs import read_stat, task_ids
 from criu_livedump.snapshot.clone import images as clone_images
 from criu_livedump.snapshot.clone import inject as clone
+from criu_livedump.snapshot.clone.freeze import AllThreads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +62,62 @@ def test_target_unaffected(clone_target: Target, tmp_path: Path) -> None:
     print("freeze ms:", " ".join(f"{f * 1000:.2f}" for f in freezes))
     _assert_running(clone_target)
     assert {p: s for p, s in procs.children(clone_target.pid).items()} == {}
+
+
+@pytest.mark.live
+def test_freeze_reported_in_its_steps(clone_target: Target, tmp_path: Path) -> None:
+    with clone.clone_snapshot(clone_target.pid, side_dir=tmp_path) as snap:
+        steps = snap.freeze_steps
+        assert list(steps.microseconds()) == ["stop", "save", "fork", "resume"]
+        assert all(us > 0 for us in steps.microseconds().values()), steps
+        assert steps.total == pytest.approx(snap.freeze_seconds)
+    _assert_running(clone_target)
+
+
+# creates threads without pause, each living a few milliseconds
+_SPAWNER = """
+import threading, time
+print("ready", flush=True)
+while True:
+    threading.Thread(target=time.sleep, args=(0.002,)).start()
+"""
+
+
+@pytest.mark.live
+def test_threads_born_during_the_freeze_are_frozen_too(targets: StartTarget) -> None:
+    """Once the freeze has stopped the threads, every thread /proc lists is one it stopped and
+    saved, however fast the target makes new ones."""
+    target = targets(sys.executable, "-c", _SPAWNER, rseq=False)
+    for _ in range(5):
+        threads = AllThreads(target.pid, 10.0)
+        threads.seize()
+        try:
+            threads.stop()
+            threads.save()
+            listed = set(task_ids(target.pid))
+            states = {read_stat(f"/proc/{target.pid}/task/{t}/stat").state for t in listed}
+        except BaseException:
+            threads.release()
+            raise
+        threads.resume()
+        assert listed == {t.tid for t in threads.threads({})}
+        assert states == {"t"}
+    _assert_running(target)
+
+
+@pytest.mark.live
+def test_refused_without_the_batch_helper(
+    clone_target: Target, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without the helper `make setup` builds, one clear error, before anything is frozen."""
+    monkeypatch.setattr(ptrace, "HELPER", tmp_path / "_ptrace_batch.so")
+    ptrace._helper.cache_clear()
+    try:
+        with pytest.raises(clone.CloneError, match=r"_ptrace_batch.so: missing; `make setup`"):
+            clone.clone_snapshot(clone_target.pid, side_dir=tmp_path)
+    finally:
+        ptrace._helper.cache_clear()
+    _assert_running(clone_target)
 
 
 @pytest.mark.live
