@@ -48,7 +48,9 @@ CASES = (
     KernelCase("threads-livedump-clone", "threads", ("12",), dumper=CLONE),
     # a server's thread pools (issue 12): 512 threads in futex, read, nanosleep, epoll_wait
     # and accept, every register of every thread as the kernel's core has it
-    KernelCase("pool-512-livedump-clone", "pool", ("512",), dumper=CLONE, every_register=True),
+    KernelCase(
+        "pool-512-livedump-clone", "threads", ("512", "pool"), dumper=CLONE, every_register=True
+    ),
     # the mapped data file replaced on disk after the start: the converter alone reads CRIU's
     # copy (a ghost-file image); `dump` reads /proc/PID/map_files
     KernelCase("mappings-replaced-0x33", *MAPPINGS, replace_data=True),

@@ -1,11 +1,18 @@
 /* Test target for converter/kernel comparisons: many threads, each blocked in a different
  * function at a different call depth, and threads with distinctive SSE/AVX register contents.
  *
- * usage: threads [NTHREADS]   (default 12)
+ * usage: threads [NTHREADS [pool]]   (default 12)
  * Prints "ready" on stdout once every thread is about to block, then blocks until killed.
  * Threads block only in calls that CRIU's seize and the harness's rseq query restart
  * transparently, leaving no state behind: no nanosleep (an interrupted nanosleep writes the
- * remaining time to the stack), no poll or epoll_wait (see below). */
+ * remaining time to the stack), no poll or epoll_wait (see below).
+ *
+ * With "pool", for the clone method only, the threads are a server's pools (issue 12): in turn
+ * in FUTEX_WAIT, read(), nanosleep() of a day, epoll_wait() without timeout and accept(). Any
+ * ptrace interruption (the harness's rseq query) makes epoll_wait() return EINTR and the loop
+ * call it again with the same registers; nanosleep() has no remainder pointer, so it resumes as
+ * restart_syscall() with nothing written. CRIU's compel would turn that into EINTR (a fresh
+ * nanosleep, other registers), so no CRIU case uses this mode. */
 #define _GNU_SOURCE
 #include <linux/futex.h>
 #include <poll.h>
@@ -14,15 +21,19 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 static int pipefd[2];
 static int listen_fd = -1;
 static int sockpair[2];
+static int epfd = -1;
 static uint32_t futex_word;
 static volatile long sink;
 static pthread_barrier_t started;
@@ -125,12 +136,31 @@ __attribute__((noinline)) static void block_with_vector_registers(unsigned seed)
 	}
 }
 
+__attribute__((noinline)) static void block_in_nanosleep(void)
+{
+	struct timespec day = { 86400, 0 };
+	for (;;)
+		sink = nanosleep(&day, NULL);
+}
+
+__attribute__((noinline)) static void block_in_epoll_wait(void)
+{
+	struct epoll_event ev;
+	for (;;)
+		sink = epoll_wait(epfd, &ev, 1, -1);
+}
+
 typedef void (*blocker_fn)(void);
 static const blocker_fn blockers[] = {
 	block_in_read, block_in_futex, block_in_ppoll, block_in_recv,
 	block_in_select, block_in_sigwait, block_in_accept,
 };
 #define NBLOCKERS (sizeof(blockers) / sizeof(blockers[0]))
+static const blocker_fn pool_blockers[] = {
+	block_in_futex, block_in_read, block_in_nanosleep, block_in_epoll_wait, block_in_accept,
+};
+#define NPOOL (sizeof(pool_blockers) / sizeof(pool_blockers[0]))
+static int pool;
 
 /* Distinct call depths give distinct stacks: depth_N recurses N times before blocking. */
 __attribute__((noinline)) static void descend(unsigned depth, unsigned which)
@@ -139,6 +169,9 @@ __attribute__((noinline)) static void descend(unsigned depth, unsigned which)
 	frame[0] = (char)depth;
 	if (depth > 0) {
 		descend(depth - 1, which);
+	} else if (pool) {
+		pthread_barrier_wait(&started);
+		pool_blockers[which % NPOOL]();
 	} else if (which == NBLOCKERS) {
 		block_with_vector_registers(which);
 	} else {
@@ -151,8 +184,8 @@ __attribute__((noinline)) static void descend(unsigned depth, unsigned which)
 static void *thread_main(void *arg)
 {
 	unsigned idx = (unsigned)(uintptr_t)arg;
-	unsigned which = idx % (NBLOCKERS + 1);
-	if (which == NBLOCKERS)
+	unsigned which = idx % (pool ? NPOOL : NBLOCKERS + 1);
+	if (!pool && which == NBLOCKERS)
 		pthread_barrier_wait(&started);
 	descend(idx % 5, which);
 	return NULL;
@@ -167,9 +200,14 @@ __attribute__((noinline)) static void main_blocked_in_pause(void)
 int main(int argc, char **argv)
 {
 	unsigned n = argc > 1 ? (unsigned)strtoul(argv[1], NULL, 0) : 12;
-	if (n == 0 || n > 1000) {
-		fprintf(stderr, "usage: %s [NTHREADS 1..1000]\n", argv[0]);
+	pool = argc > 2 && strcmp(argv[2], "pool") == 0;
+	if (n == 0 || n > 1000 || (argc > 2 && !pool)) {
+		fprintf(stderr, "usage: %s [NTHREADS 1..1000 [pool]]\n", argv[0]);
 		return 2;
+	}
+	if (pool && (epfd = epoll_create1(0)) < 0) {
+		perror("epoll_create1");
+		return 1;
 	}
 	if (pipe(pipefd)) {
 		perror("pipe");
