@@ -18,6 +18,9 @@
  * around each dump without signals (a signal would itself interrupt the syscalls under test):
  *   "reset\n" -> longest gap := 0, answers "ok"
  *   "gap\n"   -> answers "gap <longest gap us> <beats since reset>"
+ *   "gapat T0 T1\n" -> answers "gapat <us>": the longest gap since reset that overlaps
+ *                [T0, T1] (CLOCK_MONOTONIC ns, as a tool reports its freeze), 0 when no late
+ *                beat (a gap over LATE_NS) did: the freeze itself, not the noise around it
  *   "fork\n"  -> answers "fork <us>": how long fork() of this process takes, the floor of any
  *                copy-on-write snapshot (the kernel copies the page tables in dup_mmap())
  *   EOF       -> exit (the workload never outlives the benchmark that feeds its stdin)
@@ -44,6 +47,11 @@
 #define BUSY_THREADS 4
 #define BEAT_NS 1000000L
 
+/* every late beat since reset: [start, end) of its gap, written by the heartbeat alone */
+#define LATE_NS 1500000u
+#define MAX_LATE 65536
+static uint64_t late[MAX_LATE][2];
+static _Atomic unsigned n_late;
 static _Atomic uint64_t longest_gap_ns;
 static _Atomic uint64_t beats;
 static _Atomic int reset_requested;
@@ -149,9 +157,19 @@ static void *heartbeat(void *arg)
 		if (atomic_exchange(&reset_requested, 0)) {
 			atomic_store(&longest_gap_ns, 0);
 			atomic_store(&beats, 0);
+			atomic_store(&n_late, 0);
 			continue;
 		}
 		atomic_fetch_add(&beats, 1);
+		if (gap > LATE_NS) {
+			unsigned n = atomic_load(&n_late);
+
+			if (n < MAX_LATE) {
+				late[n][0] = t - gap;
+				late[n][1] = t;
+				atomic_store(&n_late, n + 1); /* after the entry: readers see it whole */
+			}
+		}
 		if (gap > atomic_load(&longest_gap_ns))
 			atomic_store(&longest_gap_ns, gap);
 	}
@@ -224,6 +242,15 @@ int main(int argc, char **argv)
 			printf("gap %llu %llu\n",
 			       (unsigned long long)(atomic_load(&longest_gap_ns) / 1000),
 			       (unsigned long long)atomic_load(&beats));
+		} else if (strncmp(line, "gapat ", 6) == 0) {
+			unsigned long long t0 = 0, t1 = 0, best = 0;
+			unsigned n = atomic_load(&n_late);
+
+			sscanf(line + 6, "%llu %llu", &t0, &t1);
+			for (unsigned i = 0; i < n; i++)
+				if (late[i][0] < t1 && late[i][1] > t0 && late[i][1] - late[i][0] > best)
+					best = late[i][1] - late[i][0];
+			printf("gapat %llu\n", best / 1000);
 		} else if (strcmp(line, "fork\n") == 0) {
 			uint64_t t0 = now_ns(), t1;
 			pid_t child = fork();

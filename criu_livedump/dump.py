@@ -65,6 +65,8 @@ class DumpReport:
     freezing_us: int = 0
     #: the freeze in its steps, where the method times them (clone: stop, save, fork, resume)
     freeze_steps_us: dict[str, int] = field(default_factory=dict)
+    #: when the freeze began, CLOCK_MONOTONIC ns (0: unknown), to match the target's own timing
+    freeze_start_ns: int = 0
     dump_seconds: float = 0.0
     convert_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -92,6 +94,7 @@ class DumpReport:
             "frozen_time_us": self.frozen_us,
             "freezing_time_us": self.freezing_us,
             "freeze_steps_us": dict(self.freeze_steps_us),
+            "freeze_start_monotonic_ns": self.freeze_start_ns,
             "dump_seconds": round(self.dump_seconds, 6),
             "convert_seconds": round(self.convert_seconds, 6),
             "total_seconds": round(self.total_seconds, 6),
@@ -384,6 +387,7 @@ def _snapshot(
     report.resumed_by_us = result.resumed_by_us
     report.frozen_us, report.freezing_us = done.frozen_us, done.freezing_us
     report.freeze_steps_us = dict(done.freeze_steps_us)
+    report.freeze_start_ns = done.freeze_start_ns
     return result, done
 
 

@@ -5,7 +5,7 @@
 #      archive that this machine's apt is configured for (the URI is read from the apt sources
 #      at run time; no mirror host name lives in this repository);
 #   3. .venv/ with the project (editable) and pycriu built from the same CRIU source;
-#   4. the clone snapshot's ptrace batch helper, criu_livedump/linux/_ptrace_batch.so.
+#   4. the clone snapshot's ptrace batch helper, criu_livedump/linux/libptrace_batch.so.1.
 # A second run reuses the cache and takes seconds.
 set -euo pipefail
 
@@ -92,7 +92,7 @@ fi
 
 # --- 4. the ptrace batch helper (criu_livedump/linux/ptrace.py loads it) ------------------------
 helper_src="$here/criu_livedump/linux/ptrace_batch.c"
-helper="$here/criu_livedump/linux/_ptrace_batch.so"
+helper="$here/criu_livedump/linux/libptrace_batch.so.1"
 if [ ! -f "$helper" ] || [ "$helper_src" -nt "$helper" ]; then
   # built beside and renamed into place: a concurrent dump never loads half a library
   gcc -O2 -shared -fPIC -Wall -Wextra -Werror -o "$helper.$$" "$helper_src"

@@ -271,6 +271,19 @@ def test_shape_targets(
         assert needle in text
 
 
+def test_shape_target_takes_the_gap_at_the_freeze() -> None:
+    """Where the tool placed its freeze in time, the heartbeat's gap there is what counts, not
+    the noise of the whole dump's window."""
+    results = _results(20.0, 0.5, 400.0, 40.0)
+    shaped = _shaped(bench.Shape(threads=1000), 5.0, {"gcore": 600.0, "clone": 80.0})
+    results["shapes"] = [shaped]
+    assert _verdicts(results)["1000"] is False
+    shaped["freeze"]["clone"]["freeze_gap_ms"] = _stat(25.0)
+    assert _verdicts(results)["1000"] is True
+    shaped["freeze"]["clone"]["freeze_gap_ms"] = _stat(45.0)
+    assert _verdicts(results)["1000"] is False
+
+
 def test_shapes_argv_and_words() -> None:
     shape = bench.Shape.parse("threads=1000")
     assert shape.argv() == [f"threads={1000 - bench.BASE_THREADS}"]

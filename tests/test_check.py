@@ -78,7 +78,7 @@ def test_check_names_a_missing_batch_helper(
 ) -> None:
     """Without the helper `make setup` builds, check says the clone method cannot run (and
     live dumps still can: --method criu)."""
-    monkeypatch.setattr(ptrace, "HELPER", tmp_path / "_ptrace_batch.so")
+    monkeypatch.setattr(ptrace, "HELPER", tmp_path / "libptrace_batch.so.1")
     ptrace._helper.cache_clear()
     try:
         result = runner.invoke(cli, ["check", "--json"])
@@ -87,7 +87,7 @@ def test_check_names_a_missing_batch_helper(
     assert result.exit_code == ExitStatus.OK, result.stderr
     item = json.loads(result.stdout)["clone_freeze"]
     assert item["helper_ok"] is False
-    assert item["helper"] == str(tmp_path / "_ptrace_batch.so")
+    assert item["helper"] == str(tmp_path / "libptrace_batch.so.1")
 
 
 def test_check_passes_here_json(runner: CliRunner) -> None:

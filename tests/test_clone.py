@@ -110,10 +110,10 @@ def test_refused_without_the_batch_helper(
     clone_target: Target, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Without the helper `make setup` builds, one clear error, before anything is frozen."""
-    monkeypatch.setattr(ptrace, "HELPER", tmp_path / "_ptrace_batch.so")
+    monkeypatch.setattr(ptrace, "HELPER", tmp_path / "libptrace_batch.so.1")
     ptrace._helper.cache_clear()
     try:
-        with pytest.raises(clone.CloneError, match=r"_ptrace_batch.so: missing; `make setup`"):
+        with pytest.raises(clone.CloneError, match=r"libptrace_batch.so.1: missing; `make setup`"):
             clone.clone_snapshot(clone_target.pid, side_dir=tmp_path)
     finally:
         ptrace._helper.cache_clear()

@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,6 +135,25 @@ def test_dump_leaves_target_running_and_gdb_sees_every_thread(
         for p in Path("/dev/shm").glob("criu-livedump.*")
         if p.stat().st_uid == 0 and str(demo.pid) in "".join(os.listdir(p))
     ]
+
+
+def test_clone_freeze_reported_in_its_steps(demo: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    """The clone's freeze in --json (its steps, and when it began, on the clock the target's
+    own timing uses) and in one -v line."""
+    core = tmp_path / "demo.core"
+    before = time.monotonic_ns()
+    proc = cli("-v", "dump", str(demo.pid), "-o", str(core), "--method", "clone", "--json")
+    after = time.monotonic_ns()
+    data = report(proc)
+    steps = data["freeze_steps_us"]
+    assert isinstance(steps, dict) and set(steps) == {"stop", "save", "fork", "resume"}
+    assert all(isinstance(us, int) and us > 0 for us in steps.values()), steps
+    frozen = data["frozen_time_us"]
+    assert isinstance(frozen, int) and abs(sum(steps.values()) - frozen) <= len(steps)
+    start = data["freeze_start_monotonic_ns"]
+    assert isinstance(start, int) and before < start < start + frozen * 1000 < after
+    info = [ln for ln in proc.stderr.decode().splitlines() if ln.startswith("info:")]
+    assert any(" ms: stop " in ln and ", resume " in ln for ln in info), info
 
 
 @pytest.mark.kernel

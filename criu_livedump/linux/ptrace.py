@@ -5,7 +5,7 @@ and errno) on failure. Registers travel as the regsets' bytes (PTRACE_GETREGSET)
 only the architecture's module in :mod:`converters.arch` knows.
 
 The batch functions (:func:`seize_all`, :func:`stop_all`, :func:`save_all`, :func:`detach_all`)
-make one request per thread for many threads in one call into ``_ptrace_batch.so``, built by
+make one request per thread for many threads in one call into ``libptrace_batch.so.1``, built by
 ``make setup`` from ``ptrace_batch.c`` next to this file: from Python each request costs about a
 microsecond more, which a freeze of a thousand threads pays several times over (issue 12).
 """
@@ -258,7 +258,7 @@ def is_syscall_stop(status: int) -> bool:
 # --- many threads per call ----------------------------------------------------------------------
 
 #: the batch helper, built by ``make setup`` (scripts/setup.sh) from ptrace_batch.c
-HELPER: Final = Path(__file__).with_name("_ptrace_batch.so")
+HELPER: Final = Path(__file__).with_name("libptrace_batch.so.1")
 #: when :func:`stop_all` first looks again at a thread that has not stopped yet
 _STOP_POLL_S: Final = 50e-6
 #: a general-register slot of :func:`save_all`: larger than any architecture's (x86_64: 216)
@@ -267,7 +267,7 @@ _LB_STOPPED: Final = 1
 
 
 class HelperMissingError(OSError):
-    """``_ptrace_batch.so`` is not built (or not loadable); ``make setup`` builds it."""
+    """``libptrace_batch.so.1`` is not built (or not loadable); ``make setup`` builds it."""
 
     def __init__(self, why: str) -> None:
         super().__init__(errno_mod.ENOENT, f"{HELPER}: {why}; `make setup` builds it")

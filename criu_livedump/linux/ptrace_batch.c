@@ -1,6 +1,6 @@
 /*
  * ptrace(2) over many threads in one call: the clone snapshot's freeze (criu_livedump/linux/
- * ptrace.py loads this as _ptrace_batch.so; scripts/setup.sh builds it).
+ * ptrace.py loads this as libptrace_batch.so.1; scripts/setup.sh builds it).
  *
  * From Python each ptrace request costs about a microsecond of interpreter and ctypes work on
  * top of the kernel's own, and the target stays frozen for all of them: for a thousand threads

@@ -61,12 +61,14 @@ class Snapshotted:
     :param sidecar: facts for ``livedump.json`` that only this method knows.
     :param freeze_steps_us: the freeze split into its steps (``stop``, ``save``, ``fork``,
         ``resume`` for the clone), in microseconds, where the method times them.
+    :param freeze_start_ns: when the freeze began (CLOCK_MONOTONIC), where the method knows.
     """
 
     frozen_us: int
     freezing_us: int = 0
     sidecar: Sidecar = field(default_factory=Sidecar)
     freeze_steps_us: Mapping[str, int] = field(default_factory=dict)
+    freeze_start_ns: int = 0
 
 
 class Snapshot(ABC):

@@ -74,6 +74,8 @@ class FreezeSteps:
     resume: float = 0.0
     #: the tracer ran under SCHED_FIFO
     realtime: bool = False
+    #: when the freeze began, CLOCK_MONOTONIC seconds (the clock a target's own timing uses)
+    started: float = 0.0
 
     @property
     def total(self) -> float:
@@ -223,6 +225,7 @@ class AllThreads:
             fork=m["resume"] - m["fork"],
             resume=m["end"] - m["resume"],
             realtime=realtime,
+            started=m["stop"],
         )
 
     # --- what was saved -------------------------------------------------------------------------

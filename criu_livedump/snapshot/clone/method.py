@@ -108,6 +108,7 @@ class CloneSnapshot(Snapshot):
             frozen_us=round(steps.total * 1_000_000),
             sidecar=sidecar,
             freeze_steps_us=steps.microseconds(),
+            freeze_start_ns=round(steps.started * 1e9),
         )
 
     def close(self) -> None:
