@@ -21,10 +21,13 @@ def realtime(priority: int = 1) -> Iterator[bool]:
     on its own CPU, one after the other, for as long as it takes to reach its stop (CFS's
     wake-up preemption, kernel/sched/fair.c: ``check_preempt_wakeup_fair()``): for a thousand
     threads that is most of a freeze (issue 12). ``SCHED_RESET_ON_FORK``: nothing forked
-    meanwhile inherits the policy.
+    meanwhile inherits the policy. A caller already under a real-time policy keeps it.
     """
     policy = os.sched_getscheduler(0)
     param = os.sched_getparam(0)
+    if policy & ~os.SCHED_RESET_ON_FORK in (os.SCHED_FIFO, os.SCHED_RR):
+        yield True
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
         raised = True
