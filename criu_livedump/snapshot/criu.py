@@ -284,27 +284,6 @@ def check(criu: Criu) -> CheckResult:
     return CheckResult(False, detail or f"exit status {proc.returncode}")
 
 
-def require_working(criu: Criu) -> str:
-    """Check that *criu* runs, is recent enough and passes ``criu check``; return its version.
-
-    :raises CriuUnusableError: naming the binary and what is wrong with it.
-    """
-    ver = version(criu)
-    said = support(ver)
-    if not said.usable:
-        raise CriuUnusableError(
-            str(criu.path),
-            f"CRIU {ver} is {said.text}",
-            hint="run `make setup` to build a current CRIU",
-        )
-    if said.untested:
-        log.warning("CRIU %s is %s", ver, said.text)
-    result = check(criu)
-    if not result.passed:
-        raise CriuUnusableError(str(criu.path), f"`criu check` failed: {result.message}")
-    return ver
-
-
 def feature(criu: Criu, name: str) -> bool:
     """Whether ``criu check --feature NAME`` succeeds (e.g. ``mem_dirty_track``)."""
     return _run_quick(criu, ["check", "--feature", name]).returncode == 0
