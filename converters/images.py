@@ -48,7 +48,10 @@ older (7b18c13c,    reg_file_entry without build_id                 build-id not
 Unchanged since before 3.11 as far as the converter reads them: pstree_entry, mm_entry
 (mm_saved_auxv a repeated uint64 since 808b8f2f0), vma_entry, core_entry's thread_info_x86,
 task_core_entry and thread_core_entry (per-thread blk_sigset and creds since 2.0), the
-PE_PARENT/PE_LAZY/PE_PRESENT values (fixed in 3.5, 48675a3c7), pages-N.img.
+PE_PARENT/PE_LAZY/PE_PRESENT values (fixed in 3.5, 48675a3c7), pages-N.img. Every x86 release
+keeps at most 44 auxv words (criu/arch/x86/include/asm/types.h AT_VECTOR_SIZE): 22 pairs, what
+Linux 6.18 gives a glibc program before AT_NULL; a longer auxv is cut there, and NT_AUXV gets
+the AT_NULL CRIU's copy lacks.
 """
 
 from __future__ import annotations
