@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -147,6 +148,8 @@ class _Receiver:
         self.stats = StreamStats()
         self.buf = memoryview(bytearray(CHUNK))
         self.opened: tuple[ImageKind, int] | None = None
+        self.pipe: tuple[int, int] | None = None
+        self.pipe_size = 0
 
     def _recv_exact(self, n: int) -> memoryview:
         view = self.buf[:n]
@@ -154,7 +157,7 @@ class _Receiver:
         while got < n:
             k = self.sock.recv_into(view[got:], n - got)
             if k == 0:
-                raise PageStreamError("CRIU ended it before its close (CRIU died or was killed)")
+                raise _ended()
             got += k
         return view
 
@@ -208,37 +211,61 @@ class _Receiver:
             self.progress(self.stats)
 
     def _piece(self, length: int, offset: int | None) -> None:
+        if offset is not None:
+            self._splice(length, offset)
+            return
         done = 0
         while done < length:
-            view = self._recv_some(min(CHUNK, length - done))
-            if offset is None:
-                self.stats.dropped += len(view)
-            else:
-                self._write(view, offset + done)
-            done += len(view)
-            self.stats.received += len(view)
+            k = self.sock.recv_into(self.buf, min(CHUNK, length - done))
+            if k == 0:
+                raise _ended()
+            done += k
+            self.stats.received += k
+            self.stats.dropped += k
 
-    def _recv_some(self, n: int) -> memoryview:
-        k = self.sock.recv_into(self.buf[:n], n)
-        if k == 0:
-            raise PageStreamError("CRIU ended it before its close (CRIU died or was killed)")
-        return self.buf[:k]
+    def _splice(self, length: int, offset: int) -> None:
+        """*length* bytes from the socket to the output at *offset*, through a pipe: the pages
+        never pass through Python (4 GiB to ext4 here: 7.0-8.9 s against 9.0-10.3 s with
+        recv_into + pwrite)."""
+        if self.pipe is None:
+            self.pipe = os.pipe()
+            with contextlib.suppress(OSError):  # pipe-max-size may forbid it: the default works
+                fcntl.fcntl(self.pipe[1], fcntl.F_SETPIPE_SZ, CHUNK)
+            self.pipe_size = fcntl.fcntl(self.pipe[1], fcntl.F_GETPIPE_SZ)
+        r, w = self.pipe
+        done = 0
+        while done < length:
+            n = os.splice(self.sock.fileno(), w, min(self.pipe_size, length - done))
+            if n == 0:
+                raise _ended()
+            self.stats.received += n
+            left = n
+            while left:
+                try:
+                    k = os.splice(r, self.out_fd, left, offset_dst=offset + done)
+                except OSError as e:
+                    raise self._write_error(e) from None
+                left -= k
+                done += k
+                self.stats.written += k
 
-    def _write(self, view: memoryview, offset: int) -> None:
-        while view:
-            try:
-                k = os.pwrite(self.out_fd, view, offset)
-            except OSError as e:
-                code = e.errno or errno.EIO
-                raise PageStreamError(
-                    f"cannot write {self.out_name}: {os.strerror(code)}",
-                    hint="free space there or choose another destination"
-                    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-                    else None,
-                ) from None
-            self.stats.written += k
-            view = view[k:]
-            offset += k
+    def _write_error(self, e: OSError) -> PageStreamError:
+        code = e.errno or errno.EIO
+        full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        return PageStreamError(
+            f"cannot write {self.out_name}: {os.strerror(code)}",
+            hint="free space there or choose another destination" if full else None,
+        )
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+
+def _ended() -> PageStreamError:
+    return PageStreamError("CRIU ended it before its close (CRIU died or was killed)")
 
 
 def receive(
@@ -251,12 +278,17 @@ def receive(
 ) -> StreamStats:
     """Serve one dump's page stream on *sock* until CRIU closes it.
 
-    :param out_fd: where placed pieces are written (``os.pwrite`` at their offsets).
+    :param out_fd: where placed pieces are written (spliced at their offsets: a regular
+        file, or anything ``splice(2)`` writes to at an offset).
     :param out_name: the output's name for error messages.
     :param progress: called after every run with the counts so far.
     :raises PageStreamError: the stream ended early, broke the protocol, or a write failed.
     """
-    return _Receiver(sock, placer, out_fd, out_name, progress).run()
+    receiver = _Receiver(sock, placer, out_fd, out_name, progress)
+    try:
+        return receiver.run()
+    finally:
+        receiver.close()
 
 
 class PageServer:
