@@ -9,17 +9,24 @@ count in sh_info (fill_extnum_info()).
 Writing follows fs/coredump.c: dump_emit() refuses a write that would take the bytes written so
 far past RLIMIT_CORE and ends the dump there; dump_skip() seeks (holes are not counted); a dump
 that ends in a hole writes one last zero byte so the file has its full size.
+
+A streamed core (issue 13) has its pages written at offsets fixed before they arrived:
+:func:`plan` then takes those offsets (``placed``) and a reserved start of the data
+(``data_offset``), the other segments following the furthest placed one; the writer goes
+through the segments in file order and steps over ``present`` pieces, which are already there.
+Readers of a core (gdb, the kernel comparisons) go by p_offset, never by packing.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from pathlib import Path
 
+from converters.errors import LayoutError
 from converters.sinks import Sink
 
 #: The page of every architecture in converters.arch.ARCHES (their ``page_size``; a test holds
@@ -93,7 +100,8 @@ class Piece:
     """Part of a segment's bytes.
 
     kind ``data``: *length* bytes of file *path* (or *fd*) at *offset*; ``hole``: pages that
-    read as zeros and are left unwritten.
+    read as zeros and are left unwritten; ``present``: bytes already written at their place in
+    the sink (a streamed core's pages), stepped over and counted as written.
     """
 
     kind: str
@@ -123,21 +131,54 @@ class Layout:
     end: int
 
 
-def plan(segments: list[Segment], notes: list[Note]) -> Layout:
-    """Every file offset, computed before a byte is written (elf_core_dump()'s first pass)."""
+def plan(
+    segments: list[Segment],
+    notes: list[Note],
+    *,
+    placed: Mapping[int, int] | None = None,
+    data_offset: int | None = None,
+) -> Layout:
+    """Every file offset, computed before a byte is written (elf_core_dump()'s first pass).
+
+    :param placed: segment vaddr -> file offset decided in advance (a streamed core); the
+        other segments follow the end of the furthest placed one, in order.
+    :param data_offset: where the segments' data may start (a reserved header area).
+    :raises LayoutError: the headers and notes need more than *data_offset*, or placed
+        segments are unaligned, before the data or overlap.
+    """
     segs = len(segments) + 1
     phnum = PN_XNUM if segs >= PN_XNUM else segs
     offset = EHDR.size + segs * PHDR.size
     notes_size = sum(n.size for n in notes)
     notes_offset = offset
     offset += notes_size
-    data_offset = (offset + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    need = (offset + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    if data_offset is not None and data_offset < need:
+        raise LayoutError(f"headers and notes need {need} bytes, {data_offset} were reserved")
+    data_offset = need if data_offset is None else data_offset
+    placed = placed or {}
+    pos = _check_placed(segments, placed, data_offset)
     offsets = []
-    pos = data_offset
     for s in segments:
-        offsets.append(pos)
-        pos += s.filesz
+        if s.vaddr in placed:
+            offsets.append(placed[s.vaddr])
+        else:
+            offsets.append(pos)
+            pos += s.filesz
     return Layout(phnum, notes_offset, notes_size, data_offset, offsets, pos)
+
+
+def _check_placed(segments: list[Segment], placed: Mapping[int, int], data_offset: int) -> int:
+    """The end of the placed segments' data (at least *data_offset*), once they are checked."""
+    spans = sorted((placed[s.vaddr], s.filesz, s.vaddr) for s in segments if s.vaddr in placed)
+    if len(spans) != len(placed):
+        raise LayoutError(f"{len(placed) - len(spans)} placed segment(s) are not in the core")
+    end = data_offset
+    for off, size, vaddr in spans:
+        if off % PAGE_SIZE or off < end:
+            raise LayoutError(f"segment {vaddr:#x} placed at {off:#x}: unaligned or overlapping")
+        end = off + size
+    return end
 
 
 class LimitReached(Exception):
@@ -187,6 +228,13 @@ class Emitter:
         if pos > cur:
             self.to_skip += pos - cur
 
+    def present(self, nr: int) -> None:
+        """*nr* bytes already written at the current position: stepped over, counted."""
+        self._room(nr)
+        self._flush_skip()
+        self.sink.hole(nr)
+        self._done(nr)
+
     def emit_pages(self, fd: int, offset: int, length: int) -> None:
         """Page-granular copy, as dump_user_range() emits one page per dump_emit_page()."""
         if self.limit is not None:
@@ -212,6 +260,9 @@ def _emit_piece(out: Emitter, piece: Piece, files: dict[Path, int]) -> None:
     if piece.kind == "hole":
         out.skip(piece.length)
         return
+    if piece.kind == "present":
+        out.present(piece.length)
+        return
     fd = piece.fd
     if fd is None:
         assert piece.path is not None
@@ -228,9 +279,16 @@ def write_core(
     notes: list[Note],
     limit: int | None,
     progress: Callable[[int], None] | None = None,
+    *,
+    placed: Mapping[int, int] | None = None,
+    data_offset: int | None = None,
 ) -> tuple[int, int, bool]:
-    """Stream a whole core into *sink*. Returns (file size, hole bytes, truncated)."""
-    layout = plan(segments, notes)
+    """Stream a whole core into *sink*. Returns (file size, hole bytes, truncated).
+
+    *placed* and *data_offset* as :func:`plan` takes them (a sink holding the streamed pages
+    already, seekable); without them the layout is the kernel's.
+    """
+    layout = plan(segments, notes, placed=placed, data_offset=data_offset)
     out = Emitter(sink, limit, progress)
     files: dict[Path, int] = {}
     try:
@@ -252,7 +310,9 @@ def write_core(
                 out.emit(data)
                 out.skip(pad)
         out.skip_to(layout.data_offset)
-        for seg in segments:
+        # file order; the kernel's layout is already in it (a stable sort keeps it)
+        for off, seg in sorted(zip(layout.offsets, segments, strict=True), key=lambda t: t[0]):
+            out.skip_to(off)
             for piece in seg.pieces:
                 _emit_piece(out, piece, files)
         if shnum:

@@ -40,6 +40,11 @@ class UnsupportedArchError(ConversionError):
         self.arch = arch
 
 
+class LayoutError(ConversionError):
+    """A layout decided in advance (a streamed core, converters/elf.py plan()) cannot hold
+    the core as it is."""
+
+
 class OutputError(ConversionError):
     """The core file could not be created or written (exists, symlink, disk full, ...)."""
 
