@@ -14,6 +14,7 @@ from pathlib import Path
 
 import procs
 import pytest
+from harness.criu import criu_release
 from test_faults import small_tmpfs
 
 from converters.images import PE_PRESENT, pagemap_runs
@@ -89,31 +90,44 @@ def streaming_job(server: ps.PageServer, pid: int, scratch: Path) -> criu.DumpJo
 
 
 def streamed_dump(
-    pid: int, images: Path, placer: ps.Placer, out_fd: int
+    pid: int, images: Path, placer: ps.Placer, out_fd: int, binary: criu.Criu | None = None
 ) -> tuple[ps.StreamStats, criu.DumpResult]:
-    with ps.PageServer(placer, out_fd, "the test's output") as server:
+    binary = binary or criu.find()
+    iov = ps.iov_layout(criu.version(binary))
+    with ps.PageServer(placer, out_fd, "the test's output", iov=iov) as server:
         try:
-            result = criu.dump(criu.find(), streaming_job(server, pid, images))
+            result = criu.dump(binary, streaming_job(server, pid, images))
         finally:
             server.criu_started()
         return server.result(), result
 
 
+#: the installed CRIU, and 4.1.1 (page_server_iov.nr_pages a u32 before 4.2), if built
+RELEASES = [None, "4.1.1"]
+
+
+@pytest.mark.parametrize("release", RELEASES, ids=lambda r: f"criu-{r}" if r else "installed")
 def test_pages_arrive_as_criu_writes_them(
-    tmp_path: Path, target: tuple[subprocess.Popen[str], int]
+    tmp_path: Path, target: tuple[subprocess.Popen[str], int], release: str | None
 ) -> None:
+    binary = criu.find()
+    if release is not None:
+        path = criu_release(release)
+        if not os.access(path, os.X_OK):
+            pytest.skip(f"{path} is not built (make setup, or scripts/build-criu.sh {release})")
+        binary = criu.find(str(path))
     proc, priv = target
     os.kill(proc.pid, signal.SIGSTOP)  # the same pages in both dumps
     recorder = Recorder()
     with (tmp_path / "out").open("w+b") as out:
-        stats, result = streamed_dump(proc.pid, tmp_path / "stream", recorder, out.fileno())
+        stats, result = streamed_dump(proc.pid, tmp_path / "stream", recorder, out.fileno(), binary)
         data = out.read()
     # with --page-server the pagemap is the server's to write: nothing of it in CRIU's images
     assert not list(result.images_dir.glob("pagemap-*")) + list(result.images_dir.glob("pages-*"))
     assert stats.received == stats.written == len(data)
     mine = [r for r, _ in recorder.runs if r.kind == ps.ImageKind.PROCESS]
     assert sum(r.size for r in mine) == result.stats.pages_written * PAGE  # shmem not counted
-    local = criu.dump(criu.find(), criu.DumpJob(pid=proc.pid, scratch=tmp_path / "local"))
+    local = criu.dump(binary, criu.DumpJob(pid=proc.pid, scratch=tmp_path / "local"))
     assert [(r.vaddr, r.nr_pages, r.flags) for r in mine] == pagemap_runs(
         local.images_dir / f"pagemap-{proc.pid}.img"
     )

@@ -42,10 +42,21 @@ from typing import Protocol
 from converters.elf import PAGE_SIZE
 from converters.images import PE_LAZY, PE_PARENT, PE_PRESENT
 from criu_livedump.errors import PageStreamError
+from criu_livedump.snapshot.criu import version_tuple
 
 #: struct page_server_iov {u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id;} with its natural
-#: padding after cmd (criu/page-xfer.c; the same on every 64-bit architecture CRIU runs on)
+#: padding after cmd (criu/page-xfer.c; the same on every 64-bit architecture CRIU runs on),
+#: since CRIU 4.2 (afb2e6c3f made nr_pages a u64)
 PSI = struct.Struct("<I4xQQQ")
+#: the same before CRIU 4.2: {u32 cmd; u32 nr_pages; u64 vaddr; u64 dst_id;}, 24 bytes
+PSI_BEFORE_4_2 = struct.Struct("<IIQQ")
+
+
+def iov_layout(criu_version: str) -> struct.Struct:
+    """The page_server_iov header CRIU *criu_version* (``criu --version``) sends."""
+    return PSI if version_tuple(criu_version) >= (4, 2) else PSI_BEFORE_4_2
+
+
 _INT = struct.Struct("<i")
 
 PS_IOV_ADD = 1
@@ -139,8 +150,10 @@ class _Receiver:
         out_fd: int,
         out_name: str,
         progress: Callable[[StreamStats], None] | None,
+        iov: struct.Struct = PSI,
     ) -> None:
         self.sock = sock
+        self.iov = iov
         self.placer = placer
         self.out_fd = out_fd
         self.out_name = out_name
@@ -169,7 +182,7 @@ class _Receiver:
 
     def run(self) -> StreamStats:
         while True:
-            cmd, nr_pages, vaddr, dst_id = PSI.unpack(self._recv_exact(PSI.size))
+            cmd, nr_pages, vaddr, dst_id = self.iov.unpack(self._recv_exact(self.iov.size))
             op, flags = cmd & ((1 << PS_CMD_BITS) - 1), cmd >> PS_CMD_BITS
             if op in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
                 self._answer(_INT.pack(0))
@@ -275,6 +288,7 @@ def receive(
     *,
     out_name: str,
     progress: Callable[[StreamStats], None] | None = None,
+    iov: struct.Struct = PSI,
 ) -> StreamStats:
     """Serve one dump's page stream on *sock* until CRIU closes it.
 
@@ -282,9 +296,10 @@ def receive(
         file, or anything ``splice(2)`` writes to at an offset).
     :param out_name: the output's name for error messages.
     :param progress: called after every run with the counts so far.
+    :param iov: the dumping CRIU's page_server_iov layout (:func:`iov_layout`).
     :raises PageStreamError: the stream ended early, broke the protocol, or a write failed.
     """
-    receiver = _Receiver(sock, placer, out_fd, out_name, progress)
+    receiver = _Receiver(sock, placer, out_fd, out_name, progress, iov)
     try:
         return receiver.run()
     finally:
@@ -305,12 +320,13 @@ class PageServer:
         out_fd: int,
         out_name: str,
         progress: Callable[[StreamStats], None] | None = None,
+        iov: struct.Struct = PSI,
     ) -> None:
         self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._outcome: StreamStats | BaseException | None = None
         self._thread = threading.Thread(
             target=self._serve,
-            args=(placer, out_fd, out_name, progress),
+            args=(placer, out_fd, out_name, progress, iov),
             name="criu-page-server",
             daemon=True,
         )
@@ -326,10 +342,11 @@ class PageServer:
         out_fd: int,
         out_name: str,
         progress: Callable[[StreamStats], None] | None,
+        iov: struct.Struct,
     ) -> None:
         try:
             self._outcome = receive(
-                self._ours, placer, out_fd, out_name=out_name, progress=progress
+                self._ours, placer, out_fd, out_name=out_name, progress=progress, iov=iov
             )
         except BaseException as e:  # handed to result() in the caller's thread
             self._outcome = e
