@@ -53,6 +53,9 @@ class CriuError(LivedumpError):
     :param returncode: its exit status (negative: killed by that signal).
     :param log_tail: the last lines of CRIU's log, for the user.
     :param log_path: where the whole log is, when it was kept.
+    :param cause: the log's line that explains the failure (snapshot/failures.py), when known;
+        else the last Error line of *log_tail* is shown.
+    :param pid: the process the failure is about, and *uid* its uid.
     """
 
     def __init__(
@@ -63,13 +66,19 @@ class CriuError(LivedumpError):
         *,
         log_path: str | None = None,
         hint: str | None = None,
+        cause: str | None = None,
+        pid: int | None = None,
+        uid: int | None = None,
     ) -> None:
         action = argv[1] if len(argv) > 1 else argv[0] if argv else "criu"
         how = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
-        last = _last_error_line(log_tail)
+        last = _last_error_line(log_tail) if cause is None else cause
         detail = f": {last}" if last else ""
-        super().__init__(f"criu {action} failed ({how}){detail}", hint=hint)
+        who = "" if pid is None else f" on process {pid}" + ("" if uid is None else f" (uid {uid})")
+        super().__init__(f"criu {action} failed ({how}){who}{detail}", hint=hint)
         self.argv = list(argv)
+        self.pid = pid
+        self.uid = uid
         self.returncode = returncode
         self.log_tail = log_tail
         self.log_path = log_path

@@ -150,7 +150,7 @@ def test_criu_failure_leaves_target_running(
     with pytest.raises(CriuError) as info:
         criu.dump(binary, criu.DumpJob(pid=sleeper.pid, scratch=tmp_path / "s"))
     assert str(info.value) == (
-        "criu dump failed (exit status 1): (00.1) Error (criu/cr-dump.c:1): fake failure"
+        "criu dump failed (exit status 1): Error (criu/cr-dump.c:1): fake failure"
     )
     assert info.value.log_path == str(tmp_path / "s" / "1" / "dump.log")
     wait_state(sleeper.pid, "S")

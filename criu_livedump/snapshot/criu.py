@@ -34,6 +34,7 @@ from criu_livedump.errors import (
 from criu_livedump.linux.caps import CAP, capabilities, has_cap
 from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
 from criu_livedump.linux.procfs import read_stat
+from criu_livedump.snapshot import failures
 
 log = logging.getLogger(__name__)
 
@@ -623,18 +624,34 @@ def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> No
     if proc.returncode != 0 and (dead := watch.dead()) is not None:
         raise watch.died(dead)
     if proc.returncode != 0:
-        tail = _log_tail(log_path) or out
-        hint = None
-        full = "No space left on device" in tail
-        if not full and _nearly_full(images):
-            # CRIU's log shares the full filesystem: its Error line may never have been written
-            full = True
-            tail += f"\n(its log was cut short: no space left on {job.scratch.parent})"
-        if "Can't get rlimit" in tail or "Operation not permitted" in tail:
-            hint = "CRIU lacked a privilege; see `criu-livedump check`"
-        elif full:
-            hint = f"{job.scratch.parent} is full; choose another --scratch DIR"
-        raise CriuError(argv, proc.returncode, tail, log_path=str(log_path), hint=hint)
+        raise _failure(argv, proc.returncode, log_path, out, job.scratch.parent)
+
+
+def _failure(
+    argv: list[str], returncode: int, log_path: Path, out: str, scratch: Path
+) -> CriuError:
+    """The error of a failed CRIU round: the line of its log that explains it, the process
+    and uid involved, and the hint of its known cause (snapshot/failures.py)."""
+    tail = _log_tail(log_path) or out
+    full = "No space left on device" in tail
+    if not full and _nearly_full(log_path.parent):
+        # CRIU's log shares the full filesystem: its Error line may never have been written
+        full = True
+        tail += f"\n(its log was cut short: no space left on {scratch})"
+    found = failures.diagnose(failures.read_log(log_path) or out.splitlines(), full=full)
+    hint = None if found is None else found.hint(scratch)
+    if found is None or not found.line:
+        return CriuError(argv, returncode, tail, log_path=str(log_path), hint=hint)
+    return CriuError(
+        argv,
+        returncode,
+        tail,
+        log_path=str(log_path),
+        hint=hint,
+        cause=found.line,
+        pid=found.pid,
+        uid=found.uid,
+    )
 
 
 def _supervise(proc: subprocess.Popen[bytes], argv: Sequence[str], watch: _Watch) -> None:
