@@ -255,11 +255,11 @@ def live_dump(
         try:
             return _live_dump(pid, request, criu_path, stdout, on_snapshot)
         except TargetDiedError as e:
-            if e.pid == pid or not watched.exited():  # the target, or a process of its tree
+            if e.pid == pid or not watched.exited(criu.DYING_GRACE):  # a process of its tree
                 raise
             raise TargetDiedError(pid, describe_wait_status(watched.wait_status())) from e
         except (LivedumpError, OSError, ValueError) as e:
-            if watched.exited():
+            if watched.exited(criu.DYING_GRACE):
                 raise TargetDiedError(pid, describe_wait_status(watched.wait_status())) from e
             raise
 

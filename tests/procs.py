@@ -63,6 +63,7 @@ def kill_group(proc: subprocess.Popen[Any]) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()  # started without a group of its own (not by popen()): itself at least
     proc.wait()
 
 

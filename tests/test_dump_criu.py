@@ -289,3 +289,8 @@ def test_tree_member_gone_under_a_hanging_criu(
         assert sleeper.poll() is None
     finally:
         procs.kill_group(member)
+
+
+def test_default_timeout_grows_with_the_target() -> None:
+    assert criu.default_timeout(0) == criu.BASE_TIMEOUT
+    assert criu.default_timeout(8 << 30) == criu.BASE_TIMEOUT + 8 * criu.TIMEOUT_PER_GIB

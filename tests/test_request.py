@@ -306,3 +306,11 @@ def test_lowering_oom_score_adj_needs_cap_sys_resource() -> None:
     check_privileges(req, target_core_hard=UNLIMITED, caps=0, own_oom_score_adj=-200)
     with pytest.raises(PermissionDeniedError, match="below 0 needs CAP_SYS_RESOURCE"):
         check_privileges(req, target_core_hard=UNLIMITED, caps=ROOT_HERE, own_oom_score_adj=0)
+
+
+def test_timeout_flag() -> None:
+    assert build_request(timeout="30").timeout == 30
+    assert build_request().timeout is None
+    for bad, why in (("0", "out of range"), ("abc", "must be an integer"), ("-5", "out of range")):
+        with pytest.raises(RequestError, match=f"--timeout {bad}: number of seconds.*{why}"):
+            build_request(timeout=bad)

@@ -82,24 +82,38 @@ class Pidfd:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def exited(self) -> bool:
+    def exited(self, grace: float = 0.0) -> bool:
         """Whether the process has ended: its pidfd polls readable (every thread exited), or
         every thread left is a zombie (a tracer holds exited threads unreaped; the thread
-        group then looks alive to poll although nothing of it can run again)."""
+        group then looks alive to poll although nothing of it can run again).
+
+        :param grace: seconds to wait for the end when the process is seen dying (some of its
+            threads already zombies, the others still on their way out of a SIGKILL).
+        """
         if select.select([self.fd], [], [], 0)[0]:
             return True
+        states = self._thread_states()
+        if states is None:  # no /proc entry left
+            return not self._still_here()
+        if states and all(s in ("Z", "X") for s in states):
+            return self._still_here()
+        if grace > 0 and ("Z" in states or "X" in states):
+            return bool(select.select([self.fd], [], [], grace)[0]) or self.exited()
+        return False
+
+    def _thread_states(self) -> list[str] | None:
+        """The state letter of each of its threads, or None when /proc has no entry for it."""
         try:
             tids = os.listdir(f"/proc/{self.pid}/task")
         except OSError:
-            return not self._still_here()
+            return None
+        states = []
         for tid in tids:
             try:
-                state = read_stat(f"/proc/{self.pid}/task/{tid}/stat").state
+                states.append(read_stat(f"/proc/{self.pid}/task/{tid}/stat").state)
             except (OSError, IndexError, ValueError):
                 continue
-            if state not in ("Z", "X"):
-                return False
-        return self._still_here()
+        return states
 
     def _still_here(self) -> bool:
         """Whether the pid is still this process (not reaped, so not reused)."""

@@ -110,6 +110,9 @@ INTERRUPT_GRACE = 30.0
 #: can then wait in wait4() for good: the target's exited threads stay zombies that only their
 #: tracer, CRIU, can release; killing CRIU releases them (kernel/ptrace.c exit_ptrace()).
 TARGET_GONE_GRACE = 3.0
+#: Seconds a failure waits for a process seen dying (some threads exited, others on their way
+#: out of a SIGKILL) to be gone, so that the failure is told as that death.
+DYING_GRACE = 1.0
 #: Seconds between two looks at the dumped process's threads while CRIU runs (its pidfd wakes
 #: the watch at once when it exits; zombie threads held by CRIU do not, see Pidfd.exited()).
 WATCH_STEP = 0.25
@@ -582,9 +585,9 @@ class _Watch:
     deadline: float
     timeout: float
 
-    def dead(self) -> Pidfd | None:
-        """The first watched process that has ended, if any."""
-        return next((p for p in self.processes if p.exited()), None)
+    def dead(self, grace: float = 0.0) -> Pidfd | None:
+        """The first watched process that has ended, if any (see :meth:`Pidfd.exited`)."""
+        return next((p for p in self.processes if p.exited(grace)), None)
 
     def died(self, dead: Pidfd) -> TargetDiedError:
         """The error for *dead*'s end, named as the root or as a member of its tree."""
@@ -621,7 +624,7 @@ def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> No
         _supervise(proc, argv, watch)
         output.seek(0)
         out = output.read()[-8192:].decode(errors="replace")
-    if proc.returncode != 0 and (dead := watch.dead()) is not None:
+    if proc.returncode != 0 and (dead := watch.dead(DYING_GRACE)) is not None:
         raise watch.died(dead)
     if proc.returncode != 0:
         raise _failure(argv, proc.returncode, log_path, out, job.scratch.parent)
@@ -678,7 +681,10 @@ def _supervise(proc: subprocess.Popen[bytes], argv: Sequence[str], watch: _Watch
                     break
                 if (dead := watch.dead()) is not None:
                     died = watch.died(dead)  # now: once CRIU is gone its zombie may be reaped
-                    _wait_readable(criu_fd, TARGET_GONE_GRACE)
+                    if _wait_readable(criu_fd, TARGET_GONE_GRACE):
+                        # CRIU ended by itself: its exit status tells (without --leave-running
+                        # CRIU kills the process it dumped once the dump is complete)
+                        break
                     _kill_group(proc)
                     raise died if died.how else watch.died(dead)
         except KeyboardInterrupt:
