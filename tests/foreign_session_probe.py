@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -34,6 +35,19 @@ def state(pid: int) -> dict[str, object]:
     }
 
 
+def settle(pid: int, timeout: float = 10.0) -> None:
+    """Wait, bounded, until every thread of ``pid`` sleeps: "ready" is printed before the
+    threads reach their blocking calls, and a state read while one still runs is R, not S."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tasks = Path(f"/proc/{pid}/task")
+        states = {(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()}
+        if states == {"S"}:
+            return
+        time.sleep(0.01)
+    raise SystemExit(f"threads of {pid} did not all sleep within {timeout} s")
+
+
 def main() -> None:
     threads, tool, criu, work = sys.argv[1:5]
     out: dict[str, object] = {"getsid": os.getsid(0)}
@@ -45,6 +59,7 @@ def main() -> None:
         out["ready"] = target.stdout.readline().strip()
         pid = target.pid
         out["pid"] = pid
+        settle(pid)
         out["threads"] = len(os.listdir(f"/proc/{pid}/task"))
         out["before"] = state(pid)
         base = [tool, "dump", str(pid), "--core-limit", "unlimited"]
