@@ -79,6 +79,17 @@ def test_request_lines() -> None:
             parse_request(bad)
 
 
+def test_request_without_a_service() -> None:
+    """`criu-livedump request` (the standalone client behind it): one line, exit status 3."""
+    from click.testing import CliRunner
+
+    from criu_livedump.cli import cli
+
+    result = CliRunner().invoke(cli, ["request", "1", "--socket", "/nonexistent/sock"])
+    assert result.exit_code == 3
+    assert result.stderr == "error: /nonexistent/sock: No such file or directory\n"
+
+
 def test_words_are_the_cli_words() -> None:
     """The service parses SPEC words with request.py, nothing of its own."""
     service = Service()
@@ -410,6 +421,10 @@ def test_refusals_leave_the_target_untouched(users: list[User], area: Path) -> N
         assert list(cores.iterdir()) == []
         log = served.log.read_text()
     assert "decision=accepted" not in log
+    for pid in (theirs, roots, own_hidden):  # each refusal logged, at the open and the socket
+        assert f"door=fuse uid={a.uid} pid=" in log
+        assert f"target={pid} open=livedump decision=refused result=EACCES (process {pid}" in log
+        assert f"target={pid} words='' decision=refused result=EACCES (process {pid}" in log
     assert (
         f"door=fuse uid={a.uid} pid=" in log
         and f"target={limited} words='core_limit=lots\\n' decision=refused result=EINVAL" in log

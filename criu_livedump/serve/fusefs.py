@@ -93,7 +93,7 @@ class LivedumpFs(mfusepy.Operations):  # type: ignore[misc]  # mfusepy is untype
         wanted = os.O_RDONLY if name == "status" else os.O_WRONLY
         if fi.flags & os.O_ACCMODE != wanted:
             raise _fail(errno.EACCES)
-        number = self.service.access_errno(_caller(), pid)
+        number = self.service.access_errno(_caller(), pid, name)
         if number:
             raise _fail(number)
         return 0

@@ -165,11 +165,19 @@ class Service:
             raise _Refused(errno_for(e), _message(e)) from e
         return facts
 
-    def access_errno(self, requester: Requester, pid: int) -> int:
-        """0 when the requester may dump *pid*, else the errno (an open() of the FUSE file)."""
+    def access_errno(self, requester: Requester, pid: int, what: str) -> int:
+        """0 when the requester may dump *pid*, else the errno, logged (an open() of the FUSE
+        file *what*: the request is refused before any words)."""
         try:
             self.check_access(requester, pid)
         except _Refused as e:
+            log.info(
+                "%s open=%s decision=refused result=%s (%s)",
+                _shown(requester, pid),
+                what,
+                errno.errorcode[e.errno],
+                e,
+            )
             return e.errno
         return 0
 
@@ -252,8 +260,7 @@ class Service:
 
         :param words: the SPEC text (the empty string takes a dump with the target's defaults).
         """
-        shown = f"door={requester.door} uid={requester.uid} pid={requester.pid} target={pid}"
-        shown += f" words={words!r}"
+        shown = f"{_shown(requester, pid)} words={words!r}"
         decided: Pidfd | None = None
         try:
             request = self._parse(words)
@@ -315,6 +322,10 @@ class Service:
         self._release(job.target, status)
         log.info("%s result=%s", shown, status.strip())
         job.done.set()
+
+
+def _shown(requester: Requester, pid: int) -> str:
+    return f"door={requester.door} uid={requester.uid} pid={requester.pid} target={pid}"
 
 
 def _open_pidfd(pid: int) -> Pidfd:
