@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup test lint unit demo bench soak fuzz clean
+.PHONY: setup test lint unit demo bench soak fuzz clean arm64-fixtures
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -32,6 +32,10 @@ soak: setup
 
 fuzz: setup
 	$(PY) -m pytest tests/test_fuzz.py --fuzz-full $(PYTEST_ARGS)
+
+# the aarch64 golden fixtures, made in an emulated arm64 guest (minutes; see README "arm64")
+arm64-fixtures:
+	bash tests/arm64/make-fixtures.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache tests/programs/bin

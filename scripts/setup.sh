@@ -21,7 +21,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 # --- 1. Debian packages -------------------------------------------------------------------------
 debs=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
       libprotobuf-c-dev libprotobuf-dev pkg-config protobuf-c-compiler protobuf-compiler uuid-dev
-      gcc make gdb elfutils xz-utils zstd curl ca-certificates iproute2 passwd liburing-dev
+      gcc make gdb gdb-multiarch elfutils xz-utils zstd curl ca-certificates iproute2 passwd liburing-dev
       redis-server redis-tools nginx-light postgresql postgresql-contrib podman runc
       fuse3)
 missing=()

@@ -238,7 +238,7 @@ def test_aarch64_thread_notes() -> None:
     notes = aarch64.thread_notes(_aarch64_core(), aarch64.cpu_layout(None))
     assert [(n.name, n.type, len(n.desc)) for n in notes] == [
         (b"CORE", 2, 528),
-        (b"LINUX", aarch64.NT_ARM_TLS, 8),
+        (b"LINUX", aarch64.NT_ARM_TLS, 16),
         (b"LINUX", aarch64.NT_ARM_HW_BREAK, 264),
         (b"LINUX", aarch64.NT_ARM_HW_WATCH, 264),
         (b"LINUX", aarch64.NT_ARM_SYSTEM_CALL, 4),
@@ -247,7 +247,7 @@ def test_aarch64_thread_notes() -> None:
     fp, tls, brk, _, sysc, _ = (n.desc for n in notes)
     assert fp[:16] == (1).to_bytes(8, "little") + (2).to_bytes(8, "little")  # v0, low half first
     assert fp[512:520] == (0x10).to_bytes(4, "little") + (0x200_0000).to_bytes(4, "little")
-    assert tls == (0xFFFF_8000_1234).to_bytes(8, "little")
+    assert tls == (0xFFFF_8000_1234).to_bytes(8, "little") + bytes(8)  # tpidr2_el0: no SME
     assert brk[:4] == (0x606).to_bytes(4, "little")
     assert sysc == b"\xff\xff\xff\xff"
     recorded = aarch64.cpu_layout({"break_info": 0x810, "watch_info": 0x804})

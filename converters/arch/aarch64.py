@@ -110,8 +110,9 @@ def core_gregs(core: Any, read: ReadMemory) -> bytes:
 #: NT_PRFPREG's payload (fpr_get() copies the whole struct)
 FPSIMD: Final = struct.Struct("<64QII8x")
 assert FPSIMD.size == 528
-#: NT_ARM_TLS: tls_get() writes tpidr_el0 (struct {u64}: the regset's n = 1 on 6.1)
-TLS: Final = struct.Struct("<Q")
+#: NT_ARM_TLS: tls_get() writes tpidr_el0, then tpidr2_el0 (SME's; zeros on a CPU without SME,
+#: and CRIU does not save it): 16 bytes, measured in the 6.1 guest's core
+TLS: Final = struct.Struct("<QQ")
 #: struct user_hwdebug_state {u32 dbg_info; u32 pad; struct {u64 addr; u32 ctrl; u32 pad;}
 #: dbg_regs[16];}: hw_break_get()/hw_watch_get() write dbg_info then ARM_MAX_BRP/WRP (16) slots
 HWDEBUG_HEAD: Final = struct.Struct("<II")
@@ -172,7 +173,7 @@ def thread_notes(core: Any, layout: CpuLayout) -> list[Note]:
     ti = core.ti_aarch64
     return [
         Note(b"CORE", NT.PRFPREG, pack_fpsimd(ti.fpsimd)),
-        Note(b"LINUX", NT_ARM_TLS, TLS.pack(int(ti.tls) & _U64)),
+        Note(b"LINUX", NT_ARM_TLS, TLS.pack(int(ti.tls) & _U64, 0)),
         Note(b"LINUX", NT_ARM_HW_BREAK, _hwdebug(layout.break_info)),
         Note(b"LINUX", NT_ARM_HW_WATCH, _hwdebug(layout.watch_info)),
         Note(b"LINUX", NT_ARM_SYSTEM_CALL, SYSTEM_CALL.pack(NO_SYSCALL)),

@@ -20,12 +20,13 @@ from typing import Any, BinaryIO
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from harness.aarch64 import AARCH64
 from harness.errors import HarnessError
 from harness.machine import Machine
 from harness.x86_64 import X86_64
 
 #: every architecture the reader knows, by pyelftools' e_machine name
-MACHINES: dict[str, Machine] = {m.e_machine: m for m in (X86_64,)}
+MACHINES: dict[str, Machine] = {m.e_machine: m for m in (X86_64, AARCH64)}
 
 
 class NT(IntEnum):

@@ -11,23 +11,22 @@ _ENV = {"LC_ALL": "C", "TERM": "dumb", "DEBUGINFOD_URLS": ""}
 
 
 def _gdb(
-    command: str, binary: str | os.PathLike[str], core: str | os.PathLike[str]
+    command: str,
+    binary: str | os.PathLike[str],
+    core: str | os.PathLike[str],
+    *,
+    gdb: str = "gdb",
+    sysroot: str | os.PathLike[str] | None = None,
 ) -> tuple[str, str]:
+    """*command* on *core* of *binary*; *gdb* another gdb (gdb-multiarch for a foreign core)
+    reading shared libraries under *sysroot*."""
+    where = ["-ex", f"set sysroot {os.fspath(sysroot)}"] if sysroot is not None else []
     proc = procs.run(
-        [
-            "gdb",
-            "-batch",
-            "-nx",
-            "-ex",
-            "set pagination off",
-            "-ex",
-            command,
-            os.fspath(binary),
-            os.fspath(core),
-        ],
+        [gdb, "-batch", "-nx", "-ex", "set pagination off", *where, "-ex", command,
+         os.fspath(binary), os.fspath(core)],
         text=True,
         env={**os.environ, **_ENV},
-    )
+    )  # fmt: skip
     return proc.stdout, proc.stderr
 
 
@@ -71,9 +70,16 @@ def normalise_backtraces(stdout: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def gdb_backtraces(binary: str | os.PathLike[str], core: str | os.PathLike[str]) -> str:
+def gdb_backtraces(
+    binary: str | os.PathLike[str],
+    core: str | os.PathLike[str],
+    *,
+    gdb: str = "gdb",
+    sysroot: str | os.PathLike[str] | None = None,
+) -> str:
     """``thread apply all bt`` of *core*, normalised by :func:`normalise_backtraces`."""
-    return normalise_backtraces(run_gdb(binary, core)[0])
+    out = _gdb("thread apply all bt", binary, core, gdb=gdb, sysroot=sysroot)[0]
+    return normalise_backtraces(out)
 
 
 def gdb_warnings(binary: str | os.PathLike[str], core: str | os.PathLike[str]) -> list[str]:

@@ -99,8 +99,9 @@ __attribute__((noinline)) static void block_in_accept(void)
 		sink = accept(listen_fd, NULL, NULL);
 }
 
-/* Load a distinct pattern into xmm0-15 and the upper halves of ymm0-15, then block in a raw
- * read(2) issued from the same asm statement, so nothing can clobber the vector registers. */
+/* Load a distinct pattern into xmm0-15 and the upper halves of ymm0-15 (arm64: v0-v15), then
+ * block in a raw read(2) issued from the same asm statement, so nothing can clobber the vector
+ * registers. */
 __attribute__((noinline)) static void block_with_vector_registers(unsigned seed)
 {
 	uint8_t pattern[32] __attribute__((aligned(32)));
@@ -108,6 +109,30 @@ __attribute__((noinline)) static void block_with_vector_registers(unsigned seed)
 	for (unsigned i = 0; i < sizeof(pattern); i++)
 		pattern[i] = (uint8_t)(seed * 37u + i * 11u + 1u);
 	for (;;) {
+#if defined(__aarch64__)
+		register long x0 __asm__("x0") = pipefd[0];
+		register long x1 __asm__("x1") = (long)&c;
+		register long x2 __asm__("x2") = 1;
+		register long x8 __asm__("x8") = SYS_read;
+		__asm__ volatile(
+			"ld1 {v0.16b, v1.16b}, [%[p]]\n\t"
+			"add v2.16b, v1.16b, v0.16b\n\t"
+			"add v3.16b, v2.16b, v0.16b\n\t"
+			"add v4.16b, v3.16b, v0.16b\n\t"
+			"add v5.16b, v4.16b, v0.16b\n\t"
+			"add v6.16b, v5.16b, v0.16b\n\t"
+			"add v7.16b, v6.16b, v0.16b\n\t"
+			"add v16.16b, v7.16b, v0.16b\n\t"
+			"add v17.16b, v16.16b, v0.16b\n\t"
+			"add v18.16b, v17.16b, v0.16b\n\t"
+			"add v19.16b, v18.16b, v0.16b\n\t"
+			"svc #0"
+			: "+r"(x0)
+			: "r"(x1), "r"(x2), "r"(x8), [p] "r"(pattern)
+			: "memory", "v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "v16", "v17",
+			  "v18", "v19");
+		sink = x0;
+#else
 		long ret;
 		__asm__ volatile(
 			"vmovdqa (%[p]), %%ymm0\n\t"
@@ -133,6 +158,7 @@ __attribute__((noinline)) static void block_with_vector_registers(unsigned seed)
 			  "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13",
 			  "xmm14", "xmm15");
 		sink = ret;
+#endif
 	}
 }
 
