@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -338,37 +340,84 @@ def freeze(prepared: Prepared, *, timeout: float = 10.0) -> Clone:
     :raises TargetError: the target vanished.
     :raises CloneError: anything else; the target is left running and no clone is alive.
     """
-    pid, copier = prepared.pid, prepared.copier
-    state = _Freeze(pid, prepared.suspend, AllThreads(pid, timeout), prepared.fallback_ip)
+    clones, _ = freeze_tree([prepared], timeout=timeout)
+    return clones[0]
+
+
+def freeze_tree(
+    prepared: Sequence[Prepared], *, timeout: float = 10.0
+) -> tuple[list[Clone], FreezeSteps]:
+    """Steps 1-5 for every process of a tree at one instant: every thread of every process
+    stopped and saved before the first clone is injected, every process resumed after the
+    last one is; then each clone prepared. Returns the clones (in *prepared*'s order) and the
+    tree's freeze, split into its steps (for one process: that process's own).
+
+    :raises TargetError: a process vanished.
+    :raises CloneError: anything else; every process is left running and no clone is alive.
+    """
+    states = [
+        _Freeze(p.pid, p.suspend, AllThreads(p.pid, timeout), p.fallback_ip) for p in prepared
+    ]
+    clones: list[Clone] = []
     try:
-        state.threads.seize()
-        with realtime() as boosted:
-            state.threads.stop()
-            state.threads.save()
-            _hook("seized")
-            _make_clone(state)
-            if copier is not None:
-                copier.copy()
-            _hook("cloned")
-            state.threads.resume()
-        steps = state.threads.steps(realtime=boosted)
-        cpid = state.clone_pid
-        state.pidfd = os.pidfd_open(cpid)
-        _adopt_clone(cpid, state.suspend)
-        clone_status = read_status(f"/proc/{cpid}/status")
-        state.clone_ns_pid = ns_id(clone_status, "NSpid", cpid)
-        reap = ReapPlan(
-            pid, cpid, state.clone_ns_pid, state.injector, state.syscall_ip, state.suspend
-        )
-        state.watchdog = _start_watchdog(reap, state.pidfd)
-        _hook("detached")
-        lost = copier.finish() if copier is not None else ()
+        for state in states:
+            state.threads.seize()
+        steps = _stop_and_clone(states, prepared)
+        for state, one in zip(states, prepared, strict=True):
+            clones.append(_adopt(state, one, steps))
     except BaseException as e:
-        # Step 7: whatever failed, the target runs on and the clone dies with us.
-        prepared.close()
-        _undo(state)
+        # Step 7: whatever failed, every process runs on and no clone outlives us.
+        for one in prepared:
+            one.close()
+        for clone in clones:
+            clone.kill()
+        for state in states[len(clones) :]:
+            _undo(state)
+        pid = states[len(clones)].pid if len(clones) < len(states) else states[0].pid
         _raise_as_clone_error(pid, e)
         raise
+    return clones, steps
+
+
+def _stop_and_clone(states: Sequence[_Freeze], prepared: Sequence[Prepared]) -> FreezeSteps:
+    """The freeze itself, under SCHED_FIFO: stop all, save all, clone each (its fork-lost pages
+    copied), resume all; each step timed over the whole tree."""
+    with realtime() as boosted:
+        marks = [time.monotonic()]
+        for state in states:
+            state.threads.stop()
+        marks.append(time.monotonic())
+        for state in states:
+            state.threads.save()
+        _hook("seized")
+        marks.append(time.monotonic())
+        for state, one in zip(states, prepared, strict=True):
+            _make_clone(state)
+            if one.copier is not None:
+                one.copier.copy()
+        _hook("cloned")
+        marks.append(time.monotonic())
+        for state in states:
+            state.threads.resume()
+        marks.append(time.monotonic())
+    if len(states) == 1:
+        return states[0].threads.steps(realtime=boosted)
+    stop, save, fork, resume = (b - a for a, b in itertools.pairwise(marks))
+    return FreezeSteps(stop, save, fork, resume, realtime=boosted, started=marks[0])
+
+
+def _adopt(state: _Freeze, prepared: Prepared, steps: FreezeSteps) -> Clone:
+    """After the freeze (*steps*): the clone held (pidfd, ptrace options, watchdog), its
+    fork-lost pages collected, then prepared for CRIU (step 5)."""
+    pid, cpid = state.pid, state.clone_pid
+    state.pidfd = os.pidfd_open(cpid)
+    _adopt_clone(cpid, state.suspend)
+    clone_status = read_status(f"/proc/{cpid}/status")
+    state.clone_ns_pid = ns_id(clone_status, "NSpid", cpid)
+    reap = ReapPlan(pid, cpid, state.clone_ns_pid, state.injector, state.syscall_ip, state.suspend)
+    state.watchdog = _start_watchdog(reap, state.pidfd)
+    _hook("detached")
+    lost = prepared.copier.finish() if prepared.copier is not None else ()
     snap = Clone(
         pid=pid,
         clone_pid=cpid,
@@ -388,6 +437,7 @@ def freeze(prepared: Prepared, *, timeout: float = 10.0) -> Clone:
         _suspend=state.suspend,
         _watchdog=state.watchdog,
     )
+    state.clone_pid = 0  # the Clone owns it now
     try:
         snap.side_mappings = _prepare_clone(snap, prepared.side_dir)
         _hook("prepared")
