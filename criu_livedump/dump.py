@@ -171,17 +171,25 @@ def resolve_sink(
     return spec, None
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """A child's images in the target's own (CRIU collected the tree)."""
+
+    images_dir: Path
+
+
 def _child_core(
     pid: int,
     request: DumpRequest,
-    images_dir: Path,
+    images: snapshot.TreeMember | _Shared,
     signal: int,
     priorities: Priorities,
     method: str,
 ) -> DumpReport:
-    """With ``--tree``: the core of one child from the same images (taken by *method*), written
-    where the kernel would put that child's core (its own core_pattern expansion and
-    RLIMIT_CORE), or next to ``-o PATH`` as ``PATH.PID``."""
+    """With ``--tree``: the core of one child from its images (taken by *method*: the
+    target's, or its own with the snapshot's facts of it), written where the kernel would put
+    that child's core (its own core_pattern expansion and RLIMIT_CORE), or next to
+    ``-o PATH`` as ``PATH.PID``."""
     try:
         facts = target.inspect(pid)
     except LivedumpError as e:
@@ -201,20 +209,27 @@ def _child_core(
         report.no_core_reason = no_core
         return report
     report.destination = sink.describe()
+    own = isinstance(images, snapshot.TreeMember)
+    if isinstance(images, snapshot.TreeMember):
+        _write_sidecar(images.images_dir, facts, sink, limit, signal, images.sidecar)
+        mapped_fds = dict(images.mapped_fds)
+    else:
+        mapped_fds = open_mapped_files(pid)
     options = ConvertOptions(
         coredump_filter=request.coredump_filter or facts.coredump_filter,
         core_limit=UNLIMITED if sink.kind == SinkKind.PIPE else limit,
         signal=signal,
         pid=facts.ns_pid,
-        mapped_fds=open_mapped_files(pid),
+        mapped_fds=mapped_fds,
     )
     try:
-        outcome = run_conversion(images_dir, facts.ns_pid, sink, options, priorities)
+        outcome = run_conversion(images.images_dir, facts.ns_pid, sink, options, priorities)
     except LivedumpError as e:
         report.no_core_reason = e.message
         return report
     finally:
-        close_mapped_files(options.mapped_fds)
+        if not own:
+            close_mapped_files(options.mapped_fds)
     report.core_path, report.size, report.truncated = outcome.path, outcome.size, outcome.truncated
     report.convert_seconds = outcome.seconds
     report.warnings += outcome.warnings
@@ -290,7 +305,7 @@ def _live_dump(
     _check_sink(request, sink)
     report.destination = sink.describe()
     binary = criu.find(criu_path)
-    creds = criu_credentials(facts)
+    creds = criu_credentials(method.criu_sees(facts))
     report.criu_ran_as = creds.description
     priorities = Priorities(request.sched_prio, request.io_prio, request.oom_score_adj)
     timeout = request.timeout or criu.default_timeout(facts.rss)
@@ -311,7 +326,12 @@ def _live_dump(
             if request.tree:
                 report.children += [
                     _child_core(
-                        child, request, result.images_dir, signal, priorities, report.method
+                        child,
+                        request,
+                        done.members.get(child, _Shared(result.images_dir)),
+                        signal,
+                        priorities,
+                        report.method,
                     )
                     for child in facts.tree
                     if child != pid
@@ -354,14 +374,41 @@ def _snapshot(
     snap.freeze()
     task = snap.handoff(binary)
     options = (*task.options, *creds.extra_args)
+    result = _run_criu(binary, snap, task, creds, priorities, time_limit)
+    more = [
+        _run_criu(binary, snap, t, criu_credentials(t.member), priorities, time_limit)
+        for t in snap.tree_handoffs(binary)
+        if t.member is not None
+    ]
+    done = snap.complete(result, more)
+    report.criu_options = options
+    report.pre_dump_rounds = task.pre_dump_rounds
+    report.dump_seconds = result.seconds + sum(r.seconds for r in more)
+    report.resumed_by_us = result.resumed_by_us
+    report.frozen_us, report.freezing_us = done.frozen_us, done.freezing_us
+    report.freeze_steps_us = dict(done.freeze_steps_us)
+    report.freeze_start_ns = done.freeze_start_ns
+    return result, done
+
+
+def _run_criu(
+    binary: criu.Criu,
+    snap: snapshot.Snapshot,
+    task: snapshot.CriuTask,
+    creds: CriuCredentials,
+    priorities: Priorities,
+    time_limit: tuple[float, float],
+) -> criu.DumpResult:
+    """CRIU's dump of *task* as *creds* say, into the snapshot's work directory (or, for a
+    further process of a tree, its directory there)."""
     try:
-        result = criu.dump(
+        return criu.dump(
             binary,
             criu.DumpJob(
                 pid=task.pid,
-                scratch=snap.work,
+                scratch=snap.work / task.images if task.images else snap.work,
                 pre_dump_rounds=task.pre_dump_rounds,
-                extra_args=options,
+                extra_args=(*task.options, *creds.extra_args),
                 preexec=scheduling_preexec(priorities),
                 wrapper=creds.wrapper,
                 owner=None if creds.uid is None else (creds.uid, creds.gid or 0),
@@ -376,19 +423,10 @@ def _snapshot(
         if e.pid != task.pid or task.pid == snap.facts.pid:
             raise
         # CRIU dumped a copy of the target (the clone method's): the snapshot failed, not it
+        of = snap.facts.pid if task.member is None else task.member.pid
         raise SnapshotError(
-            f"process {snap.facts.pid}: the copy CRIU dumped (process {e.pid}) {e.problem};"
-            " the target runs on"
+            f"process {of}: the copy CRIU dumped (process {e.pid}) {e.problem}; the target runs on"
         ) from e
-    done = snap.complete(result)
-    report.criu_options = options
-    report.pre_dump_rounds = task.pre_dump_rounds
-    report.dump_seconds = result.seconds
-    report.resumed_by_us = result.resumed_by_us
-    report.frozen_us, report.freezing_us = done.frozen_us, done.freezing_us
-    report.freeze_steps_us = dict(done.freeze_steps_us)
-    report.freeze_start_ns = done.freeze_start_ns
-    return result, done
 
 
 def _write_sidecar(

@@ -9,18 +9,31 @@ from __future__ import annotations
 
 from criu_livedump.errors import BlockerError
 from criu_livedump.request import Method
-from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted
+from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted, TreeMember
 from criu_livedump.snapshot.clone.method import CloneSnapshot
 from criu_livedump.snapshot.leave_running import CriuSnapshot
 from criu_livedump.target import TargetFacts
 
-__all__ = ["METHODS", "CriuTask", "Snapshot", "Snapshotted", "choose"]
+__all__ = [
+    "METHODS",
+    "TREE_PREFERENCE",
+    "CriuTask",
+    "Snapshot",
+    "Snapshotted",
+    "TreeMember",
+    "choose",
+]
 
 #: Every snapshot method, in ``auto``'s order of preference: the shortest freeze first.
 METHODS: dict[Method, type[Snapshot]] = {
     Method.CLONE: CloneSnapshot,
     Method.CRIU: CriuSnapshot,
 }
+
+#: ``auto``'s order with ``--tree``: CRIU's own tree dump first (one CRIU, one freeze of the
+#: tree by CRIU itself); the clones of the whole tree where CRIU refuses it (SysV shared memory,
+#: io_uring, mixed uids without CAP_SYS_RESOURCE).
+TREE_PREFERENCE: tuple[Method, ...] = (Method.CRIU, Method.CLONE)
 
 
 def choose(requested: Method, facts: TargetFacts, *, tree: bool = False) -> type[Snapshot]:
@@ -30,7 +43,8 @@ def choose(requested: Method, facts: TargetFacts, *, tree: bool = False) -> type
     :raises BlockerError: the requested method (for ``auto``: every method) refuses the target;
         the message gives the reasons, the hint a method that would accept it, if any.
     """
-    refusals = {m: cls.refusals(facts, tree=tree) for m, cls in METHODS.items()}
+    order = TREE_PREFERENCE if tree else tuple(METHODS)
+    refusals = {m: METHODS[m].refusals(facts, tree=tree) for m in order}
     accepting = [m for m, reasons in refusals.items() if not reasons]
     if requested == Method.AUTO:
         if accepting:

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -28,7 +28,7 @@ from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot.criu import Criu, DumpResult
 from criu_livedump.target import TargetFacts
 
-__all__ = ["CriuTask", "Snapshot", "Snapshotted"]
+__all__ = ["CriuTask", "Snapshot", "Snapshotted", "TreeMember"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class CriuTask:
     :param ns_pid: *pid*'s id in its own PID namespace when CRIU is to run inside that namespace
         (:func:`criu_livedump.snapshot.criu.in_pid_namespace`), else None.
     :param tree: the other processes CRIU collects with *pid* (its descendants), watched with it.
+    :param member: for a further task of a tree (:meth:`Snapshot.tree_handoffs`): the tree's
+        process it stands for, read as CRIU is to see it (CRIU runs with its credentials),
+        and *images* the directory of the work directory its images go to.
     """
 
     pid: int
@@ -50,6 +53,19 @@ class CriuTask:
     pre_dump_rounds: int = 0
     ns_pid: int | None = None
     tree: tuple[int, ...] = ()
+    member: TargetFacts | None = None
+    images: str = ""
+
+
+@dataclass(frozen=True)
+class TreeMember:
+    """A process of the tree whose images CRIU wrote apart (:meth:`Snapshot.tree_handoffs`):
+    where they are, the facts only the method knows, and its mapped files' descriptors (held
+    by the snapshot, closed by its :meth:`Snapshot.close`)."""
+
+    images_dir: Path
+    sidecar: Sidecar
+    mapped_fds: Mapping[int, int]
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,8 @@ class Snapshotted:
     :param freeze_steps_us: the freeze split into its steps (``stop``, ``save``, ``fork``,
         ``resume`` for the clone), in microseconds, where the method times them.
     :param freeze_start_ns: when the freeze began (CLOCK_MONOTONIC), where the method knows.
+    :param members: with ``--tree``, the processes whose images are apart, by pid (the others'
+        are in the target's images).
     """
 
     frozen_us: int
@@ -69,6 +87,7 @@ class Snapshotted:
     sidecar: Sidecar = field(default_factory=Sidecar)
     freeze_steps_us: Mapping[str, int] = field(default_factory=dict)
     freeze_start_ns: int = 0
+    members: Mapping[int, TreeMember] = field(default_factory=dict)
 
 
 class Snapshot(ABC):
@@ -108,9 +127,22 @@ class Snapshot(ABC):
     def handoff(self, binary: Criu) -> CriuTask:
         """The process CRIU is to dump, ready for it."""
 
+    @classmethod
+    def criu_sees(cls, facts: TargetFacts) -> TargetFacts:
+        """The target as the CRIU that dumps it sees it (whose credentials it takes): by
+        default the target with its tree."""
+        return facts
+
+    def tree_handoffs(self, binary: Criu) -> tuple[CriuTask, ...]:
+        """With ``--tree``, the further CRIU dumps the method needs, one per process of the
+        tree whose images are apart (none by default: CRIU collects the tree)."""
+        del binary
+        return ()
+
     @abstractmethod
-    def complete(self, result: DumpResult) -> Snapshotted:
-        """After CRIU: make the images describe the target; what the report needs."""
+    def complete(self, result: DumpResult, more: Sequence[DumpResult] = ()) -> Snapshotted:
+        """After CRIU: make the images describe the target; what the report needs. *more*:
+        the results of :meth:`tree_handoffs`' dumps, in their order."""
 
     def close(self) -> None:
         """Release whatever the snapshot holds; idempotent, never raises."""

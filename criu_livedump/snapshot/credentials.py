@@ -11,7 +11,7 @@ from criu_livedump.linux.caps import CAP, cap_names, capabilities, has_cap
 from criu_livedump.linux.procfs import read_status
 from criu_livedump.target import TargetFacts
 
-__all__ = ["CriuCredentials", "criu_credentials"]
+__all__ = ["CriuCredentials", "criu_credentials", "mixed_tree_refusal"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,21 @@ def criu_credentials(facts: TargetFacts) -> CriuCredentials:
         extra_args=("--unprivileged",),
         uid=uids.real,
         gid=gids.real,
+    )
+
+
+def mixed_tree_refusal(facts: TargetFacts) -> str | None:
+    """Why one CRIU cannot dump *facts*' whole tree: it holds processes of several uids and
+    CRIU, lacking CAP_SYS_RESOURCE, can read the rlimits of one uid's only (criu/cr-dump.c
+    dump_task_rlimits(), kernel/sys.c check_prlimit_permission()); else None."""
+    if has_cap(capabilities(), CAP.SYS_RESOURCE):
+        return None
+    uids = _tree_uids(facts)
+    if len(uids) < 2:
+        return None
+    return (
+        f"its tree holds processes of uids {', '.join(map(str, sorted(uids)))}, and CRIU,"
+        " lacking CAP_SYS_RESOURCE, cannot read the limits of another uid's processes"
     )
 
 

@@ -7,12 +7,14 @@ The target's whole tree is frozen while CRIU copies it (CRIU's own ``frozen_time
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from criu_livedump.linux import ptrace
 from criu_livedump.linux.mapped_files import open_mapped_files
 from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted
+from criu_livedump.snapshot.credentials import mixed_tree_refusal
 from criu_livedump.target import TargetFacts
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class CriuSnapshot(Snapshot):
             reasons.append(why)
         if _inside(facts) and (why := criu.launcher_refusal()) is not None:
             reasons.append(f"it is process {facts.ns_pid} of its PID namespace; {why}")
+        if tree and (why := mixed_tree_refusal(facts)) is not None:
+            reasons.append(why)
         return tuple(reasons)
 
     def handoff(self, binary: criu.Criu) -> CriuTask:
@@ -53,7 +57,9 @@ class CriuSnapshot(Snapshot):
             tree=tuple(p for p in self.facts.tree if p != self.facts.pid),
         )
 
-    def complete(self, result: criu.DumpResult) -> Snapshotted:
+    def complete(
+        self, result: criu.DumpResult, more: Sequence[criu.DumpResult] = ()
+    ) -> Snapshotted:
         # the target's mappings after the dump, for the converter to read mapped files through
         self.mapped_fds = open_mapped_files(self.facts.pid)
         return Snapshotted(

@@ -5,16 +5,20 @@ rewritten to describe the target (:mod:`~criu_livedump.snapshot.clone.images`)."
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 from converters.sidecar import DontFork, Sidecar
+from criu_livedump import target
 from criu_livedump.linux import ptrace
-from criu_livedump.linux.mapped_files import open_mapped_files
+from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
 from criu_livedump.linux.procfs import SmapsEntry
-from criu_livedump.request import Method
+from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot import criu
-from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted
+from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted, TreeMember
 from criu_livedump.snapshot.clone import images, inject
+from criu_livedump.snapshot.clone.freeze import FreezeSteps
 from criu_livedump.snapshot.criu import Criu, DumpResult
 from criu_livedump.target import BlockerKind, TargetFacts
 
@@ -35,21 +39,33 @@ HANDLES = frozenset(
 
 
 class CloneSnapshot(Snapshot):
-    """Freeze the target for the time a fork takes; CRIU dumps the fork, alone."""
+    """Freeze the target for the time a fork takes; CRIU dumps the fork, alone. With
+    ``--tree``, every process of the tree is frozen at once and each gets its clone
+    (:func:`~criu_livedump.snapshot.clone.inject.freeze_tree`), each dumped by its own CRIU."""
 
     method = Method.CLONE
-    _prepared: inject.Prepared | None = None
-    _clone: inject.Clone | None = None
+
+    def __init__(self, facts: TargetFacts, request: DumpRequest, work: Path) -> None:
+        super().__init__(facts, request, work)
+        #: the target first, then (``--tree``) the other processes of its tree
+        self._prepared: list[inject.Prepared] = []
+        self._clones: list[inject.Clone] = []
+        self._steps = FreezeSteps()
+        self._member_facts: dict[int, TargetFacts] = {}
+        #: each process's mapped files, opened in its clone, by pid
+        self._mapped: dict[int, dict[int, int]] = {}
 
     @classmethod
     def refusals(cls, facts: TargetFacts, *, tree: bool) -> tuple[str, ...]:
         """The target's own blockers the clone does not deal with (a tracer), and what the
         injection needs: seccomp suspended for a target under seccomp, CRIU run inside the
-        target's PID namespace for a target in a child one (the clone is never its init)."""
+        target's PID namespace for a target in a child one (the clone is never its init).
+        With *tree*, the blockers of every process of the tree count (each gets a clone)."""
+        members = set(facts.tree) if tree else {facts.pid}
         reasons = [
-            b.detail
+            b.sentence(facts.pid)
             for b in facts.blockers
-            if b.pid == facts.pid and b.refuse and b.kind not in HANDLES
+            if b.pid in members and b.refuse and b.kind not in HANDLES
         ]
         if facts.seccomp and (why := ptrace.seccomp_suspension_refusal()) is not None:
             reasons.append(why)
@@ -58,30 +74,49 @@ class CloneSnapshot(Snapshot):
             reasons.append("it is stopped (state T)")
         if facts.in_child_pid_ns and (why := criu.launcher_refusal()) is not None:
             reasons.append(f"its clone is a process of its PID namespace; {why}")
-        if tree:
-            reasons.append("--tree needs the whole process tree, which only CRIU collects")
         return tuple(reasons)
 
+    @classmethod
+    def criu_sees(cls, facts: TargetFacts) -> TargetFacts:
+        # CRIU dumps the clone alone, which has no children
+        return replace(facts, tree=(facts.pid,))
+
     def prepare(self) -> None:
-        side = self.work / "side"
-        side.mkdir(mode=0o700)
-        self._prepared = inject.prepare(self.facts.pid, side)
+        members = self.facts.tree if self.request.tree else (self.facts.pid,)
+        for pid in members:
+            side = self.work / f"side-{pid}"
+            side.mkdir(mode=0o700)
+            if pid != self.facts.pid:
+                # read before the freeze: how CRIU is to run for it
+                self._member_facts[pid] = self.criu_sees(target.inspect(pid))
+            self._prepared.append(inject.prepare(pid, side))
 
     def freeze(self) -> None:
-        assert self._prepared is not None, "prepare() first"
-        # steps 1-5 of inject.py: the target's freeze is the clone's making
-        self._clone = inject.freeze(self._prepared)
+        assert self._prepared, "prepare() first"
+        # steps 1-5 of inject.py, for every process of the tree at one instant
+        self._clones, self._steps = inject.freeze_tree(self._prepared)
 
     def handoff(self, binary: Criu) -> CriuTask:
-        clone = self._running_clone()
+        return self._task(self._running_clones()[0], self.facts)
+
+    def tree_handoffs(self, binary: Criu) -> tuple[CriuTask, ...]:
+        tasks = []
+        for clone in self._running_clones()[1:]:
+            facts = self._member_facts[clone.pid]
+            task = self._task(clone, facts)
+            tasks.append(replace(task, member=facts, images=f"tree-{clone.pid}"))
+        return tuple(tasks)
+
+    def _task(self, clone: inject.Clone, facts: TargetFacts) -> CriuTask:
+        """CRIU's dump of *clone* (of *facts*' process), its mapped files opened first."""
         # the stopped clone's mappings are the snapshot's; CRIU kills it when done
-        self.mapped_fds = open_mapped_files(clone.clone_pid)
+        self._mapped[clone.pid] = open_mapped_files(clone.clone_pid)
         clone.release_for_criu()
         options: dict[str, None] = {}
         for b in self.facts.blockers:
-            if b.pid == self.facts.pid:
+            if b.pid == clone.pid:
                 options.update(dict.fromkeys(b.criu_options))
-        inside = self.facts.in_child_pid_ns
+        inside = facts.in_child_pid_ns
         options.update(
             dict.fromkeys(criu.foreign_namespace_options(clone.clone_pid, inside=inside))
         )
@@ -92,16 +127,20 @@ class CloneSnapshot(Snapshot):
             ns_pid=clone.clone_ns_pid if inside else None,
         )
 
-    def complete(self, result: DumpResult) -> Snapshotted:
-        clone = self._running_clone()
-        sysv_keys = images.rewrite_images(result.images_dir, clone)
-        copied = frozenset((a.start, a.end) for a in clone.fork_lost)
-        sidecar = clone_facts(clone.smaps, copied=copied, sysv_keys=sysv_keys)
-        clone.kill()
-        steps = clone.freeze_steps
+    def complete(self, result: DumpResult, more: Sequence[DumpResult] = ()) -> Snapshotted:
+        clones = self._running_clones()
+        members: dict[int, TreeMember] = {}
+        sidecar = self._images(clones[0], result)
+        for clone, res in zip(clones[1:], more, strict=True):
+            members[clone.pid] = TreeMember(
+                res.images_dir, self._images(clone, res), self._mapped[clone.pid]
+            )
+        self.mapped_fds = self._mapped.pop(clones[0].pid)
+        steps = self._steps
         log.info(
-            "process %d: frozen %.1f ms: stop %.1f, save %.1f, fork %.1f, resume %.1f ms (%s)",
-            clone.pid, steps.total * 1e3, steps.stop * 1e3, steps.save * 1e3, steps.fork * 1e3,
+            "%s %d: frozen %.1f ms: stop %.1f, save %.1f, fork %.1f, resume %.1f ms (%s)",
+            "tree of process" if len(clones) > 1 else "process", clones[0].pid,
+            steps.total * 1e3, steps.stop * 1e3, steps.save * 1e3, steps.fork * 1e3,
             steps.resume * 1e3, "tracer under SCHED_FIFO" if steps.realtime else "no SCHED_FIFO",
         )  # fmt: skip
         return Snapshotted(
@@ -109,18 +148,30 @@ class CloneSnapshot(Snapshot):
             sidecar=sidecar,
             freeze_steps_us=steps.microseconds(),
             freeze_start_ns=round(steps.started * 1e9),
+            members=members,
         )
 
+    def _images(self, clone: inject.Clone, result: DumpResult) -> Sidecar:
+        """*clone*'s images rewritten to describe its process; the sidecar's facts of it."""
+        sysv_keys = images.rewrite_images(result.images_dir, clone)
+        copied = frozenset((a.start, a.end) for a in clone.fork_lost)
+        sidecar = clone_facts(clone.smaps, copied=copied, sysv_keys=sysv_keys)
+        clone.kill()
+        return sidecar
+
     def close(self) -> None:
-        if self._clone is not None:
-            self._clone.kill()
-        if self._prepared is not None:
-            self._prepared.close()
+        for clone in self._clones:
+            clone.kill()
+        for prepared in self._prepared:
+            prepared.close()
+        for fds in self._mapped.values():
+            close_mapped_files(fds)
+        self._mapped = {}
         super().close()
 
-    def _running_clone(self) -> inject.Clone:
-        assert self._clone is not None, "freeze() first"
-        return self._clone
+    def _running_clones(self) -> list[inject.Clone]:
+        assert self._clones, "freeze() first"
+        return self._clones
 
 
 def clone_facts(
