@@ -41,6 +41,8 @@ def test_auto_takes_the_first_method_that_refuses_nothing() -> None:
     assert choose(Method.AUTO, PLAIN) is CloneSnapshot
     assert choose(Method.AUTO, plain(state="T")) is CriuSnapshot
     assert choose(Method.AUTO, PLAIN, tree=True) is CriuSnapshot
+    # with --tree, CRIU's tree dump first, the clones where CRIU refuses the tree
+    assert choose(Method.AUTO, plain(blockers=(IO_URING,)), tree=True) is CloneSnapshot
     # io_uring: CRIU refuses it, the clone copies it out
     assert choose(Method.AUTO, plain(blockers=(IO_URING,))) is CloneSnapshot
 
