@@ -75,8 +75,8 @@ class CorePipe:
 
     def pattern(self) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
-        part = self.directory / "part"
-        self.handler.write_text(f'#!/bin/sh\ncat > {part} && mv {part} "$0.$1"\n')
+        # one part file per process: cores of several processes may arrive at once
+        self.handler.write_text('#!/bin/sh\ncat > "$0.$1.part" && mv "$0.$1.part" "$0.$1"\n')
         self.handler.chmod(0o755)
         return f"|{self.handler} %P"
 
