@@ -123,14 +123,19 @@ def _progress(log: Path) -> list[tuple[float, int]]:
     return [(float(t), int(f)) for t, f in PROGRESS.findall(log.read_bytes())]
 
 
-def test_backend_under_pgbench(server: Server, tmp_path: Path) -> None:
+def _start_bench(server: Server, log: Path) -> subprocess.Popen[bytes]:
+    """pgbench initialised, then running 4 clients with progress reports into *log*."""
     procs.run(_pgbench(server, "-i", "-s", "2", "-q"), check=True)
-    log = tmp_path / "pgbench.log"
     with log.open("wb") as f:
-        bench = procs.popen(
+        return procs.popen(
             _pgbench(server, "-c", "4", "-j", "2", "-T", str(BENCH_SECONDS), "-P", "1"),
             stdout=f, stderr=subprocess.STDOUT,
         )  # fmt: skip
+
+
+def test_backend_under_pgbench(server: Server, tmp_path: Path) -> None:
+    log = tmp_path / "pgbench.log"
+    bench = _start_bench(server, log)
     try:
         backends = procs.wait_for(
             lambda: b if len(b := server.backends()) >= 4 else [], 60, "4 pgbench backends"
@@ -182,13 +187,8 @@ def test_cluster_tree_under_pgbench(server: Server, tmp_path: Path) -> None:
     """``dump POSTMASTER --tree`` under pgbench (issue 17): CRIU refuses the tree (SysV), so
     ``auto`` takes the clones: one core per process of the cluster, pgbench fails nothing. The
     tree's freeze is reported (printed, never asserted on time)."""
-    procs.run(_pgbench(server, "-i", "-s", "2", "-q"), check=True)
     log = tmp_path / "pgbench.log"
-    with log.open("wb") as f:
-        bench = procs.popen(
-            _pgbench(server, "-c", "4", "-j", "2", "-T", str(BENCH_SECONDS), "-P", "1"),
-            stdout=f, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    bench = _start_bench(server, log)
     try:
         procs.wait_for(
             lambda: b if len(b := server.backends()) >= 4 else [], 60, "4 pgbench backends"
