@@ -79,8 +79,10 @@ class SYS:
     munmap: Final = 215
     clone: Final = 220
     wait4: Final = 260
+    userfaultfd: Final = 282
     close_range: Final = 436
     openat2: Final = 437
+    pidfd_getfd: Final = 438
     restart_syscall: Final = 128
 
 
@@ -262,6 +264,8 @@ ARCH: Final = Arch(
         ioprio_set=SYS.ioprio_set,
         ioprio_get=SYS.ioprio_get,
         openat2=SYS.openat2,
+        userfaultfd=SYS.userfaultfd,
+        pidfd_getfd=SYS.pidfd_getfd,
     ),
     syscall_insn=SVC_0,
     core_gregs=core_gregs,

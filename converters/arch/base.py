@@ -42,6 +42,8 @@ class Syscalls:
     ioprio_set: int
     ioprio_get: int
     openat2: int
+    userfaultfd: int
+    pidfd_getfd: int
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,10 @@ class SYS:
     pselect6: Final = 270
     ppoll: Final = 271
     epoll_pwait: Final = 281
+    userfaultfd: Final = 323
     close_range: Final = 436
     openat2: Final = 437
+    pidfd_getfd: Final = 438
 
 
 #: syscalls that return -ERESTARTNOHAND when a signal interrupts them (kernel/signal.c
@@ -575,6 +577,8 @@ ARCH: Final = Arch(
         ioprio_set=SYS.ioprio_set,
         ioprio_get=SYS.ioprio_get,
         openat2=SYS.openat2,
+        userfaultfd=SYS.userfaultfd,
+        pidfd_getfd=SYS.pidfd_getfd,
     ),
     syscall_insn=SYSCALL_INSN,
     core_gregs=core_gregs,

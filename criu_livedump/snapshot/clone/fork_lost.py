@@ -31,20 +31,13 @@ from pathlib import Path
 from typing import Final
 
 from criu_livedump.linux import PAGE_SIZE
+from criu_livedump.linux import pagemap as pagemap_scan
 from criu_livedump.linux.procfs import SmapsEntry, read_maps
 
 __all__ = ["Copier", "ForkLostArea", "prepare"]
 
 log = logging.getLogger(__name__)
 
-# include/uapi/linux/fs.h: struct pm_scan_arg (12 u64), struct page_region (3 u64)
-_PM_SCAN_ARG: Final = struct.Struct("<12Q")
-_PAGE_REGION: Final = struct.Struct("<3Q")
-_PAGEMAP_SCAN: Final = (3 << 30) | (_PM_SCAN_ARG.size << 16) | (ord("f") << 8) | 16
-_PAGE_IS_PRESENT: Final = 1 << 3
-_PAGE_IS_SWAPPED: Final = 1 << 4
-_PAGE_IS_PFNZERO: Final = 1 << 5
-_SCAN_REGIONS: Final = 512
 # Documentation/admin-guide/mm/pagemap.rst (the fallback before Linux 6.7)
 _PM_PRESENT: Final = 1 << 63
 _PM_SWAPPED: Final = 1 << 62
@@ -54,7 +47,6 @@ _IOV_MAX: Final = 1024
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.ioctl.restype = ctypes.c_long
 
 
 class _Iovec(ctypes.Structure):
@@ -206,38 +198,17 @@ def _page_runs(pagemap: int, start: int, end: int) -> Iterator[tuple[int, int]]:
 
 
 def _scan(pagemap: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """PAGEMAP_SCAN (Linux 6.7, fs/proc/task_mmu.c): the kernel returns the runs itself."""
-    vec = ctypes.create_string_buffer(_PAGE_REGION.size * _SCAN_REGIONS)
-    arg = ctypes.create_string_buffer(_PM_SCAN_ARG.size)
-    want = _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED
-    pos = start
-    last: tuple[int, int] | None = None
-    while pos < end:
-        _PM_SCAN_ARG.pack_into(
-            arg, 0,
-            _PM_SCAN_ARG.size, 0, pos, end, 0,  # size, flags, start, end, walk_end
-            ctypes.addressof(vec), _SCAN_REGIONS, 0,  # vec, vec_len, max_pages
-            _PAGE_IS_PFNZERO, _PAGE_IS_PFNZERO,  # category_inverted, category_mask: not zero
-            want, want,  # category_anyof_mask, return_mask
-        )  # fmt: skip
-        n = _libc.ioctl(pagemap, _PAGEMAP_SCAN, arg)
-        if n < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        for i in range(n):
-            lo, hi, _ = _PAGE_REGION.unpack_from(vec, i * _PAGE_REGION.size)
-            if last is not None and last[1] == lo:
-                last = (last[0], hi)
-                continue
-            if last is not None:
-                yield last
-            last = (lo, hi)
-        walk_end = _PM_SCAN_ARG.unpack_from(arg)[4]
-        if walk_end <= pos:
-            break
-        pos = walk_end
-    if last is not None:
-        yield last
+    """PAGEMAP_SCAN (Linux 6.7): the kernel returns the runs itself."""
+    want = pagemap_scan.PAGE_IS_PRESENT | pagemap_scan.PAGE_IS_SWAPPED
+    yield from pagemap_scan.scan(
+        pagemap,
+        start,
+        end,
+        inverted=pagemap_scan.PAGE_IS_PFNZERO,  # not the zero page
+        mask=pagemap_scan.PAGE_IS_PFNZERO,
+        anyof=want,
+        returned=want,
+    )
 
 
 def _read_pagemap(pagemap: int, start: int, end: int) -> Iterator[tuple[int, int]]:

@@ -42,7 +42,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -82,6 +82,7 @@ PAUSE_STEPS: Final = ("seized", "cloned", "detached", "prepared", "released")
 
 _ALL_SIGNALS: Final = (1 << 64) - 1
 _WNOHANG: Final = 1
+_NO_SUSPEND: Final = Opt(0)
 
 
 def _arch() -> Arch:
@@ -841,36 +842,66 @@ def _reap_in_target(plan: ReapPlan) -> None:
         if not tids:
             return
         tid = tids[0]
+    try:
+        with injecting(pid, tid, suspend=plan.suspend, syscall_ip=plan.syscall_ip) as call:
+            wait_for = plan.clone_ns_pid
+            ret = call(_arch().syscalls.wait4, wait_for, 0, ptrace.WALL | _WNOHANG, 0)
+    except _ThreadGone:
+        return
+    if ret != wait_for:
+        log.warning("process %d: reaping clone %d: wait4 returned %d", pid, clone_pid, ret)
+
+
+class _ThreadGone(CloneError):
+    """The thread chosen to run an injected syscall exited before it stopped."""
+
+
+@contextlib.contextmanager
+def injecting(
+    pid: int, tid: int, *, suspend: Opt = _NO_SUSPEND, syscall_ip: int = 0
+) -> Iterator[Callable[..., int]]:
+    """Stop thread *tid* of running *pid* and yield ``call(nr, *args) -> result`` that runs
+    syscalls in it; on leaving, its registers and signal mask are restored and it is detached.
+
+    One thread is seized for the duration; the others run on. *suspend* is
+    :attr:`Opt.SUSPEND_SECCOMP` for a target under seccomp (see :func:`check_injectable`).
+
+    :raises CloneError: no syscall instruction to run, or the thread died meanwhile.
+    """
     ptrace.seize(tid)
     try:
         ptrace.interrupt(tid)
         if not _wait_stopped(tid, time.monotonic() + 10.0):
-            return
+            raise _ThreadGone(f"thread {tid}: exited before it stopped for an injected syscall")
         saved = ptrace.get_regs(tid)
         mask = ptrace.get_sigmask(tid)
-        ip = plan.syscall_ip or _syscall_at_pc(pid, saved) or _syscall_fallback(pid)
+        ip = syscall_ip or _syscall_at_pc(pid, saved) or _syscall_fallback(pid)
         if ip is None:
-            raise CloneError(f"process {pid}: no syscall instruction to reap clone {clone_pid}")
+            raise CloneError(f"process {pid}: no syscall instruction to inject")
         restore = _arch().resume_regs(saved, False)
-        ptrace.set_options(tid, Opt.TRACESYSGOOD | plan.suspend)
+        ptrace.set_options(tid, Opt.TRACESYSGOOD | suspend)
         ptrace.set_sigmask(tid, _ALL_SIGNALS)
-        wait_for = plan.clone_ns_pid
+
+        def call(nr: int, *args: int) -> int:
+            return _run_syscall(tid, _syscall_regs(saved, ip, nr, *args))[0]
+
         try:
-            ret, _ = _run_syscall(
-                tid,
-                _syscall_regs(
-                    saved, ip, _arch().syscalls.wait4, wait_for, 0, ptrace.WALL | _WNOHANG, 0
-                ),
-            )
+            yield call
         finally:
             ptrace.set_regs(tid, restore)
             ptrace.set_sigmask(tid, mask)
             ptrace.set_options(tid, Opt(0))
-        if ret != wait_for:
-            log.warning("process %d: reaping clone %d: wait4 returned %d", pid, clone_pid, ret)
     finally:
         with contextlib.suppress(PtraceError):
             ptrace.detach(tid)
+
+
+def check_injectable(pid: int) -> Opt:
+    """Refuse a target no syscall can be injected into (gone, a zombie, traced, ourselves).
+
+    :returns: the ptrace option injected syscalls need (:attr:`Opt.SUSPEND_SECCOMP` or none).
+    """
+    return _check_target(pid)
 
 
 # --- the watchdog -------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Method `precopy` (issue 14): memory copied while the target runs."""
