@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from criu_livedump.errors import CloneRefusedError
+from criu_livedump.errors import BlockerError
 from criu_livedump.linux import PAGE_SIZE, pagemap
 from criu_livedump.snapshot.precopy import tracker
 from tests import procs
@@ -154,7 +154,7 @@ def test_killed_tracker_leaves_the_target_as_it_was(programs: dict[str, Path]) -
 def test_refuses_a_target_that_uses_userfaultfd(programs: dict[str, Path]) -> None:
     with started(programs, "uffd") as t:
         assert tracker.holds_userfaultfd(t.pid)
-        with pytest.raises(CloneRefusedError, match="uses userfaultfd itself"):
+        with pytest.raises(BlockerError, match="--method precopy: it uses userfaultfd itself"):
             tracker.arm(t.pid)
         assert t.wp_allowed() == []
         t.do("w", 0, 1)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from converters.arch import host
-from criu_livedump.errors import CloneError, CloneRefusedError, TargetError
+from criu_livedump.errors import BlockerError, CloneError, TargetError
 from criu_livedump.linux import pagemap, userfaultfd
 from criu_livedump.linux.procfs import MapsEntry, read_maps, task_ids
 from criu_livedump.linux.ptrace import Opt
@@ -130,20 +130,20 @@ def trackable(maps: Sequence[MapsEntry]) -> list[MapsEntry]:
 def arm(pid: int) -> Tracker:
     """Start tracking the writes of running *pid* (see the module's docstring).
 
-    :raises CloneRefusedError: the target already uses userfaultfd (its areas may be
+    :raises BlockerError: the target already uses userfaultfd (its areas may be
         registered with its own), or the kernel lacks asynchronous write-protect.
     :raises TargetError: the target is gone.
     """
     suspend = check_injectable(pid)
     if holds_userfaultfd(pid):
-        raise CloneRefusedError(pid, "it uses userfaultfd itself; its writes cannot be tracked")
+        raise _refusal(pid, "it uses userfaultfd itself; its writes cannot be tracked")
     fd = _take_userfaultfd(pid, suspend)
     tracker = Tracker(pid, fd, -1)
     try:
         try:
             userfaultfd.api(fd)
         except OSError as e:
-            raise CloneRefusedError(
+            raise _refusal(
                 pid, f"this kernel has no asynchronous userfaultfd write-protect ({e.strerror})"
             ) from e
         tracker.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -152,6 +152,12 @@ def arm(pid: int) -> Tracker:
         tracker.close()
         raise
     return tracker
+
+
+def _refusal(pid: int, reason: str) -> BlockerError:
+    return BlockerError(
+        pid, f"--method precopy: {reason}", hint="--method clone does not track writes"
+    )
 
 
 def _protect(tracker: Tracker) -> None:
@@ -186,9 +192,7 @@ def _take_userfaultfd(pid: int, suspend: Opt) -> int:
                     sys.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK | userfaultfd.USER_MODE_ONLY
                 )
             if theirs < 0:
-                raise CloneRefusedError(
-                    pid, f"userfaultfd(2) failed in the target: {os.strerror(-theirs)}"
-                )
+                raise _refusal(pid, f"userfaultfd(2) failed in the target: {os.strerror(-theirs)}")
             try:
                 ours = _libc.syscall(sys.pidfd_getfd, pidfd, theirs, 0)
                 err = ctypes.get_errno()
