@@ -107,6 +107,23 @@ def test_scan_returns_exactly_the_pages_written(programs: dict[str, Path]) -> No
             assert not t.holds_ours()
 
 
+def test_dontneed_counts_as_written_and_a_replaced_area_is_lost(
+    programs: dict[str, Path],
+) -> None:
+    with started(programs) as t:
+        t.do("w", 0, PAGES)
+        with tracker.arm(t.pid) as tr:
+            t.do("d", 8, 2)  # the kernel's core then reads zeros there: a change to copy
+            assert t.pages(tr.scan()) == [8, 9]
+            area = next(a for a in tr.areas if a[0] <= t.base < a[1])
+            t.do("w", 30, 1)
+            t.do("m", 50, 1)  # a new mapping, not registered, splits the area
+            tr.scan()
+            assert area not in tr.areas
+            assert area in tr.lost
+            t.do("w", 0, PAGES)
+
+
 def test_closing_clears_every_write_protect(programs: dict[str, Path]) -> None:
     with started(programs) as t:
         t.do("w", 0, 10)

@@ -42,7 +42,8 @@ PM_SCAN_CHECK_WPASYNC: Final = 1 << 1
 _REGIONS: Final = 512
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.ioctl.restype = ctypes.c_long
+#: glibc declares int ioctl(): a c_long result would read -1 as 4294967295
+_libc.ioctl.restype = ctypes.c_int
 
 
 def scan(

@@ -2,6 +2,8 @@
  * anonymous private pages, prints "ready ADDR PAGES", then obeys one command a line on stdin:
  *   w FIRST COUNT   write one byte into each page FIRST..FIRST+COUNT-1, answer "ok"
  *   r FIRST COUNT   read them (no write), answer "ok SUM"
+ *   d FIRST COUNT   madvise(MADV_DONTNEED) them, answer "ok"
+ *   m FIRST COUNT   map fresh anonymous pages over them (MAP_FIXED), answer "ok"
  *   q               exit
  * With a second argument "uffd" it first creates a userfaultfd of its own and keeps it open.
  * Only the pages named are touched (stdio buffers live elsewhere, in the heap).
@@ -37,6 +39,14 @@ int main(int argc, char **argv)
             break;
         if (first < 0 || count < 0 || first + count > pages) {
             printf("bad\n");
+            continue;
+        }
+        if (op == 'd' || op == 'm') {
+            void *at = mem + first * psz;
+            int failed = op == 'd' ? madvise(at, count * psz, MADV_DONTNEED) != 0
+                                   : mmap(at, count * psz, PROT_READ | PROT_WRITE,
+                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != at;
+            printf(failed ? "failed\n" : "ok 0\n");
             continue;
         }
         for (long i = first; i < first + count; i++) {

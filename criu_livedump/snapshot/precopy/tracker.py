@@ -54,6 +54,7 @@ class Tracker:
 
     :ivar areas: ``(start, end)`` of the areas registered and write-protected.
     :ivar refused: ``(area, why)`` for the areas the kernel would not register.
+    :ivar lost: ``(start, end)`` of areas whose tracking broke (see :meth:`scan`).
     """
 
     pid: int
@@ -61,18 +62,24 @@ class Tracker:
     pagemap: int
     areas: list[tuple[int, int]] = field(default_factory=list)
     refused: list[tuple[MapsEntry, str]] = field(default_factory=list)
+    lost: list[tuple[int, int]] = field(default_factory=list)
 
     def scan(self) -> list[tuple[int, int]]:
         """``[lo, hi)`` runs written since the arming or the last scan, re-armed by this call.
+
+        An area the target unmapped or replaced meanwhile fails the scan (CHECK_WPASYNC finds
+        an unregistered mapping; pages already walked were re-armed but are not returned): it
+        moves from :attr:`areas` to :attr:`lost`, whose bytes only the final copy can take.
 
         :raises TargetError: the target is gone.
         """
         runs: list[tuple[int, int]] = []
         flags = pagemap.PM_SCAN_WP_MATCHING | pagemap.PM_SCAN_CHECK_WPASYNC
         written = pagemap.PAGE_IS_WRITTEN
-        for start, end in self.areas:
+        for area in list(self.areas):
+            start, end = area
             try:
-                runs.extend(
+                found = list(
                     pagemap.scan(
                         self.pagemap, start, end, flags=flags, mask=written, returned=written
                     )
@@ -80,9 +87,11 @@ class Tracker:
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     raise TargetError(self.pid, "exited while its writes were tracked") from e
-                # EPERM: the area was unmapped or replaced meanwhile (CHECK_WPASYNC); its
-                # pages are no longer tracked, which the caller learns from the maps
-                log.debug("process %d: scan of %#x-%#x: %s", self.pid, start, end, e)
+                log.info("process %d: area %#x-%#x no longer tracked: %s", self.pid, *area, e)
+                self.areas.remove(area)
+                self.lost.append(area)
+                continue
+            runs.extend(found)
         return runs
 
     def close(self) -> None:
