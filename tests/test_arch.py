@@ -256,6 +256,13 @@ def test_aarch64_thread_notes() -> None:
         aarch64.cpu_layout({"xcr0": 3})
 
 
+def test_syscall_insn_found_on_an_instruction_boundary() -> None:
+    svc = aarch64.SVC_0
+    assert aarch64.ARCH.find_syscall_insn(b"\0\0" + svc + b"\0\0" + svc) == 8
+    assert aarch64.ARCH.find_syscall_insn(b"\0" + svc) == -1
+    assert x86_64.ARCH.find_syscall_insn(b"\x90" + x86_64.SYSCALL_INSN) == 1
+
+
 def test_aarch64_syscall_regs() -> None:
     base = aarch64.pack_regs({"x0": 9, "x5": 7, "sp": 0x7000, "pc": 0x10})
     d = aarch64.unpack_regs(aarch64.syscall_regs(base, 0x4000, aarch64.SYS.wait4, (5, 0, -1)))

@@ -268,6 +268,7 @@ ARCH: Final = Arch(
         pidfd_getfd=SYS.pidfd_getfd,
     ),
     syscall_insn=SVC_0,
+    insn_align=4,
     core_gregs=core_gregs,
     thread_notes=thread_notes,
     process_notes=process_notes,

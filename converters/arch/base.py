@@ -68,6 +68,8 @@ class Arch:
     syscalls: Syscalls
     #: the instruction that enters a syscall; the clone snapshot finds one in the target
     syscall_insn: bytes
+    #: the alignment of every instruction (1: x86's variable length, 4: arm64's)
+    insn_align: int
 
     # --- the converter: CRIU images -> core notes -------------------------------------------
     #: ``core_gregs(core_entry, read)``: the elf_gregset_t of NT_PRSTATUS, as the kernel's core
@@ -103,6 +105,14 @@ class Arch:
     #: and :attr:`fp_regsets` buffers *fpstate*, from *template* (CRIU's entry of the clone),
     #: whose state only CRIU can read (x86 CET) is kept when *same_thread* (the clone's)
     image_thread_info: Callable[[Mapping[str, Any], bytes, Sequence[bytes], bool], dict[str, Any]]
+
+    def find_syscall_insn(self, code: bytes) -> int:
+        """Offset of the first :attr:`syscall_insn` in *code* (read from an aligned address)
+        that is an instruction of its own (at an :attr:`insn_align` boundary), or -1."""
+        at = code.find(self.syscall_insn)
+        while at >= 0 and at % self.insn_align:
+            at = code.find(self.syscall_insn, at + 1)
+        return at
 
 
 # --- notes laid out alike on every 64-bit little-endian Linux ------------------------------------

@@ -581,6 +581,7 @@ ARCH: Final = Arch(
         pidfd_getfd=SYS.pidfd_getfd,
     ),
     syscall_insn=SYSCALL_INSN,
+    insn_align=1,
     core_gregs=core_gregs,
     thread_notes=thread_notes,
     process_notes=process_notes,

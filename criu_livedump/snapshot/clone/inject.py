@@ -584,7 +584,7 @@ def _syscall_at_pc(pid: int, regs: bytes) -> int | None:
 def _syscall_fallback(pid: int) -> int | None:
     """Before the freeze: a syscall instruction in the vDSO, else in any executable mapping, for
     an injecting thread that does not sit in a syscall."""
-    insn = _arch().syscall_insn
+    arch = _arch()
     maps = read_maps(pid)
     ordered = [m for m in maps if m.name == "[vdso]"] + [
         m for m in maps if "x" in m.perms and m.name not in ("[vdso]", "[vsyscall]")
@@ -596,7 +596,7 @@ def _syscall_fallback(pid: int) -> int | None:
                 continue
             with contextlib.suppress(OSError):
                 chunk = os.pread(fd, min(m.end - m.start, 1 << 20), m.start)
-                i = chunk.find(insn)
+                i = arch.find_syscall_insn(chunk)
                 if i >= 0:
                     return m.start + i
     finally:
