@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup test lint unit demo bench soak fuzz clean arm64-fixtures
+.PHONY: setup test lint unit demo bench soak fuzz clean arm64-fixtures test-arm64
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -36,6 +36,10 @@ fuzz: setup
 # the aarch64 golden fixtures, made in an emulated arm64 guest (minutes; see README "arm64")
 arm64-fixtures:
 	bash tests/arm64/make-fixtures.sh
+
+# the clone snapshot's arm64 primitives on the emulated guest's real arm64 kernel (README "arm64")
+test-arm64:
+	bash tests/arm64/test-arm64.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache tests/programs/bin
