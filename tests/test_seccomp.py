@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import procs
 import pytest
 from conftest import StartTarget
 from harness.compare import compare_cores
@@ -26,6 +27,7 @@ from harness.gdb import gdb_backtraces
 from harness.kernel import kernel_core
 
 from criu_livedump.dump import live_dump
+from criu_livedump.errors import CloneError, TargetError
 from criu_livedump.linux.ptrace import Opt
 from criu_livedump.request import build_request
 from criu_livedump.snapshot.clone import inject as clone
@@ -54,9 +56,15 @@ def test_the_filter_kills_an_injected_clone_without_the_suspension(
     # no core from this death, whatever core_pattern says (1 disables pipe handlers too)
     resource.prlimit(target.pid, resource.RLIMIT_CORE, (1, 1))
     monkeypatch.setattr(clone, "_check_target", lambda pid: Opt(0))
-    with pytest.raises((clone.CloneError, OSError)):
+    with pytest.raises((CloneError, TargetError)) as raised:
         clone.clone_snapshot(target.pid)
-    _, status = os.waitpid(target.pid, 0)
+
+    def exited() -> int:
+        """Its wait status once it is gone (never 0: that would be a plain exit(0))."""
+        pid, status = os.waitpid(target.pid, os.WNOHANG)
+        return status if pid else 0
+
+    status = procs.wait_for(exited, 30, f"the target's death after: {raised.value}")
     target.reaped(status)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
 
