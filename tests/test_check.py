@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 from click.testing import CliRunner
 from conftest import StartTarget
@@ -329,7 +330,7 @@ def test_check_pid_of_a_traced_process_names_every_refusal(
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert tracer.stdout is not None and tracer.stdout.readline().strip() == "ok"
+        assert procs.readline(tracer.stdout, 60, "the tracer attached").strip() == "ok"
         result = runner.invoke(cli, ["check", "--pid", str(target.pid), "--json"])
     finally:
         tracer.kill()

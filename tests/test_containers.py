@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import procs
 import pytest
 from harness.compare import compare_cores
 from harness.corefile import CoreView
@@ -183,7 +184,7 @@ def test_calls_in_flight_in_a_container_survive_clone_dumps(
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None
-        ready = proc.stdout.readline().split()
+        ready = procs.readline(proc.stdout, 60, "inflight ready in the container").split()
         assert ready[:1] == ["ready"], ready
         pid = init_pid(name)
         for i in range(3):
