@@ -26,7 +26,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -166,9 +166,13 @@ class AllThreads:
         """
         self._marks["stop"] = time.monotonic()
         batch = list(self.seized)
-        while batch:
-            left = max(self._deadline - time.monotonic(), 0.0)
-            stopped = ptrace.stop_all(batch, left)
+        left = max(self._deadline - time.monotonic(), 0.0)
+        self._stop_from(batch, ptrace.stop_all(batch, left))
+
+    def _stop_from(self, batch: list[int], stopped: list[bool]) -> None:
+        """The rest of step stop once *batch* was interrupted (*stopped*: whether each thread
+        stopped or exited): threads born meanwhile seized and stopped in turn."""
+        while True:
             gone = {tid for tid, ok in zip(batch, stopped, strict=True) if not ok}
             self.seized = [t for t in self.seized if t not in gone]
             if not self.seized:
@@ -177,6 +181,9 @@ class AllThreads:
                 break
             batch = self._seize_new()
             self.late.extend(batch)
+            if not batch:
+                break
+            stopped = ptrace.stop_all(batch, max(self._deadline - time.monotonic(), 0.0))
         self._marks["save"] = time.monotonic()
 
     def save(self) -> None:
@@ -227,6 +234,22 @@ class AllThreads:
             realtime=realtime,
             started=m["stop"],
         )
+
+    @staticmethod
+    def stop_together(groups: Sequence[AllThreads]) -> None:
+        """Step stop for the processes of a tree at once: every seized thread of every one of
+        them interrupted in one batch (so that all head for their stops together), then each
+        process's threads born meanwhile, as :meth:`stop` does."""
+        start = time.monotonic()
+        tids = [t for g in groups for t in g.seized]
+        left = max(min(g._deadline for g in groups) - start, 0.0)
+        stopped = ptrace.stop_all(tids, left)
+        at = 0
+        for g in groups:
+            n = len(g.seized)
+            g._marks["stop"] = start
+            g._stop_from(list(g.seized), stopped[at : at + n])
+            at += n
 
     # --- what was saved -------------------------------------------------------------------------
 

@@ -385,8 +385,7 @@ def _stop_and_clone(states: Sequence[_Freeze], prepared: Sequence[Prepared]) -> 
     copied), resume all; each step timed over the whole tree."""
     with realtime() as boosted:
         marks = [time.monotonic()]
-        for state in states:
-            state.threads.stop()
+        AllThreads.stop_together([state.threads for state in states])
         marks.append(time.monotonic())
         for state in states:
             state.threads.save()
