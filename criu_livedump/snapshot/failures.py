@@ -45,7 +45,7 @@ CAUSES: tuple[Cause, ...] = (
         "rlimit of another uid",
         r"Can't get rlimit \d+: Operation not permitted",
         "CRIU, lacking CAP_SYS_RESOURCE, cannot read the limits of process {pid} of uid {uid};"
-        " dump that process alone (CRIU then runs as its uid)",
+        " use --method clone (with --tree: one clone per process, each dumped as its uid)",
     ),
     # compel/src/lib/infect.c compel_wait_task(): PTRACE_SEIZE refused (another tracer)
     _cause(
