@@ -48,7 +48,6 @@ int main(int argc, char **argv)
 		return 1;
 	if (child == 0) {
 		role = 1;
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		close(fds[1]);
 		if (argc > 1) {
 			uid_t uid = (uid_t)atoi(argv[1]);
@@ -57,6 +56,9 @@ int main(int argc, char **argv)
 				return 1;
 			}
 		}
+		prctl(PR_SET_PDEATHSIG, SIGKILL); /* after setresuid(), which clears it */
+		if (getppid() == 1)
+			return 1;
 		for (;;) {
 			unsigned long got;
 			mine++;
