@@ -107,7 +107,8 @@ def start_target(
     The target dies with the calling thread (PR_SET_PDEATHSIG): start it from the thread that
     outlives it, not from a short-lived worker thread.
 
-    :param rseq: read every thread's rseq registration (see :attr:`Target.rseq`) once ready.
+    :param rseq: read every thread's rseq registration (see :attr:`Target.rseq`) once ready
+        (and settled, with *settle*).
     :param settle: then wait, up to *timeout* seconds, until every thread sleeps (state ``S``):
         a program prints "ready" just before it blocks, and on a loaded machine a thread may
         still be on its way to its blocking call when the dumps start.
@@ -120,14 +121,15 @@ def start_target(
     try:
         line = _wait_for_line(proc, ready, timeout)
         target = Target(proc, argv, line)
-        if rseq:
-            target.rseq = read_rseq_areas(proc.pid)
         if settle:
             procs.wait_for(
                 lambda: set(thread_states(proc.pid).values()) == {"S"},
                 timeout,
                 f"{argv[0]}: every thread asleep",
             )
+        if rseq:  # after settling: a thread on its way to its blocking call may not have
+            # registered its rseq area yet (address 0), and its cpu bytes would go untolerated
+            target.rseq = read_rseq_areas(proc.pid)
         return target
     except BaseException:
         procs.kill_group(proc)

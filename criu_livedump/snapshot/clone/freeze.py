@@ -104,7 +104,7 @@ def read_names(pid: int, tid: int, *, nested: bool = True) -> ThreadNames:
         if not nested:
             return ThreadNames(comm, tid)
         return ThreadNames(comm, ns_id(read_status(f"/proc/{pid}/task/{tid}/status"), "NSpid", tid))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or exiting (ESRCH from proc)
         return ThreadNames("", tid)
 
 
