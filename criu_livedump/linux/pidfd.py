@@ -47,6 +47,12 @@ _PIDFD_COREDUMP_USER = 1 << 2
 _PIDFD_COREDUMP_ROOT = 1 << 3
 #: _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info) (include/uapi/asm-generic/ioctl.h)
 _PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO.size << 16) | (0xFF << 8) | 11
+#: 1-based field number of flags in /proc/PID/stat (proc(5)), and include/linux/sched.h's
+#: PF_EXITING, set by exit_signals() as do_exit() starts.
+_STAT_FLAGS = 9
+_PF_EXITING = 0x00000004
+#: What :meth:`Pidfd._thread_states` calls a thread inside do_exit().
+_EXITING = "exiting"
 
 
 def _get_info(fd: int, request: int) -> tuple[int, ...]:
@@ -97,12 +103,14 @@ class Pidfd:
             return not self._still_here()
         if states and all(s in ("Z", "X") for s in states):
             return self._still_here()
-        if grace > 0 and ("Z" in states or "X" in states):
+        if grace > 0 and any(st in ("Z", "X", _EXITING) for st in states):
             return bool(select.select([self.fd], [], [], grace)[0]) or self.exited()
         return False
 
     def _thread_states(self) -> list[str] | None:
-        """The state letter of each of its threads, or None when /proc has no entry for it."""
+        """The state letter of each of its threads (:data:`_EXITING` for a thread inside
+        do_exit(): PF_EXITING in its flags, before it is a zombie; freeing gigabytes of memory
+        takes it a while), or None when /proc has no entry for it."""
         try:
             tids = os.listdir(f"/proc/{self.pid}/task")
         except OSError:
@@ -110,9 +118,12 @@ class Pidfd:
         states = []
         for tid in tids:
             try:
-                states.append(read_stat(f"/proc/{self.pid}/task/{tid}/stat").state)
+                with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                state, flags = fields[0].decode(), int(fields[_STAT_FLAGS - 3])
             except (OSError, IndexError, ValueError):
                 continue
+            states.append(_EXITING if state not in ("Z", "X") and flags & _PF_EXITING else state)
         return states
 
     def _still_here(self) -> bool:

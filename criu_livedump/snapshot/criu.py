@@ -110,9 +110,10 @@ INTERRUPT_GRACE = 30.0
 #: can then wait in wait4() for good: the target's exited threads stay zombies that only their
 #: tracer, CRIU, can release; killing CRIU releases them (kernel/ptrace.c exit_ptrace()).
 TARGET_GONE_GRACE = 3.0
-#: Seconds a failure waits for a process seen dying (some threads exited, others on their way
-#: out of a SIGKILL) to be gone, so that the failure is told as that death.
-DYING_GRACE = 1.0
+#: Seconds a failure waits for a process seen dying (threads in do_exit() or zombies) to be
+#: gone, so that the failure is told as that death: a 4 GiB target took seconds to free its
+#: memory on a loaded machine (the target-death soak).
+DYING_GRACE = 5.0
 #: Seconds between two looks at the dumped process's threads while CRIU runs (its pidfd wakes
 #: the watch at once when it exits; zombie threads held by CRIU do not, see Pidfd.exited()).
 WATCH_STEP = 0.25
@@ -624,7 +625,9 @@ def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> No
         _supervise(proc, argv, watch)
         output.seek(0)
         out = output.read()[-8192:].decode(errors="replace")
-    if proc.returncode != 0 and (dead := watch.dead(DYING_GRACE)) is not None:
+    # a CRIU killed by a signal was killed from outside (what it dumped may die of that: a clone
+    # dies with its tracer); one that failed by itself may have failed of a death
+    if proc.returncode > 0 and (dead := watch.dead(DYING_GRACE)) is not None:
         raise watch.died(dead)
     if proc.returncode != 0:
         raise _failure(argv, proc.returncode, log_path, out, job.scratch.parent)
