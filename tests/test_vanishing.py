@@ -41,7 +41,7 @@ STAGES = [
     ("criu", "criu_livedump.snapshot.leave_running:open_mapped_files", True),
     ("criu", "criu_livedump.dump:with_dump_time_facts", True),
     ("clone", "criu_livedump.snapshot.clone.inject:prepare", False),
-    ("clone", "criu_livedump.snapshot.clone.inject:freeze", False),
+    ("clone", "criu_livedump.snapshot.clone.inject:freeze_tree", False),
     ("clone", "criu_livedump.snapshot.clone.method:open_mapped_files", True),
     ("clone", "criu_livedump.snapshot.criu:dump", True),
     ("clone", "criu_livedump.dump:with_dump_time_facts", True),
