@@ -220,6 +220,18 @@ class _Proc:
                     out[run.lo - addr : run.lo - addr + len(chunk)] = chunk
         return bytes(out)
 
+    def read_present(self, addr: int, size: int) -> bytes | None:
+        """The process's memory at ``[addr, addr + size)``, or None unless every byte of it
+        is in the images or the mapped files (no hole, no unmapped byte)."""
+        covered = 0
+        for vma in self.vmas:
+            if vma.end <= addr or vma.start >= addr + size:
+                continue
+            for run in self.sources(vma, max(addr, vma.start), min(addr + size, vma.end)):
+                if run.kind == "data":
+                    covered += run.hi - run.lo
+        return self.read(addr, size) if covered == size else None
+
     def sources(self, vma: Vma, start: int, end: int) -> Iterator[Run]:
         """Split ``[start, end)`` of *vma* by where its bytes come from."""
         runs = self._sources(vma, start, end)
@@ -507,6 +519,48 @@ def _sigmask(signals: object) -> int:
     return mask
 
 
+#: sigmask(SIGKILL) | sigmask(SIGSTOP): set_current_blocked() never blocks them
+_UNBLOCKABLE = (1 << (9 - 1)) | (1 << (19 - 1))
+_SIGSET = struct.Struct("<Q")
+#: pselect6's 6th argument: struct {const sigset_t *p; size_t size;} (fs/select.c)
+_SIGSET_ARG = struct.Struct("<QQ")
+
+
+def _sighold(p: _Proc, t: Thread, gregs: bytes, blocked: int) -> int:
+    """The blocked mask the kernel's core shows for *t*: fill_prstatus() reads
+    current->blocked, which a thread sleeping in rt_sigsuspend, ppoll, pselect6 or
+    epoll_pwait(2) has replaced with its temporary mask argument, while CRIU saves what
+    PTRACE_GETSIGMASK answers: the saved mask under TIF_RESTORE_SIGMASK (kernel/ptrace.c
+    ptrace_request()). The temporary mask is read back from the argument's memory (a thread
+    that rewrote that memory while asleep is not told apart); *blocked*, with a warning, when
+    that memory is not in the images."""
+    found = t.arch.wait_sigmask(gregs, p.read)
+    if found is None:
+        return blocked
+    addr, indirect = found
+    if indirect and addr:
+        pair = _argument(p, t, addr, _SIGSET_ARG.size)
+        if pair is None:
+            return blocked
+        addr, size = _SIGSET_ARG.unpack(pair)
+        if size != _SIGSET.size:  # refused by set_user_sigmask(): no temporary mask
+            return blocked
+    raw = _argument(p, t, addr, _SIGSET.size) if addr else None  # NULL: no temporary mask
+    return blocked if raw is None else int(_SIGSET.unpack(raw)[0]) & ~_UNBLOCKABLE
+
+
+def _argument(p: _Proc, t: Thread, addr: int, size: int) -> bytes | None:
+    """The bytes a syscall argument of *t* points to, or None with a warning when they are not
+    in the images."""
+    raw = p.read_present(addr, size)
+    if raw is None:
+        p.warn(
+            f"thread {t.tid}: the sigmask argument of its wait is not in the images "
+            f"(at {addr:#x}); pr_sighold shows the saved mask"
+        )
+    return raw
+
+
 def build_notes(
     p: _Proc,
     threads: list[Thread],
@@ -533,16 +587,17 @@ def build_notes(
             else int(tc.blk_sigset)
         )
         pending = _sigmask(th.signals_p) if th is not None and th.HasField("signals_p") else 0
+        gregs = t.arch.core_gregs(t.core, p.read)
         return PrStatus(
             si_signo=signal,
             pr_cursig=signal,
             pr_sigpend=pending | shared_pending,
-            pr_sighold=blocked,
+            pr_sighold=_sighold(p, t, gregs, blocked),
             pr_pid=t.tid,
             pr_ppid=ppid,
             pr_pgrp=proc.pgid,
             pr_sid=proc.sid,
-            pr_reg=t.arch.core_gregs(t.core, p.read),
+            pr_reg=gregs,
             times=sidecar.times(t.tid),
         ).pack()
 

@@ -338,3 +338,48 @@ def test_no_x86_outside_converters_arch() -> None:
     assert len(files) > 20
     offenders = {str(p.relative_to(ROOT)): sorted(w) for p in files if (w := _x86_words(p))}
     assert offenders == {}
+
+
+# --- the temporary mask of a masked wait ---------------------------------------------------------
+
+
+def test_wait_sigmask_x86_64() -> None:
+    """The mask argument's register of each masked wait, only while the syscall shows the
+    temporary mask installed (-ERESTARTNOHAND or -EINTR), as core_gregs() returns them."""
+    nohand, eintr = -x86_64.ERESTARTNOHAND & U64, -errno.EINTR & U64
+    sys = x86_64.SYS
+
+    def ask(**regs: int) -> tuple[int, bool] | None:
+        return x86_64.wait_sigmask(_regs(**regs), lambda a, n: bytes(n))
+
+    assert ask(orig_rax=sys.rt_sigsuspend, rax=nohand, rdi=0x10) == (0x10, False)
+    assert ask(orig_rax=sys.ppoll, rax=nohand, r10=0x20) == (0x20, False)
+    assert ask(orig_rax=sys.pselect6, rax=eintr, r9=0x30) == (0x30, True)
+    assert ask(orig_rax=sys.epoll_pwait, rax=eintr, r8=0x40) == (0x40, False)
+    assert ask(orig_rax=sys.epoll_pwait2, rax=eintr, r8=0x50) == (0x50, False)
+    # returned (mask restored), another syscall, no syscall
+    assert ask(orig_rax=sys.ppoll, rax=1, r10=0x20) is None
+    assert ask(orig_rax=sys.pause, rax=nohand, rdi=0x10) is None
+    assert ask(orig_rax=U64, rax=nohand, rdi=0x10) is None
+
+
+def test_wait_sigmask_aarch64() -> None:
+    """arm64: rewound (pc on the svc, x0 = orig_x0) or failed with -EINTR (pc past it)."""
+    svc_at = 0x4000
+    sys = aarch64.SYS
+
+    def read(addr: int, size: int) -> bytes:
+        return aarch64.SVC_0 if addr == svc_at else bytes(size)
+
+    def ask(**regs: int) -> tuple[int, bool] | None:
+        return aarch64.wait_sigmask(aarch64.pack_regs(regs), read)
+
+    eintr = -errno.EINTR & U64
+    assert ask(x8=sys.rt_sigsuspend, pc=svc_at, x0=0x10) == (0x10, False)
+    assert ask(x8=sys.ppoll, pc=svc_at, x3=0x20) == (0x20, False)
+    assert ask(x8=sys.pselect6, pc=svc_at, x5=0x30) == (0x30, True)
+    assert ask(x8=sys.epoll_pwait, pc=svc_at + 4, x0=eintr, x4=0x40) == (0x40, False)
+    assert ask(x8=sys.epoll_pwait2, pc=svc_at + 4, x0=eintr, x4=0x50) == (0x50, False)
+    assert ask(x8=sys.epoll_pwait, pc=svc_at + 4, x0=1, x4=0x40) is None  # returned
+    assert ask(x8=sys.rt_sigsuspend, pc=0x9000, x0=0x10) is None  # not at a syscall
+    assert ask(x8=sys.ppoll + 1, pc=svc_at, x3=0x20) is None

@@ -7,9 +7,11 @@ import os
 import struct
 import subprocess
 import time
+import types
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import images
 import pytest
@@ -18,8 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from converters import ConvertOptions, convert
+from converters.arch import x86_64
 from converters.errors import ImageFormatError, MissingImageError
 from converters.images import MAP_HUGETLB, PageIndex
+from converters.model import _sighold
 from converters.model import build as build_model
 from converters.sidecar import Sidecar
 
@@ -609,3 +613,50 @@ def test_dontfork_areas_the_images_lack(tmp_path: Path) -> None:
         assert (loads[untouched]["p_memsz"], loads[untouched]["p_filesz"]) == (4 * PAGE, 0)
         assert loads[covered]["p_filesz"] == 2 * PAGE
     assert memory(result.path, covered, 2 * PAGE) == images.pattern(covered, 2)
+
+
+class _Memory:
+    """The parts of a process's model that pr_sighold reads: memory present or not, warnings."""
+
+    def __init__(self, pages: dict[int, bytes]) -> None:
+        self.pages = pages
+        self.warnings: list[str] = []
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self.pages.get(addr, bytes(size))[:size]
+
+    def read_present(self, addr: int, size: int) -> bytes | None:
+        return self.pages[addr][:size] if addr in self.pages else None
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def test_sighold_of_masked_waits() -> None:
+    """pr_sighold is the temporary mask a masked wait installed (read from the images, SIGKILL
+    and SIGSTOP dropped), pselect6's through its {sigset ptr, size} pair; the saved mask with a
+    warning when that memory is not in the images, and without one for a NULL mask."""
+    kill_stop = (1 << 8) | (1 << 18)
+    mem = _Memory(
+        {
+            0x1000: struct.pack("<Q", 0x4 | kill_stop),
+            0x2000: struct.pack("<QQ", 0x1000, 8),
+            0x3000: struct.pack("<QQ", 0, 8),
+        }
+    )
+    thread = types.SimpleNamespace(tid=7, arch=x86_64.ARCH)
+    nohand = -x86_64.ERESTARTNOHAND & ((1 << 64) - 1)
+
+    def sighold(nr: int, **args: int) -> int:
+        regs = x86_64.pack_regs({"orig_rax": nr, "rax": nohand, **args})
+        return _sighold(cast("Any", mem), cast("Any", thread), regs, 0x200)
+
+    assert sighold(x86_64.SYS.rt_sigsuspend, rdi=0x1000) == 0x4
+    assert sighold(x86_64.SYS.pselect6, r9=0x2000) == 0x4
+    assert sighold(x86_64.SYS.pselect6, r9=0x3000) == 0x200
+    assert sighold(x86_64.SYS.ppoll, r10=0) == 0x200
+    assert mem.warnings == []
+    assert sighold(x86_64.SYS.rt_sigsuspend, rdi=0x5000) == 0x200
+    assert sighold(x86_64.SYS.pselect6, r9=0x6000) == 0x200
+    assert len(mem.warnings) == 2 and all("thread 7" in w for w in mem.warnings)
+    assert sighold(x86_64.SYS.pause, rdi=0x1000) == 0x200

@@ -179,12 +179,4 @@ def test_nginx_tree_cores_equal_the_kernels(
         with CoreView(ours[pid]) as a, CoreView(kernel[pid]) as b:
             diffs = compare_with(a, b, Tolerances(), maps=maps[pid], rseq=rseq[pid])
             found[pid] = diffs + restart_diffs(a, b)
-    # Known defect, not the tree's: the master sleeps in rt_sigsuspend(), where the kernel's
-    # core shows the temporary mask and PTRACE_GETSIGMASK the saved one (kernel/ptrace.c
-    # ptrace_request(): saved_sigmask under TIF_RESTORE_SIGMASK), so pr_sighold differs there
-    # and nowhere else. Every other field of the master's core, and the workers' whole cores,
-    # must be equal.
-    sighold = [d for d in found[master] if " pr_sighold " in d]
-    assert len(sighold) <= 1
-    found[master] = [d for d in found[master] if d not in sighold]
     assert found == {pid: [] for pid in pids}, found

@@ -81,6 +81,11 @@ CASES = (
     # and stdin inherited from outside (CRIU needs it declared external)
     KernelCase("mappings-mntns-livedump-criu", *MAPPINGS, dumper=CRIU, launcher=MountNamespace()),
     KernelCase("mappings-mntns-livedump-clone", *MAPPINGS, dumper=CLONE, launcher=MountNamespace()),
+    # threads asleep with a temporary blocked mask (rt_sigsuspend, ppoll, pselect6,
+    # epoll_pwait): the kernel's core shows it, PTRACE_GETSIGMASK the saved one
+    KernelCase("sigwaits-0x33", "sigwaits"),
+    KernelCase("sigwaits-livedump-criu", "sigwaits", dumper=CRIU),
+    KernelCase("sigwaits-livedump-clone", "sigwaits", dumper=CLONE),
     # what --method criu refuses: the clone copies these out before CRIU runs
     KernelCase("sysv-livedump-clone", "blockers/sysv_shm", dumper=CLONE),
     KernelCase("io_uring-livedump-clone", "blockers/io_uring", dumper=CLONE),

@@ -84,6 +84,10 @@ class SYS:
     openat2: Final = 437
     pidfd_getfd: Final = 438
     restart_syscall: Final = 128
+    epoll_pwait: Final = 22
+    pselect6: Final = 72
+    rt_sigsuspend: Final = 133
+    epoll_pwait2: Final = 441
 
 
 # include/linux/errno.h: the kernel-internal restart codes
@@ -104,6 +108,38 @@ def core_gregs(core: Any, read: ReadMemory) -> bytes:
     regs = dict(zip(USER_REGS[:31], (int(r) for r in gp.regs), strict=False))
     regs.update(sp=int(gp.sp), pc=int(gp.pc), pstate=int(gp.pstate))
     return pack_regs(regs)
+
+
+#: include/uapi/asm-generic/errno-base.h
+EINTR: Final = 4
+#: The syscalls that sleep with their sigset argument as the blocked mask (kernel/signal.c
+#: sigsuspend(); fs/select.c and fs/eventpoll.c set_user_sigmask()), with that argument's
+#: register; pselect6's 6th points to a ``{const sigset_t *, size_t}`` pair.
+_MASKED_WAITS: Final = {
+    SYS.rt_sigsuspend: ("x0", False),
+    SYS.ppoll: ("x3", False),
+    SYS.pselect6: ("x5", True),
+    SYS.epoll_pwait: ("x4", False),
+    SYS.epoll_pwait2: ("x4", False),
+}
+
+
+def wait_sigmask(gregs: bytes, read: ReadMemory) -> tuple[int, bool] | None:
+    """The temporary mask argument of a thread sleeping in a masked wait (x8 its number).
+
+    A restartable one (-ERESTARTNOHAND) shows rewound, pc on the ``svc`` and x0 = orig_x0 (the
+    module's docstring), so every argument register holds its argument; one failing with -EINTR
+    (epoll_pwait) shows pc past the ``svc`` and x0 = -EINTR, its mask argument (x4) intact.
+    """
+    regs = unpack_regs(gregs)
+    found = _MASKED_WAITS.get(regs["x8"])
+    if found is None:
+        return None
+    rewound = read(regs["pc"], 4) == SVC_0
+    interrupted = _signed(regs["x0"]) == -EINTR and read(regs["pc"] - 4, 4) == SVC_0
+    if not (rewound or interrupted):
+        return None
+    return regs[found[0]], found[1]
 
 
 # --- FP/SIMD and the other regsets of a core ------------------------------------------------------
@@ -270,6 +306,7 @@ ARCH: Final = Arch(
     syscall_insn=SVC_0,
     insn_align=4,
     core_gregs=core_gregs,
+    wait_sigmask=wait_sigmask,
     thread_notes=thread_notes,
     process_notes=process_notes,
     cpu_layout=cpu_layout,

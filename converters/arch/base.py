@@ -79,6 +79,11 @@ class Arch:
     thread_notes: Callable[[Any, CpuLayout], list[Note]]
     #: ``process_notes(layout)``: notes after every thread's (elf_coredump_extra_notes_write())
     process_notes: Callable[[CpuLayout], list[Note]]
+    #: ``wait_sigmask(gregs, read)``: for a thread the core shows (*gregs*, its elf_gregset_t)
+    #: interrupted in a syscall that installed a temporary blocked mask while it sleeps
+    #: (rt_sigsuspend, ppoll, pselect6, epoll_pwait, epoll_pwait2), the address of that mask
+    #: argument and whether it is pselect6's indirect ``{sigset ptr, size}`` pair; else None
+    wait_sigmask: Callable[[bytes, ReadMemory], tuple[int, bool] | None]
     #: ``cpu_layout(recorded)``: the layout the sidecar recorded (a JSON object), or this host's
     #: when None; :raises ValueError: a malformed record
     cpu_layout: Callable[[Mapping[str, Any] | None], CpuLayout]

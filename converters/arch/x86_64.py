@@ -104,6 +104,7 @@ class SYS:
     close_range: Final = 436
     openat2: Final = 437
     pidfd_getfd: Final = 438
+    epoll_pwait2: Final = 441
 
 
 #: syscalls that return -ERESTARTNOHAND when a signal interrupts them (kernel/signal.c
@@ -148,6 +149,33 @@ def core_gregs(core: Any, read: ReadMemory) -> bytes:
             err = ERESTARTSYS
         regs["rax"] = -err & _U64
     return pack_regs(regs)
+
+
+#: include/uapi/asm-generic/errno-base.h
+EINTR: Final = 4
+#: The syscalls that sleep with their sigset argument as the blocked mask (kernel/signal.c
+#: sigsuspend(); fs/select.c and fs/eventpoll.c set_user_sigmask()), kept there while they
+#: return -ERESTARTNOHAND or -EINTR (restore_saved_sigmask_unless()), with the register of that
+#: argument (rdi, rsi, rdx, r10, r8, r9 = arguments 1..6): pselect6's 6th points to a
+#: ``{const sigset_t *, size_t}`` pair.
+_MASKED_WAITS: Final = {
+    SYS.rt_sigsuspend: ("rdi", False),
+    SYS.ppoll: ("r10", False),
+    SYS.pselect6: ("r9", True),
+    SYS.epoll_pwait: ("r8", False),
+    SYS.epoll_pwait2: ("r8", False),
+}
+
+
+def wait_sigmask(gregs: bytes, read: ReadMemory) -> tuple[int, bool] | None:
+    """The temporary mask argument of a thread sleeping in a masked wait, from the registers
+    :func:`core_gregs` returns (the kernel's view: orig_rax the syscall, rax -ERESTARTNOHAND
+    or -EINTR while the temporary mask is installed)."""
+    regs = unpack_regs(gregs)
+    found = _MASKED_WAITS.get(regs["orig_rax"])
+    if found is None or -_signed(regs["rax"]) not in (EINTR, ERESTARTNOHAND):
+        return None
+    return regs[found[0]], found[1]
 
 
 # One register read straight from the raw struct: the freeze asks these of every thread.
@@ -583,6 +611,7 @@ ARCH: Final = Arch(
     syscall_insn=SYSCALL_INSN,
     insn_align=1,
     core_gregs=core_gregs,
+    wait_sigmask=wait_sigmask,
     thread_notes=thread_notes,
     process_notes=process_notes,
     cpu_layout=cpu_layout,
