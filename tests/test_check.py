@@ -11,6 +11,7 @@ import procs
 import pytest
 from click.testing import CliRunner
 from conftest import StartTarget
+from syslock import system_settings_lock
 
 from criu_livedump.cli import ExitStatus, cli
 from criu_livedump.errors import CriuNotFoundError, CriuUnusableError
@@ -50,7 +51,9 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_check_passes_here_text(runner: CliRunner) -> None:
-    result = runner.invoke(cli, ["check"])
+    with system_settings_lock():  # core_pattern is read twice: nobody may change it between
+        result = runner.invoke(cli, ["check"])
+        core_pattern = Path("/proc/sys/kernel/core_pattern").read_text().rstrip("\n")
     assert result.exit_code == ExitStatus.OK, result.stderr
     lines = result.stdout.splitlines()
     keys = [ln.split(":", 1)[0] for ln in lines]
@@ -68,9 +71,7 @@ def test_check_passes_here_text(runner: CliRunner) -> None:
     assert lines[7].startswith("clone freeze: ptrace batch helper built")
     expected = "available" if soft_dirty_works() else "unavailable"
     assert lines[2].split(": ", 1)[1].startswith(expected)
-    assert lines[4] == "core_pattern: " + Path("/proc/sys/kernel/core_pattern").read_text().rstrip(
-        "\n"
-    )
+    assert lines[4] == "core_pattern: " + core_pattern
     assert not error_lines(result.stderr)
 
 
