@@ -213,3 +213,14 @@ def test_refuses_lazy_and_unknown_commands() -> None:
         theirs.sendall(ps.PSI.pack(ps.PS_IOV_OPEN2, 0, 0, 5 << 8 | 9))
         with pytest.raises(PageStreamError, match="unknown image type 9"):
             ps.receive(ours, Recorder(), -1, out_name="x")
+
+
+def test_a_peer_that_dies_with_our_answer_unread_is_an_early_end() -> None:
+    """A unix stream peer closed with data still queued for it resets the pair (ECONNRESET on
+    our next read): that is CRIU killed mid-stream too, not a raw exception."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        ours.sendall(b"an answer CRIU never reads")
+        theirs.close()
+        with pytest.raises(PageStreamError, match="ended it before its close"):
+            ps.receive(ours, Recorder(), -1, out_name="x")

@@ -302,6 +302,8 @@ def receive(
     receiver = _Receiver(sock, placer, out_fd, out_name, progress, iov)
     try:
         return receiver.run()
+    except ConnectionResetError:  # a peer that dies with our data unread resets the pair
+        raise _ended() from None
     finally:
         receiver.close()
 
