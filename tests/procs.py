@@ -220,3 +220,16 @@ def reap_leftovers(before: set[int]) -> list[str]:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
     return killed
+
+
+#: include/uapi/linux/capability.h
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process holds capability *cap* in its effective set (CapEff of
+    /proc/self/status). Root here usually lacks CAP_SYS_RESOURCE; a kernel usermode helper, or
+    another host's root, holds it, and CRIU then reads every uid's limits."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    return bool(eff >> cap & 1)

@@ -198,7 +198,10 @@ def mixed_tree() -> Iterator[tuple[int, int]]:
         procs.kill_group(parent)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root lacking CAP_SYS_RESOURCE")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or procs.has_capability(procs.CAP_SYS_RESOURCE),
+    reason="needs root lacking CAP_SYS_RESOURCE (with it, CRIU reads every uid's limits)",
+)
 def test_real_criu_rlimit_of_another_uid(tmp_path: Path, mixed_tree: tuple[int, int]) -> None:
     """Root without CAP_SYS_RESOURCE: CRIU's tree dump cannot read the child's limits. The
     error names that line (not "Dumping FAILED"), the child and its uid, and the hint."""
