@@ -18,7 +18,7 @@ import pytest
 from harness.compare import Tolerances, compare_with, restart_diffs
 from harness.corefile import CoreView
 from harness.kernel import CorePipe
-from harness.procstate import read_maps, read_rseq_areas
+from harness.procstate import read_maps, read_rseq_areas, thread_states
 from syslock import core_pattern
 from test_dump_servers import HttpLoad, free_port, wait_listening
 
@@ -162,8 +162,8 @@ def test_nginx_tree_cores_equal_the_kernels(
     nginx: tuple[str, int, int, list[int]], tmp_path: Path
 ) -> None:
     """An idle nginx tree: each of the three cores of ``dump MASTER --tree`` equals the
-    kernel's core of that process (the kernel-comparison comparator), SIGABRT sent to the
-    workers then the master at once, so that none reacts to another's end first."""
+    kernel's core of that process (the kernel-comparison comparator), SIGABRT queued while
+    all three are stopped, so that none reacts to another's end first."""
     _, _, master, workers = nginx
     pids = (master, *workers)
     maps = {pid: read_maps(pid) for pid in pids}
@@ -175,8 +175,17 @@ def test_nginx_tree_cores_equal_the_kernels(
     ours = {pid: out if pid == master else Path(f"{out}.{pid}") for pid in pids}
     dest = CorePipe(tmp_path / "kernel")
     with core_pattern(dest.pattern()):
-        for pid in (*workers, master):
+        # all three stopped first, then SIGABRT queued, then continued: each dequeues its
+        # SIGABRT (lower than SIGCHLD) before running a line, whatever the scheduler does
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        procs.wait_for(
+            lambda: all(set(thread_states(p).values()) == {"T"} for p in pids), 30, "nginx stopped"
+        )
+        for pid in pids:
             os.kill(pid, signal.SIGABRT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
         kernel = {pid: dest.collect(pid) for pid in pids}
     found = {}
     for pid in pids:
