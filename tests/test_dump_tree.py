@@ -175,18 +175,25 @@ def test_nginx_tree_cores_equal_the_kernels(
     ours = {pid: out if pid == master else Path(f"{out}.{pid}") for pid in pids}
     dest = CorePipe(tmp_path / "kernel")
     with core_pattern(dest.pattern()):
-        # all three stopped first, then SIGABRT queued, then continued: each dequeues its
+        # all three stopped first (the master before its workers, whose stops send it
+        # SIGCHLD), then SIGABRT queued, then continued, workers first: each dequeues its
         # SIGABRT (lower than SIGCHLD) before running a line, whatever the scheduler does
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        procs.wait_for(
-            lambda: all(set(thread_states(p).values()) == {"T"} for p in pids), 30, "nginx stopped"
-        )
+        for group in ((master,), tuple(workers)):
+            for pid in group:
+                os.kill(pid, signal.SIGSTOP)
+            procs.wait_for(
+                lambda g=group: all(set(thread_states(p).values()) == {"T"} for p in g),  # type: ignore[misc]
+                30,
+                "nginx stopped",
+            )
         for pid in pids:
             os.kill(pid, signal.SIGABRT)
-        for pid in pids:
+        # the workers die first, while their parent is still the (stopped) master
+        for pid in workers:
             os.kill(pid, signal.SIGCONT)
-        kernel = {pid: dest.collect(pid) for pid in pids}
+        kernel = {pid: dest.collect(pid) for pid in workers}
+        os.kill(master, signal.SIGCONT)
+        kernel[master] = dest.collect(master)
     found = {}
     for pid in pids:
         with CoreView(ours[pid]) as a, CoreView(kernel[pid]) as b:
