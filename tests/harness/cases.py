@@ -78,6 +78,19 @@ class MountNamespace:
         )
 
 
+def has_method(name: str) -> bool:
+    """Whether the product has a ``--method`` *name* (its row in ``snapshot.METHODS``)."""
+    from criu_livedump.snapshot import METHODS
+
+    return any(m.value == name for m in METHODS)
+
+
+def require_method(name: str) -> None:
+    """Skip, naming the missing row, where the product has no ``--method`` *name* yet."""
+    if not has_method(name):
+        pytest.skip(f"--method {name}: no row in criu_livedump.snapshot.METHODS")
+
+
 def _require_criu(criu: str | None) -> None:
     """Skip the case when it names a CRIU (another release) that is not installed here."""
     if criu is not None and not os.access(criu, os.X_OK):
@@ -116,6 +129,7 @@ class LiveDump:
         from criu_livedump.dump import live_dump
         from criu_livedump.request import build_request
 
+        require_method(self.method)
         _require_criu(self.criu)
         out = tmp / "ours" / f"core.{pid}"
         out.parent.mkdir()
