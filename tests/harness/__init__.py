@@ -11,6 +11,7 @@ Split like the product, one idea per module:
 - :mod:`harness.compare`: the comparator (threads by TID, registers, bytes, notes).
 - :mod:`harness.gdb`: gdb's backtraces, LWPs and warnings.
 - :mod:`harness.cases`: kernel-comparison cases as data, and how one is run.
+- :mod:`harness.instant`: whether a core is one instant of tests/programs/seqwriter.c's writers.
 
 How to add a case, a dumper, a launcher, a destination or an architecture: README.md here.
 """
