@@ -229,11 +229,13 @@ class Emitter:
             self.to_skip += pos - cur
 
     def present(self, nr: int) -> None:
-        """*nr* bytes already written at the current position: stepped over, counted."""
+        """*nr* bytes already written at the current position: stepped over, counted as
+        written, but not reported as progress (whoever wrote them reported them)."""
         self._room(nr)
         self._flush_skip()
         self.sink.hole(nr)
-        self._done(nr)
+        self.pos += nr
+        self.written += nr
 
     def emit_pages(self, fd: int, offset: int, length: int) -> None:
         """Page-granular copy, as dump_user_range() emits one page per dump_emit_page()."""

@@ -8,6 +8,7 @@ stdout carries data only (JSON, or a core with ``dump -o -``); every message goe
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -15,6 +16,8 @@ import os
 import queue
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import IntEnum
@@ -40,6 +43,7 @@ from criu_livedump.errors import (
     SnapshotError,
     TargetError,
 )
+from criu_livedump.progress import Counts, Phase, Progress
 from criu_livedump.request import Method
 from criu_livedump.serve.client import MOUNT_PATH, SOCKET_PATH
 
@@ -145,6 +149,8 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            for line in _LIVE_LINE:
+                line.erase()
             click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
         except Exception:  # logging must never raise
             self.handleError(record)
@@ -463,12 +469,141 @@ def dump(
     from criu_livedump.request import build_request
 
     request = build_request(spec, **{k: v for k, v in flags.items() if v not in (None, False)})
-    report = live_dump(pid, request, criu_path=criu_path, stdout=_binary_stdout())
+    with _dump_progress() as progress:
+        report = live_dump(
+            pid, request, criu_path=criu_path, stdout=_binary_stdout(), progress=progress
+        )
     if as_json:
         _emit_json(report.as_dict())
     else:
         for line in report.lines():
             click.echo(line, err=True)
+
+
+def progress_line(phase: Phase, frozen_us: int | None, counts: Counts, rate: float) -> str:
+    """The progress line of a dump: its stage until the freeze is over, then the freeze, the
+    bytes captured and written so far and the rate (bytes per second) at which they grow."""
+    if frozen_us is not None:
+        head = f"frozen {frozen_us / 1000:.1f} ms, target running"
+    elif phase == Phase.CAPTURE:
+        head = "target frozen while CRIU copies it"
+    else:
+        return f"{phase.value}..."
+    return (
+        f"{head}; captured {_human(counts.captured)}, written {_human(counts.written)}"
+        f" at {_human(rate)}/s"
+    )
+
+
+def _human(n: float) -> str:
+    if n < 1 << 10:
+        return f"{n:.0f} B"
+    if n < 1 << 20:
+        return f"{n / (1 << 10):.1f} KiB"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+class TerminalProgress(Progress):
+    """A dump's progress as one line on a terminal, redrawn by a thread at most
+    :attr:`INTERVAL` apart and on each event, ended with a newline by :meth:`close`.
+
+    It writes with os.write on the terminal's descriptor and takes no lock that a forked
+    child could inherit held: the conversion child only adds to the shared counters.
+    """
+
+    INTERVAL = 0.25
+    #: the rate is measured over this many seconds of samples
+    RATE_WINDOW = 1.0
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._owner = os.getpid()
+        self._lock = threading.Lock()
+        self._phase = Phase.INSPECT
+        self._frozen_us: int | None = None
+        self._samples: deque[tuple[float, int]] = deque()
+        self._drawn = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self._thread.start()
+
+    def phase(self, phase: Phase) -> None:
+        with self._lock:
+            self._phase = phase
+            self._draw()
+
+    def frozen(self, microseconds: int) -> None:
+        with self._lock:
+            self._frozen_us = microseconds
+            self._draw()
+
+    def erase(self) -> None:
+        """Clear the line (a log message is about to be written; the next tick redraws)."""
+        if os.getpid() == self._owner:
+            with self._lock:
+                if self._drawn:
+                    self._write("\r\x1b[K")
+
+    def close(self) -> None:
+        """Stop redrawing; the last state stays on screen, followed by a newline."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            if self._drawn:
+                self._draw()
+                self._write("\n")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            with self._lock:
+                self._draw()
+
+    def _rate(self, now: float, moved: int) -> float:
+        self._samples.append((now, moved))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.RATE_WINDOW:
+            self._samples.popleft()
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def _draw(self) -> None:
+        counts = self.counts()
+        rate = self._rate(time.monotonic(), max(counts))
+        line = progress_line(self._phase, self._frozen_us, counts, rate)
+        try:
+            width = os.get_terminal_size(self._fd).columns
+        except OSError:
+            width = 0
+        width = width or 80  # a pseudo-terminal nobody sized says 0
+        self._write("\r" + line[: max(width - 1, 10)] + "\x1b[K")
+        self._drawn = True
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._fd, text.encode())
+
+
+#: the progress line on screen, if any (log messages erase it first)
+_LIVE_LINE: list[TerminalProgress] = []
+
+
+@contextmanager
+def _dump_progress() -> Iterator[Progress]:
+    """A :class:`TerminalProgress` on stderr when it is a terminal, else one that shows
+    nothing."""
+    if not sys.stderr.isatty():
+        yield Progress()
+        return
+    sys.stderr.flush()
+    line = TerminalProgress(sys.stderr.fileno())
+    _LIVE_LINE.append(line)
+    try:
+        yield line
+    finally:
+        _LIVE_LINE.remove(line)
+        line.close()
 
 
 # --- serve, request ------------------------------------------------------------------------------

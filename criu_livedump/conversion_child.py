@@ -28,6 +28,7 @@ from typing import Any
 from converters.arch import host
 from converters.errors import UnsupportedArchError
 from criu_livedump.errors import ConvertFailedError, LivedumpError
+from criu_livedump.progress import Progress
 from criu_livedump.request import IoClass, IoPrio
 
 #: Test hook: when set to a directory, the child writes ``child.pid`` there after applying its
@@ -153,10 +154,12 @@ class ConversionOutcome:
     path: str | None
     size: int
     truncated: bool
+    #: bytes actually written: a file's holes are not, a stream's zeros are
     warnings: tuple[str, ...]
     seconds: float
     child_pid: int
     handler_status: int | None = None
+    bytes_written: int = 0
 
 
 def run_conversion(
@@ -167,11 +170,13 @@ def run_conversion(
     priorities: Priorities,
     *,
     stdout_fd: int | None = None,
+    progress: Progress | None = None,
 ) -> ConversionOutcome:
     """Convert process *pid* of *images_dir* into *sink* in a forked child at *priorities*.
 
     :param options: a :class:`converters.options.ConvertOptions`.
     :param stdout_fd: where ``SinkKind.STDOUT`` writes (default: fd 1).
+    :param progress: counts the core's bytes as the child writes them.
     :raises ConvertFailedError: the conversion or the write failed (the converter's message).
     :raises LivedumpError: the priorities could not be applied.
     """
@@ -183,7 +188,9 @@ def run_conversion(
         os.close(rfd)
         code = 1
         try:
-            code = _child_main(images_dir, pid, sink, options, priorities, stdout_fd, wfd)
+            code = _child_main(
+                images_dir, pid, sink, options, (priorities, progress), stdout_fd, wfd
+            )
         except BaseException:
             with contextlib.suppress(BaseException):
                 _send(wfd, {"ok": False, "error": "internal error: " + _one_line_traceback()})
@@ -217,6 +224,7 @@ def run_conversion(
         seconds=float(report.get("seconds", seconds)),
         child_pid=child,
         handler_status=report.get("handler_status"),
+        bytes_written=int(report.get("bytes_written", 0)),
     )
 
 
@@ -250,11 +258,12 @@ def _child_main(
     pid: int,
     sink_spec: SinkSpec,
     options: Any,
-    priorities: Priorities,
+    runs_at: tuple[Priorities, Progress | None],
     stdout_fd: int | None,
     report_fd: int,
 ) -> int:
     """The child's whole life; returns its exit status."""
+    priorities, progress = runs_at
     # A Ctrl-C at the terminal reaches the whole process group; the parent decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(
@@ -287,11 +296,14 @@ def _child_main(
             handler = _start_handler(sink_spec.argv)
             assert handler.stdin is not None
             sink = StreamSink(handler.stdin.fileno(), sink_spec.describe())
-        result = write_core(images_dir, pid, sink, options)
+        counter = None if progress is None else progress.written
+        result = write_core(images_dir, pid, sink, options, counter)
+        holes = result.hole_bytes if sink_spec.kind == SinkKind.FILE else 0
         report = {
             "ok": True,
             "path": str(result.path) if result.path else None,
             "size": result.size,
+            "bytes_written": result.size - holes,
             "truncated": result.truncated,
             "warnings": list(result.warnings),
             "seconds": result.seconds,

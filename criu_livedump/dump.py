@@ -41,6 +41,7 @@ from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
 from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
 from criu_livedump.pattern import DestinationKind, destination
+from criu_livedump.progress import Phase, Progress
 from criu_livedump.request import DumpRequest, check_privileges
 from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.credentials import CriuCredentials, criu_credentials
@@ -59,6 +60,10 @@ class DumpReport:
     destination: str | None = None
     core_path: str | None = None
     size: int = 0
+    #: bytes of the core actually written (a file's holes are not)
+    bytes_written: int = 0
+    #: the scratch directory's peak usage (blocks allocated), sampled while CRIU ran
+    peak_scratch_bytes: int = 0
     truncated: bool = False
     no_core_reason: str | None = None
     frozen_us: int = 0
@@ -89,6 +94,8 @@ class DumpReport:
             "destination": self.destination,
             "core_path": self.core_path,
             "size": self.size,
+            "bytes_written": self.bytes_written,
+            "peak_scratch_bytes": self.peak_scratch_bytes,
             "truncated": self.truncated,
             "no_core_reason": self.no_core_reason,
             "frozen_time_us": self.frozen_us,
@@ -183,13 +190,14 @@ def _child_core(
     request: DumpRequest,
     images: snapshot.TreeMember | _Shared,
     signal: int,
-    priorities: Priorities,
+    runs_at: tuple[Priorities, Progress],
     method: str,
 ) -> DumpReport:
     """With ``--tree``: the core of one child from its images (taken by *method*: the
     target's, or its own with the snapshot's facts of it), written where the kernel would put
     that child's core (its own core_pattern expansion and RLIMIT_CORE), or next to
-    ``-o PATH`` as ``PATH.PID``."""
+    ``-o PATH`` as ``PATH.PID``; *runs_at*: the conversion's priorities, and the progress its
+    bytes count in."""
     try:
         facts = target.inspect(pid)
     except LivedumpError as e:
@@ -223,7 +231,10 @@ def _child_core(
         mapped_fds=mapped_fds,
     )
     try:
-        outcome = run_conversion(images.images_dir, facts.ns_pid, sink, options, priorities)
+        priorities, progress = runs_at
+        outcome = run_conversion(
+            images.images_dir, facts.ns_pid, sink, options, priorities, progress=progress
+        )
     except LivedumpError as e:
         report.no_core_reason = e.message
         return report
@@ -231,6 +242,7 @@ def _child_core(
         if not own:
             close_mapped_files(options.mapped_fds)
     report.core_path, report.size, report.truncated = outcome.path, outcome.size, outcome.truncated
+    report.bytes_written = outcome.bytes_written
     report.convert_seconds = outcome.seconds
     report.warnings += outcome.warnings
     return report
@@ -244,6 +256,7 @@ def live_dump(
     stdout: IO[bytes] | None = None,
     on_snapshot: Callable[[DumpReport], None] | None = None,
     decided: Pidfd | None = None,
+    progress: Progress | None = None,
 ) -> DumpReport:
     """Dump running process *pid* as *request* asks; the target keeps running.
 
@@ -257,6 +270,8 @@ def live_dump(
     :param decided: a pidfd of the process the caller decided on (``serve``'s access rules):
         refused unless that process still runs once *pid* is held here, so that both name one
         process and a pid reused in between is never dumped.
+    :param progress: told of each stage, the freeze and the bytes captured and written
+        (:mod:`criu_livedump.progress`); made before anything forks.
     :raises TargetDiedError: the target ended before its core was complete; nothing written.
     :raises LivedumpError: a refusal (before anything is frozen) or a failure, one line each.
     """
@@ -268,7 +283,7 @@ def live_dump(
         if decided is not None and decided.exited():
             raise TargetError(pid, "ended before its dump began")
         try:
-            return _live_dump(pid, request, criu_path, stdout, on_snapshot)
+            return _live_dump(pid, request, criu_path, stdout, on_snapshot, progress or Progress())
         except TargetDiedError as e:
             if e.pid == pid or not watched.exited(criu.DYING_GRACE):  # a process of its tree
                 raise
@@ -285,8 +300,10 @@ def _live_dump(
     criu_path: str | None,
     stdout: IO[bytes] | None,
     on_snapshot: Callable[[DumpReport], None] | None,
+    progress: Progress,
 ) -> DumpReport:
     started = time.monotonic()
+    progress.phase(Phase.INSPECT)
 
     # 1. Facts and refusals: nothing is frozen yet. CRIU collects the whole tree below the
     # target, so its blockers are looked for there too.
@@ -316,26 +333,31 @@ def _live_dump(
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     try:
         with method(facts, request, work) as snap:
-            limit_s = (timeout, started + timeout)
-            result, done = _snapshot(snap, binary, creds, priorities, report, limit_s)
+            meter = _Meter(work, progress, (timeout, started + timeout))
+            result, done = _snapshot(snap, binary, creds, priorities, report, meter)
             if on_snapshot is not None:
                 on_snapshot(report)
             _write_sidecar(result.images_dir, facts, sink, limit, signal, done.sidecar)
-            outcome = _convert(result.images_dir, facts, request, sink, snap, priorities, stdout)
+            progress.phase(Phase.WRITE)
+            outcome = _convert(
+                result.images_dir, facts, request, sink, snap, priorities, stdout, progress
+            )
             _report_conversion(report, outcome, sink)
             if request.tree:
+                progress.phase(Phase.CHILDREN)
                 report.children += [
                     _child_core(
                         child,
                         request,
                         done.members.get(child, _Shared(result.images_dir)),
                         signal,
-                        priorities,
+                        (priorities, progress),
                         report.method,
                     )
                     for child in facts.tree
                     if child != pid
                 ]
+            report.peak_scratch_bytes = meter.sample()
     except BaseException:
         if request.keep_images:
             log.warning("images kept in %s", work)
@@ -348,6 +370,25 @@ def _live_dump(
         scratch.remove(work)
     report.total_seconds = time.monotonic() - started
     return report
+
+
+class _Meter:
+    """The scratch directory sampled while CRIU writes into it: its peak usage for the report,
+    the pages images' growth for the progress; and the whole dump's time limit (seconds,
+    deadline on ``time.monotonic()``) that CRIU's runs share."""
+
+    def __init__(self, work: Path, progress: Progress, time_limit: tuple[float, float]) -> None:
+        self.work = work
+        self.progress = progress
+        self.time_limit = time_limit
+        self.peak = 0
+
+    def sample(self) -> int:
+        """Measure now (CRIU's runner calls it every step; never raises); the peak so far."""
+        now = scratch.usage(self.work)
+        self.peak = max(self.peak, now.allocated)
+        self.progress.captured_at_least(now.pages)
+        return self.peak
 
 
 def _check_sink(request: DumpRequest, sink: SinkSpec) -> None:
@@ -364,23 +405,28 @@ def _snapshot(
     creds: CriuCredentials,
     priorities: Priorities,
     report: DumpReport,
-    time_limit: tuple[float, float],
+    meter: _Meter,
 ) -> tuple[criu.DumpResult, snapshot.Snapshotted]:
-    """The snapshot's steps around CRIU's dump; the images then describe the target.
-
-    :param time_limit: the whole dump's (seconds, deadline on ``time.monotonic()``).
-    """
+    """The snapshot's steps around CRIU's dump; the images then describe the target."""
     snap.prepare()
+    meter.progress.phase(Phase.FREEZE)
     snap.freeze()
+    own_freeze = snap.own_freeze_us()
+    if own_freeze is not None:
+        meter.progress.frozen(own_freeze)
     task = snap.handoff(binary)
     options = (*task.options, *creds.extra_args)
-    result = _run_criu(binary, snap, task, creds, priorities, time_limit)
+    meter.progress.phase(Phase.CAPTURE)
+    result = _run_criu(binary, snap, task, creds, priorities, meter)
     more = [
-        _run_criu(binary, snap, t, criu_credentials(t.member), priorities, time_limit)
+        _run_criu(binary, snap, t, criu_credentials(t.member), priorities, meter)
         for t in snap.tree_handoffs(binary)
         if t.member is not None
     ]
     done = snap.complete(result, more)
+    meter.sample()
+    if own_freeze is None:
+        meter.progress.frozen(done.frozen_us)
     report.criu_options = options
     report.pre_dump_rounds = task.pre_dump_rounds
     report.dump_seconds = result.seconds + sum(r.seconds for r in more)
@@ -397,10 +443,10 @@ def _run_criu(
     task: snapshot.CriuTask,
     creds: CriuCredentials,
     priorities: Priorities,
-    time_limit: tuple[float, float],
+    meter: _Meter,
 ) -> criu.DumpResult:
     """CRIU's dump of *task* as *creds* say, into the snapshot's work directory (or, for a
-    further process of a tree, its directory there)."""
+    further process of a tree, its directory there), *meter* sampling it as CRIU writes."""
     try:
         return criu.dump(
             binary,
@@ -413,8 +459,9 @@ def _run_criu(
                 wrapper=creds.wrapper,
                 owner=None if creds.uid is None else (creds.uid, creds.gid or 0),
                 leave_running=task.leave_running,
-                timeout=time_limit[0],
-                deadline=time_limit[1],
+                timeout=meter.time_limit[0],
+                deadline=meter.time_limit[1],
+                on_step=meter.sample,
                 ns_pid=task.ns_pid,
                 tree=task.tree,
             ),
@@ -454,6 +501,7 @@ def _convert(
     snap: snapshot.Snapshot,
     priorities: Priorities,
     stdout: IO[bytes] | None,
+    progress: Progress,
 ) -> ConversionOutcome:
     options = ConvertOptions(
         coredump_filter=request.coredump_filter,
@@ -463,13 +511,16 @@ def _convert(
         mapped_fds=snap.mapped_fds,
     )
     out_fd = stdout.fileno() if stdout is not None and sink.kind == SinkKind.STDOUT else None
-    return run_conversion(images_dir, facts.ns_pid, sink, options, priorities, stdout_fd=out_fd)
+    return run_conversion(
+        images_dir, facts.ns_pid, sink, options, priorities, stdout_fd=out_fd, progress=progress
+    )
 
 
 def _report_conversion(report: DumpReport, outcome: ConversionOutcome, sink: SinkSpec) -> None:
     report.convert_seconds = outcome.seconds
     report.conversion_pid = outcome.child_pid
     report.size = outcome.size
+    report.bytes_written = outcome.bytes_written
     report.truncated = outcome.truncated
     report.core_path = outcome.path
     report.handler_status = outcome.handler_status

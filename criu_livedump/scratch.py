@@ -13,6 +13,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from criu_livedump.errors import ScratchError
 
@@ -126,3 +127,28 @@ def create(parent: Path, *, uid: int | None = None, gid: int | None = None) -> P
 def remove(path: Path) -> None:
     """Remove a scratch directory and everything in it (never follows symlinks out of it)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+class Usage(NamedTuple):
+    """What a scratch directory holds at one instant, in bytes."""
+
+    #: blocks allocated to everything below it (what it takes from its filesystem)
+    allocated: int
+    #: the size of CRIU's pages images below it (the memory captured so far)
+    pages: int
+
+
+def usage(path: Path) -> Usage:
+    """:class:`Usage` of the scratch directory *path*, read while CRIU may be writing to it:
+    files that vanish or cannot be read are skipped, never an error."""
+    allocated = pages = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(top, name))
+            except OSError:
+                continue
+            allocated += st.st_blocks * 512
+            if name.startswith("pages-") and name.endswith(".img"):
+                pages += st.st_size
+    return Usage(allocated, pages)

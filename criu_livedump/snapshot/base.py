@@ -123,6 +123,12 @@ class Snapshot(ABC):
     def freeze(self) -> None:  # noqa: B027 - optional step
         """The method's own freeze of the target (none by default: CRIU freezes it)."""
 
+    def own_freeze_us(self) -> int | None:
+        """Once :meth:`freeze` has returned: how long the method's own freeze lasted, in
+        microseconds, if the target already runs again (progress shows it before CRIU runs);
+        None when the target is still to be frozen by CRIU (the default)."""
+        return None
+
     @abstractmethod
     def handoff(self, binary: Criu) -> CriuTask:
         """The process CRIU is to dump, ready for it."""

@@ -362,6 +362,9 @@ class DumpJob:
     tree: tuple[int, ...] = ()
     #: descriptors CRIU inherits (a page server's socket: page_server.criu_options)
     pass_fds: tuple[int, ...] = ()
+    #: called about every WATCH_STEP seconds while a round of CRIU runs (progress: the pages
+    #: images growing in scratch); must not raise
+    on_step: Callable[[], object] | None = field(default=None, compare=False)
 
     @property
     def prefix(self) -> tuple[str, ...]:
@@ -548,7 +551,7 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
     for other in job.tree:
         with contextlib.suppress(ProcessLookupError):  # gone already: CRIU will not see it
             members.append(Pidfd(other))
-    watch = _Watch(tuple(members), deadline, job.timeout)
+    watch = _Watch(tuple(members), deadline, job.timeout, job.on_step)
     cmds = plan_rounds(criu, job)
     resumed = was_stopped = False
     try:
@@ -585,6 +588,7 @@ class _Watch:
     processes: tuple[Pidfd, ...]
     deadline: float
     timeout: float
+    on_step: Callable[[], object] | None = None
 
     def dead(self, grace: float = 0.0) -> Pidfd | None:
         """The first watched process that has ended, if any (see :meth:`Pidfd.exited`)."""
@@ -682,6 +686,8 @@ def _supervise(proc: subprocess.Popen[bytes], argv: Sequence[str], watch: _Watch
                     )
                 if _wait_readable(criu_fd, min(left, WATCH_STEP)):
                     break
+                if watch.on_step is not None:
+                    watch.on_step()
                 if (dead := watch.dead()) is not None:
                     died = watch.died(dead)  # now: once CRIU is gone its zombie may be reaped
                     if _wait_readable(criu_fd, TARGET_GONE_GRACE):

@@ -96,6 +96,9 @@ class CloneSnapshot(Snapshot):
         # steps 1-5 of inject.py, for every process of the tree at one instant
         self._clones, self._steps = inject.freeze_tree(self._prepared)
 
+    def own_freeze_us(self) -> int | None:
+        return round(self._steps.total * 1_000_000) if self._clones else None
+
     def handoff(self, binary: Criu) -> CriuTask:
         return self._task(self._running_clones()[0], self.facts)
 
