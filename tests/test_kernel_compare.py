@@ -116,7 +116,20 @@ NEWER_CRIU_ONLY = (
     KernelCase("guard-0x3f-livedump-clone", "guard", (DATA,), coredump_filter=0x3F, dumper=CLONE),
 )
 
-ALL_CASES = CASES + tuple(_dumping_with(c, OLDER_CRIU) for c in CASES) + NEWER_CRIU_ONLY
+#: our core piped to a core_pattern ``|handler`` that writes it to a file, by both methods: the
+#: pipe sink does not depend on the dumping CRIU, so these run with the installed one only
+TO_HANDLER = (
+    KernelCase(
+        "mappings-handler-livedump-criu", *MAPPINGS, dumper=LiveDump("criu", to_handler=True)
+    ),
+    KernelCase(
+        "mappings-handler-livedump-clone", *MAPPINGS, dumper=LiveDump("clone", to_handler=True)
+    ),
+)
+
+ALL_CASES = (
+    CASES + tuple(_dumping_with(c, OLDER_CRIU) for c in CASES) + NEWER_CRIU_ONLY + TO_HANDLER
+)
 
 
 @pytest.fixture(

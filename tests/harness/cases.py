@@ -16,11 +16,11 @@ from typing import Protocol
 
 import pytest
 from programs import build as programs_build
-from syslock import hugepages
+from syslock import core_pattern, hugepages
 
 from harness.compare import Tolerances
 from harness.criu import criu_dump
-from harness.kernel import kernel_core
+from harness.kernel import CorePipe, kernel_core
 from harness.launcher import Target, start_target
 from harness.procstate import MapEntry, RseqArea
 
@@ -124,6 +124,10 @@ class LiveDump:
     method: str
     #: the CRIU the product runs (None: its default)
     criu: str | None = None
+    #: no ``-o``: the core goes where core_pattern sends it, set for the dump to a
+    #: ``|HANDLER %P`` pipe (:class:`harness.kernel.CorePipe`) that writes it to a file, as a
+    #: host's crash collector does
+    to_handler: bool = False
 
     def dump(self, pid: int, tmp: Path) -> Path:
         from criu_livedump.dump import live_dump
@@ -131,6 +135,8 @@ class LiveDump:
 
         require_method(self.method)
         _require_criu(self.criu)
+        if self.to_handler:
+            return self._dump_to_handler(pid, tmp)
         out = tmp / "ours" / f"core.{pid}"
         out.parent.mkdir()
         request = build_request(
@@ -140,6 +146,22 @@ class LiveDump:
         assert report.method == self.method
         assert report.core_path is not None and Path(report.core_path) == out
         return out
+
+    def _dump_to_handler(self, pid: int, tmp: Path) -> Path:
+        from criu_livedump.dump import live_dump
+        from criu_livedump.request import build_request
+
+        pipe = CorePipe(tmp / "ours")
+        request = build_request(
+            signal=int(signal.SIGABRT), core_limit="unlimited", method=self.method
+        )
+        pattern = pipe.pattern()
+        with core_pattern(pattern):
+            report = live_dump(pid, request, criu_path=self.criu)
+        assert report.method == self.method
+        assert report.destination == pattern.replace("%P", str(pid)), report.destination
+        assert report.handler_status == 0 and report.core_path is None
+        return pipe.collect(pid)
 
 
 @dataclass(frozen=True)
