@@ -11,8 +11,11 @@ left at the destination, and the scratch directory is gone (or kept and named wi
 ``--keep-images``).
 
 CRIU is broken on cue by ``fault_criu()``: a wrapper that runs the real CRIU with its ``dump.log``
-replaced by a FIFO it reads (shrunk to one page, so CRIU is at most a page of log ahead), and
-kills CRIU, or the target, as soon as a given line appears.
+replaced by a FIFO it reads in small pieces (shrunk to one page, so CRIU is at most
+:data:`LEAD` bytes of log ahead of the line that fired), and kills CRIU, or the target, as soon
+as a given line appears. No timing decides where CRIU is killed: each point is followed by more
+log than that lead (the target maps :data:`AREAS` areas, one log line each after "Dumping mm"),
+which ``test_fault_points_are_mid_dump`` checks on a whole dump.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import procs
 import pytest
+from harness.procstate import thread_states
 
 pytestmark = [pytest.mark.live]
 
@@ -102,22 +107,18 @@ def start_heartbeat(binary: Path, *args: str) -> Heartbeat:
     return hb
 
 
+#: One-page areas the target maps (heartbeat's AREAS): CRIU lists each after "Dumping mm", so
+#: that point is followed by enough log (see :data:`LEAD`).
+AREAS = 256
+
+
 @pytest.fixture
 def heartbeat(programs: dict[str, Path]) -> Iterator[Heartbeat]:
-    hb = start_heartbeat(programs["heartbeat"])
+    hb = start_heartbeat(programs["heartbeat"], "1024", "4096", str(AREAS))
     try:
         yield hb
     finally:
         hb.close()
-
-
-def thread_states(pid: int) -> dict[int, str]:
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            out[int(tid)] = stat.rsplit(")", 1)[1].split()[0]
-    return out
 
 
 def cgroup_frozen(pid: int) -> bool:
@@ -139,11 +140,7 @@ def assert_running(hb: Heartbeat) -> None:
     assert not [t for t, s in states.items() if s in ("T", "t")], states
     assert not cgroup_frozen(hb.pid)
     hb.reset()
-    for _ in range(500):
-        if hb.gap()[1] >= 5:
-            break
-        time.sleep(0.01)
-    assert hb.gap()[1] >= 5, "the heartbeat thread does not run"
+    procs.wait_for(lambda: hb.gap()[1] >= 5, 60, "five beats of the heartbeat thread")
 
 
 def assert_one_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -164,11 +161,19 @@ def run_tool(
     )
 
 
+#: What the wrapper reads of CRIU's log at a time.
+READ = 512
+#: How far CRIU's log can be past a line that fired when CRIU is stopped: the rest of the read
+#: that held the line, and a one-page pipe that CRIU fills before its next line blocks it.
+LEAD = READ + 4096
+
 _FAULT_CRIU = """#!{python}
-# Runs the real CRIU with dump.log as a FIFO; on the first line matching $FAULT_PATTERN, kills
-# CRIU ($FAULT_ACTION=kill-criu) or the target ($FAULT_ACTION=kill-target, pid $FAULT_TARGET),
-# writes that line to $FAULT_MARKER; afterwards puts the log back as a regular file and exits as
-# CRIU did (killed by the same signal).
+# Runs the real CRIU with dump.log as a one-page FIFO read {read} bytes at a time. On the first
+# line matching $FAULT_PATTERN it reads no more: it kills CRIU ($FAULT_ACTION=kill-criu, and
+# waits for it to be dead) or the target ($FAULT_ACTION=kill-target, pid $FAULT_TARGET), and
+# writes that line to $FAULT_MARKER; CRIU, meanwhile, is blocked by its log {lead} bytes past the
+# line at most. Then it reads on, puts the log back as a regular file and exits as CRIU did
+# (killed by the same signal).
 import fcntl, os, re, signal, subprocess, sys
 
 args = sys.argv[1:]
@@ -181,12 +186,13 @@ with open(os.environ["FAULT_MARKER"] + ".pids", "w") as f:
 fd = os.open(log, os.O_RDONLY)
 fcntl.fcntl(fd, 1031, 4096)  # F_SETPIPE_SZ
 buf, fired = b"", False
-while chunk := os.read(fd, 4096):
+while chunk := os.read(fd, {read}):
     buf += chunk
     if not fired and pattern.search(buf[-len(chunk) - 512 :]):
         fired = True
         if os.environ.get("FAULT_ACTION", "kill-criu") == "kill-criu":
             proc.kill()
+            proc.wait()
         else:
             os.kill(int(os.environ["FAULT_TARGET"]), signal.SIGKILL)
         with open(os.environ["FAULT_MARKER"], "w") as f:
@@ -203,7 +209,7 @@ sys.exit(proc.returncode)
 
 def fault_criu(tmp_path: Path) -> Path:
     path = tmp_path / "criu-fault"
-    path.write_text(_FAULT_CRIU.format(python=sys.executable, criu=REAL_CRIU))
+    path.write_text(_FAULT_CRIU.format(python=sys.executable, criu=REAL_CRIU, read=READ, lead=LEAD))
     path.chmod(0o755)
     return path
 
@@ -240,9 +246,9 @@ def small_tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
 # --- CRIU killed mid-dump -----------------------------------------------------------------------
 
 #: Lines of CRIU's dump.log (criu 4.2, -v4) where it is killed, and what CRIU was doing there.
-#: Each is followed by more than a page of log, so CRIU is blocked on the FIFO, still at that
-#: stage, when the kill lands; the last stages (file locks, pstree, inventory, unfreeze, stats)
-#: write less than a page of log and cannot be hit this way.
+#: Each is followed by more than :data:`LEAD` bytes of log (test_fault_points_are_mid_dump), so
+#: CRIU is blocked on the FIFO, still at that stage, when the kill lands; the last stages (file
+#: locks, pstree, inventory, unfreeze, stats) write too little log to be hit this way.
 CRIU_POINTS = {
     "criu": [
         "Seized task",  # target seized, nothing injected yet
@@ -280,14 +286,12 @@ def test_criu_killed_mid_dump(
     assert proc.returncode == 3 and "killed by signal 9" in error, proc.stderr
     assert os.listdir(out) == []
     assert os.listdir(scratch) == []
-    if method == "criu" and point in PARASITE_POINTS:
+    if method == "criu" and point in PARASITE_POINTS and not _main_thread_answers(heartbeat):
         # Documented CRIU behaviour: killed while its parasite is in the target, CRIU may leave
         # a thread to hit the parasite's trap with no tracer: the kernel kills it with SIGTRAP.
-        time.sleep(0.2)
-        if heartbeat.proc.poll() is not None:
-            assert heartbeat.proc.returncode == -signal.SIGTRAP
-            print(f"{method} {point}: target killed by SIGTRAP (documented)")
-            return
+        assert heartbeat.proc.wait(timeout=60) == -signal.SIGTRAP
+        print(f"{method} {point}: target killed by SIGTRAP (documented)")
+        return
     assert_running(heartbeat)
     assert heartbeat.checksum() == checksum
     assert heartbeat.maps() == maps
@@ -298,6 +302,39 @@ def test_criu_killed_mid_dump(
     assert procs.children(heartbeat.pid) == {}
     assert os.listdir(out) == []
     assert os.listdir(scratch) == []
+
+
+def _main_thread_answers(hb: Heartbeat) -> bool:
+    """Whether the target's main thread answers a request, or dies first. CRIU's parasite runs
+    in the main thread (compel infects the thread group leader), so a main thread that answers
+    has left the parasite's code and its trap behind."""
+    try:
+        return hb.ask("mut").startswith("mut ")
+    except BrokenPipeError:
+        return False
+
+
+@pytest.mark.parametrize("method", list(CRIU_POINTS))
+def test_fault_points_are_mid_dump(
+    heartbeat: Heartbeat, dirs: tuple[Path, Path], method: str
+) -> None:
+    """The premise of test_criu_killed_mid_dump, on a whole dump of the same target: every
+    point is followed by more than :data:`LEAD` bytes of log, so a CRIU stopped there by the
+    wrapper is still at that stage, and cannot have finished, when it is killed."""
+    scratch, out = dirs
+    args = ["--method", method, "-o", str(out / "core"), "--scratch", str(scratch)]
+    proc = run_tool(heartbeat.pid, *args, "--keep-images")
+    assert proc.returncode == 0, proc.stderr
+    (log,) = scratch.rglob("dump.log")
+    text = log.read_bytes()
+    after = {
+        p: len(text) - text.find(p.encode()) for p in CRIU_POINTS[method] if p.encode() in text
+    }
+    for kept in scratch.iterdir():
+        shutil.rmtree(kept)
+    print(f"{method}: log bytes after each point: {after} (lead {LEAD})")
+    assert set(after) == set(CRIU_POINTS[method]), f"points missing from CRIU's log: {after}"
+    assert all(n > 2 * LEAD for n in after.values()), after
 
 
 # --- the target exits mid-dump ------------------------------------------------------------------
@@ -703,7 +740,6 @@ def unprivileged() -> Iterator[tuple[int, int, Path]]:
     """(uid, gid, a directory it can reach) of a system user created for the test; the user and
     the directory are deleted afterwards (pytest's tmp_path sits below a 0700 directory)."""
     import pwd
-    import shutil
     import tempfile
 
     site = next((Path(sys.prefix) / "lib").glob("python3*/site-packages"))

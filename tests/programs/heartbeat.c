@@ -1,14 +1,16 @@
 /* Test target for faults and soak runs: a process under load that notices its own freezes and
  * checks its own memory.
  *
- * usage: heartbeat [FIXED_KIB [MUTATE_KIB]]   (defaults 1024 and 4096)
+ * usage: heartbeat [FIXED_KIB [MUTATE_KIB [AREAS]]]   (defaults 1024, 4096 and 0)
  *
  * - a fixed region of FIXED_KIB KiB filled once with a pattern; "sum" answers its FNV-1a 64
  *   checksum, computed by the process itself, so a dump that changed a byte shows up;
  * - a mutator thread rewriting a MUTATE_KIB KiB region without pause (the load: its pages are
  *   always dirty, and it never sleeps, so the freeze has a running thread to stop);
  * - a heartbeat thread sleeping 1 ms at a time and recording the longest gap between two of its
- *   wake-ups (CLOCK_MONOTONIC): a freeze of the process shows up as one long gap.
+ *   wake-ups (CLOCK_MONOTONIC): a freeze of the process shows up as one long gap;
+ * - AREAS one-page mappings that cannot merge (every other one read-only): CRIU logs a line per
+ *   mapping at several stages of a dump, so tests/test_faults.py can stop it mid-stage by its log.
  *
  * Line protocol on stdin/stdout (no signals: they would themselves disturb the target):
  *   "reset" -> longest gap := 0, answers "ok"
@@ -33,7 +35,7 @@
 static _Atomic uint64_t longest_gap_ns, beats, passes;
 static _Atomic int reset_requested;
 static unsigned char *fixed, *mutable;
-static size_t fixed_size, mutable_size;
+static size_t fixed_size, mutable_size, areas;
 
 static uint64_t now_ns(void)
 {
@@ -114,12 +116,25 @@ int main(int argc, char **argv)
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	fixed_size = (size_t)(argc > 1 ? atol(argv[1]) : 1024) << 10;
 	mutable_size = (size_t)(argc > 2 ? atol(argv[2]) : 4096) << 10;
+	areas = (size_t)(argc > 3 ? atol(argv[3]) : 0);
 	if (!fixed_size || !mutable_size) {
-		fprintf(stderr, "usage: %s [FIXED_KIB [MUTATE_KIB]]\n", argv[0]);
+		fprintf(stderr, "usage: %s [FIXED_KIB [MUTATE_KIB [AREAS]]]\n", argv[0]);
 		return 2;
 	}
 	fixed = region(fixed_size);
 	mutable = region(mutable_size);
+	if (areas) {
+		size_t page = (size_t)sysconf(_SC_PAGESIZE);
+		unsigned char *split = region(areas * page);
+
+		for (size_t i = 0; i < areas; i++) {
+			split[i * page] = (unsigned char)i;
+			if (i % 2 && mprotect(split + i * page, page, PROT_READ)) {
+				perror("mprotect");
+				return 2;
+			}
+		}
+	}
 	for (size_t i = 0; i < fixed_size; i++)
 		fixed[i] = (unsigned char)((i * 131 + (i >> 12)) & 0xff);
 	if (pthread_create(&t, NULL, heartbeat, NULL) || pthread_create(&t, NULL, mutator, NULL)) {
