@@ -174,12 +174,12 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
     sysv_keys: dict[int, int] = {}
 
     for m in side:
-        shmid = m.inode
+        shmid = m.area.inode
         vma: dict[str, Any] = {
-            "start": m.start,
-            "end": m.end,
-            "pgoff": m.pgoff,
-            "prot": prot_from_perms(m.perms),
+            "start": m.area.start,
+            "end": m.area.end,
+            "pgoff": m.area.pgoff,
+            "prot": prot_from_perms(m.area.perms),
             "fd": -1,
         }
         if m.kind == "sysv":
@@ -188,13 +188,13 @@ def _add_side_mappings(images_dir: Path, pid: int, side: tuple[SideMapping, ...]
         else:
             shmid = next_file_id
             next_file_id += 1
-            files["entries"].append(_file_entry(shmid, m.name))
+            files["entries"].append(_file_entry(shmid, m.area.name))
             vma["flags"] = MAP_SHARED
             vma["status"] = VMA_AREA_REGULAR | VMA_FILE_SHARED
         while shmid in used_shmids and m.kind == "sysv":
             shmid += 1 << 32  # keep clear of any shmem object CRIU saved itself
         used_shmids.add(shmid)
-        if m.kind == "sysv" and (key := _SYSV_NAME.match(m.name)):
+        if m.kind == "sysv" and (key := _SYSV_NAME.match(m.area.name)):
             sysv_keys[shmid] = int(key.group(1), 16)
         vma["shmid"] = shmid
         mm["vmas"].append(vma)
@@ -314,9 +314,9 @@ def _file_entry(file_id: int, name: str) -> dict[str, Any]:
 def _write_shmem_pages(images_dir: Path, shmid: int, m: SideMapping) -> None:
     assert m.data_file is not None
     pages_id = _next_pages_id(images_dir)
-    length = m.end - m.start
+    length = m.area.end - m.area.start
     with (images_dir / f"pages-{pages_id}.img").open("wb") as dst:
-        _append(dst, m.data_file, m.data_offset, length, f"{m.name} at {m.start:#x}")
+        _append(dst, m.data_file, m.data_offset, length, f"{m.area.name} at {m.area.start:#x}")
     # A shmem pagemap is addressed by offset in the object (criu/shmem.c: dump_one_shmem()).
     dump_image(
         images_dir / f"pagemap-shmem-{shmid}.img",
@@ -325,7 +325,7 @@ def _write_shmem_pages(images_dir: Path, shmid: int, m: SideMapping) -> None:
             "entries": [
                 {"pages_id": pages_id},
                 {
-                    "vaddr": m.pgoff,
+                    "vaddr": m.area.pgoff,
                     "compat_nr_pages": 0,
                     "nr_pages": length // PAGE_SIZE,
                     "flags": PE_PRESENT,

@@ -51,6 +51,7 @@ from converters.arch import Arch, host
 from criu_livedump.errors import CloneError, CloneRefusedError, LivedumpError, TargetError
 from criu_livedump.linux import ptrace
 from criu_livedump.linux.procfs import (
+    MapsEntry,
     SmapsEntry,
     read_maps,
     read_stat,
@@ -94,19 +95,13 @@ def _arch() -> Arch:
 class SideMapping:
     """A mapping CRIU refuses, copied out of the clone and unmapped there before CRIU ran.
 
+    :ivar area: its line of the clone's /proc/PID/maps (name ``/SYSV0000abcd (deleted)``).
     :ivar kind: ``"sysv"`` or ``"io_uring"``.
-    :ivar name: the mapping's name in /proc/PID/maps (``/SYSV0000abcd (deleted)``).
     :ivar data_file: where its bytes are (``end - start`` bytes at *data_offset*); None when the
         bytes could not be read (the range becomes a hole).
     """
 
-    start: int
-    end: int
-    perms: str
-    pgoff: int
-    dev: str
-    inode: int
-    name: str
+    area: MapsEntry
     kind: str
     data_file: Path | None
     data_offset: int
@@ -754,34 +749,34 @@ def _prepare_clone(snap: Clone, side_dir: Path | None) -> tuple[SideMapping, ...
         return ()
     if side_dir is None:
         raise CloneError(
-            f"process {snap.pid}: maps {side[0][6]}, which needs a side directory to copy it to"
+            f"process {snap.pid}: maps {side[0].name}, which needs a side directory to copy it to"
         )
     out: list[SideMapping] = []
     path = side_dir / f"side-{snap.pid}.bin"
     mem = os.open(f"/proc/{cpid}/mem", os.O_RDONLY)
     try:
         with open(path, "wb") as f:
-            for start, end, perms, pgoff, dev, inode, name in side:
-                kind = _side_kind(name)
+            for area in side:
+                kind = _side_kind(area.name)
                 assert kind is not None
                 offset = f.tell()
                 data_file: Path | None = path
                 try:
-                    _copy_range(mem, f.fileno(), start, end - start)
+                    _copy_range(mem, f.fileno(), area.start, area.end - area.start)
                 except OSError as e:
-                    log.warning("clone %d: %s at %#x unreadable (%s): hole", cpid, name, start, e)
+                    log.warning(
+                        "clone %d: %s at %#x unreadable (%s): hole", cpid, area.name, area.start, e
+                    )
                     f.truncate(offset)
                     f.seek(offset)
                     data_file = None
-                out.append(
-                    SideMapping(start, end, perms, pgoff, dev, inode, name, kind, data_file, offset)
-                )
+                out.append(SideMapping(area, kind, data_file, offset))
     finally:
         os.close(mem)
     for m in out:
-        ret = _clone_syscall(snap, _arch().syscalls.munmap, m.start, m.end - m.start)
+        ret = _clone_syscall(snap, _arch().syscalls.munmap, m.area.start, m.area.end - m.area.start)
         if ret < 0:
-            raise CloneError(f"clone {cpid}: munmap of {m.name} failed: {os.strerror(-ret)}")
+            raise CloneError(f"clone {cpid}: munmap of {m.area.name} failed: {os.strerror(-ret)}")
     return tuple(out)
 
 
