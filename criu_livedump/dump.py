@@ -464,6 +464,7 @@ def _run_criu(
                 on_step=meter.sample,
                 ns_pid=task.ns_pid,
                 tree=task.tree,
+                originals=task.originals,
             ),
         )
     except TargetDiedError as e:

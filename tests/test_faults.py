@@ -406,14 +406,16 @@ def test_target_killed_while_criu_dumps_it(
     assert os.listdir(scratch) == []
 
 
-#: A CRIU stand-in that SIGKILLs the process it is asked to dump (and $ALSO_KILL, if set),
-#: then hangs, as CRIU 4.2.1 can in wait4() on a target SIGKILLed under it; a helper of its own
-#: sleeps beside it. It writes "its pid, its helper's pid" to $MARKER once the kill is sent.
+#: A CRIU stand-in that SIGKILLs the process it is asked to dump (unless $SPARE_DUMPED is set)
+#: and $ALSO_KILL, if set, then hangs, as CRIU 4.2.1 can in wait4() on a target SIGKILLed under
+#: it; a helper of its own sleeps beside it. It writes "its pid, its helper's pid" to $MARKER once
+#: the kill is sent.
 _HANGING_CRIU = """#!/bin/bash
 [ "$1" = dump ] || exit 1  # `criu check --feature ...`: no such feature
 while [ $# -gt 0 ]; do case $1 in -t) PID=$2; shift;; esac; shift; done
 sleep 600 &
-kill -KILL "$PID" $ALSO_KILL
+[ -n "$SPARE_DUMPED" ] || ALSO_KILL="$PID $ALSO_KILL"
+kill -KILL $ALSO_KILL
 echo "$$ $!" > "$MARKER.tmp" && mv "$MARKER.tmp" "$MARKER"
 exec sleep 600
 """
@@ -421,24 +423,19 @@ exec sleep 600
 AFTER_DEATH = 30
 
 
-@pytest.mark.parametrize("method", ["criu", "clone"])
-def test_target_killed_by_a_hanging_criu(
-    programs: dict[str, Path],
-    heartbeat: Heartbeat,
-    tmp_path: Path,
-    dirs: tuple[Path, Path],
-    method: str,
-) -> None:
-    """The target dies and CRIU hangs: `dump` ends within 30 s of the death with one line,
-    CRIU and its helper are gone (by pid and by process group), nothing is written, and under
-    clone the clone does not survive."""
+def _dump_with_hanging_criu(
+    pid: int, tmp_path: Path, dirs: tuple[Path, Path], env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`dump PID ARGS` with :data:`_HANGING_CRIU` (told *env*), which must end within
+    :data:`AFTER_DEATH` s of its kill; afterwards CRIU and its helper are gone (by pid and by
+    process group) and nothing is left in the output and scratch directories."""
     scratch, out = dirs
     stand_in, marker = tmp_path / "criu-hang", tmp_path / "criu-pids"
     stand_in.write_text(_HANGING_CRIU)
     stand_in.chmod(0o755)
-    env = {**os.environ, "MARKER": str(marker), "ALSO_KILL": str(heartbeat.pid)}
-    argv = [str(EXE), "dump", str(heartbeat.pid), *UNLIMITED, "--method", method]
-    argv += ["-o", str(out / "core"), "--scratch", str(scratch), "--criu", str(stand_in)]
+    argv = [str(EXE), "dump", str(pid), *UNLIMITED, *args, "-o", str(out / "core")]
+    argv += ["--scratch", str(scratch), "--criu", str(stand_in)]
+    env = {**os.environ, "MARKER": str(marker), **env}
     with (tmp_path / "stderr").open("w+") as err:
         tool = procs.popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         try:
@@ -453,12 +450,68 @@ def test_target_killed_by_a_hanging_criu(
             procs.kill_group(tool)
         err.seek(0)
         result = subprocess.CompletedProcess(argv, tool.returncode, "", err.read())
-    _died_line(result, heartbeat.pid)
     criu_pid, helper = (int(x) for x in marker.read_text().split())
     assert _gone(criu_pid) and _gone(helper) and _group_left(criu_pid) == []
     assert os.listdir(out) == []
     assert os.listdir(scratch) == []
+    return result
+
+
+@pytest.mark.parametrize("method", ["criu", "clone"])
+def test_target_killed_by_a_hanging_criu(
+    programs: dict[str, Path],
+    heartbeat: Heartbeat,
+    tmp_path: Path,
+    dirs: tuple[Path, Path],
+    method: str,
+) -> None:
+    """The target dies and CRIU hangs: `dump` ends within 30 s of the death with one line,
+    CRIU and its helper are gone (by pid and by process group), nothing is written, and under
+    clone the clone does not survive."""
+    env = {"ALSO_KILL": str(heartbeat.pid)}
+    result = _dump_with_hanging_criu(heartbeat.pid, tmp_path, dirs, env, "--method", method)
+    _died_line(result, heartbeat.pid)
     assert _clones_alive(programs["heartbeat"], heartbeat.pid) == []
+
+
+@pytest.mark.parametrize("method", ["criu", "clone"])
+def test_tree_member_killed_by_a_hanging_criu(
+    tmp_path: Path, dirs: tuple[Path, Path], method: str
+) -> None:
+    """``--tree``: a process of the tree other than its root dies and CRIU (under clone: the
+    root's clone's CRIU, which does not see that process) hangs. `dump` ends within 30 s with
+    one line naming that process and the tree, writes no core (not even the root's), leaves no
+    CRIU, scratch or clone, and the root runs on."""
+    # the root: a sleep with a child sleep (the shell's pid, after exec); the root never waits
+    # for its child, so the child's death leaves it running
+    shell = procs.popen(
+        ["sh", "-c", "sleep 600 & echo $!; exec sleep 600"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        member = int(procs.readline(shell.stdout, 60, "the shell starting its child"))
+        exe = Path(shutil.which("sleep") or "sleep").resolve()
+        for pid in (shell.pid, member):
+            procs.wait_for(
+                lambda p=pid: os.readlink(f"/proc/{p}/exe") == str(exe),  # type: ignore[misc]
+                60,
+                f"process {pid} executing {exe}",
+            )
+        env = {"SPARE_DUMPED": "1", "ALSO_KILL": str(member)}
+        args = ("--tree", "--method", method)
+        result = _dump_with_hanging_criu(shell.pid, tmp_path, dirs, env, *args)
+        error = assert_one_error(result)
+        assert error == (
+            f"error: process {member}: died during the dump of process {shell.pid}'s tree"
+            " (killed by signal 9 (SIGKILL))"
+        ), result.stderr
+        assert result.returncode == 5, result.stderr
+        assert shell.poll() is None
+        assert set(thread_states(shell.pid).values()) <= {"S", "R"}
+        assert _clones_alive(exe, shell.pid) == []
+    finally:
+        procs.kill_group(shell)
+        if shell.stdout is not None:
+            shell.stdout.close()
 
 
 def test_whole_dump_timeout(heartbeat: Heartbeat, tmp_path: Path, dirs: tuple[Path, Path]) -> None:

@@ -42,6 +42,9 @@ class CriuTask:
     :param ns_pid: *pid*'s id in its own PID namespace when CRIU is to run inside that namespace
         (:func:`criu_livedump.snapshot.criu.in_pid_namespace`), else None.
     :param tree: the other processes CRIU collects with *pid* (its descendants), watched with it.
+    :param originals: the processes the dumped copies stand for (``--tree`` through clones: the
+        whole tree, its root first), which CRIU does not see: the death of any of them while
+        CRIU runs fails the dump at once (the tree's cores would be partial).
     :param member: for a further task of a tree (:meth:`Snapshot.tree_handoffs`): the tree's
         process it stands for, read as CRIU is to see it (CRIU runs with its credentials),
         and *images* the directory of the work directory its images go to.
@@ -53,6 +56,7 @@ class CriuTask:
     pre_dump_rounds: int = 0
     ns_pid: int | None = None
     tree: tuple[int, ...] = ()
+    originals: tuple[int, ...] = ()
     member: TargetFacts | None = None
     images: str = ""
 

@@ -329,6 +329,8 @@ class DumpJob:
         this process sees it.
     :param tree: the other processes CRIU dumps with *pid* (its descendants: CRIU always takes
         the whole tree), watched like it.
+    :param originals: processes CRIU does not see whose death fails the dump at once, CRIU and
+        its group killed (the processes a tree of clones stands for, root first).
     :param ns_pid: when set, CRIU runs inside *pid*'s PID namespace (:func:`in_pid_namespace`)
         and is told this id of *pid* there.
     :param scratch: private directory; rounds go to ``scratch/1 .. scratch/N+1``.
@@ -360,6 +362,7 @@ class DumpJob:
     leave_running: bool = True
     ns_pid: int | None = None
     tree: tuple[int, ...] = ()
+    originals: tuple[int, ...] = ()
     #: descriptors CRIU inherits (a page server's socket: page_server.criu_options)
     pass_fds: tuple[int, ...] = ()
     #: called about every WATCH_STEP seconds while a round of CRIU runs (progress: the pages
@@ -538,7 +541,8 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
 
     :raises CriuError: a round failed or ran out of time (argv, return code and the tail of its
         log attached).
-    :raises TargetDiedError: the dumped process ended before CRIU was done.
+    :raises TargetDiedError: the dumped process, or one of ``job.originals``, ended before CRIU
+        was done.
     :raises TargetError: the process was gone before CRIU started.
     """
     start = time.monotonic()
@@ -551,10 +555,13 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
     for other in job.tree:
         with contextlib.suppress(ProcessLookupError):  # gone already: CRIU will not see it
             members.append(Pidfd(other))
-    watch = _Watch(tuple(members), deadline, job.timeout, job.on_step)
+    originals: list[Pidfd] = []
     cmds = plan_rounds(criu, job)
     resumed = was_stopped = False
     try:
+        watch = _Watch(
+            tuple(members), deadline, job.timeout, job.on_step, _open_originals(job, originals)
+        )
         was_stopped = _is_stopped(job.pid)
         for argv in cmds:
             images = Path(argv[argv.index("-D") + 1])
@@ -567,7 +574,7 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
         try:
             resumed = ensure_running(job.pid, was_stopped) if job.leave_running else False
         finally:
-            for pidfd in members:
+            for pidfd in (*members, *originals):
                 pidfd.close()
     seconds = time.monotonic() - start
     final = Path(cmds[-1][cmds[-1].index("-D") + 1])
@@ -580,24 +587,45 @@ def dump(criu: Criu, job: DumpJob) -> DumpResult:
     )
 
 
+def _open_originals(job: DumpJob, into: list[Pidfd]) -> tuple[Pidfd, ...]:
+    """Pidfds of *job*'s originals, appended to *into* (the caller closes them).
+
+    :raises TargetDiedError: one is gone already.
+    """
+    for pid in job.originals:
+        try:
+            into.append(Pidfd(pid))
+        except ProcessLookupError:
+            root = job.originals[0]
+            during = "the dump" if pid == root else f"the dump of process {root}'s tree"
+            raise TargetDiedError(pid, during=during) from None
+    return tuple(into)
+
+
 @dataclass(frozen=True)
 class _Watch:
     """What a round of CRIU is watched for: the end of any of *processes* (the root of the
-    dumped tree first) and the *deadline*."""
+    dumped tree first) or of *originals* (root first; see :attr:`DumpJob.originals`), and the
+    *deadline*."""
 
     processes: tuple[Pidfd, ...]
     deadline: float
     timeout: float
     on_step: Callable[[], object] | None = None
+    originals: tuple[Pidfd, ...] = ()
 
     def dead(self, grace: float = 0.0) -> Pidfd | None:
         """The first watched process that has ended, if any (see :meth:`Pidfd.exited`)."""
         return next((p for p in self.processes if p.exited(grace)), None)
 
+    def original_dead(self) -> Pidfd | None:
+        """The first of the originals that has ended, if any."""
+        return next((p for p in self.originals if p.exited()), None)
+
     def died(self, dead: Pidfd) -> TargetDiedError:
         """The error for *dead*'s end, named as the root or as a member of its tree."""
         how = describe_wait_status(dead.wait_status())
-        root = self.processes[0].pid
+        root = (self.originals if dead in self.originals else self.processes)[0].pid
         if dead.pid == root:
             return TargetDiedError(root, how)
         return TargetDiedError(dead.pid, how, during=f"the dump of process {root}'s tree")
@@ -629,6 +657,8 @@ def _run_round(argv: list[str], images: Path, job: DumpJob, watch: _Watch) -> No
         _supervise(proc, argv, watch)
         output.seek(0)
         out = output.read()[-8192:].decode(errors="replace")
+    if (gone := watch.original_dead()) is not None:
+        raise watch.died(gone)
     # a CRIU killed by a signal was killed from outside (what it dumped may die of that: a clone
     # dies with its tracer); one that failed by itself may have failed of a death
     if proc.returncode > 0 and (dead := watch.dead(DYING_GRACE)) is not None:
@@ -688,6 +718,10 @@ def _supervise(proc: subprocess.Popen[bytes], argv: Sequence[str], watch: _Watch
                     break
                 if watch.on_step is not None:
                     watch.on_step()
+                if (gone := watch.original_dead()) is not None:
+                    died = watch.died(gone)  # read before CRIU's group goes
+                    _kill_group(proc)
+                    raise died
                 if (dead := watch.dead()) is not None:
                     died = watch.died(dead)  # now: once CRIU is gone its zombie may be reaped
                     if _wait_readable(criu_fd, TARGET_GONE_GRACE):

@@ -123,11 +123,15 @@ class CloneSnapshot(Snapshot):
         options.update(
             dict.fromkeys(criu.foreign_namespace_options(clone.clone_pid, inside=inside))
         )
+        tree = self.facts.tree if self.request.tree else ()
         return CriuTask(
             pid=clone.clone_pid,
             leave_running=False,
             options=tuple(options),
             ns_pid=clone.clone_ns_pid if inside else None,
+            # a single clone's snapshot is complete at the freeze whatever its target does
+            # next; a tree's cores are written from the live processes' facts, so all must live
+            originals=(self.facts.pid, *(p for p in tree if p != self.facts.pid)) if tree else (),
         )
 
     def complete(self, result: DumpResult, more: Sequence[DumpResult] = ()) -> Snapshotted:
