@@ -57,6 +57,8 @@ class DumpReport:
     pid: int
     comm: str
     method: str = "criu"
+    #: why that method ran (requested, auto's choice, a fallback)
+    method_reason: str = ""
     destination: str | None = None
     core_path: str | None = None
     size: int = 0
@@ -91,6 +93,7 @@ class DumpReport:
             "pid": self.pid,
             "comm": self.comm,
             "method": self.method,
+            "method_reason": self.method_reason,
             "destination": self.destination,
             "core_path": self.core_path,
             "size": self.size,
@@ -312,6 +315,7 @@ def _live_dump(
     method = snapshot.choose(request.method, facts, tree=request.tree)
     check_privileges(request, target_core_hard=facts.core_hard)
     report = DumpReport(pid=pid, comm=facts.comm, method=method.method.value)
+    report.method_reason = snapshot.reason(request.method, facts, method, tree=request.tree)
     signal = request.signal or 0
     limit = effective_limit(request, facts)
     sink, no_core = resolve_sink(request, facts, signal, limit)
@@ -329,7 +333,7 @@ def _live_dump(
 
     # 2. The snapshot, CRIU writing into a private scratch directory; 3. the facts the images
     # lack, then the conversion at the requested priorities.
-    parent = scratch.choose_parent(facts.rss, request.scratch)
+    parent = scratch.choose_parent(method.scratch_bytes(facts), request.scratch)
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     try:
         with method(facts, request, work) as snap:
@@ -434,6 +438,8 @@ def _snapshot(
     report.frozen_us, report.freezing_us = done.frozen_us, done.freezing_us
     report.freeze_steps_us = dict(done.freeze_steps_us)
     report.freeze_start_ns = done.freeze_start_ns
+    if done.method:
+        report.method, report.method_reason = done.method, f"fallback: {done.method_reason}"
     return result, done
 
 

@@ -72,11 +72,13 @@ class IoClass(enum.IntEnum):
 
 
 class Method(enum.StrEnum):
-    """How the memory image is taken: CRIU, the clone snapshot, or the best available."""
+    """How the memory image is taken: CRIU, the clone snapshot (with pre-copy rounds), or the
+    best available."""
 
     AUTO = "auto"
     CRIU = "criu"
     CLONE = "clone"
+    PRECOPY = "precopy"
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class SYS:
     setsid: Final = 157
     munmap: Final = 215
     clone: Final = 220
+    madvise: Final = 233
     wait4: Final = 260
     userfaultfd: Final = 282
     close_range: Final = 436
@@ -302,6 +303,7 @@ ARCH: Final = Arch(
         openat2=SYS.openat2,
         userfaultfd=SYS.userfaultfd,
         pidfd_getfd=SYS.pidfd_getfd,
+        madvise=SYS.madvise,
     ),
     syscall_insn=SVC_0,
     insn_align=4,

@@ -44,6 +44,7 @@ class Syscalls:
     openat2: int
     userfaultfd: int
     pidfd_getfd: int
+    madvise: int
 
 
 @dataclass(frozen=True)

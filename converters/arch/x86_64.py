@@ -87,6 +87,7 @@ class SYS:
     read: Final = 0
     poll: Final = 7
     munmap: Final = 11
+    madvise: Final = 28
     select: Final = 23
     pause: Final = 34
     clone: Final = 56
@@ -607,6 +608,7 @@ ARCH: Final = Arch(
         openat2=SYS.openat2,
         userfaultfd=SYS.userfaultfd,
         pidfd_getfd=SYS.pidfd_getfd,
+        madvise=SYS.madvise,
     ),
     syscall_insn=SYSCALL_INSN,
     insn_align=1,

@@ -12,6 +12,7 @@ from criu_livedump.request import Method
 from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted, TreeMember
 from criu_livedump.snapshot.clone.method import CloneSnapshot
 from criu_livedump.snapshot.leave_running import CriuSnapshot
+from criu_livedump.snapshot.precopy.method import PrecopySnapshot
 from criu_livedump.target import TargetFacts
 
 __all__ = [
@@ -22,10 +23,13 @@ __all__ = [
     "Snapshotted",
     "TreeMember",
     "choose",
+    "reason",
 ]
 
-#: Every snapshot method, in ``auto``'s order of preference: the shortest freeze first.
+#: Every snapshot method, in ``auto``'s order of preference: the shortest freeze first
+#: (precopy only where :meth:`Snapshot.auto_declines` lets it: from 1 GiB resident).
 METHODS: dict[Method, type[Snapshot]] = {
+    Method.PRECOPY: PrecopySnapshot,
     Method.CLONE: CloneSnapshot,
     Method.CRIU: CriuSnapshot,
 }
@@ -47,8 +51,9 @@ def choose(requested: Method, facts: TargetFacts, *, tree: bool = False) -> type
     refusals = {m: METHODS[m].refusals(facts, tree=tree) for m in order}
     accepting = [m for m, reasons in refusals.items() if not reasons]
     if requested == Method.AUTO:
-        if accepting:
-            return METHODS[accepting[0]]
+        preferred = [m for m in accepting if METHODS[m].auto_declines(facts) is None]
+        if preferred or accepting:
+            return METHODS[(preferred or accepting)[0]]
         reasons = dict.fromkeys(r for rs in refusals.values() for r in rs)
         raise BlockerError(facts.pid, "; ".join(reasons))
     if not refusals[requested]:
@@ -58,3 +63,18 @@ def choose(requested: Method, facts: TargetFacts, *, tree: bool = False) -> type
         f"--method {requested}: " + "; ".join(refusals[requested]),
         hint=f"--method {accepting[0]} can dump it" if accepting else None,
     )
+
+
+def reason(requested: Method, facts: TargetFacts, chosen: type[Snapshot], *, tree: bool) -> str:
+    """Why *chosen* dumps the target, in one phrase (for the report): requested, or ``auto``'s
+    reasons for passing over the methods it prefers."""
+    if requested != Method.AUTO:
+        return "requested"
+    passed = []
+    for m in TREE_PREFERENCE if tree else tuple(METHODS):
+        if METHODS[m] is chosen:
+            break
+        why = METHODS[m].refusals(facts, tree=tree)
+        declined = METHODS[m].auto_declines(facts)
+        passed.append(f"not {m}: {'; '.join(why) if why else declined}")
+    return "auto: " + ("; ".join(passed) if passed else "first choice")

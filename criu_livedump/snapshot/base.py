@@ -84,6 +84,8 @@ class Snapshotted:
     :param freeze_start_ns: when the freeze began (CLOCK_MONOTONIC), where the method knows.
     :param members: with ``--tree``, the processes whose images are apart, by pid (the others'
         are in the target's images).
+    :param method: the method that ran instead of the chosen one (a fallback), and
+        *method_reason* why.
     """
 
     frozen_us: int
@@ -92,6 +94,9 @@ class Snapshotted:
     freeze_steps_us: Mapping[str, int] = field(default_factory=dict)
     freeze_start_ns: int = 0
     members: Mapping[int, TreeMember] = field(default_factory=dict)
+    #: the method that ran, when it fell back from the one chosen (precopy -> clone), and why
+    method: str = ""
+    method_reason: str = ""
 
 
 class Snapshot(ABC):
@@ -120,6 +125,18 @@ class Snapshot(ABC):
 
         :param tree: the request wants a core of every process of the target's tree.
         """
+
+    @classmethod
+    def auto_declines(cls, facts: TargetFacts) -> str | None:
+        """Why ``auto`` should take a later method of the table for this target although this
+        one can dump it (a measured comparison), or None."""
+        del facts
+        return None
+
+    @classmethod
+    def scratch_bytes(cls, facts: TargetFacts) -> int:
+        """The scratch space the method needs for the target (by default its resident size)."""
+        return facts.rss
 
     def prepare(self) -> None:  # noqa: B027 - optional step
         """Work done before the freeze, while the target runs (none by default)."""

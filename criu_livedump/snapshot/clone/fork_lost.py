@@ -34,7 +34,7 @@ from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux import pagemap as pagemap_scan
 from criu_livedump.linux.procfs import SmapsEntry, read_maps
 
-__all__ = ["Copier", "ForkLostArea", "prepare"]
+__all__ = ["Copier", "ForkLostArea", "page_runs", "prepare", "read_into"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Copier:
             for c in self.candidates:
                 pgoff = current.get((c.start, c.end, c.perms))
                 if pgoff is not None:
-                    plan.append((c, pgoff, list(_page_runs(pagemap, c.start, c.end))))
+                    plan.append((c, pgoff, list(page_runs(pagemap, c.start, c.end))))
         finally:
             os.close(pagemap)
         total = sum(hi - lo for _, _, runs in plan for lo, hi in runs)
@@ -117,7 +117,7 @@ class Copier:
                 )
                 return
             self._buf.resize(total)
-        copied = _read_into(self.pid, self._buf, [r for _, _, runs in plan for r in runs])
+        copied = read_into(self.pid, self._buf, [r for _, _, runs in plan for r in runs])
         offset = 0
         for c, pgoff, runs in plan:
             kept = []
@@ -187,7 +187,7 @@ def prepare(pid: int, smaps: Iterable[SmapsEntry], side_dir: Path) -> Copier | N
     return Copier(pid, path, found, fd, buf)
 
 
-def _page_runs(pagemap: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+def page_runs(pagemap: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """``[lo, hi)`` runs of pages present or swapped out (not the shared zero page)."""
     try:
         yield from _scan(pagemap, start, end)
@@ -232,7 +232,7 @@ def _read_pagemap(pagemap: int, start: int, end: int) -> Iterator[tuple[int, int
         yield run_lo, addr
 
 
-def _read_into(pid: int, buf: mmap.mmap, runs: list[tuple[int, int]]) -> dict[int, bool]:
+def read_into(pid: int, buf: mmap.mmap, runs: list[tuple[int, int]]) -> dict[int, bool]:
     """Copy *runs* of *pid*'s memory back to back into *buf*: ``{run start: copied}``."""
     done: dict[int, bool] = {}
     if not runs:

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from converters.arch import Arch, host
 from criu_livedump.errors import CloneError, CloneRefusedError, LivedumpError, TargetError
@@ -269,6 +269,17 @@ def clone_snapshot(pid: int, *, timeout: float = 10.0, side_dir: Path | None = N
     return freeze(prepare(pid, side_dir), timeout=timeout)
 
 
+class ForkHook(Protocol):
+    """Work done inside the freeze around the injected clone, with *call* running syscalls
+    in the stopped injecting thread (``call(nr, *args) -> result``)."""
+
+    def before_fork(self, call: Callable[..., int]) -> None:
+        """Every thread stopped and saved, the clone not made yet."""
+
+    def after_fork(self, call: Callable[..., int]) -> None:
+        """The clone made, every thread still stopped."""
+
+
 @dataclass
 class Prepared:
     """Step 0, done while the target runs: its refusals checked again, its smaps read (which
@@ -285,6 +296,8 @@ class Prepared:
     names: dict[int, ThreadNames] = field(default_factory=dict)
     #: a syscall instruction in the vDSO (or elsewhere), for an injector outside any syscall
     fallback_ip: int | None = None
+    #: what runs around the injected clone while the target is frozen (method precopy's)
+    fork_hook: ForkHook | None = None
 
     def close(self) -> None:
         """Release the side file's mapping (idempotent)."""
@@ -387,7 +400,7 @@ def _stop_and_clone(states: Sequence[_Freeze], prepared: Sequence[Prepared]) -> 
         _hook("seized")
         marks.append(time.monotonic())
         for state, one in zip(states, prepared, strict=True):
-            _make_clone(state)
+            _make_clone(state, one.fork_hook)
             if one.copier is not None:
                 one.copier.copy()
         _hook("cloned")
@@ -444,9 +457,9 @@ def _adopt(state: _Freeze, prepared: Prepared, steps: FreezeSteps) -> Clone:
     return snap
 
 
-def _make_clone(state: _Freeze) -> None:
+def _make_clone(state: _Freeze, hook: ForkHook | None = None) -> None:
     """Step fork, inside the freeze: the clone injected into one thread (the leader when it is
-    alive: the clone carries its comm and TLS)."""
+    alive: the clone carries its comm and TLS), *hook* run around it in the same thread."""
     pid, threads = state.pid, state.threads
     state.injector = injector = pid if pid in threads.seized else threads.seized[0]
     state.saved = saved = threads.regs(injector)
@@ -456,7 +469,29 @@ def _make_clone(state: _Freeze) -> None:
         raise CloneError(f"process {pid}: no syscall instruction found in its executable mappings")
     state.syscall_ip = ip
     state.restore = _arch().resume_regs(saved, threads.signal_pending(injector))
+    if hook is not None:
+        with _frozen_calls(state) as call:
+            hook.before_fork(call)
     state.clone_pid = _inject_clone(injector, saved, state.restore, state.mask, ip, state.suspend)
+    if hook is not None:
+        with _frozen_calls(state) as call:
+            hook.after_fork(call)
+
+
+@contextlib.contextmanager
+def _frozen_calls(state: _Freeze) -> Iterator[Callable[..., int]]:
+    """``call(nr, *args)`` running syscalls in the frozen target's injecting thread, every
+    signal blocked meanwhile (compel's parasite_run()); its registers and mask restored after."""
+    tid, saved, ip = state.injector, state.saved, state.syscall_ip
+    assert saved is not None and state.restore is not None
+    ptrace.set_options(tid, Opt.TRACESYSGOOD | state.suspend)
+    ptrace.set_sigmask(tid, _ALL_SIGNALS)
+    try:
+        yield lambda nr, *args: _run_syscall(tid, _syscall_regs(saved, ip, nr, *args))[0]
+    finally:
+        ptrace.set_regs(tid, state.restore)
+        ptrace.set_sigmask(tid, state.mask)
+        ptrace.set_options(tid, Opt(0))
 
 
 def _undo(state: _Freeze) -> None:

@@ -36,7 +36,7 @@ from criu_livedump.linux.procfs import MapsEntry, read_maps, task_ids
 from criu_livedump.linux.ptrace import Opt
 from criu_livedump.snapshot.clone.inject import check_injectable, injecting
 
-__all__ = ["Tracker", "arm", "holds_userfaultfd"]
+__all__ = ["Tracker", "arm", "holds_userfaultfd", "trackable"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ class Tracker:
     refused: list[tuple[MapsEntry, str]] = field(default_factory=list)
     lost: list[tuple[int, int]] = field(default_factory=list)
 
-    def scan(self) -> list[tuple[int, int]]:
-        """``[lo, hi)`` runs written since the arming or the last scan, re-armed by this call.
+    def scan(self, *, rearm: bool = True) -> list[tuple[int, int]]:
+        """``[lo, hi)`` runs written since the arming or the last scan, re-armed by this call
+        (unless not *rearm*: the last scan, before the descriptor is closed anyway).
 
         An area the target unmapped or replaced meanwhile fails the scan (CHECK_WPASYNC finds
         an unregistered mapping; pages already walked were re-armed but are not returned): it
@@ -74,7 +75,7 @@ class Tracker:
         :raises TargetError: the target is gone.
         """
         runs: list[tuple[int, int]] = []
-        flags = pagemap.PM_SCAN_WP_MATCHING | pagemap.PM_SCAN_CHECK_WPASYNC
+        flags = pagemap.PM_SCAN_CHECK_WPASYNC | (pagemap.PM_SCAN_WP_MATCHING if rearm else 0)
         written = pagemap.PAGE_IS_WRITTEN
         for area in list(self.areas):
             start, end = area
@@ -136,8 +137,9 @@ def trackable(maps: Sequence[MapsEntry]) -> list[MapsEntry]:
     ]
 
 
-def arm(pid: int) -> Tracker:
-    """Start tracking the writes of running *pid* (see the module's docstring).
+def arm(pid: int, areas: Sequence[tuple[int, int]] | None = None) -> Tracker:
+    """Start tracking the writes of running *pid* (see the module's docstring): *areas*
+    (``(start, end)`` of whole mappings), by default all :func:`trackable` ones.
 
     :raises BlockerError: the target already uses userfaultfd (its areas may be
         registered with its own), or the kernel lacks asynchronous write-protect.
@@ -156,7 +158,7 @@ def arm(pid: int) -> Tracker:
                 pid, f"this kernel has no asynchronous userfaultfd write-protect ({e.strerror})"
             ) from e
         tracker.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        _protect(tracker)
+        _protect(tracker, areas)
     except BaseException:
         tracker.close()
         raise
@@ -169,8 +171,12 @@ def _refusal(pid: int, reason: str) -> BlockerError:
     )
 
 
-def _protect(tracker: Tracker) -> None:
-    for m in trackable(read_maps(tracker.pid)):
+def _protect(tracker: Tracker, areas: Sequence[tuple[int, int]] | None) -> None:
+    found = trackable(read_maps(tracker.pid))
+    if areas is not None:
+        wanted = set(areas)
+        found = [m for m in found if (m.start, m.end) in wanted]
+    for m in found:
         try:
             userfaultfd.register_wp(tracker.fd, m.start, m.end)
         except OSError as e:

@@ -1,0 +1,336 @@
+"""Method precopy's copies: rounds while the target runs, the last one inside the freeze.
+
+:class:`SideStore` keeps the pre-copied pages in a sparse side file on the scratch, one slot
+per tracked area (the page at ``addr`` of an area is at ``slot + addr - start``), so a page
+written again is copied again over its older copy, and a byte per page says what was copied.
+:func:`run_rounds` copies the present pages of the tracked areas, then, round after round, the
+pages written meanwhile (:meth:`~criu_livedump.snapshot.precopy.tracker.Tracker.scan`), while
+the written set shrinks, within a bound in rounds and in bytes. :class:`FinalCopy` runs inside
+the clone's freeze (an :class:`~criu_livedump.snapshot.clone.inject.ForkHook`): the last written
+set copied, MADV_DONTFORK set on the pre-copied areas so that the fork's page-table copy skips
+them, and MADV_DOFORK after the fork (only on those areas, none of which was DONTFORK before).
+Their pages then join the images as those of the areas a fork does not copy
+(:class:`~criu_livedump.snapshot.clone.fork_lost.ForkLostArea`).
+
+Test hook: :data:`PAUSE_ENV` set to ``armed`` or ``round-N`` stops the tool there (after the
+arming, after the copy of round N; printing ``paused STEP`` on stderr) so that a test can kill
+it in that round; ``resumed`` stops it after the freeze, the target running and still tracked.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from converters.arch import host
+from criu_livedump.linux import PAGE_SIZE
+from criu_livedump.linux.procfs import MapsEntry, SmapsEntry, read_maps
+from criu_livedump.snapshot.clone import fork_lost
+from criu_livedump.snapshot.precopy.tracker import Tracker
+
+__all__ = [
+    "PAUSE_ENV",
+    "FinalCopy",
+    "Round",
+    "SideStore",
+    "hook",
+    "run_rounds",
+]
+
+log = logging.getLogger(__name__)
+
+#: Test hook: ``armed``, ``round-N`` or ``resumed`` (see the module docstring).
+PAUSE_ENV: Final = "CRIU_LIVEDUMP_PRECOPY_PAUSE"
+
+#: include/uapi/asm-generic/mman-common.h (every architecture): madvise(2) advice
+MADV_DONTFORK: Final = 10
+MADV_DOFORK: Final = 11
+
+#: the bounce buffer process_vm_readv(2) fills before the side file is written
+_BOUNCE: Final = 16 << 20
+#: UIO_MAXIOV (include/uapi/linux/uio.h)
+_IOV_MAX: Final = 1024
+
+
+def hook(step: str) -> None:
+    """Stop here for a test when :data:`PAUSE_ENV` names *step*."""
+    if os.environ.get(PAUSE_ENV) == step:
+        print(f"paused {step}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+@dataclass
+class _Slot:
+    start: int
+    end: int
+    offset: int
+    #: one byte per page: 1 when the side file holds its copy
+    copied: bytearray
+
+
+@dataclass
+class SideStore:
+    """The sparse side file of the pre-copied pages (see the module docstring)."""
+
+    pid: int
+    path: Path
+    slots: list[_Slot]
+    _fd: int
+    _bounce: mmap.mmap
+    copied_bytes: int = 0
+
+    @classmethod
+    def create(cls, pid: int, path: Path, areas: Sequence[tuple[int, int]]) -> SideStore:
+        """A side file with one slot per ``(start, end)`` of *areas* (sparse: nothing taken)."""
+        slots = []
+        offset = 0
+        for start, end in sorted(areas):
+            slots.append(_Slot(start, end, offset, bytearray((end - start) // PAGE_SIZE)))
+            offset += end - start
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, offset)
+            bounce = mmap.mmap(-1, _BOUNCE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(pid, path, slots, fd, bounce)
+
+    def copy(self, runs: Iterable[tuple[int, int]]) -> int:
+        """Copy the target's pages of *runs* (``[lo, hi)``, inside the slots) into their slots;
+        returns the bytes copied. A run no read reaches is marked not copied (a hole).
+
+        :raises OSError: the side file cannot be written (ENOSPC).
+        """
+        pieces = list(self._pieces(runs))
+        done = 0
+        batch: list[tuple[int, int, _Slot]] = []
+        size = 0
+        for lo, hi, slot in pieces:
+            if batch and (size + hi - lo > _BOUNCE or len(batch) == _IOV_MAX):
+                done += self._copy_batch(batch)
+                batch, size = [], 0
+            batch.append((lo, hi, slot))
+            size += hi - lo
+        if batch:
+            done += self._copy_batch(batch)
+        self.copied_bytes += done
+        return done
+
+    def _pieces(self, runs: Iterable[tuple[int, int]]) -> Iterable[tuple[int, int, _Slot]]:
+        """*runs* cut to the slots and to the bounce buffer's size."""
+        for lo, hi in runs:
+            for slot in self.slots:
+                a, b = max(lo, slot.start), min(hi, slot.end)
+                while a < b:
+                    n = min(b - a, _BOUNCE)
+                    yield a, a + n, slot
+                    a += n
+
+    def _copy_batch(self, batch: list[tuple[int, int, _Slot]]) -> int:
+        ok = fork_lost.read_into(self.pid, self._bounce, [(lo, hi) for lo, hi, _ in batch])
+        done = 0
+        pos = 0
+        with memoryview(self._bounce) as view:
+            for lo, hi, slot in batch:
+                n = hi - lo
+                first, last = (lo - slot.start) // PAGE_SIZE, (hi - slot.start) // PAGE_SIZE
+                if ok[lo]:
+                    os.pwrite(self._fd, view[pos : pos + n], slot.offset + lo - slot.start)
+                    slot.copied[first:last] = b"\x01" * (last - first)
+                    done += n
+                else:
+                    slot.copied[first:last] = bytes(last - first)
+                pos += n
+        return done
+
+    def runs(self, start: int, end: int) -> tuple[tuple[int, int, int], ...]:
+        """``(address, length, offset in the side file)`` of the pages copied in
+        ``[start, end)``, which lies in one slot."""
+        slot = next(s for s in self.slots if s.start <= start and end <= s.end)
+        bits = slot.copied
+        page, last = (start - slot.start) // PAGE_SIZE, (end - slot.start) // PAGE_SIZE
+        out = []
+        while page < last:
+            lo = bits.find(1, page, last)
+            if lo < 0:
+                break
+            hi = bits.find(0, lo, last)
+            hi = last if hi < 0 else hi
+            addr = slot.start + lo * PAGE_SIZE
+            out.append((addr, (hi - lo) * PAGE_SIZE, slot.offset + lo * PAGE_SIZE))
+            page = hi
+        return tuple(out)
+
+    def close(self) -> None:
+        """Release the bounce buffer and the descriptor (the file stays for the images)."""
+        if not self._bounce.closed:
+            self._bounce.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round: the bytes found written (round 1: present) and the time it took."""
+
+    number: int
+    found: int
+    copied: int
+    seconds: float
+
+
+def run_rounds(
+    tracker: Tracker, store: SideStore, *, max_rounds: int, max_bytes: int, small: int
+) -> list[Round]:
+    """The copies while the target runs (see the module docstring): round 1 copies the
+    present pages, the next ones the pages written since the previous scan, until the
+    written set stops shrinking or is under *small* bytes, *max_rounds* rounds were run, or
+    *max_bytes* bytes were copied in all.
+
+    :raises TargetError: the target is gone.
+    """
+    rounds: list[Round] = []
+    previous = None
+    while len(rounds) < max_rounds:
+        t0 = time.monotonic()
+        runs = tracker.scan() if rounds else _present(tracker)
+        found = sum(hi - lo for lo, hi in runs)
+        copied = store.copy(runs)
+        r = Round(len(rounds) + 1, found, copied, time.monotonic() - t0)
+        rounds.append(r)
+        log.info(
+            "process %d: precopy round %d: %s %.1f MiB, copied %.1f MiB in %.1f ms",
+            tracker.pid, r.number, "present" if r.number == 1 else "written",
+            found / 2**20, copied / 2**20, r.seconds * 1e3,
+        )  # fmt: skip
+        hook(f"round-{r.number}")
+        if r.number > 1 and (found <= small or (previous is not None and found >= previous)):
+            break
+        if store.copied_bytes >= max_bytes:
+            log.info("process %d: precopy stops at its bound of %d bytes", tracker.pid, max_bytes)
+            break
+        previous = found if r.number > 1 else None
+    return rounds
+
+
+def _present(tracker: Tracker) -> list[tuple[int, int]]:
+    """The present (or swapped-out) pages of the tracked areas, not the shared zero page."""
+    return [r for lo, hi in tracker.areas for r in fork_lost.page_runs(tracker.pagemap, lo, hi)]
+
+
+@dataclass
+class FinalCopy:
+    """Method precopy's part of the freeze (a :class:`ForkHook`, see the module docstring).
+
+    :ivar eligible: the tracked areas that may be left out of the fork (none of them was
+        MADV_DONTFORK or MADV_WIPEONFORK when the smaps were read before the freeze).
+    """
+
+    tracker: Tracker
+    store: SideStore
+    eligible: frozenset[tuple[int, int]]
+    #: the current mappings of each area left out of the fork
+    left_out: dict[tuple[int, int], list[MapsEntry]] = field(default_factory=dict)
+    #: ``[lo, hi)`` ranges given MADV_DONTFORK (adjacent areas joined: one madvise each)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    written: int = 0
+    #: seconds of each part: the last scan and copy, the DONTFORK calls, the DOFORK calls
+    scan_copy: float = 0.0
+    madvise: float = 0.0
+    restore: float = 0.0
+
+    def before_fork(self, call: Callable[..., int]) -> None:
+        t0 = time.monotonic()
+        runs = self.tracker.scan(rearm=False)
+        self.written = sum(hi - lo for lo, hi in runs)
+        self.store.copy(runs)
+        areas = _still_mapped(self.tracker.pid, self.tracker.areas, self.eligible)
+        t1 = time.monotonic()
+        madvise = host().syscalls.madvise
+        for lo, hi in _joined(sorted(areas)):
+            self.ranges.append((lo, hi))
+            ret = call(madvise, lo, hi - lo, MADV_DONTFORK)
+            if ret < 0:
+                log.info("process %d: MADV_DONTFORK %#x-%#x: %s", self.tracker.pid, lo, hi,
+                         os.strerror(-ret))  # fmt: skip
+                continue
+            self.left_out.update({a: m for a, m in areas.items() if lo <= a[0] < hi})
+        self.scan_copy, self.madvise = t1 - t0, time.monotonic() - t1
+
+    def after_fork(self, call: Callable[..., int]) -> None:
+        t0 = time.monotonic()
+        madvise = host().syscalls.madvise
+        for lo, hi in self.ranges:
+            ret = call(madvise, lo, hi - lo, MADV_DOFORK)
+            if ret < 0:
+                log.warning("process %d: MADV_DOFORK %#x-%#x failed: %s", self.tracker.pid,
+                            lo, hi, os.strerror(-ret))  # fmt: skip
+        self.restore = time.monotonic() - t0
+
+    def areas(self) -> tuple[fork_lost.ForkLostArea, ...]:
+        """After the fork: the areas left out of it, one per mapping, with their pages."""
+        return tuple(
+            fork_lost.ForkLostArea(
+                m.start,
+                m.end,
+                m.perms,
+                m.pgoff,
+                "dontfork",
+                self.store.runs(m.start, m.end),
+                self.store.path,
+            )
+            for maps in self.left_out.values()
+            for m in maps
+        )
+
+
+def _still_mapped(
+    pid: int, areas: Sequence[tuple[int, int]], eligible: frozenset[tuple[int, int]]
+) -> dict[tuple[int, int], list[MapsEntry]]:
+    """The eligible tracked *areas* that the target's private anonymous mappings still tile
+    exactly (a split by mprotect is fine, a hole or another mapping is not), with them."""
+    maps = read_maps(pid)
+    out: dict[tuple[int, int], list[MapsEntry]] = {}
+    for area in areas:
+        if area not in eligible:
+            continue
+        start, end = area
+        inside = [m for m in maps if m.start < end and start < m.end]
+        pos = start
+        for m in inside:
+            if m.start != pos or m.end > end or m.inode != 0 or not m.perms.endswith("p"):
+                break
+            pos = m.end
+        else:
+            if pos == end:
+                out[area] = inside
+    return out
+
+
+def _joined(areas: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent ``(start, end)`` areas joined into ranges."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in areas:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def eligible(
+    smaps: Iterable[SmapsEntry], areas: Iterable[tuple[int, int]]
+) -> frozenset[tuple[int, int]]:
+    """The *areas* no mapping of which is MADV_DONTFORK (``dc``) or MADV_WIPEONFORK (``wf``)
+    in *smaps*: MADV_DOFORK after the fork then restores exactly what was."""
+    flagged = [(e.start, e.end) for e in smaps if "dc" in e.vmflags or "wf" in e.vmflags]
+    return frozenset((lo, hi) for lo, hi in areas if not any(a < hi and lo < b for a, b in flagged))
