@@ -10,16 +10,18 @@ the CLI prints the report and then fails with the first fatal reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from criu_livedump import scratch, snapshot, target
-from criu_livedump.errors import LivedumpError
+from criu_livedump.errors import BlockerError, LivedumpError
 from criu_livedump.linux import ptrace
 from criu_livedump.linux.caps import CAP, capabilities, has_cap
 from criu_livedump.linux.sched import realtime
+from criu_livedump.request import Method
 from criu_livedump.snapshot import criu
 
 
@@ -252,7 +254,10 @@ def _method_items(pid: int) -> list[Item]:
     refusals = {
         m: (*access, *cls.refusals(facts, tree=False)) for m, cls in snapshot.METHODS.items()
     }
-    auto = next((m for m, why in refusals.items() if not why), None)
+    auto = None
+    if not access:
+        with contextlib.suppress(BlockerError):
+            auto = snapshot.choose(Method.AUTO, facts).method
     for m, why in refusals.items():
         text = f"cannot dump process {pid}: " + "; ".join(why) if why else "can dump it"
         if m == auto:

@@ -309,6 +309,7 @@ def test_check_pid_of_a_plain_process(
     assert result.exit_code == ExitStatus.OK, result.stderr
     assert _method_lines(result.stdout) == [
         f"process: {target.pid} (threads)",
+        "method precopy: can dump it",
         "method clone: can dump it (auto takes it)",
         "method criu: can dump it",
     ]

@@ -203,7 +203,7 @@ def test_io_prio_values() -> None:
         ({"pre_dump": "11"}, "pre-dump rounds 11 is out of range (valid: 0..10)"),
         ({"signal": "SIGNOPE"}, "--signal SIGNOPE: unknown signal 'SIGNOPE'"),
         ({"signal": "65"}, "--signal 65: signal 65 is out of range (valid: 0..64)"),
-        ({"method": "magic"}, "--method magic: unknown method (valid: auto, criu, clone)"),
+        ({"method": "magic"}, "--method magic: unknown method (valid: auto, criu, clone, precopy)"),
         ({"output": ""}, "--output: empty path (use - for stdout)"),
         ({"frobnicate": True}, "unknown option --frobnicate"),
     ],

@@ -50,10 +50,11 @@ def choose(requested: Method, facts: TargetFacts, *, tree: bool = False) -> type
     order = TREE_PREFERENCE if tree else tuple(METHODS)
     refusals = {m: METHODS[m].refusals(facts, tree=tree) for m in order}
     accepting = [m for m, reasons in refusals.items() if not reasons]
+    # auto's choice first: the methods that accept the target and do not decline it
+    accepting.sort(key=lambda m: METHODS[m].auto_declines(facts) is not None)
     if requested == Method.AUTO:
-        preferred = [m for m in accepting if METHODS[m].auto_declines(facts) is None]
-        if preferred or accepting:
-            return METHODS[(preferred or accepting)[0]]
+        if accepting:
+            return METHODS[accepting[0]]
         reasons = dict.fromkeys(r for rs in refusals.values() for r in rs)
         raise BlockerError(facts.pid, "; ".join(reasons))
     if not refusals[requested]:

@@ -5,7 +5,9 @@
  *   d FIRST COUNT   madvise(MADV_DONTNEED) them, answer "ok"
  *   m FIRST COUNT   map fresh anonymous pages over them (MAP_FIXED), answer "ok"
  *   q               exit
- * With a second argument "uffd" it first creates a userfaultfd of its own and keeps it open.
+ * With a second argument "uffd" it first creates a userfaultfd of its own and keeps it open;
+ * with "dontfork" it also maps PAGES more pages, MADV_DONTFORK, every one written with 0x5a,
+ * and prints their address after PAGES on its ready line.
  * Only the pages named are touched (stdio buffers live elsewhere, in the heap).
  */
 #include <stdio.h>
@@ -30,7 +32,17 @@ int main(int argc, char **argv)
     if (argc > 2 && strcmp(argv[2], "uffd") == 0 && syscall(SYS_userfaultfd, O_CLOEXEC | 1) < 0)
         return 2;
     setvbuf(stdout, NULL, _IOLBF, 0);
-    printf("ready %lx %ld\n", (unsigned long)mem, pages);
+    if (argc > 2 && strcmp(argv[2], "dontfork") == 0) {
+        unsigned char *dc = mmap(NULL, pages * psz, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+        if (dc == MAP_FAILED || madvise(dc, pages * psz, MADV_DONTFORK) != 0)
+            return 3;
+        memset(dc, 0x5a, pages * psz);
+        printf("ready %lx %ld %lx\n", (unsigned long)mem, pages, (unsigned long)dc);
+    } else {
+        printf("ready %lx %ld\n", (unsigned long)mem, pages);
+    }
     while (fgets(cmd, sizeof(cmd), stdin)) {
         char op;
         long first = 0, count = 0, sum = 0;

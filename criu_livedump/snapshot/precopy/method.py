@@ -106,10 +106,14 @@ class PrecopySnapshot(CloneSnapshot):
     def _precopy(self) -> None:
         """Arm the tracker on the big areas and run the rounds (step 1)."""
         pid = self.facts.pid
+        if tracker.holds_userfaultfd(pid):
+            self.fallback = "it uses userfaultfd itself; its writes cannot be tracked"
+            return
         areas = _candidates(pid)
         if not areas:
             self.fallback = f"no private anonymous area of {MIN_AREA >> 20} MiB or more"
             return
+        before = rounds.present(pid, areas)
         self._tracker = tr = tracker.arm(pid, list(areas))
         for m, why in tr.refused:
             log.info("process %d: area %#x-%#x goes to the fork: %s", pid, m.start, m.end, why)
@@ -123,7 +127,7 @@ class PrecopySnapshot(CloneSnapshot):
         self._store = rounds.SideStore.create(pid, side / f"pages-{pid}.bin", tr.areas)
         tracked = sum(areas[a] for a in tr.areas if a in areas)
         self._rounds = rounds.run_rounds(
-            tr, self._store, max_rounds=MAX_ROUNDS, max_bytes=MAX_BYTES_FACTOR * tracked,
+            tr, self._store, before, max_rounds=MAX_ROUNDS, max_bytes=MAX_BYTES_FACTOR * tracked,
             small=SMALL,
         )  # fmt: skip
 

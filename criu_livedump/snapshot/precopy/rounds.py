@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final
 
 from converters.arch import host
-from criu_livedump.linux import PAGE_SIZE
+from criu_livedump.linux import PAGE_SIZE, pagemap
 from criu_livedump.linux.procfs import MapsEntry, SmapsEntry, read_maps
 from criu_livedump.snapshot.clone import fork_lost
 from criu_livedump.snapshot.precopy.tracker import Tracker
@@ -40,7 +40,9 @@ __all__ = [
     "FinalCopy",
     "Round",
     "SideStore",
+    "eligible",
     "hook",
+    "present",
     "run_rounds",
 ]
 
@@ -189,12 +191,19 @@ class Round:
 
 
 def run_rounds(
-    tracker: Tracker, store: SideStore, *, max_rounds: int, max_bytes: int, small: int
+    tracker: Tracker,
+    store: SideStore,
+    before: Sequence[tuple[int, int]],
+    *,
+    max_rounds: int,
+    max_bytes: int,
+    small: int,
 ) -> list[Round]:
     """The copies while the target runs (see the module docstring): round 1 copies the
-    present pages, the next ones the pages written since the previous scan, until the
+    pages present, the next ones the pages written since the previous scan, until the
     written set stops shrinking or is under *small* bytes, *max_rounds* rounds were run, or
-    *max_bytes* bytes were copied in all.
+    *max_bytes* bytes were copied in all. *before*: :func:`present` of the areas, read before
+    the arming (see there).
 
     :raises TargetError: the target is gone.
     """
@@ -202,7 +211,7 @@ def run_rounds(
     previous = None
     while len(rounds) < max_rounds:
         t0 = time.monotonic()
-        runs = tracker.scan() if rounds else _present(tracker)
+        runs = tracker.scan() if rounds else _joined(sorted([*before, *_present(tracker)]))
         found = sum(hi - lo for lo, hi in runs)
         copied = store.copy(runs)
         r = Round(len(rounds) + 1, found, copied, time.monotonic() - t0)
@@ -222,9 +231,33 @@ def run_rounds(
     return rounds
 
 
+def present(pid: int, areas: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Before the arming: the pages of *areas* present or swapped out, not the shared zero
+    page. Once armed, PAGEMAP_SCAN reports every never-populated page as swapped (the
+    write-protect marker WP_UNPOPULATED leaves is a swap-type entry, fs/proc/task_mmu.c:
+    pagemap_page_category()), so swapped-out pages are read before; round 1 joins these to
+    the pages present after (:func:`_present`): none populated in between is missed."""
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return [r for lo, hi in areas for r in fork_lost.page_runs(fd, lo, hi)]
+    finally:
+        os.close(fd)
+
+
 def _present(tracker: Tracker) -> list[tuple[int, int]]:
-    """The present (or swapped-out) pages of the tracked areas, not the shared zero page."""
-    return [r for lo, hi in tracker.areas for r in fork_lost.page_runs(tracker.pagemap, lo, hi)]
+    """Armed: the pages of the tracked areas present, not the shared zero page."""
+    return [
+        r
+        for lo, hi in tracker.areas
+        for r in pagemap.scan(
+            tracker.pagemap,
+            lo,
+            hi,
+            inverted=pagemap.PAGE_IS_PFNZERO,
+            mask=pagemap.PAGE_IS_PFNZERO | pagemap.PAGE_IS_PRESENT,
+            returned=pagemap.PAGE_IS_PRESENT,
+        )
+    ]
 
 
 @dataclass
@@ -317,11 +350,11 @@ def _still_mapped(
 
 
 def _joined(areas: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Adjacent ``(start, end)`` areas joined into ranges."""
+    """Sorted ``(start, end)`` ranges, adjacent or overlapping ones joined."""
     out: list[tuple[int, int]] = []
     for lo, hi in areas:
-        if out and out[-1][1] == lo:
-            out[-1] = (out[-1][0], hi)
+        if out and out[-1][1] >= lo:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
         else:
             out.append((lo, hi))
     return out

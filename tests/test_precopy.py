@@ -1,0 +1,204 @@
+"""Method precopy (criu_livedump/snapshot/precopy/) on real processes: the rounds copy exactly
+the pages written, the core equals the clone method's core of the same blocked process, the
+MADV_DONTFORK flags are as they were, the fallbacks say why, and a tool killed in a round
+leaves the target as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import procs
+import pytest
+from harness.compare import compare_cores
+from harness.corefile import CoreView
+from harness.procstate import read_maps, read_rseq_areas, thread_states
+
+from criu_livedump.linux import PAGE_SIZE, pagemap
+from criu_livedump.linux.procfs import smaps_entries
+from criu_livedump.snapshot.precopy import rounds, tracker
+
+pytestmark = [
+    pytest.mark.live,
+    pytest.mark.skipif(os.geteuid() != 0, reason="injects syscalls with ptrace"),
+]
+
+#: 8 MiB: above method.MIN_AREA, so the area is pre-copied
+PAGES = 2048
+EXE = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "criu-livedump"
+
+
+class Target:
+    """precopy_target (tests/programs/precopy_target.c): PAGES pages at *base*."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        words = procs.readline(proc.stdout, 10, "precopy_target").split()
+        self.base = int(words[1], 16)
+        self.dontfork = int(words[3], 16) if len(words) > 3 else 0
+
+    def do(self, op: str, first: int, count: int) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{op} {first} {count}\n")
+        self.proc.stdin.flush()
+        assert procs.readline(self.proc.stdout, 10, f"{op} {first} {count}").startswith("ok")
+
+    def pages(self, runs: list[tuple[int, int]]) -> list[int]:
+        end = self.base + PAGES * PAGE_SIZE
+        return [
+            (a - self.base) // PAGE_SIZE
+            for lo, hi in runs
+            for a in range(max(lo, self.base), min(hi, end), PAGE_SIZE)
+        ]
+
+    def memory(self, addr: int, length: int) -> bytes:
+        with open(f"/proc/{self.pid}/mem", "rb") as f:
+            f.seek(addr)
+            return f.read(length)
+
+    def vmflags(self) -> dict[int, frozenset[str]]:
+        return {e.start: e.vmflags for e in smaps_entries(self.pid)}
+
+    def tracked_pages(self) -> int:
+        """Pages of our area still write-protected or registered (none once we are gone)."""
+        fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
+        try:
+            end = self.base + PAGES * PAGE_SIZE
+            found = 0
+            for inverted, mask in (
+                (pagemap.PAGE_IS_WRITTEN, pagemap.PAGE_IS_WRITTEN),
+                (0, pagemap.PAGE_IS_WPALLOWED),
+            ):
+                runs = pagemap.scan(fd, self.base, end, inverted=inverted, mask=mask, returned=mask)
+                found += sum(hi - lo for lo, hi in runs) // PAGE_SIZE
+            return found
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def started(programs: dict[str, Path], *args: str, pages: int = PAGES) -> Iterator[Target]:
+    proc = procs.popen(
+        [programs["precopy_target"], str(pages), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield Target(proc)
+    finally:
+        procs.kill_group(proc)
+
+
+def _dump(pid: int, core: Path, method: str, *extra: str) -> tuple[dict[str, object], list[str]]:
+    proc = procs.run(
+        [str(EXE), "-v", "dump", str(pid), "-o", str(core), "--method", method,
+         "--core-limit", "unlimited", "--json", *extra],
+    )  # fmt: skip
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    data = json.loads(proc.stdout)
+    assert isinstance(data, dict)
+    return data, stderr.splitlines()
+
+
+def test_rounds_copy_exactly_the_written_pages(programs: dict[str, Path], tmp_path: Path) -> None:
+    with started(programs) as t:
+        t.do("w", 0, 1500)  # 1500.. never populated
+        area = (t.base, t.base + PAGES * PAGE_SIZE)
+        before = rounds.present(t.pid, [area])
+        with tracker.arm(t.pid, [area]) as tr:
+            assert tr.areas == [area]
+            store = rounds.SideStore.create(t.pid, tmp_path / "side", tr.areas)
+            try:
+                (first,) = rounds.run_rounds(
+                    tr, store, before, max_rounds=1, max_bytes=1 << 30, small=0
+                )
+                assert first.found == first.copied == 1500 * PAGE_SIZE
+                t.do("w", 3, 2)
+                t.do("w", 1800, 1)  # never populated before: caught too
+                runs = tr.scan()
+                assert t.pages(runs) == [3, 4, 1800]
+                assert store.copy(runs) == 3 * PAGE_SIZE
+                assert t.pages([(a, a + n) for a, n, _ in store.runs(*area)]) == [
+                    *range(1500),
+                    1800,
+                ]
+                side = (tmp_path / "side").read_bytes()
+                for addr, length, offset in store.runs(*area):
+                    assert side[offset : offset + length] == t.memory(addr, length)
+            finally:
+                store.close()
+
+
+def test_core_equals_the_clones_and_dontfork_flags_are_restored(
+    programs: dict[str, Path], tmp_path: Path
+) -> None:
+    with started(programs, "dontfork") as t:
+        t.do("w", 0, 1500)
+        t.do("d", 10, 5)  # present, then dropped: zeros in both cores
+        # the same blocked state for both dumps: in read(), stdin's lock taken
+        procs.wait_for(lambda: thread_states(t.pid)[t.pid] == "S", 10, "blocked in read()")
+        before = t.vmflags()
+        assert "dc" not in before[t.base] and "dc" in before[t.dontfork]
+        maps, rseq = read_maps(t.pid), read_rseq_areas(t.pid)
+        clone, _ = _dump(t.pid, tmp_path / "clone.core", "clone")
+        report, stderr = _dump(t.pid, tmp_path / "precopy.core", "precopy")
+        assert t.vmflags() == before
+        t.do("w", 0, PAGES)  # the target runs on, its area writable
+    assert (report["method"], report["method_reason"]) == ("precopy", "requested")
+    assert clone["method"] == "clone"
+    steps = report["freeze_steps_us"]
+    assert isinstance(steps, dict)
+    assert set(steps) == {"stop", "save", "scan_copy", "madvise", "fork", "resume"}
+    assert any("1 areas left out of the fork in 1 madvise ranges" in ln for ln in stderr), stderr
+    with CoreView(tmp_path / "precopy.core") as ours, CoreView(tmp_path / "clone.core") as ref:
+        assert compare_cores(ours, ref, maps=maps, rseq=rseq) == []
+        assert ours.read(t.dontfork, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+        assert ours.read(t.base + 10 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+        assert ours.read(t.base + 15 * PAGE_SIZE - 1, 2) == b"\x00\x01"
+
+
+def test_fallbacks_say_why(programs: dict[str, Path], tmp_path: Path) -> None:
+    with started(programs, "uffd") as t:
+        t.do("w", 0, PAGES)
+        report, stderr = _dump(t.pid, tmp_path / "uffd.core", "precopy")
+        assert report["method"] == "clone"
+        assert str(report["method_reason"]).startswith("fallback: it uses userfaultfd itself")
+        warned = [ln for ln in stderr if ln.startswith("warning:")]
+        assert len(warned) == 1 and "dumped as --method clone does" in warned[0], stderr
+    with started(programs, pages=64) as t:
+        report, _ = _dump(t.pid, tmp_path / "small.core", "precopy")
+        assert report["method"] == "clone"
+        assert "no private anonymous area of 4 MiB" in str(report["method_reason"])
+
+
+@pytest.mark.parametrize("step", ["armed", "round-1"])
+def test_killed_in_a_round_leaves_the_target_clean(
+    programs: dict[str, Path], tmp_path: Path, step: str
+) -> None:
+    with started(programs) as t:
+        t.do("w", 0, PAGES)
+        tool = procs.popen(
+            [str(EXE), "dump", str(t.pid), "-o", str(tmp_path / "core"), "--method", "precopy",
+             "--core-limit", "unlimited", "--scratch", str(tmp_path)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, rounds.PAUSE_ENV: step},
+        )  # fmt: skip
+        try:
+            assert procs.readline(tool.stderr, 60, f"paused {step}") == f"paused {step}\n"
+            assert t.tracked_pages() > 0  # the control: tracked while the tool lives
+        finally:
+            procs.kill_group(tool)
+        assert tool.returncode == -signal.SIGKILL
+        assert t.tracked_pages() == 0
+        assert not tracker.holds_userfaultfd(t.pid)
+        assert not any("API:" in p.read_text() for p in Path(f"/proc/{t.pid}/fdinfo").iterdir())
+        t.do("w", 0, PAGES)
