@@ -15,11 +15,12 @@ from pathlib import Path
 
 import procs
 import pytest
+import test_precopy_tracker as tracker_test
 from harness.compare import compare_cores
 from harness.corefile import CoreView
 from harness.procstate import read_maps, read_rseq_areas, thread_states
 
-from criu_livedump.linux import PAGE_SIZE, pagemap
+from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux.procfs import smaps_entries
 from criu_livedump.snapshot.precopy import rounds, tracker
 
@@ -33,29 +34,8 @@ PAGES = 2048
 EXE = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "criu-livedump"
 
 
-class Target:
-    """precopy_target (tests/programs/precopy_target.c): PAGES pages at *base*."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        words = procs.readline(proc.stdout, 10, "precopy_target").split()
-        self.base = int(words[1], 16)
-        self.dontfork = int(words[3], 16) if len(words) > 3 else 0
-
-    def do(self, op: str, first: int, count: int) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{op} {first} {count}\n")
-        self.proc.stdin.flush()
-        assert procs.readline(self.proc.stdout, 10, f"{op} {first} {count}").startswith("ok")
-
-    def pages(self, runs: list[tuple[int, int]]) -> list[int]:
-        end = self.base + PAGES * PAGE_SIZE
-        return [
-            (a - self.base) // PAGE_SIZE
-            for lo, hi in runs
-            for a in range(max(lo, self.base), min(hi, end), PAGE_SIZE)
-        ]
+class Target(tracker_test.Target):
+    """precopy_target, with what these tests read of it besides."""
 
     def memory(self, addr: int, length: int) -> bytes:
         with open(f"/proc/{self.pid}/mem", "rb") as f:
@@ -67,33 +47,13 @@ class Target:
 
     def tracked_pages(self) -> int:
         """Pages of our area still write-protected or registered (none once we are gone)."""
-        fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
-        try:
-            end = self.base + PAGES * PAGE_SIZE
-            found = 0
-            for inverted, mask in (
-                (pagemap.PAGE_IS_WRITTEN, pagemap.PAGE_IS_WRITTEN),
-                (0, pagemap.PAGE_IS_WPALLOWED),
-            ):
-                runs = pagemap.scan(fd, self.base, end, inverted=inverted, mask=mask, returned=mask)
-                found += sum(hi - lo for lo, hi in runs) // PAGE_SIZE
-            return found
-        finally:
-            os.close(fd)
+        return len(self.protected()) + len(self.wp_allowed())
 
 
 @contextmanager
 def started(programs: dict[str, Path], *args: str, pages: int = PAGES) -> Iterator[Target]:
-    proc = procs.popen(
-        [programs["precopy_target"], str(pages), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield Target(proc)
-    finally:
-        procs.kill_group(proc)
+    with tracker_test.started(programs, *args, pages=pages, kind=Target) as t:
+        yield t
 
 
 def _dump(pid: int, core: Path, method: str, *extra: str) -> tuple[dict[str, object], list[str]]:

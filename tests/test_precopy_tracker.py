@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -26,12 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Target:
-    """precopy_target: PAGES pages at *base*, written or read on command."""
+    """precopy_target: *count* pages at *base*, written or read on command (and, started
+    with ``dontfork``, as many MADV_DONTFORK pages at *dontfork*)."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.base = int(procs.readline(proc.stdout, 10, "precopy_target").split()[1], 16)
+        words = procs.readline(proc.stdout, 10, "precopy_target").split()
+        self.base, self.count = int(words[1], 16), int(words[2])
+        self.dontfork = int(words[3], 16) if len(words) > 3 else 0
 
     def do(self, op: str, first: int, count: int) -> None:
         """One command; a target blocked on a protected page would not answer in time."""
@@ -42,7 +46,7 @@ class Target:
 
     def pages(self, runs: list[tuple[int, int]]) -> list[int]:
         """The page numbers of our mapping among *runs*."""
-        end = self.base + PAGES * PAGE_SIZE
+        end = self.base + self.count * PAGE_SIZE
         return [
             (a - self.base) // PAGE_SIZE
             for lo, hi in runs
@@ -53,7 +57,7 @@ class Target:
         """Pages of our mapping in a PAGEMAP_SCAN category (no write-protect touched)."""
         fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
         try:
-            end = self.base + PAGES * PAGE_SIZE
+            end = self.base + self.count * PAGE_SIZE
             return self.pages(
                 list(pagemap.scan(fd, self.base, end, inverted=inverted, mask=mask, returned=mask))
             )
@@ -76,16 +80,22 @@ class Target:
         return tracker.holds_userfaultfd(self.pid) or any("API:" in i for i in infos)
 
 
+T = TypeVar("T", bound=Target)
+
+
 @contextmanager
-def started(programs: dict[str, Path], *args: str) -> Iterator[Target]:
+def started(
+    programs: dict[str, Path], *args: str, pages: int = PAGES, kind: type[T] = Target
+) -> Iterator[T]:
+    """precopy_target of *pages* pages started with *args*, as a *kind*; killed on leaving."""
     proc = procs.popen(
-        [programs["precopy_target"], str(PAGES), *args],
+        [programs["precopy_target"], str(pages), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        yield Target(proc)
+        yield kind(proc)
     finally:
         procs.kill_group(proc)
 
