@@ -1,6 +1,6 @@
 """``make bench``: how long the target is frozen, how fast its core is written, at what cost.
 
-For each size (256, 1024, 4096 MiB; ``--quick``: 64 and 256) a workload (``bench/workload.c``:
+For each size (1, 4 and 8 GiB; ``--quick``: 64 and 256 MiB) a workload (``bench/workload.c``:
 non-zero anonymous memory, 4 busy threads, a 1 ms heartbeat recording its longest gap) is
 dumped by each *freeze peer* in the same invocation, so that the figures are ratios between
 neighbours on a shared machine rather than absolute truths:
@@ -19,9 +19,16 @@ its steps (stop, save, fork, resume). Then the conversion alone: ``criu-livedump
 convert`` on the dump's images against ``cp --sparse=always`` of the pages images, its peak RSS,
 the core's apparent and allocated size; and CRIU's own ``coredump`` tool on a 16 MiB process.
 
+Each dump is also timed until its core is complete (the core's final name appears: the tool
+writes a temporary file and renames it; gcore's core is complete when gdb exits) and its peak
+extra space is sampled every :data:`SPACE_STEP` seconds by a thread: the blocks allocated to
+everything the dump writes (the core, its temporary file, CRIU's images and the tool's scratch,
+each peer in directories of its own).
+
 Results go to ``bench/results/<date>-<host>.json`` (and a PNG of freeze time against size), and
-``BENCHMARKS.md`` is regenerated from them. Scratch (images, cores) lives on tmpfs by default and
-is removed at the end; the workload is killed whatever happens. Progress goes to stderr only
+``BENCHMARKS.md`` is regenerated from them. Scratch (images, cores) lives on a disk filesystem,
+/var/tmp, by default, as on a real host (``--scratch /dev/shm`` for tmpfs), and is removed at the
+end; the workload is killed whatever happens. Progress goes to stderr only
 when it is a terminal; stdout gets the path of the results file.
 """
 
@@ -40,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -57,8 +65,9 @@ CRIU_SRC = Path("/var/cache/criu-livedump/criu-4.2.1")
 CRIU_BIN = "/usr/local/sbin/criu"
 SCHEMA = 1
 MIB = 1 << 20
-#: Sizes of a full run and of ``--quick``.
-FULL_SIZES = (256, 1024, 4096)
+#: Sizes of a full run and of ``--quick``. 8 GiB fits this 24 GiB machine: the workload's 8 GiB
+#: in memory, its images and cores on disk.
+FULL_SIZES = (1024, 4096, 8192)
 QUICK_SIZES = (64, 256)
 #: the all-MADV_DONTFORK workload (V8's heap is MADV_DONTFORK; a clone must copy it frozen)
 DONTFORK_MIB = 256
@@ -88,6 +97,16 @@ THREADS_GCORE_RATIO_TARGET = 15.0
 MAPS_TARGET = 30_000
 MAPS_OVER_FORK_TARGET_MS = 10.0
 BUDGET_FULL_S = 15 * 60
+#: where scratch (images and cores) goes by default: a disk filesystem, as on a real host
+DEFAULT_SCRATCH = Path("/var/tmp")
+#: how often the peak extra space and the core's appearance are sampled, in seconds
+SPACE_STEP = 0.05
+#: the standalone conversion (and cp) runs at sizes up to this one (larger ones take minutes)
+CONVERT_MAX_MIB = 1024
+#: issue 13: the clone's peak extra space may exceed its core's allocated size by this much
+EXTRA_SPACE_SLACK_MIB = 64
+#: issue 13's sizes for the clone against gcore (until the core is complete, extra space)
+STREAM_TARGET_MIBS = (1024, 4096, 8192)
 BUDGET_QUICK_S = 3 * 60
 
 
@@ -231,6 +250,53 @@ def tool(name: str) -> str:
     if found is None:
         raise BenchError(f"{name}: not found next to {sys.executable} nor on PATH")
     return found
+
+
+class SpaceWatch:
+    """While a dump runs: the peak of the blocks allocated below *dirs* (its core, temporary
+    files, images and scratch), and when *complete* (the core's final name) first appeared,
+    sampled every :data:`SPACE_STEP` seconds by a thread."""
+
+    def __init__(self, dirs: Sequence[Path], complete: Path | None = None) -> None:
+        self.dirs = tuple(dirs)
+        self.complete = complete
+        self.peak = 0
+        self.started = time.perf_counter()
+        #: seconds from the start until *complete* appeared (None: not seen)
+        self.complete_s: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="space", daemon=True)
+
+    def __enter__(self) -> SpaceWatch:
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(SPACE_STEP):
+                break
+
+    def sample(self) -> None:
+        now = time.perf_counter()
+        if self.complete_s is None and self.complete is not None and self.complete.exists():
+            self.complete_s = now - self.started
+        self.peak = max(self.peak, sum(allocated_below(d) for d in self.dirs))
+
+
+def allocated_below(path: Path) -> int:
+    """Bytes allocated to the files below *path* (st_blocks; files that vanish are skipped)."""
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total
 
 
 # --- the workload -------------------------------------------------------------------------------
@@ -431,6 +497,10 @@ class DumpRun:
     steps_ms: dict[str, float] = field(default_factory=dict)
     #: the heartbeat gap that overlaps the tool's own freeze (when it says when that was)
     freeze_gap_ms: float | None = None
+    #: from the command's start until the core was complete (its final name appeared)
+    complete_s: float | None = None
+    #: the peak of the blocks the dump allocated (core, temporary files, images, scratch)
+    peak_extra: int | None = None
 
 
 class Peer:
@@ -449,17 +519,30 @@ class GcorePeer(Peer):
     slow = True
 
     def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
-        core = scratch / "gcore.core"
+        out = scratch / "gcore-out"
+        out.mkdir()
+        core = out / "gcore.core"
         w.reset()
-        child = run_child(["gdb", "-p", str(w.pid), "-batch", "-nx", "-ex", f"gcore {core}"]).check(
-            "gcore"
+        try:
+            # gdb writes the core in place: it is complete when gdb exits
+            with SpaceWatch([out]) as space:
+                argv = ["gdb", "-p", str(w.pid), "-batch", "-nx", "-ex", f"gcore {core}"]
+                child = run_child(argv).check("gcore")
+                space.sample()
+            gap = w.gap_ms()
+            if not core.exists():
+                raise BenchError(f"gcore: wrote no core ({child.stderr.strip()[-200:]})")
+            apparent, allocated = file_sizes(core)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return DumpRun(
+            child.seconds,
+            gap,
+            core_apparent=apparent,
+            core_allocated=allocated,
+            complete_s=child.seconds,
+            peak_extra=space.peak,
         )
-        gap = w.gap_ms()
-        if not core.exists():
-            raise BenchError(f"gcore: wrote no core ({child.stderr.strip()[-200:]})")
-        apparent, allocated = file_sizes(core)
-        core.unlink()
-        return DumpRun(child.seconds, gap, core_apparent=apparent, core_allocated=allocated)
 
 
 def criu_direct(pid: int, images: Path) -> Child:
@@ -502,8 +585,10 @@ class CriuDirectPeer(Peer):
         out = scratch / "criu-out"
         w.reset()
         try:
-            dumped = criu_direct(w.pid, images)
-            converted, core = convert_cli(images, out)
+            with SpaceWatch([images, out]) as space:
+                dumped = criu_direct(w.pid, images)
+                converted, core = convert_cli(images, out)
+                space.sample()
             gap = w.gap_ms()
             apparent, allocated = file_sizes(core)
             return DumpRun(
@@ -515,6 +600,8 @@ class CriuDirectPeer(Peer):
                 dump_s=dumped.seconds,
                 convert_s=converted.seconds,
                 images=images if keep_images else None,
+                complete_s=dumped.seconds + converted.seconds,
+                peak_extra=space.peak,
             )
         finally:
             shutil.rmtree(out, ignore_errors=True)
@@ -537,10 +624,15 @@ class CliPeer(Peer):
     def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
         work = scratch / f"{self.name}-scratch"
         work.mkdir()
-        core = scratch / f"{self.name}.core"
+        out = scratch / f"{self.name}-out"
+        out.mkdir()
+        core = out / f"{self.name}.core"
         w.reset()
         try:
-            child = run_child(self.argv(w.pid, work, core, keep_images))
+            # the core's directory holds its temporary file until the rename
+            with SpaceWatch([work, out], complete=core) as space:
+                child = run_child(self.argv(w.pid, work, core, keep_images))
+                space.sample()
             child.check(f"criu-livedump dump --method {self.method}")
             gap = w.gap_ms()
             report = json.loads(child.stdout)
@@ -564,9 +656,11 @@ class CliPeer(Peer):
                 images=images,
                 steps_ms=_report_steps(report),
                 freeze_gap_ms=freeze_gap,
+                complete_s=space.complete_s,
+                peak_extra=space.peak,
             )
         finally:
-            core.unlink(missing_ok=True)
+            shutil.rmtree(out, ignore_errors=True)
             if not keep_images:
                 shutil.rmtree(work, ignore_errors=True)
 
@@ -685,6 +779,8 @@ def measure_peer(
         "freeze_gap_ms": stat([r.freeze_gap_ms for r in done if r.freeze_gap_ms is not None]),
         "dump_s": stat([r.dump_s for r in done if r.dump_s is not None]),
         "convert_s": stat([r.convert_s for r in done if r.convert_s is not None]),
+        "complete_s": stat([r.complete_s for r in done if r.complete_s is not None]),
+        "peak_extra": stat([r.peak_extra for r in done if r.peak_extra is not None]),
         "core_apparent": done[-1].core_apparent,
         "core_allocated": done[-1].core_allocated,
     }
@@ -794,7 +890,7 @@ def machine_facts(scratch_parent: Path) -> dict[str, Any]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    fs = first(["stat", "-f", "-c", "%T", str(scratch_parent)])
+    fs = _fstype(scratch_parent)
     thp = "unknown"
     with suppress(OSError):
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
@@ -888,6 +984,30 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
     return results
 
 
+def room_for(mib: int, scratch: Path, *, keep: bool) -> str | None:
+    """Why a workload of *mib* MiB does not fit here (None: it fits). The workload is in
+    memory; a peer's images and core are on the scratch filesystem at once (a core, or a copy
+    of the pages, more when the criu peer's images are kept for the conversion); on tmpfs they
+    are memory too. A margin of a GiB for the other tenants of the machine."""
+    on_disk = (3 if keep else 2) * mib + 1024
+    tmpfs = _fstype(scratch) == "tmpfs"
+    need_mem = (mib + 1024 + (on_disk if tmpfs else 0)) * MIB
+    if mem_available() < need_mem:
+        have = mem_available() / 2**30
+        return f"needs {need_mem / 2**30:.1f} GiB of memory available, have {have:.1f} GiB"
+    st = os.statvfs(scratch)
+    free = st.f_bavail * st.f_frsize
+    if not tmpfs and free < on_disk * MIB:
+        return f"needs {on_disk / 1024:.1f} GiB free in {scratch}, have {free / 2**30:.1f} GiB"
+    return None
+
+
+def _fstype(path: Path) -> str:
+    from criu_livedump.scratch import fstype
+
+    return fstype(path)
+
+
 def measure_size(
     exe: Path,
     mib: int,
@@ -912,14 +1032,10 @@ def measure_size(
         "dontfork": dontfork,
         "shape": shape.as_dict(),
     }
-    # At the peak the workload, its images and a core (or a copy of the pages) coexist on
-    # tmpfs; plus a margin for the other tenants of the machine.
-    need = (3 * mib + 1024) * MIB
-    if mem_available() < need:
-        entry["skipped"] = (
-            f"needs {need / 2**30:.1f} GiB available, have {mem_available() / 2**30:.1f} GiB"
-        )
-        say(f"{mib} MiB: skipped ({entry['skipped']})")
+    skipped = room_for(mib, scratch, keep=plain and mib <= CONVERT_MAX_MIB)
+    if skipped is not None:
+        entry["skipped"] = skipped
+        say(f"{mib} MiB: skipped ({skipped})")
         return entry
     label = f"{mib} MiB" + ("" if plain else f", {shape.label()}")
     say(f"{label}: starting the workload")
@@ -933,7 +1049,7 @@ def measure_size(
             entry["fork_ms"] = stat([w.fork_ms() for _ in range(cfg.runs)])
             images = None
             for peer in peers:
-                keep = peer.name == "criu" and plain
+                keep = peer.name == "criu" and plain and mib <= CONVERT_MAX_MIB
                 try:
                     figures, kept = measure_peer(peer, w, size_dir, cfg.runs, keep, deadline, say)
                 except BenchError as e:
@@ -1032,6 +1148,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(name, worst < CONVERT_RSS_TARGET_MIB, f"max {worst:.0f} MiB over all sizes")
 
     targets += _shape_targets(results)
+    targets += _stream_targets(results)
     default = BUDGET_QUICK_S if results["quick"] else BUDGET_FULL_S
     budget = results.get("config", {}).get("budget_s", default)
     what = "--quick" if budget == BUDGET_QUICK_S else "make bench"
@@ -1041,6 +1158,38 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{results['elapsed_s']:.0f} s",
     )
     return targets
+
+
+def _stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 13's targets at 1, 4 and 8 GiB (the sizes measured of them): the clone's core
+    complete no later than gcore's in the same run, and its peak extra space within its core's
+    allocated size plus :data:`EXTRA_SPACE_SLACK_MIB`."""
+    sizes = [s for m in STREAM_TARGET_MIBS if (s := _size(results, m)) is not None]
+    label = ", ".join(_mib_label(m) for m in STREAM_TARGET_MIBS)
+    time_name = f"until the core is complete: clone no later than gcore ({label})"
+    space_name = (
+        f"extra space: clone's peak within its core + {EXTRA_SPACE_SLACK_MIB} MiB ({label})"
+    )
+    times: list[tuple[bool, str]] = []
+    spaces: list[tuple[bool, str]] = []
+    for s in sizes:
+        clone, gcore = s["freeze"].get("clone", {}), s["freeze"].get("gcore", {})
+        at = _mib_label(s["mib"])
+        ours, theirs = median(clone.get("complete_s")), median(gcore.get("complete_s"))
+        if ours is not None and theirs is not None:
+            times.append((ours <= theirs, f"{at}: {ours:.2f} s against {theirs:.2f} s"))
+        peak, core = median(clone.get("peak_extra")), clone.get("core_allocated")
+        if peak is not None and core is not None:
+            over = (peak - core) / MIB
+            spaces.append((over <= EXTRA_SPACE_SLACK_MIB, f"{at}: {over:+.0f} MiB over the core"))
+    out: list[dict[str, Any]] = []
+    for name, found in ((time_name, times), (space_name, spaces)):
+        if not found:
+            out.append({"target": name, "met": None, "detail": "not measured at these sizes"})
+        else:
+            met = all(ok for ok, _ in found)
+            out.append({"target": name, "met": met, "detail": "; ".join(d for _, d in found)})
+    return out
 
 
 def _shape(results: dict[str, Any], want: Shape) -> dict[str, Any] | None:
@@ -1223,6 +1372,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         _md_freeze(results, png_rel),
         _md_dontfork(results),
         _md_shapes(results),
+        _md_complete(results),
         _md_wall_time(results),
         _md_conversion(results),
         _md_targets_and_sizes(results),
@@ -1351,6 +1501,7 @@ def _md_dontfork(results: dict[str, Any]) -> list[str]:
 
         w(f"### {df['mib']} MiB, all of it MADV_DONTFORK")
         w("")
+        out += _md_carried(results, "dontfork")
         w(
             "The same workload with its memory in MADV_DONTFORK, as V8 keeps the JavaScript heap "
             "of node and Chromium: a fork does not copy it, so `fork() alone` is short, and the "
@@ -1394,6 +1545,7 @@ def _md_shapes(results: dict[str, Any]) -> list[str]:
     w = out.append
     w(f"### Shaped like servers: many threads, many mappings ({shapes[0]['mib']} MiB each)")
     w("")
+    out += _md_carried(results, "shapes")
     w(
         "The workload with more threads (idle in futex, read, epoll_wait and nanosleep, as a "
         "server's pools are) or more mappings (one page each). Every thread is stopped and "
@@ -1438,11 +1590,65 @@ def _md_shapes(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _md_wall_time(results: dict[str, Any]) -> list[str]:
-    """Wall time until the core is complete."""
+def _scaled(st: dict[str, Any] | None, factor: float) -> dict[str, Any] | None:
+    """A stat with every figure divided by *factor* (bytes to MiB)."""
+    if not st or st.get("median") is None:
+        return None
+    return {**st, **{k: st[k] / factor for k in ("median", "min", "max")}}
+
+
+def _md_complete(results: dict[str, Any]) -> list[str]:
+    """Issue 13's table: per size and peer, the freeze, the time until the core is complete
+    and the peak extra space, in the issue's own layout."""
+    rows = [s for s in results["sizes"] if "skipped" not in s]
+    if not any("complete_s" in p for s in rows for p in s["freeze"].values()):
+        return []
     out: list[str] = []
     w = out.append
-    w("## End-to-end wall time (until the core is complete)")
+    w("## Until the core is complete, and the space it takes")
+    w("")
+    w(
+        f"Cores, images and scratch on {results['machine'].get('scratch')}. **Until the core is "
+        "complete**: from the command's start until the core's final name appeared (the tool "
+        "writes a temporary file and renames it), for gcore, which writes its core in place, "
+        "until gdb exited. **Extra space at peak**: the most blocks allocated at once to "
+        "everything the dump wrote (the core, its temporary file, CRIU's images, the tool's "
+        f"scratch), sampled every {SPACE_STEP * 1000:.0f} ms. The freeze is the heartbeat's "
+        "longest gap around the dump. `/ gcore`: the median against gcore's in the same run."
+    )
+    w("")
+    w(
+        "| target | peer | freeze ms | until the core is complete s | / gcore "
+        "| extra space at peak MiB | core allocated MiB |"
+    )
+    w("|---:|---|---:|---:|---:|---:|---:|")
+    for s in rows:
+        gcore = median(s["freeze"].get("gcore", {}).get("complete_s"))
+        for name, p in s["freeze"].items():
+            if "error" in p:
+                w(f"| {_mib_label(s['mib'])} | {name} | failed |||||")
+                continue
+            alloc = p.get("core_allocated")
+            w(
+                f"| {_mib_label(s['mib'])} | {name} | {_mm(p.get('gap_ms'))} "
+                f"| {_mm(p.get('complete_s'), '.2f')} "
+                f"| {_x(ratio(median(p.get('complete_s')), gcore))} "
+                f"| {_mm(_scaled(p.get('peak_extra'), MIB), '.0f')} "
+                f"| {'-' if alloc is None else f'{alloc / MIB:.0f}'} |"
+            )
+    w("")
+    return out
+
+
+def _mib_label(mib: int) -> str:
+    return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
+
+
+def _md_wall_time(results: dict[str, Any]) -> list[str]:
+    """Wall time of the whole command."""
+    out: list[str] = []
+    w = out.append
+    w("## End-to-end wall time (the whole command)")
     w("")
     w("| size | gcore s | criu s (all of `dump`) | criu dump s (CRIU) | criu convert s | clone s |")
     w("|---:|---:|---:|---:|---:|---:|")
@@ -1499,6 +1705,7 @@ def _md_conversion(results: dict[str, Any]) -> list[str]:
             f"timeout {tool_res['timeout_s']:.0f} s; it is quadratic in the page count):"
         )
         w("")
+        out += _md_carried(results, "criu_coredump")
         if "mb_s" in tool_res:
             w(
                 f"- CRIU coredump: {tool_res['seconds']:.2f} s, {tool_res['mb_s']:.2f} MB/s, "
@@ -1568,8 +1775,9 @@ def _md_reading(results: dict[str, Any]) -> list[str]:
         "`frozen_time` and the heartbeat gap measure the same pause from two sides."
     )
     w(
-        "- Images and cores live on tmpfs, so the figures exclude disk speed; on a disk "
-        "the conversion and cp both slow down to the disk's write rate."
+        f"- Images and cores live on {results['machine'].get('scratch')}: on a disk the "
+        "figures include its write rate and the page cache the dumps share with the target; "
+        "on tmpfs they exclude both."
     )
     w(
         "- Every tool competes with the workload's 4 busy threads for 2 cores (and with other "
@@ -1590,6 +1798,49 @@ def _md_reading(results: dict[str, Any]) -> list[str]:
     return out
 
 
+#: sections a run may leave out (``--shapes none``, ``--dontfork-mib 0``,
+#: ``--no-coredump-tool``); BENCHMARKS.md then shows them from the newest earlier results
+CARRIED = ("dontfork", "shapes", "criu_coredump")
+
+
+def with_carried(results: dict[str, Any], json_path: Path, base: Path) -> dict[str, Any]:
+    """*results* to render, plus each :data:`CARRIED` section it lacks from the newest earlier
+    results file that has it, named (relative to *base*) under ``carried``."""
+    shown = dict(results)
+    earlier = []
+    for path in json_path.parent.glob("*.json"):
+        if path != json_path:
+            with suppress(OSError, ValueError):
+                earlier.append((json.loads(path.read_text()), path))
+    earlier.sort(key=lambda d: str(d[0].get("date", "")), reverse=True)
+    for key in CARRIED:
+        if _measured(results.get(key)):
+            continue
+        for doc, path in earlier:
+            if _measured(doc.get(key)):
+                shown[key] = doc[key]
+                shown.setdefault("carried", {})[key] = {
+                    "file": os.path.relpath(path, base),
+                    "date": str(doc.get("date", "?"))[:10],
+                }
+                break
+    return shown
+
+
+def _measured(section: Any) -> bool:
+    if isinstance(section, list):
+        return any(_measured(s) for s in section)
+    return isinstance(section, dict) and bool(section) and "skipped" not in section
+
+
+def _md_carried(results: dict[str, Any], key: str) -> list[str]:
+    """The line saying a section comes from an earlier run, if it does."""
+    src = results.get("carried", {}).get(key)
+    if src is None:
+        return []
+    return [f"Not measured in this run: from [`{src['file']}`]({src['file']}), {src['date']}.", ""]
+
+
 def publish(results: dict[str, Any], cfg: Config) -> Path:
     """Write the JSON, the PNG and the Markdown; return the JSON's path."""
     json_path = write_results(results, cfg.results_dir)
@@ -1600,7 +1851,7 @@ def publish(results: dict[str, Any], cfg: Config) -> Path:
         base = cfg.markdown.parent
         cfg.markdown.write_text(
             render_markdown(
-                results,
+                with_carried(results, json_path, base),
                 os.path.relpath(json_path, base),
                 os.path.relpath(png, base) if png else None,
             )
@@ -1625,7 +1876,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     )
     p.add_argument("--no-gcore", action="store_true", help="skip the gcore peer")
     p.add_argument("--no-coredump-tool", action="store_true", help="skip CRIU's coredump tool")
-    p.add_argument("--scratch", type=Path, default=Path("/dev/shm"), help="parent of scratch")
+    p.add_argument(
+        "--scratch",
+        type=Path,
+        default=DEFAULT_SCRATCH,
+        help=f"parent of scratch: images and cores (default {DEFAULT_SCRATCH}, a disk)",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--markdown", type=Path, default=MARKDOWN, help="BENCHMARKS.md to regenerate")
     p.add_argument("--no-markdown", action="store_true")
@@ -1661,7 +1917,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     cfg = Config(
         sizes=sizes,
         runs=a.runs,
-        quick=a.quick or bool(a.sizes) or bool(a.shapes),
+        quick=a.quick or sizes != FULL_SIZES,
         gcore=not a.no_gcore,
         coredump_tool=not a.no_coredump_tool,
         scratch_parent=a.scratch,

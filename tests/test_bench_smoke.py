@@ -92,6 +92,13 @@ def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFix
         assert "error" not in clone, clone.get("error")
         assert clone["gap_ms"]["median"] >= 1.0
         assert clone["core_allocated"] >= 8 * MIB
+    # issue 13: every peer's core timed until complete, its peak extra space sampled: at
+    # least the core itself, and for the tool's own peers also its images in scratch
+    for name, peer in freeze.items():
+        if "error" in peer:
+            continue
+        assert 0 < peer["complete_s"]["median"] <= peer["wall_s"]["median"], name
+        assert peer["peak_extra"]["median"] >= peer["core_allocated"], name
     assert freeze["criu"]["frozen_ms"]["n"] == 1
     assert freeze["criu"]["frozen_ms"]["median"] > 0
     assert freeze["criu"]["gcore_over_this"] > 0
@@ -119,6 +126,7 @@ def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFix
 
     text = markdown.read_text()
     assert "| 8 MiB |" in text
+    assert "| 8 MiB | gcore |" in text and "## Until the core is complete" in text
     assert "### 8 MiB, all of it MADV_DONTFORK" in text
     assert "## Targets" in text
     assert json_path.name in text
@@ -178,6 +186,7 @@ def test_targets_met() -> None:
     assert v == {
         "clone": True, "convert": True, "conversion": True, "make": True,
         "1000": None, "30,000": None,  # no shaped workloads in these results
+        "until": None, "extra": None,  # no figures of issue 13 in these results
     }  # fmt: skip
 
 
@@ -185,7 +194,7 @@ def test_targets_missed() -> None:
     v = _verdicts(_results(clone_gap=80.0, tool_mb_s=0.5, ours_mb_s=40.0, rss=150.0))
     assert v == {
         "clone": False, "convert": False, "conversion": False, "make": True,
-        "1000": None, "30,000": None,
+        "1000": None, "30,000": None, "until": None, "extra": None,
     }  # fmt: skip
 
 
@@ -298,3 +307,47 @@ def test_stat_median_min_max() -> None:
     s = bench.stat([3.0, 1.0, 2.0, 10.0])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
     assert bench.stat([])["median"] is None
+
+
+def _streamed(clone_s: float, gcore_s: float, clone_peak_mib: float) -> dict[str, Any]:
+    """A size of issue 13's figures: the clone's and gcore's time until complete, the clone's
+    peak extra space against its 1024 MiB core."""
+    return {
+        "mib": 1024,
+        "baseline_gap_ms": 5.0,
+        "freeze": {
+            "gcore": {
+                "gap_ms": _stat(900.0),
+                "complete_s": _stat(gcore_s),
+                "peak_extra": _stat(1100.0 * MIB),
+                "core_allocated": 1100 * MIB,
+            },
+            "clone": {
+                "gap_ms": _stat(30.0),
+                "complete_s": _stat(clone_s),
+                "peak_extra": _stat(clone_peak_mib * MIB),
+                "core_allocated": 1024 * MIB,
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("clone_s", "gcore_s", "peak_mib", "verdicts"),
+    [
+        (2.0, 2.5, 1050.0, (True, True)),
+        (3.0, 2.5, 1050.0, (False, True)),  # later than gcore
+        (2.0, 2.5, 2048.0, (True, False)),  # the images beside the core
+    ],
+)
+def test_stream_targets(
+    clone_s: float, gcore_s: float, peak_mib: float, verdicts: tuple[bool, bool]
+) -> None:
+    results = _results(20.0, 0.5, 400.0, 40.0)
+    results["sizes"][0] = {**results["sizes"][0], **_streamed(clone_s, gcore_s, peak_mib)}
+    v = _verdicts(results)
+    assert (v["until"], v["extra"]) == verdicts
+    results["machine"] = {"scratch": "/var/tmp (ext4)"}
+    text = "\n".join(bench._md_complete(results))
+    assert "| 1 GiB | clone | 30.0 (1 run) |" in text
+    assert f"| {clone_s / gcore_s:.1f}x |" in text
