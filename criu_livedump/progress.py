@@ -6,7 +6,9 @@ that shows nothing) and passes it down. A stage calls :meth:`Progress.phase` whe
 :meth:`Progress.frozen` once the target runs again (with how long it was frozen), and adds bytes
 as they move: :meth:`Progress.captured` for memory handed over by CRIU (the pages images
 growing in scratch, or page runs received by a page server), :meth:`Progress.written` for core
-bytes written (holes are not written and never counted). The byte counters live in an anonymous
+bytes written (holes are not written and never counted); a stage that keeps running totals (a
+page server's StreamStats: received, written) calls :meth:`Progress.captured_at_least` and
+:meth:`Progress.written_at_least` with them instead. The byte counters live in an anonymous
 shared mapping made before anything forks, so a forked child (the conversion child, a page
 server's process) calls the same methods on its inherited copy of the object and the parent
 sees the sums: no pipe, no message, no lock. Each counter must have one writer at a time (an
@@ -70,14 +72,18 @@ class Progress:
         self._add(_CAPTURED, nbytes)
 
     def captured_at_least(self, total: int) -> None:
-        """At least *total* bytes were captured in all (for a sampler that sees totals, such
+        """At least *total* bytes were captured in all (for a stage that sees totals, such
         as the pages images' size); never lowers the count."""
-        if total > self._get(_CAPTURED):
-            _SLOT.pack_into(self._counters, _CAPTURED, total)
+        self._raise(_CAPTURED, total)
 
     def written(self, nbytes: int) -> None:
         """*nbytes* more bytes of the core were written (in any process)."""
         self._add(_WRITTEN, nbytes)
+
+    def written_at_least(self, total: int) -> None:
+        """At least *total* bytes of the core were written in all (a stage's running total);
+        never lowers the count."""
+        self._raise(_WRITTEN, total)
 
     def counts(self) -> Counts:
         """The counters now (cheap: two loads from shared memory)."""
@@ -85,6 +91,10 @@ class Progress:
 
     def _get(self, slot: int) -> int:
         return int(_SLOT.unpack_from(self._counters, slot)[0])
+
+    def _raise(self, slot: int, total: int) -> None:
+        if total > self._get(slot):
+            _SLOT.pack_into(self._counters, slot, total)
 
     def _add(self, slot: int, nbytes: int) -> None:
         if nbytes:

@@ -46,6 +46,10 @@ def test_a_sampled_total_never_lowers_the_count() -> None:
     assert progress.counts().captured == 10
     progress.captured_at_least(12)
     assert progress.counts().captured == 12
+    progress.written_at_least(7)
+    progress.written_at_least(3)
+    progress.written(1)  # a later stage adds to the total
+    assert progress.counts() == Counts(captured=12, written=8)
 
 
 def test_the_line_says_the_stage_then_the_freeze_and_the_bytes() -> None:
