@@ -10,78 +10,28 @@ shown to fail the same check.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import procs
 import pytest
 from harness.cases import LiveDump
 from harness.corefile import CoreView
 from harness.instant import (
-    PAGE,
     Layout,
     Writer,
     expected_stamp,
     instant_diffs,
+    live_reader,
+    seqwriter,
     stamp_diffs,
+    wait_until_writers_ran,
     writers,
 )
-from harness.launcher import Target, start_target
 
 pytestmark = [pytest.mark.live]
 
-#: 4 writers of 32 MiB each: 128 MiB stamped while the dump runs
-THREADS = 4
-PAGES = 8192
-#: the writers never block: spare the machine's other work
-NICE = 10
-WAIT = 120.0
-
-
-@contextmanager
-def seqwriter(programs: dict[str, Path]) -> Iterator[tuple[Target, Layout]]:
-    """seqwriter started, once every writer has stamped each of its pages at least once."""
-    with start_target(
-        programs["seqwriter"], str(THREADS), str(PAGES), f"nice={NICE}", rseq=False
-    ) as target:
-        layout = Layout.parse(target.ready_line)
-        last_pages = [layout.base(i + 1) - PAGE for i in range(THREADS)]
-        procs.wait_for(
-            lambda: all(live_reader(target.pid)(a, 8) != bytes(8) for a in last_pages),
-            WAIT,
-            "every writer's first sweep",
-        )
-        yield target, layout
-
-
-def live_reader(pid: int) -> Callable[[int, int], bytes]:
-    """Reads the running target's memory (/proc/PID/mem): no freeze, no instant."""
-
-    def read(addr: int, size: int) -> bytes:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        try:
-            return os.pread(fd, size, addr)
-        finally:
-            os.close(fd)
-
-    return read
-
-
-def run_time_ns(pid: int, tid: int) -> int:
-    """Time *tid* has spent on a CPU (/proc/PID/task/TID/schedstat, first field)."""
-    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-
-
-def wait_until_every_writer_ran(pid: int, found: list[Writer], ns: int) -> None:
-    """Bounded wait until each writer has run *ns* more on a CPU: thousands of stamps."""
-    start = {w.tid: run_time_ns(pid, w.tid) for w in found}
-    procs.wait_for(
-        lambda: all(run_time_ns(pid, w.tid) - start[w.tid] >= ns for w in found),
-        WAIT,
-        f"every writer running {ns} ns more",
-    )
+#: 4 writers of 32 MiB each: 128 MiB stamped while the dump runs; they never block: at nice
+#: 10 they spare the machine's other work
+WRITERS = ("4", "8192", "nice=10")
 
 
 def one_instant(core: Path, layout: Layout) -> tuple[list[Writer], list[str]]:
@@ -91,25 +41,25 @@ def one_instant(core: Path, layout: Layout) -> tuple[list[Writer], list[str]]:
 
 
 @pytest.mark.parametrize("method", ["clone", "criu", "precopy"])
-def test_the_core_is_one_instant(programs: dict[str, Path], tmp_path: Path, method: str) -> None:
-    with seqwriter(programs) as (target, layout):
+def test_the_core_is_one_instant(tmp_path: Path, method: str) -> None:
+    with seqwriter(*WRITERS) as (target, layout):
         core = LiveDump(method).dump(target.pid, tmp_path)
         found, diffs = one_instant(core, layout)
         assert diffs == [], f"--method {method}: not one instant:\n" + "\n".join(diffs)
         # the writers went on writing: the dump did not leave them stopped
-        wait_until_every_writer_ran(target.pid, found, 1_000_000)
+        wait_until_writers_ran(target.pid, [w.tid for w in found])
         assert target.alive()
 
 
-def test_pages_of_another_instant_are_caught(programs: dict[str, Path], tmp_path: Path) -> None:
+def test_pages_of_another_instant_are_caught(tmp_path: Path) -> None:
     """The registers of one dump with pages read later, by a copy without a freeze or by a
     second dump, are judged not one instant; each dump alone is."""
     for d in ("1", "2"):
         (tmp_path / d).mkdir()
-    with seqwriter(programs) as (target, layout):
+    with seqwriter(*WRITERS) as (target, layout):
         first, diffs = one_instant(LiveDump("clone").dump(target.pid, tmp_path / "1"), layout)
         assert diffs == []
-        wait_until_every_writer_ran(target.pid, first, 1_000_000)
+        wait_until_writers_ran(target.pid, [w.tid for w in first])
         torn = instant_diffs(layout, first, live_reader(target.pid))
         assert len(torn) >= len(first) and not any("older" in d for d in torn)
         second = LiveDump("clone").dump(target.pid, tmp_path / "2")

@@ -9,22 +9,33 @@ were read; an older one, before. Either way the core is not one instant.
 
 The registers come from the core's NT_PRSTATUS notes (:class:`harness.corefile.CoreView`); the
 pages from any reader (the core, or for the negative tests a copy taken without a freeze).
+:func:`seqwriter` starts the program, :func:`live_reader` reads its memory while it runs, and
+:func:`wait_until_writers_ran` waits until it has gone on writing.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+import procs
+from programs import build as programs_build
 
 from harness.corefile import CoreView
 from harness.errors import HarnessError
+from harness.launcher import Target, start_target
 
 PAGE = 4096
 #: the stamp: an 8-byte little-endian value at the start of each page
 STAMP = struct.Struct("<Q")
 #: the differences listed per writer before "... and N more"
 SHOWN = 5
+#: seconds a wait on the writers may take (a bound, not a timing: the machine may be loaded)
+WAIT = 120.0
 
 #: reads *size* bytes of the target's memory at *addr*
 Reader = Callable[[int, int], bytes]
@@ -117,3 +128,48 @@ def instant_diffs(layout: Layout, found: Sequence[Writer], read: Reader) -> list
         if len(diffs) > SHOWN:
             out.append(f"writer {w.tid}: ... and {len(diffs) - SHOWN} more pages")
     return out
+
+
+@contextmanager
+def seqwriter(*args: str) -> Iterator[tuple[Target, Layout]]:
+    """seqwriter started with *args* (``NTHREADS PAGES [nice=N] [fill=MIB]``), once every
+    writer has stamped each of its pages at least once; killed and reaped on exit."""
+    with start_target(programs_build.build("seqwriter"), *args, rseq=False) as target:
+        layout = Layout.parse(target.ready_line)
+        read = live_reader(target.pid)
+        last_pages = [layout.base(i + 1) - PAGE for i in range(layout.threads)]
+        procs.wait_for(
+            lambda: all(read(a, STAMP.size) != bytes(STAMP.size) for a in last_pages),
+            WAIT,
+            "every writer's first sweep",
+        )
+        yield target, layout
+
+
+def live_reader(pid: int) -> Reader:
+    """Reads the running target's memory (/proc/PID/mem): no freeze, no instant."""
+
+    def read(addr: int, size: int) -> bytes:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        try:
+            return os.pread(fd, size, addr)
+        finally:
+            os.close(fd)
+
+    return read
+
+
+def run_time_ns(pid: int, tid: int) -> int:
+    """Time thread *tid* has spent on a CPU (/proc/PID/task/TID/schedstat, first field)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+
+
+def wait_until_writers_ran(pid: int, tids: Sequence[int], ns: int = 1_000_000) -> None:
+    """Bounded wait until each of the writer threads *tids* has run *ns* more on a CPU (a
+    millisecond is many thousands of stamps): the process goes on writing."""
+    start = {tid: run_time_ns(pid, tid) for tid in tids}
+    procs.wait_for(
+        lambda: all(run_time_ns(pid, tid) - start[tid] >= ns for tid in tids),
+        WAIT,
+        f"every writer of {pid} running {ns} ns more",
+    )

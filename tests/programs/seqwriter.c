@@ -1,7 +1,7 @@
 /* A target for the consistency test of live dumps (issue 14): threads stamping a sequence
  * number into many pages while the dump runs, each thread's position kept in its registers.
  *
- *   seqwriter NTHREADS PAGES [nice=N]
+ *   seqwriter NTHREADS PAGES [nice=N] [fill=MIB]
  *
  * One private anonymous area of NTHREADS * PAGES pages (PAGES a power of two); thread t owns
  * the PAGES pages at AREA + t * PAGES * page_size. Each writer runs the loop below in assembly so
@@ -17,7 +17,9 @@
  * stops it, it is in the middle of its work.
  *
  * Prints "ready AREA NTHREADS PAGES" (AREA in hex) once every writer runs; the main thread then
- * sleeps until killed. nice=N lowers the priority of every thread (the writers never block).
+ * sleeps until killed. nice=N lowers the priority of every thread (the writers never block);
+ * fill=MIB maps MIB more of private anonymous memory, written once before the writers start
+ * (pages a precopy round copies once, that are not written again).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -65,12 +67,16 @@ int main(int argc, char **argv)
 	struct writer *writers;
 	unsigned char *area;
 	pthread_t tid;
+	long fill = 0;
 	int prio = 0;
 
+	for (i = 3; i < argc; i++)
+		if (sscanf(argv[i], "nice=%d", &prio) != 1 && sscanf(argv[i], "fill=%ld", &fill) != 1)
+			break;
 	if (argc < 3 || (threads = atol(argv[1])) <= 0 || (pages = atol(argv[2])) <= 0 ||
-	    (pages & (pages - 1)) != 0 || page != 4096 ||
-	    (argc > 3 && sscanf(argv[3], "nice=%d", &prio) != 1)) {
-		fprintf(stderr, "usage: %s NTHREADS PAGES(power of two) [nice=N] (4 KiB pages)\n",
+	    (pages & (pages - 1)) != 0 || page != 4096 || i < argc || fill < 0) {
+		fprintf(stderr,
+			"usage: %s NTHREADS PAGES(power of two) [nice=N] [fill=MIB] (4 KiB pages)\n",
 			argv[0]);
 		return 2;
 	}
@@ -78,6 +84,16 @@ int main(int argc, char **argv)
 	if (prio && nice(prio) == -1) {
 		perror("nice");
 		return 1;
+	}
+	if (fill) {
+		unsigned char *once = mmap(NULL, (size_t)fill << 20, PROT_READ | PROT_WRITE,
+					   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (once == MAP_FAILED) {
+			perror("mmap");
+			return 1;
+		}
+		memset(once, 0x5a, (size_t)fill << 20);
 	}
 	area = mmap(NULL, (size_t)(threads * pages * page), PROT_READ | PROT_WRITE,
 		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
