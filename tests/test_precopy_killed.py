@@ -1,7 +1,7 @@
 """``dump --method precopy`` SIGKILLed in each of its steps (issue 14's acceptance): the target
 runs on, with no write-protect and no registration of ours left (PAGEMAP_SCAN), no userfaultfd
-among its descriptors (/proc/PID/fd and fdinfo), no clone, no tracer, and the MADV_DONTFORK
-flags it had.
+among its descriptors (/proc/PID/fd and fdinfo), no live clone, no tracer, and the
+MADV_DONTFORK flags it had.
 
 The tool stops where its test hooks say (``paused STEP`` on stderr), and only the tool's own
 process is killed, as the OOM killer would: its helpers (the clone's watchdog) do their part.
@@ -12,6 +12,7 @@ clone's (snapshot/clone/inject.py): every thread stopped (seized), and the clone
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,8 +33,10 @@ pytestmark = [pytest.mark.live]
 #: 2 writers rewriting 4 MiB for ever beside 64 MiB written once: round 1 copies 68 MiB, and
 #: each later round finds the 4 MiB written again (over the 1 MiB under which rounds stop)
 WRITERS = ("2", "512", "fill=64")
-#: the end of the user address space (x86_64, 4-level page tables): the whole of it is scanned
-USER_END = 1 << 47
+#: the end of the user address space, the whole of which is scanned: x86_64's TASK_SIZE_MAX
+#: with 4-level page tables (arch/x86/include/asm/page_64_types.h), the bound of the range
+#: PAGEMAP_SCAN accepts (fs/proc/task_mmu.c: pagemap_scan_get_args(), access_ok)
+USER_END = (1 << 47) - 4096
 CLONE_PAUSE_ENV = "CRIU_LIVEDUMP_CLONE_PAUSE"
 EXE = Path(sys.executable).parent / "criu-livedump"
 
@@ -48,18 +51,23 @@ STEPS = [
 ]
 
 
-def _scan(pid: int, *, inverted: int, mask: int) -> list[tuple[int, int]]:
+def _scan(pid: int, *, inverted: int, mask: int, anyof: int = 0) -> list[tuple[int, int]]:
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     try:
-        return list(pagemap.scan(fd, 0, USER_END, inverted=inverted, mask=mask, returned=mask))
+        runs = pagemap.scan(fd, 0, USER_END, inverted=inverted, mask=mask, anyof=anyof,
+                            returned=mask)  # fmt: skip
+        return list(runs)
     finally:
         os.close(fd)
 
 
 def write_protected(pid: int) -> list[tuple[int, int]]:
-    """Page runs of the whole address space not PAGE_IS_WRITTEN: write-protected (the pte's
-    uffd-wp bit or marker)."""
-    return _scan(pid, inverted=pagemap.PAGE_IS_WRITTEN, mask=pagemap.PAGE_IS_WRITTEN)
+    """Page runs of the whole address space whose pte carries a uffd-wp bit (present) or
+    marker (a swap pte, or a never-populated page under WP_UNPOPULATED): not PAGE_IS_WRITTEN
+    among PAGE_IS_PRESENT|PAGE_IS_SWAPPED (fs/proc/task_mmu.c: pagemap_page_category()). An
+    empty pte in a page table reads as not written too, hence the anyof."""
+    written, where = pagemap.PAGE_IS_WRITTEN, pagemap.PAGE_IS_PRESENT | pagemap.PAGE_IS_SWAPPED
+    return _scan(pid, inverted=written, mask=written, anyof=where)
 
 
 def registered(pid: int) -> list[tuple[int, int]]:
@@ -93,8 +101,11 @@ def left_behind(pid: int) -> list[str]:
         found.append(f"registered areas {registered(pid)[:4]}")
     if holds_userfaultfd(pid):
         found.append("a userfaultfd descriptor")
-    if procs.children(pid):
-        found.append(f"children {procs.children(pid)}")
+    # a zombie clone is tolerated, as tests/test_clone.py does: killed inside the freeze
+    # (step cloned), before its watchdog exists, nobody reaps the clone from the target
+    alive = {c: s for c, s in procs.children(pid).items() if s not in "ZX"}
+    if alive:
+        found.append(f"children {alive}")
     if "TracerPid:\t0\n" not in Path(f"/proc/{pid}/status").read_text():
         found.append("a tracer")
     return found
@@ -122,7 +133,8 @@ def test_tool_killed_leaves_the_target_as_it_was(tmp_path: Path, hook: str, step
         try:
             line = procs.readline(tool.stderr, WAIT, f"the tool, to pause at {step}")
             assert line.strip() == f"paused {step}"
-            assert registered(pid) != []  # the control: the check sees a registration
+            # the control: the checks below see the tool's registration and write-protect
+            assert registered(pid) != [] and write_protected(pid) != []
             os.kill(tool.pid, signal.SIGKILL)
         finally:
             tool.kill()
@@ -130,7 +142,9 @@ def test_tool_killed_leaves_the_target_as_it_was(tmp_path: Path, hook: str, step
             if tool.stderr is not None:
                 tool.stderr.close()
         assert tool.returncode == -signal.SIGKILL
-        procs.wait_for(lambda: not left_behind(pid), WAIT, f"nothing left after {step}")
+        with contextlib.suppress(AssertionError):  # the bounded wait, then what is left
+            procs.wait_for(lambda: not left_behind(pid), WAIT, f"nothing left after {step}")
+        assert left_behind(pid) == []
         assert dontfork_areas(pid) == flags
         wait_until_writers_ran(pid, writers)
         assert target.alive()

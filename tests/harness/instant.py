@@ -35,7 +35,7 @@ STAMP = struct.Struct("<Q")
 #: the differences listed per writer before "... and N more"
 SHOWN = 5
 #: seconds a wait on the writers may take (a bound, not a timing: the machine may be loaded)
-WAIT = 120.0
+WAIT = 60.0
 
 #: reads *size* bytes of the target's memory at *addr*
 Reader = Callable[[int, int], bytes]
