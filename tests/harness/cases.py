@@ -165,6 +165,26 @@ class LiveDump:
 
 
 @dataclass(frozen=True)
+class PrecopyEveryArea(LiveDump):
+    """``dump --method precopy`` with every private anonymous area of one resident page or
+    more pre-copied (the method's ``MIN_AREA`` lowered for this dump): the small targets of the
+    comparisons then reach the core through the rounds, the copy inside the freeze and
+    MADV_DONTFORK around the clone, not through the fork (and ``report.method`` says precopy,
+    not a fallback to clone's way)."""
+
+    method: str = "precopy"
+
+    def dump(self, pid: int, tmp: Path) -> Path:
+        import importlib
+        from unittest import mock
+
+        require_method(self.method)
+        method = importlib.import_module("criu_livedump.snapshot.precopy.method")
+        with mock.patch.object(method, "MIN_AREA", PAGE):
+            return super().dump(pid, tmp)
+
+
+@dataclass(frozen=True)
 class KernelCase:
     """One target dumped twice: ours (:attr:`dumper`) and the kernel's (SIGABRT)."""
 
