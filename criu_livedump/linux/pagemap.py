@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Final
 
 __all__ = [
+    "PAGE_IS_GUARD",
     "PAGE_IS_PFNZERO",
     "PAGE_IS_PRESENT",
     "PAGE_IS_SWAPPED",
@@ -35,6 +36,8 @@ PAGE_IS_WRITTEN: Final = 1 << 1
 PAGE_IS_PRESENT: Final = 1 << 3
 PAGE_IS_SWAPPED: Final = 1 << 4
 PAGE_IS_PFNZERO: Final = 1 << 5
+#: a MADV_GUARD_INSTALL guard page (Linux 6.14; an older kernel refuses the bit with EINVAL)
+PAGE_IS_GUARD: Final = 1 << 8
 #: write-protect the pages returned
 PM_SCAN_WP_MATCHING: Final = 1 << 0
 #: fail (EPERM) on an area not registered for asynchronous write-protect

@@ -49,6 +49,7 @@ class Req(enum.IntEnum):
     INTERRUPT = 0x4207
     GETSIGMASK = 0x420A
     SETSIGMASK = 0x420B
+    GET_RSEQ_CONFIGURATION = 0x420F
 
 
 class Opt(enum.IntFlag):
@@ -230,6 +231,9 @@ def set_sigmask(tid: int, mask: int) -> None:
 
 
 _SIGINFO = struct.Struct("<iii")
+#: struct ptrace_rseq_configuration (include/uapi/linux/ptrace.h, Linux 5.13)
+_RSEQ_CONFIG = struct.Struct("<QIIII")
+assert _RSEQ_CONFIG.size == 24
 
 
 def get_siginfo(tid: int) -> tuple[int, int, int]:
@@ -238,6 +242,14 @@ def get_siginfo(tid: int) -> tuple[int, int, int]:
     _call(Req.GETSIGINFO, tid, 0, ctypes.addressof(buf))
     signo, err, code = _SIGINFO.unpack_from(buf.raw)
     return signo, err, code
+
+
+def rseq_area(tid: int) -> tuple[int, int] | None:
+    """``(address, size)`` of the stopped thread *tid*'s registered rseq area, None if none."""
+    buf = ctypes.create_string_buffer(_RSEQ_CONFIG.size)
+    _call(Req.GET_RSEQ_CONFIGURATION, tid, _RSEQ_CONFIG.size, ctypes.addressof(buf))
+    address, size, _sig, _flags, _pad = _RSEQ_CONFIG.unpack(buf.raw)
+    return (address, size) if address else None
 
 
 def wait(pid: int, flags: int = 0) -> tuple[int, int]:

@@ -273,8 +273,9 @@ class ForkHook(Protocol):
     """Work done inside the freeze around the injected clone, with *call* running syscalls
     in the stopped injecting thread (``call(nr, *args) -> result``)."""
 
-    def before_fork(self, call: Callable[..., int]) -> None:
-        """Every thread stopped and saved, the clone not made yet."""
+    def before_fork(self, call: Callable[..., int], injector: int) -> None:
+        """Every thread stopped and saved, the clone not made yet; *injector* is the thread
+        the clone is made from (the clone inherits its rseq registration)."""
 
     def after_fork(self, call: Callable[..., int]) -> None:
         """The clone made, every thread still stopped."""
@@ -471,7 +472,7 @@ def _make_clone(state: _Freeze, hook: ForkHook | None = None) -> None:
     state.restore = _arch().resume_regs(saved, threads.signal_pending(injector))
     if hook is not None:
         with _frozen_calls(state) as call:
-            hook.before_fork(call)
+            hook.before_fork(call, injector)
     state.clone_pid = _inject_clone(injector, saved, state.restore, state.mask, ip, state.suspend)
     if hook is not None:
         with _frozen_calls(state) as call:

@@ -20,7 +20,9 @@ the report names the method that ran and why.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import ClassVar, Final
 
 from criu_livedump.errors import BlockerError
+from criu_livedump.linux import pagemap
 from criu_livedump.linux.procfs import read_maps, smaps_entries
 from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot.base import Snapshotted
@@ -190,11 +193,28 @@ class PrecopySnapshot(CloneSnapshot):
 def _candidates(pid: int) -> dict[tuple[int, int], int]:
     """``{(start, end): resident bytes}`` of the trackable areas of *pid* holding
     :data:`MIN_AREA` bytes or more, neither MADV_DONTFORK nor MADV_WIPEONFORK (those are the
-    fork-lost copy's)."""
-    sizes = {
-        (e.start, e.end): e.anon_kb * 1024
-        for e in smaps_entries(pid)
-        if "dc" not in e.vmflags and "wf" not in e.vmflags
-    }
+    fork-lost copy's), nor MADV_DONTDUMP (the core holds none of it, and an area left out of
+    the fork comes back into the images without that flag), nor holding guard pages (a copy
+    of its pages stops at them; the fork keeps them, and CRIU records them)."""
+    skip = {"dc", "wf", "dd"}
+    sizes = {(e.start, e.end): e.anon_kb * 1024 for e in smaps_entries(pid) if not skip & e.vmflags}
     spans = ((m.start, m.end) for m in tracker.trackable(read_maps(pid)))
-    return {span: sizes[span] for span in spans if sizes.get(span, 0) >= MIN_AREA}
+    big = {span: sizes[span] for span in spans if sizes.get(span, 0) >= MIN_AREA}
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        return {span: size for span, size in big.items() if not _guarded(fd, *span)}
+    finally:
+        os.close(fd)
+
+
+def _guarded(pagemap_fd: int, start: int, end: int) -> bool:
+    """Whether ``[start, end)`` holds MADV_GUARD_INSTALL guard pages. Before Linux 6.14 the
+    kernel has no PAGE_IS_GUARD (EINVAL) and this says no (only 6.13 has guards it cannot
+    report)."""
+    guard = pagemap.PAGE_IS_GUARD
+    try:
+        return any(pagemap.scan(pagemap_fd, start, end, mask=guard, returned=guard))
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False

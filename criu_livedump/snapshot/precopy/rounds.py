@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final
 
 from converters.arch import host
-from criu_livedump.linux import PAGE_SIZE, pagemap
+from criu_livedump.linux import PAGE_SIZE, pagemap, ptrace
 from criu_livedump.linux.procfs import MapsEntry, SmapsEntry, read_maps
 from criu_livedump.snapshot.clone import fork_lost
 from criu_livedump.snapshot.precopy.tracker import Tracker
@@ -281,12 +281,13 @@ class FinalCopy:
     madvise: float = 0.0
     restore: float = 0.0
 
-    def before_fork(self, call: Callable[..., int]) -> None:
+    def before_fork(self, call: Callable[..., int], injector: int) -> None:
         t0 = time.monotonic()
         runs = self.tracker.scan(rearm=False)
         self.written = sum(hi - lo for lo, hi in runs)
         self.store.copy(runs)
         areas = _still_mapped(self.tracker.pid, self.tracker.areas, self.eligible)
+        _keep_rseq_area(self.tracker.pid, injector, areas)
         t1 = time.monotonic()
         madvise = host().syscalls.madvise
         for lo, hi in _joined(sorted(areas)):
@@ -324,6 +325,21 @@ class FinalCopy:
             for maps in self.left_out.values()
             for m in maps
         )
+
+
+def _keep_rseq_area(pid: int, injector: int, areas: dict[tuple[int, int], list[MapsEntry]]) -> None:
+    """Drop from *areas* the one holding *injector*'s rseq area: the clone inherits that
+    registration, and the kernel writes the area on the clone's every return to user mode
+    (kernel/rseq.c: rseq_fork(), __rseq_handle_notify_resume()); absent from the clone, the
+    write would fault and kill it with SIGSEGV. glibc keeps the area in the thread's TLS, which
+    the kernel merges with an adjacent private anonymous mapping."""
+    rseq = ptrace.rseq_area(injector)
+    if rseq is None:
+        return
+    for area in [a for a in areas if a[0] < rseq[0] + rseq[1] and rseq[0] < a[1]]:
+        log.info("process %d: area %#x-%#x goes to the fork: it holds the rseq area of thread %d",
+                 pid, area[0], area[1], injector)  # fmt: skip
+        del areas[area]
 
 
 def _still_mapped(
