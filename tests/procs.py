@@ -21,7 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -187,6 +187,35 @@ def children(pid: int) -> dict[int, str]:
         if int(fields[1]) == pid:
             out[int(entry)] = fields[0]
     return out
+
+
+@contextlib.contextmanager
+def paused_at(
+    argv: Sequence[str | os.PathLike[str]],
+    env: dict[str, str],
+    step: str,
+    timeout: float = 60.0,
+    **kwargs: Any,
+) -> Iterator[subprocess.Popen[str]]:
+    """A tool started with a test hook in *env* that stops it at *step* (it prints ``paused
+    STEP`` on stderr and sleeps), yielded once so stopped (*kwargs* go to :func:`popen`); on
+    exit it is SIGKILLed (itself, not its process group: its helpers do their part, as after
+    the OOM killer) and reaped.
+
+    :raises AssertionError: it printed another line first, or none within *timeout* s.
+    """
+    tool = popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+    try:
+        line = readline(tool.stderr, timeout, f"{argv[0]}, to pause at {step}")
+        assert line.strip() == f"paused {step}", line
+        yield tool
+    finally:
+        tool.kill()
+        tool.wait()
+        if tool.stderr is not None:
+            tool.stderr.close()
 
 
 def reap_leftovers(before: set[int]) -> list[str]:

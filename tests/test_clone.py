@@ -4,7 +4,6 @@ the clone's CRIU images, rewritten, describe the original process."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -154,23 +153,9 @@ print("done", file=sys.stderr, flush=True)
 @pytest.mark.parametrize("step", ["seized", "cloned", "detached", "prepared"])
 def test_sigkill_at_each_step(clone_target: Target, tmp_path: Path, step: str) -> None:
     env = dict(os.environ, **{clone.PAUSE_ENV: step})
-    tool = procs.popen(
-        [sys.executable, "-c", _DRIVER, str(clone_target.pid), str(tmp_path)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert tool.stderr is not None
-        line = procs.readline(tool.stderr, 60, "the driver")
-        assert line.strip() == f"paused {step}", line
-        os.kill(tool.pid, signal.SIGKILL)
-    finally:
-        tool.kill()
-        tool.wait()
-        if tool.stderr is not None:
-            tool.stderr.close()
+    argv = [sys.executable, "-c", _DRIVER, str(clone_target.pid), str(tmp_path)]
+    with procs.paused_at(argv, env, step, cwd=ROOT):
+        pass
     deadline = time.monotonic() + 5
     while any(s not in ("Z", "X") for s in procs.children(clone_target.pid).values()):
         assert time.monotonic() < deadline, f"clone alive: {procs.children(clone_target.pid)}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -123,24 +122,10 @@ def test_tool_killed_leaves_the_target_as_it_was(tmp_path: Path, hook: str, step
         flags = dontfork_areas(pid)
         assert left_behind(pid) == []
         out = ("-o", str(tmp_path / "core"), "--scratch", str(tmp_path))
-        tool = procs.popen(
-            [EXE, "dump", str(pid), "--method", "precopy", "--core-limit", "unlimited", *out],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            line = procs.readline(tool.stderr, WAIT, f"the tool, to pause at {step}")
-            assert line.strip() == f"paused {step}"
+        argv = [EXE, "dump", str(pid), "--method", "precopy", "--core-limit", "unlimited", *out]
+        with procs.paused_at(argv, env, step, WAIT) as tool:
             # the control: the checks below see the tool's registration and write-protect
             assert registered(pid) != [] and write_protected(pid) != []
-            os.kill(tool.pid, signal.SIGKILL)
-        finally:
-            tool.kill()
-            tool.wait()
-            if tool.stderr is not None:
-                tool.stderr.close()
         assert tool.returncode == -signal.SIGKILL
         with contextlib.suppress(AssertionError):  # the bounded wait, then what is left
             procs.wait_for(lambda: not left_behind(pid), WAIT, f"nothing left after {step}")
