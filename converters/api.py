@@ -9,7 +9,7 @@ from pathlib import Path
 
 from converters import elf, model
 from converters.elf import PAGE_SIZE
-from converters.errors import ConversionError, OutputError
+from converters.errors import ConversionError, LayoutError, OutputError
 from converters.images import ImageSet
 from converters.options import UNLIMITED, ConvertOptions, CoreResult
 from converters.sidecar import read_sidecar
@@ -93,6 +93,7 @@ def _write(
         )
     m = model.build(images, pid, options, sidecar)
     try:
+        placed, data_offset = _streamed_layout(m, options, limit)
         sink = make_sink()
         try:
             size, holes, truncated = elf.write_core(
@@ -102,6 +103,8 @@ def _write(
                 m.notes,
                 None if limit in (None, UNLIMITED) else limit,
                 progress,
+                placed=placed,
+                data_offset=data_offset,
             )
             path = sink.commit()
         except BaseException:
@@ -117,6 +120,26 @@ def _write(
     if truncated:
         result.warnings.append(f"core cut at the {limit}-byte limit")
     return result
+
+
+def _streamed_layout(
+    m: model.CoreModel, options: ConvertOptions, limit: int | None
+) -> tuple[dict[int, int] | None, int | None]:
+    """The segment offsets and data start a streamed core's pages fixed (none otherwise),
+    checked against the model before anything is written.
+
+    :raises LayoutError: the streamed pages are not where the model's layout needs them.
+    """
+    streamed = options.streamed
+    if streamed is None:
+        return None, None
+    if limit not in (None, UNLIMITED):
+        # the kernel would stop at the limit; streamed pages past it are in the file already
+        raise LayoutError(f"a streamed core cannot be cut at a core limit ({limit} bytes)")
+    placed = elf.streamed_placement(m.segments, streamed.total)
+    # plan() itself checks alignment, overlaps and the reserved header area
+    elf.plan(m.segments, m.notes, placed=placed, data_offset=streamed.data_offset)
+    return placed, streamed.data_offset
 
 
 __all__ = ["ConversionError", "convert", "plan", "write_core"]

@@ -181,6 +181,37 @@ def _check_placed(segments: list[Segment], placed: Mapping[int, int], data_offse
     return end
 
 
+def streamed_placement(segments: list[Segment], total: int) -> dict[int, int]:
+    """Where each segment holding streamed pages (``present`` pieces, whose offset is where
+    they already are in the file) must start, so that every present piece lies exactly at
+    segment offset + its place in the segment: the ``placed`` of :func:`plan`.
+
+    :param total: the bytes streamed into the file; the present pieces must cover them all
+        (a streamed byte outside every segment would stay in the core unseen).
+    :raises LayoutError: a segment's present pieces disagree on its start, or streamed bytes
+        are outside the segments.
+    """
+    placed: dict[int, int] = {}
+    covered = 0
+    for seg in segments:
+        pos = 0
+        for piece in seg.pieces:
+            if piece.kind == "present":
+                start = piece.offset - pos
+                if placed.setdefault(seg.vaddr, start) != start:
+                    raise LayoutError(
+                        f"segment {seg.vaddr:#x}: streamed pages at {piece.offset:#x} are not"
+                        f" where its other pages put it ({placed[seg.vaddr]:#x})"
+                    )
+                covered += piece.length
+            pos += piece.length
+    if covered != total:
+        raise LayoutError(
+            f"{total - covered} of the {total} streamed bytes are outside the core's segments"
+        )
+    return placed
+
+
 class LimitReached(Exception):
     """The next write would pass the core limit: the kernel stops the dump here."""
 

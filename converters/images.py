@@ -62,7 +62,7 @@ import stat
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -492,14 +492,22 @@ class ImageSet:
             raise ImageFormatError(str(path), f"no {arch.thread_info_field} (registers)")
         return Thread(tid, core, arch)
 
-    def page_index(self, pid: int) -> PageIndex:
-        return _load_page_index(self.directory, f"pagemap-{pid}.img", 0)
+    def page_index(
+        self, pid: int, placed: tuple[Path, Mapping[int, int]] | None = None
+    ) -> PageIndex:
+        """Process *pid*'s saved pages; with *placed* ``(file, offsets)``, the present runs'
+        bytes are in that file at ``offsets[run address]`` (a streamed dump's core) instead of
+        one after another in the pagemap's pages image."""
+        return _load_page_index(self.directory, f"pagemap-{pid}.img", 0, placed=placed)
 
-    def shmem_index(self, shmid: int) -> PageIndex | None:
+    def shmem_index(
+        self, shmid: int, placed: tuple[Path, Mapping[int, int]] | None = None
+    ) -> PageIndex | None:
+        """Shared memory object *shmid*'s saved pages (*placed* as :meth:`page_index`)."""
         name = f"pagemap-shmem-{shmid}.img"
         if not (self.directory / name).exists():
             return None
-        return _load_page_index(self.directory, name, 0)
+        return _load_page_index(self.directory, name, 0, placed=placed)
 
     def ghost_file(self, file_id: int) -> GhostFile | None:
         """Where CRIU saved the bytes of deleted file *file_id*, if it did (a regular file
@@ -685,10 +693,15 @@ def _remaps(path: Path) -> tuple[frozenset[int], dict[int, int]]:
 
 
 def _load_page_index(
-    directory: Path, name: str, depth: int, chain: tuple[Path, ...] = ()
+    directory: Path,
+    name: str,
+    depth: int,
+    chain: tuple[Path, ...] = (),
+    *,
+    placed: tuple[Path, Mapping[int, int]] | None = None,
 ) -> PageIndex:
     """The page index of pagemap image *name*, following its parent chain (*chain*: the real
-    paths of the directories already on it)."""
+    paths of the directories already on it); *placed* as :meth:`ImageSet.page_index` takes it."""
     path = directory / name
     if depth > MAX_PARENT_DEPTH:
         raise ImageFormatError(str(path), f"parent chain deeper than {MAX_PARENT_DEPTH}")
@@ -696,7 +709,10 @@ def _load_page_index(
     head = next(entries, None)
     if head is None:
         raise ImageFormatError(str(path), "no pagemap header")
-    runs = _PagemapRuns(path, directory / f"pages-{head.pages_id}.img")
+    if placed is None:
+        runs = _PagemapRuns(path, directory / f"pages-{head.pages_id}.img")
+    else:
+        runs = _PagemapRuns(path, placed[0], placed=placed[1])
     for i, e in enumerate(entries, start=1):
         runs.add(i, e)
     runs.check_pages_file()
@@ -721,6 +737,9 @@ class _PagemapRuns:
     #: bytes of :attr:`pages_file` the runs use
     pages_bytes: int = 0
     needs_parent: bool = False
+    #: where each present run is in :attr:`pages_file`, by address (a streamed core), when
+    #: they are not one after another
+    placed: Mapping[int, int] | None = None
 
     def add(self, i: int, e: Any) -> None:
         flags, nr = pagemap_entry_run(e)
@@ -737,6 +756,13 @@ class _PagemapRuns:
         if flags & PE_PARENT:
             self.needs_parent = True
             off = -1
+        elif flags & PE_PRESENT and self.placed is not None:
+            off = self.placed.get(vaddr, -1)
+            if off < 0 or off % PAGE_SIZE:
+                raise ImageFormatError(
+                    str(self.path), f"entry {i} ({vaddr:#x}) is not a run streamed into the core"
+                )
+            self.pages_bytes = max(self.pages_bytes, off + nr * PAGE_SIZE)
         elif flags & PE_PRESENT:
             off = self.pages_bytes
             self.pages_bytes += nr * PAGE_SIZE

@@ -46,7 +46,7 @@ from converters.images import (
     Vma,
     prot_from_perms,
 )
-from converters.options import DEFAULT_COREDUMP_FILTER, ConvertOptions
+from converters.options import DEFAULT_COREDUMP_FILTER, ConvertOptions, StreamedPages
 from converters.sidecar import SIDECAR_NAME, Sidecar
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,11 @@ class _Proc:
     mapped_fds: Mapping[int, int] = field(default_factory=dict)
     #: MADV_GUARD_INSTALL ranges (ImageSet.guards()), sorted
     guards: list[tuple[int, int]] = field(default_factory=list)
+    #: the core's own file, when the saved pages were streamed into it: its runs are
+    #: ``present`` pieces, already in place (ConvertOptions.streamed)
+    streamed: Path | None = None
+    #: where a streamed dump put shared memory objects' pages (ConvertOptions.streamed)
+    spilled: StreamedPages | None = None
     #: names of mapped files not looked up, for want of a files root (see converters.origin)
     unrooted: set[str] = field(default_factory=set)
     #: identity_mismatch() verdicts by (fd, name): None for the right file
@@ -122,7 +127,11 @@ class _Proc:
 
     def shmem_index(self, shmid: int) -> PageIndex | None:
         if shmid not in self.shmem:
-            self.shmem[shmid] = self.images.shmem_index(shmid)
+            placed = None
+            if self.spilled is not None and shmid in self.spilled.shmem:
+                assert self.spilled.spill is not None
+                placed = (self.spilled.spill, self.spilled.shmem[shmid])
+            self.shmem[shmid] = self.images.shmem_index(shmid, placed)
         return self.shmem[shmid]
 
     def mapped(self, vma: Vma) -> MappedFile | None:
@@ -429,13 +438,16 @@ def _segment(p: _Proc, vma: Vma, dump_size: int) -> Segment:
         else:
             runs = p.sources(vma, vma.start, vma.start + dump_size)
         for run in runs:
-            piece = Piece(run.kind, run.hi - run.lo, run.path, run.offset, run.fd)
+            kind = run.kind
+            if kind == "data" and p.streamed is not None and run.path == p.streamed:
+                kind = "present"  # streamed into the core: offset is where it already is
+            piece = Piece(kind, run.hi - run.lo, run.path, run.offset, run.fd)
             last = pieces[-1] if pieces else None
             if (
                 last
                 and last.kind == piece.kind
                 and (
-                    piece.kind != "data"
+                    piece.kind == "hole"
                     or (
                         (last.path, last.fd) == (piece.path, piece.fd)
                         and last.offset + last.length == piece.offset
@@ -706,7 +718,11 @@ def build(images: ImageSet, pid: int, options: ConvertOptions, sidecar: Sidecar)
     warnings: list[str] = []
     files, not_read_why = origin.files_for(images, options, sidecar)
     try:
-        p = _Proc(images, pid, images.vmas(pid, mm), images.page_index(pid), files, warnings)
+        streamed = options.streamed
+        index = images.page_index(pid, None if streamed is None else streamed.pages_file)
+        p = _Proc(images, pid, images.vmas(pid, mm), index, files, warnings)
+        p.streamed = None if streamed is None else streamed.core
+        p.spilled = streamed
         p.mapped_fds = options.mapped_fds
         p.guards = images.guards(pid, mm)
         threads = [images.thread_core(tid) for tid in proc.threads]

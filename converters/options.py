@@ -35,6 +35,8 @@ class ConvertOptions:
         namespace. The caller keeps ownership.
     :param checkpoint: set when the images come from a checkpoint archive: where its
         container's files are.
+    :param streamed: the process's pages are already in the core being written (a streamed
+        dump, issue 13): where, and the sink then adopts that file.
     """
 
     coredump_filter: int | None = None
@@ -44,6 +46,33 @@ class ConvertOptions:
     pid: int | None = None
     mapped_fds: Mapping[int, int] = field(default_factory=dict)
     checkpoint: CheckpointFiles | None = None
+    streamed: StreamedPages | None = None
+
+
+@dataclass(frozen=True)
+class StreamedPages:
+    """Pages CRIU streamed straight into the core's file, at offsets decided before they came.
+
+    :param core: the core's temporary file, which holds them (and becomes the core).
+    :param offsets: the file offset of each present run of the process's pagemap, by the
+        run's address (the pagemap's entries are exactly the streamed runs).
+    :param data_offset: the start of the segments' data: the headers and notes must fit below.
+    :param total: how many bytes were streamed: the core's segments must cover every one.
+    :param spill: the file shared memory objects' pages went to instead (CRIU sends them by
+        object, once for all the VMAs that map it), and where each run of each object's
+        pagemap is in it: ``{shmid: {offset in the object: offset in the file}}``.
+    """
+
+    core: Path
+    offsets: Mapping[int, int]
+    data_offset: int
+    total: int
+    spill: Path | None = None
+    shmem: Mapping[int, Mapping[int, int]] = field(default_factory=dict)
+
+    @property
+    def pages_file(self) -> tuple[Path, Mapping[int, int]]:
+        return self.core, self.offsets
 
 
 @dataclass(frozen=True)

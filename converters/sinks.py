@@ -102,25 +102,55 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
+def create_temp(path: Path, mode: int = 0o600) -> tuple[Path, int]:
+    """A new file beside *path*, under a hidden temporary name (O_EXCL|O_NOFOLLOW): where a
+    core is written before it is linked into place. Returns its name and a descriptor.
+
+    :raises OutputError: it cannot be created.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return tmp, os.open(tmp, flags, mode)
+    except OSError as e:
+        raise OutputError(str(path), os.strerror(e.errno or 0) if e.errno else str(e)) from e
+
+
 class FileSink(Sink):
     """A core file: written under a temporary name in the destination's directory, mode 0600
     (O_EXCL|O_NOFOLLOW), chowned to *uid*/*gid*, then linked into place without ever
-    replacing an existing file or following a symlink there."""
+    replacing an existing file or following a symlink there.
+
+    :param adopt: a temporary file :func:`create_temp` made for *path* that already holds part
+        of the core (a streamed dump's pages): written into, committed or removed as our own.
+    """
 
     seekable = True
 
     def __init__(
-        self, path: Path, mode: int = 0o600, uid: int | None = None, gid: int | None = None
+        self,
+        path: Path,
+        mode: int = 0o600,
+        uid: int | None = None,
+        gid: int | None = None,
+        *,
+        adopt: Path | None = None,
     ) -> None:
         self.path = path
         self.name = str(path)
         self.uid, self.gid = uid, gid
         if os.path.lexists(path):
+            if adopt is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(adopt)
             raise OutputError(self.name, "already exists; refusing to overwrite it")
-        self.tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd: int | None
+        if adopt is None:
+            self.tmp, self.fd = create_temp(path, mode)
+            return
+        self.tmp = adopt
         try:
-            self.fd: int | None = os.open(self.tmp, flags, mode)
+            self.fd = os.open(adopt, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             raise self._fail(e) from e
 

@@ -289,7 +289,9 @@ def _child_main(
         sink: Sink
         if sink_spec.kind == SinkKind.FILE:
             assert sink_spec.path is not None
-            sink = FileSink(sink_spec.path, 0o600, sink_spec.uid, sink_spec.gid)
+            streamed = getattr(options, "streamed", None)  # the pages are in its file already
+            adopt = None if streamed is None else streamed.core
+            sink = FileSink(sink_spec.path, 0o600, sink_spec.uid, sink_spec.gid, adopt=adopt)
         elif sink_spec.kind == SinkKind.STDOUT:
             sink = StreamSink(1 if stdout_fd is None else stdout_fd, "<stdout>")
         else:

@@ -10,6 +10,7 @@ report. Nothing here depends on which method runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from converters.options import UNLIMITED, ConvertOptions
+from converters.options import UNLIMITED, ConvertOptions, StreamedPages
 from converters.sidecar import Sidecar, write_sidecar
-from criu_livedump import scratch, snapshot, target
+from criu_livedump import scratch, snapshot, stream, target
 from criu_livedump.conversion_child import (
     ConversionOutcome,
     Priorities,
@@ -32,6 +33,7 @@ from criu_livedump.conversion_child import (
 from criu_livedump.errors import (
     DestinationError,
     LivedumpError,
+    PageStreamError,
     RequestError,
     SnapshotError,
     TargetDiedError,
@@ -84,6 +86,10 @@ class DumpReport:
     conversion_pid: int | None = None
     handler_status: int | None = None
     criu_options: tuple[str, ...] = ()
+    #: how the pages reached the core: "stream" (straight from CRIU into the core's file) or
+    #: "images" (CRIU's pages images, then the conversion's copy), and why not streamed
+    capture: str = "images"
+    capture_reason: str = ""
     warnings: list[str] = field(default_factory=list)
     #: with --tree: one report per child process (destination, core_path, size, ...)
     children: list[DumpReport] = field(default_factory=list)
@@ -115,6 +121,8 @@ class DumpReport:
             "conversion_pid": self.conversion_pid,
             "handler_status": self.handler_status,
             "criu_options": list(self.criu_options),
+            "capture": self.capture,
+            "capture_reason": self.capture_reason,
             "warnings": list(self.warnings),
             "children": [c.as_dict() for c in self.children],
         }
@@ -333,18 +341,34 @@ def _live_dump(
 
     # 2. The snapshot, CRIU writing into a private scratch directory; 3. the facts the images
     # lack, then the conversion at the requested priorities.
+    mm_filter = (
+        facts.coredump_filter if request.coredump_filter is None else request.coredump_filter
+    )
+    capture = stream.Capture(
+        stream.refusal(method, request, sink, limit, mm_filter),
+        sink,
+        _thread_priorities(priorities),
+        progress,
+    )
     parent = scratch.choose_parent(method.scratch_bytes(facts), request.scratch)
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     try:
-        with method(facts, request, work) as snap:
+        with method(facts, request, work) as snap, contextlib.closing(capture):
             meter = _Meter(work, progress, (timeout, started + timeout))
-            result, done = _snapshot(snap, binary, creds, priorities, report, meter)
+            result, done = _snapshot(snap, binary, creds, priorities, report, meter, capture)
             if on_snapshot is not None:
                 on_snapshot(report)
             _write_sidecar(result.images_dir, facts, sink, limit, signal, done.sidecar)
             progress.phase(Phase.WRITE)
             outcome = _convert(
-                result.images_dir, facts, request, sink, snap, priorities, stdout, progress
+                result.images_dir,
+                facts,
+                request,
+                sink,
+                snap,
+                priorities,
+                stdout,
+                (progress, capture.pages),
             )
             _report_conversion(report, outcome, sink)
             if request.tree:
@@ -410,8 +434,13 @@ def _snapshot(
     priorities: Priorities,
     report: DumpReport,
     meter: _Meter,
+    capture: stream.Capture,
 ) -> tuple[criu.DumpResult, snapshot.Snapshotted]:
-    """The snapshot's steps around CRIU's dump; the images then describe the target."""
+    """The snapshot's steps around CRIU's dump; the images then describe the target.
+
+    :param capture: where the pages go: streamed into the core when it can (it decides once
+        the process CRIU dumps is known), else CRIU's images.
+    """
     snap.prepare()
     meter.progress.phase(Phase.FREEZE)
     snap.freeze()
@@ -421,7 +450,16 @@ def _snapshot(
     task = snap.handoff(binary)
     options = (*task.options, *creds.extra_args)
     meter.progress.phase(Phase.CAPTURE)
-    result = _run_criu(binary, snap, task, creds, priorities, meter)
+    stream_args = capture.begin(task, binary, snap.work)
+    report.capture, report.capture_reason = capture.path, capture.reason
+    try:
+        result = _run_criu(binary, snap, task, creds, priorities, meter, stream_args)
+    except LivedumpError as e:
+        mine = capture.failed(e)
+        if mine is e:
+            raise
+        raise mine from e
+    capture.finish(result.images_dir)
     more = [
         _run_criu(binary, snap, t, criu_credentials(t.member), priorities, meter)
         for t in snap.tree_handoffs(binary)
@@ -450,9 +488,11 @@ def _run_criu(
     creds: CriuCredentials,
     priorities: Priorities,
     meter: _Meter,
+    stream_args: tuple[tuple[str, ...], tuple[int, ...]] = ((), ()),
 ) -> criu.DumpResult:
     """CRIU's dump of *task* as *creds* say, into the snapshot's work directory (or, for a
-    further process of a tree, its directory there), *meter* sampling it as CRIU writes."""
+    further process of a tree, its directory there), *meter* sampling it as CRIU writes;
+    *stream_args*: the page stream's options and descriptors (stream.Capture.begin())."""
     try:
         return criu.dump(
             binary,
@@ -460,7 +500,8 @@ def _run_criu(
                 pid=task.pid,
                 scratch=snap.work / task.images if task.images else snap.work,
                 pre_dump_rounds=task.pre_dump_rounds,
-                extra_args=(*task.options, *creds.extra_args),
+                extra_args=(*task.options, *creds.extra_args, *stream_args[0]),
+                pass_fds=stream_args[1],
                 preexec=scheduling_preexec(priorities),
                 wrapper=creds.wrapper,
                 owner=None if creds.uid is None else (creds.uid, creds.gid or 0),
@@ -508,19 +549,39 @@ def _convert(
     snap: snapshot.Snapshot,
     priorities: Priorities,
     stdout: IO[bytes] | None,
-    progress: Progress,
+    into: tuple[Progress, StreamedPages | None],
 ) -> ConversionOutcome:
+    """The conversion child, counting into ``into[0]``; ``into[1]``: the pages already in the
+    core's file when they streamed there."""
     options = ConvertOptions(
         coredump_filter=request.coredump_filter,
         core_limit=None,
         signal=request.signal or 0,
         pid=facts.ns_pid,
         mapped_fds=snap.mapped_fds,
+        streamed=into[1],
     )
     out_fd = stdout.fileno() if stdout is not None and sink.kind == SinkKind.STDOUT else None
     return run_conversion(
-        images_dir, facts.ns_pid, sink, options, priorities, stdout_fd=out_fd, progress=progress
+        images_dir, facts.ns_pid, sink, options, priorities, stdout_fd=out_fd, progress=into[0]
     )
+
+
+def _thread_priorities(priorities: Priorities) -> Callable[[], None]:
+    """The request's nice and I/O priority for the calling thread (both are per thread in
+    Linux: setpriority(PRIO_PROCESS, 0) and ioprio_set(IOPRIO_WHO_PROCESS, 0) act on the
+    caller), for the page server's thread, which does the stream's writing. oom_score_adj is
+    the process's: the server's own memory is its 1 MiB buffer."""
+
+    def apply() -> None:
+        try:
+            priorities.apply_scheduling()
+        except OSError as e:
+            raise PageStreamError(
+                f"cannot apply priorities to its server: {e.strerror or 'refused'}"
+            ) from None
+
+    return apply
 
 
 def _report_conversion(report: DumpReport, outcome: ConversionOutcome, sink: SinkSpec) -> None:

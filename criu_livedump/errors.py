@@ -189,6 +189,11 @@ class ConvertFailedError(LivedumpError):
     """The conversion child failed; the message is the converter's own one line."""
 
 
+class CoreWriteError(ConvertFailedError):
+    """The core's file could not be written while CRIU's pages streamed into it (its
+    filesystem full or failing): the same failure, and status, as the conversion's write."""
+
+
 class EnvironmentUnfitError(LivedumpError):
     """This host cannot take live dumps at all (``criu-livedump check`` fails)."""
 
@@ -196,6 +201,12 @@ class EnvironmentUnfitError(LivedumpError):
 class PageStreamError(SnapshotError):
     """CRIU's page stream (``--page-server`` over our socket) broke or could not be written."""
 
-    def __init__(self, problem: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, problem: str, *, hint: str | None = None, ended: bool = False, output: bool = False
+    ) -> None:
         super().__init__(f"CRIU's page stream: {problem}", hint=hint)
         self.problem = problem
+        #: CRIU's end closed early: CRIU's own failure says more
+        self.ended = ended
+        #: writing the output failed (*problem* names it)
+        self.output = output

@@ -177,10 +177,14 @@ _FAULT_CRIU = """#!{python}
 import fcntl, os, re, signal, subprocess, sys
 
 args = sys.argv[1:]
+if "-D" not in args:  # criu --version, criu check
+    os.execv({criu!r}, [{criu!r}, *args])
 log = os.path.join(args[args.index("-D") + 1], args[args.index("-o") + 1])
 pattern = re.compile(os.environ["FAULT_PATTERN"].encode())
 os.mkfifo(log, 0o600)
-proc = subprocess.Popen([{criu!r}, *args])
+# the page stream's socket (--ps-socket FD) goes on to CRIU
+fds = [int(args[args.index("--ps-socket") + 1])] if "--ps-socket" in args else []
+proc = subprocess.Popen([{criu!r}, *args], pass_fds=fds)
 with open(os.environ["FAULT_MARKER"] + ".pids", "w") as f:
     f.write(f"{{os.getpid()}} {{proc.pid}}")
 fd = os.open(log, os.O_RDONLY)
@@ -574,8 +578,13 @@ def test_target_killed_while_criu_dumps_its_clone(
 # --- full filesystems ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["remove", "keep-images"])
-@pytest.mark.parametrize("method", ["criu", "clone"])
+#: the clone without --keep-images streams its pages into the core: its scratch holds only
+#: CRIU's small images, and a full scratch is tests/test_stream.py's success case
+@pytest.mark.parametrize(
+    ("method", "keep"),
+    [("criu", False), ("criu", True), ("clone", True)],
+    ids=["criu-remove", "criu-keep-images", "clone-keep-images"],
+)
 def test_scratch_full(
     heartbeat: Heartbeat, tmp_path: Path, dirs: tuple[Path, Path], method: str, keep: bool
 ) -> None:

@@ -26,14 +26,15 @@ PAGE = 4096
 PRIVATE_PAGES = 300
 SHARED_PAGES = 40
 
-#: A target whose private and shared anonymous areas hold bytes that name their page; it prints
-#: both addresses, then sleeps.
+#: A target whose private (argv[1] pages, else PRIVATE_PAGES) and shared anonymous areas hold
+#: bytes that name their page; it prints both addresses, then sleeps.
 TARGET = f"""
 import ctypes, mmap, sys, time
 def fill(m, tag):
     for i in range(len(m) // {PAGE}):
         m[i * {PAGE}:(i + 1) * {PAGE}] = (tag + i.to_bytes(7, "little")) * {PAGE // 8}
-priv = mmap.mmap(-1, {PRIVATE_PAGES * PAGE}, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+pages = int(sys.argv[1]) if len(sys.argv) > 1 else {PRIVATE_PAGES}
+priv = mmap.mmap(-1, pages * {PAGE}, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 shared = mmap.mmap(-1, {SHARED_PAGES * PAGE}, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
 fill(priv, b"P")
 fill(shared, b"S")

@@ -28,7 +28,26 @@ from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot.criu import Criu, DumpResult
 from criu_livedump.target import TargetFacts
 
-__all__ = ["CriuTask", "Snapshot", "Snapshotted", "TreeMember"]
+__all__ = ["CriuTask", "Snapshot", "Snapshotted", "StreamFacts", "TreeMember"]
+
+
+@dataclass(frozen=True)
+class StreamFacts:
+    """What a streamed capture (criu_livedump/stream.py) must know of the dumped process before
+    CRIU sends its first page, from a method whose dumped process does not change meanwhile.
+
+    :param ignored: ``(start, end)`` of the VMAs whose saved pages the converter ignores
+        (the sidecar's ``no_saved_pages``): their pages are dropped, never written.
+    :param threads: how many threads the core lists (one note set each).
+    :param names: the names of every mapping the core may list in NT_FILE, those the method
+        puts back included.
+    :param extra_vmas: how many VMAs the method may add to the dumped process's own.
+    """
+
+    ignored: tuple[tuple[int, int], ...]
+    threads: int
+    names: tuple[str, ...]
+    extra_vmas: int
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,8 @@ class CriuTask:
     originals: tuple[int, ...] = ()
     member: TargetFacts | None = None
     images: str = ""
+    #: set when CRIU's pages may stream straight into the core (:class:`StreamFacts`)
+    stream: StreamFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,12 @@ class Snapshot(ABC):
 
     #: the ``--method`` value that selects it
     method: ClassVar[Method]
+    #: why CRIU's pages cannot stream into the core under this method ("" when they can,
+    #: and :attr:`CriuTask.stream` then says what the stream needs)
+    stream_refusal: ClassVar[str] = (
+        "CRIU dumps the target itself, and a stream that fails would end CRIU with the"
+        " target frozen or killed"
+    )
 
     def __init__(self, facts: TargetFacts, request: DumpRequest, work: Path) -> None:
         self.facts = facts

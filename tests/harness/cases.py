@@ -128,6 +128,8 @@ class LiveDump:
     #: ``|HANDLER %P`` pipe (:class:`harness.kernel.CorePipe`) that writes it to a file, as a
     #: host's crash collector does
     to_handler: bool = False
+    #: how the pages must reach the core (the report's ``capture``): "stream" or "images"
+    capture: str = "images"
 
     def dump(self, pid: int, tmp: Path) -> Path:
         from criu_livedump.dump import live_dump
@@ -144,6 +146,8 @@ class LiveDump:
         )
         report = live_dump(pid, request, criu_path=self.criu)
         assert report.method == self.method
+        assert (report.capture, report.capture_reason) == (self.capture, report.capture_reason)
+        assert (report.capture == "stream") == (not report.capture_reason)
         assert report.core_path is not None and Path(report.core_path) == out
         return out
 
@@ -161,6 +165,7 @@ class LiveDump:
         assert report.method == self.method
         assert report.destination == pattern.replace("%P", str(pid)), report.destination
         assert report.handler_status == 0 and report.core_path is None
+        assert report.capture == "images", "a pipe cannot take a stream"
         return pipe.collect(pid)
 
 

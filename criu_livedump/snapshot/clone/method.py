@@ -4,6 +4,7 @@ rewritten to describe the target (:mod:`~criu_livedump.snapshot.clone.images`)."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -13,10 +14,10 @@ from converters.sidecar import DontFork, Sidecar
 from criu_livedump import target
 from criu_livedump.linux import ptrace
 from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
-from criu_livedump.linux.procfs import SmapsEntry
+from criu_livedump.linux.procfs import SmapsEntry, read_maps
 from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot import criu
-from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted, TreeMember
+from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted, StreamFacts, TreeMember
 from criu_livedump.snapshot.clone import images, inject
 from criu_livedump.snapshot.clone.freeze import FreezeSteps
 from criu_livedump.snapshot.criu import Criu, DumpResult
@@ -44,6 +45,7 @@ class CloneSnapshot(Snapshot):
     (:func:`~criu_livedump.snapshot.clone.inject.freeze_tree`), each dumped by its own CRIU."""
 
     method = Method.CLONE
+    stream_refusal = ""
 
     def __init__(self, facts: TargetFacts, request: DumpRequest, work: Path) -> None:
         super().__init__(facts, request, work)
@@ -132,6 +134,7 @@ class CloneSnapshot(Snapshot):
             # a single clone's snapshot is complete at the freeze whatever its target does
             # next; a tree's cores are written from the live processes' facts, so all must live
             originals=(self.facts.pid, *(p for p in tree if p != self.facts.pid)) if tree else (),
+            stream=_stream_facts(clone),
         )
 
     def complete(self, result: DumpResult, more: Sequence[DumpResult] = ()) -> Snapshotted:
@@ -179,6 +182,18 @@ class CloneSnapshot(Snapshot):
     def _running_clones(self) -> list[inject.Clone]:
         assert self._clones, "freeze() first"
         return self._clones
+
+
+def _stream_facts(clone: inject.Clone) -> StreamFacts:
+    """What a stream of *clone*'s pages needs: the pages the converter ignores (as
+    :func:`clone_facts` lists them), the target's threads, and the names NT_FILE may list
+    (the clone's mappings and those put back)."""
+    ignored = clone_facts(clone.smaps).no_saved_pages
+    names = [m.area.name for m in clone.side_mappings]
+    with contextlib.suppress(OSError):
+        names += [m.name for m in read_maps(clone.clone_pid)]
+    extra = len(clone.side_mappings) + len(clone.fork_lost)
+    return StreamFacts(tuple(ignored), len(clone.threads), tuple(names), extra)
 
 
 def clone_facts(
