@@ -33,7 +33,6 @@ from criu_livedump.conversion_child import (
 from criu_livedump.errors import (
     DestinationError,
     LivedumpError,
-    PageStreamError,
     RequestError,
     SnapshotError,
     TargetDiedError,
@@ -341,15 +340,8 @@ def _live_dump(
 
     # 2. The snapshot, CRIU writing into a private scratch directory; 3. the facts the images
     # lack, then the conversion at the requested priorities.
-    mm_filter = (
-        facts.coredump_filter if request.coredump_filter is None else request.coredump_filter
-    )
-    capture = stream.Capture(
-        stream.refusal(method, request, sink, limit, mm_filter),
-        sink,
-        _thread_priorities(priorities),
-        progress,
-    )
+    capture = stream.capture_for(method, request, sink, (limit, facts.coredump_filter))
+    capture.bind(priorities.apply_scheduling, progress)
     parent = scratch.choose_parent(method.scratch_bytes(facts), request.scratch)
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     try:
@@ -360,15 +352,9 @@ def _live_dump(
                 on_snapshot(report)
             _write_sidecar(result.images_dir, facts, sink, limit, signal, done.sidecar)
             progress.phase(Phase.WRITE)
+            into = (progress, capture.pages)
             outcome = _convert(
-                result.images_dir,
-                facts,
-                request,
-                sink,
-                snap,
-                priorities,
-                stdout,
-                (progress, capture.pages),
+                result.images_dir, facts, request, sink, snap, priorities, stdout, into
             )
             _report_conversion(report, outcome, sink)
             if request.tree:
@@ -565,23 +551,6 @@ def _convert(
     return run_conversion(
         images_dir, facts.ns_pid, sink, options, priorities, stdout_fd=out_fd, progress=into[0]
     )
-
-
-def _thread_priorities(priorities: Priorities) -> Callable[[], None]:
-    """The request's nice and I/O priority for the calling thread (both are per thread in
-    Linux: setpriority(PRIO_PROCESS, 0) and ioprio_set(IOPRIO_WHO_PROCESS, 0) act on the
-    caller), for the page server's thread, which does the stream's writing. oom_score_adj is
-    the process's: the server's own memory is its 1 MiB buffer."""
-
-    def apply() -> None:
-        try:
-            priorities.apply_scheduling()
-        except OSError as e:
-            raise PageStreamError(
-                f"cannot apply priorities to its server: {e.strerror or 'refused'}"
-            ) from None
-
-    return apply
 
 
 def _report_conversion(report: DumpReport, outcome: ConversionOutcome, sink: SinkSpec) -> None:

@@ -90,6 +90,19 @@ def refusal(
     return ""
 
 
+def capture_for(
+    method: type[Snapshot], request: DumpRequest, sink: SinkSpec, limits: tuple[int, int]
+) -> Capture:
+    """This dump's :class:`Capture`, from what is known before anything is frozen.
+
+    :param limits: the core limit that applies, and the target's coredump_filter (the
+        request's, when it gives one, wins).
+    """
+    limit, target_filter = limits
+    mm_filter = target_filter if request.coredump_filter is None else request.coredump_filter
+    return Capture(refusal(method, request, sink, limit, mm_filter), sink)
+
+
 def _aio_ring(name: str) -> bool:
     """An AIO ring: shared, yet CRIU sends its pages with the process's (criu/mem.c
     should_dump_page()), where the placer would give them a private VMA's place."""
@@ -316,15 +329,30 @@ class Capture:
     """How one dump's pages reach the core: ``stream`` or ``images`` (CRIU's pages images,
     then the conversion's copy), and why not streamed."""
 
-    def __init__(
-        self, reason: str, sink: SinkSpec, setup: Callable[[], None], progress: Progress
-    ) -> None:
+    def __init__(self, reason: str, sink: SinkSpec) -> None:
         self.reason = reason
         self.sink = sink
-        self.setup = setup
-        self.progress = progress
+        self.setup: Callable[[], None] = lambda: None
+        self.progress = Progress()
         self.stream: Stream | None = None
         self.pages: StreamedPages | None = None
+
+    def bind(self, scheduling: Callable[[], None], progress: Progress) -> None:
+        """What the stream's writer runs at, *scheduling* (the request's nice and I/O
+        priority, applied by the page server's thread to itself: both are per thread in Linux,
+        setpriority(PRIO_PROCESS, 0) and ioprio_set(IOPRIO_WHO_PROCESS, 0) act on the caller;
+        oom_score_adj is the process's, and the server's own memory is its 1 MiB buffer), and
+        the dump's *progress* counters."""
+
+        def setup() -> None:
+            try:
+                scheduling()
+            except OSError as e:
+                raise PageStreamError(
+                    f"cannot apply priorities to its server: {e.strerror or 'refused'}"
+                ) from None
+
+        self.setup, self.progress = setup, progress
 
     @property
     def path(self) -> str:
