@@ -39,6 +39,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -71,6 +72,14 @@ FULL_SIZES = (1024, 4096, 8192)
 QUICK_SIZES = (64, 256)
 #: the all-MADV_DONTFORK workload (V8's heap is MADV_DONTFORK; a clone must copy it frozen)
 DONTFORK_MIB = 256
+#: the workload dirtying memory while it is dumped (issue 14: precopy's rounds against it)
+DIRTY_MIB = 1024
+DIRTY_MBPS = 200
+#: issue 14: precopy's freeze of a target writing under 10 MB/s at 4 and 8 GiB, and its rounds'
+#: bound (criu_livedump/snapshot/precopy/method.py: MAX_ROUNDS)
+PRECOPY_FREEZE_TARGET_MS = 15.0
+PRECOPY_TARGET_MIBS = (4096, 8192)
+PRECOPY_MAX_ROUNDS = 8
 #: the size of the workloads shaped like servers (--shapes)
 SHAPE_MIB = 64
 #: threads of the workload without idle ones: main, heartbeat, 4 busy
@@ -334,6 +343,9 @@ class Shape:
     threads: int = BASE_THREADS
     maps: int = 0
     dontfork: bool = False
+    #: MB/s of pages a thread of the workload keeps writing (0: none but the busy threads'
+    #: stacks)
+    dirty: int = 0
 
     def argv(self) -> list[str]:
         out = ["dontfork"] if self.dontfork else []
@@ -341,16 +353,24 @@ class Shape:
             out.append(f"threads={self.threads - BASE_THREADS}")
         if self.maps:
             out.append(f"maps={self.maps}")
+        if self.dirty:
+            out.append(f"dirty={self.dirty}")
         return out
 
     def label(self) -> str:
         parts = [f"{self.threads} threads"] if self.threads > BASE_THREADS else []
         parts += [f"{self.maps:,} mappings"] if self.maps else []
         parts += ["MADV_DONTFORK"] if self.dontfork else []
+        parts += [f"dirtying {self.dirty} MB/s"] if self.dirty else []
         return ", ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"threads": self.threads, "maps": self.maps, "dontfork": self.dontfork}
+        return {
+            "threads": self.threads,
+            "maps": self.maps,
+            "dontfork": self.dontfork,
+            "dirty": self.dirty,
+        }
 
     @classmethod
     def parse(cls, word: str) -> Shape:
@@ -501,6 +521,9 @@ class DumpRun:
     complete_s: float | None = None
     #: the peak of the blocks the dump allocated (core, temporary files, images, scratch)
     peak_extra: int | None = None
+    #: precopy: rounds run while the target ran, and MiB they copied (its -v summary line)
+    rounds: int | None = None
+    precopied_mib: float | None = None
 
 
 class Peer:
@@ -617,7 +640,9 @@ class CliPeer(Peer):
         self.method = method
 
     def argv(self, pid: int, scratch: Path, core: Path, keep_images: bool) -> list[str]:
-        argv = [tool("criu-livedump"), "dump", str(pid), "--method", self.method]
+        # precopy says how many rounds it ran, and what they copied, in its -v summary line
+        verbose = ["-v"] if self.method == "precopy" else []
+        argv = [tool("criu-livedump"), *verbose, "dump", str(pid), "--method", self.method]
         argv += ["-o", str(core), "--scratch", str(scratch), "--json"]
         return [*argv, "--keep-images"] if keep_images else argv
 
@@ -641,6 +666,7 @@ class CliPeer(Peer):
                 why = find_key(report, "no_core_reason") or "no reason given"
                 raise BenchError(f"criu-livedump dump --method {self.method}: no core: {why}")
             apparent, allocated = file_sizes(core)
+            rounds = PRECOPY_SUMMARY.search(child.stderr)
             images = None
             if keep_images:
                 kept = find_key(report, "images_dir")
@@ -658,11 +684,17 @@ class CliPeer(Peer):
                 freeze_gap_ms=freeze_gap,
                 complete_s=space.complete_s,
                 peak_extra=space.peak,
+                rounds=int(rounds[1]) if rounds else None,
+                precopied_mib=float(rounds[2]) if rounds else None,
             )
         finally:
             shutil.rmtree(out, ignore_errors=True)
             if not keep_images:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+#: precopy's -v summary (criu_livedump/snapshot/precopy/method.py: complete())
+PRECOPY_SUMMARY = re.compile(r"precopy: (\d+) rounds, ([\d.]+) MiB copied")
 
 
 def _report_ms(report: Any) -> float | None:
@@ -733,6 +765,9 @@ class Config:
     dontfork_mib: int = 0
     #: the server-shaped workloads, each of :data:`SHAPE_MIB` MiB
     shapes: tuple[Shape, ...] = ()
+    #: size of the workload dirtying *dirty_mbps* MB/s (0: not measured)
+    dirty_mib: int = 0
+    dirty_mbps: int = DIRTY_MBPS
 
 
 def measure_peer(
@@ -781,6 +816,8 @@ def measure_peer(
         "convert_s": stat([r.convert_s for r in done if r.convert_s is not None]),
         "complete_s": stat([r.complete_s for r in done if r.complete_s is not None]),
         "peak_extra": stat([r.peak_extra for r in done if r.peak_extra is not None]),
+        "rounds": stat([r.rounds for r in done if r.rounds is not None]),
+        "precopied_mib": stat([r.precopied_mib for r in done if r.precopied_mib is not None]),
         "core_apparent": done[-1].core_apparent,
         "core_allocated": done[-1].core_allocated,
     }
@@ -961,6 +998,13 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
             results["peers"]["clone"] = "criu-livedump dump --method clone"
         else:
             results["peers"]["clone"] = f"not measured: {why}"
+        say("probing criu-livedump dump --method precopy")
+        why = probe_cli("precopy", exe, scratch)
+        if why is None:
+            peers.append(CliPeer("precopy"))
+            results["peers"]["precopy"] = "criu-livedump dump --method precopy"
+        else:
+            results["peers"]["precopy"] = f"not measured: {why}"
 
         for mib in cfg.sizes:
             results["sizes"].append(measure_size(exe, mib, peers, scratch, cfg, deadline, say))
@@ -968,6 +1012,11 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
             dontfork = Shape(dontfork=True)
             results["dontfork"] = measure_size(
                 exe, cfg.dontfork_mib, peers, scratch, cfg, deadline, say, shape=dontfork
+            )
+        if cfg.dirty_mib:
+            writing = Shape(dirty=cfg.dirty_mbps)
+            results["dirty"] = measure_size(
+                exe, cfg.dirty_mib, peers, scratch, cfg, deadline, say, shape=writing
             )
         results["shapes"] = [
             measure_size(exe, SHAPE_MIB, peers, scratch, cfg, deadline, say, shape=shape)
@@ -1061,11 +1110,15 @@ def measure_size(
         fr = entry["freeze"]
         gcore_gap = median(fr.get("gcore", {}).get("gap_ms"))
         criu_gap = median(fr.get("criu", {}).get("gap_ms"))
-        for name in ("criu", "clone"):
+        clone_gap = median(fr.get("clone", {}).get("gap_ms"))
+        for name in ("criu", "clone", "precopy"):
             if name in fr and "gap_ms" in fr[name]:
                 fr[name]["gcore_over_this"] = ratio(gcore_gap, median(fr[name]["gap_ms"]))
-        if "gap_ms" in fr.get("clone", {}):
-            fr["clone"]["criu_over_this"] = ratio(criu_gap, median(fr["clone"]["gap_ms"]))
+        for name in ("clone", "precopy"):
+            if "gap_ms" in fr.get(name, {}):
+                fr[name]["criu_over_this"] = ratio(criu_gap, median(fr[name]["gap_ms"]))
+        if "gap_ms" in fr.get("precopy", {}):
+            fr["precopy"]["clone_over_this"] = ratio(clone_gap, median(fr["precopy"]["gap_ms"]))
         if images is not None:
             entry["convert"] = measure_conversion(images, size_dir, cfg.runs, say)
     finally:
@@ -1149,6 +1202,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     targets += _shape_targets(results)
     targets += _stream_targets(results)
+    targets += _precopy_targets(results)
     default = BUDGET_QUICK_S if results["quick"] else BUDGET_FULL_S
     budget = results.get("config", {}).get("budget_s", default)
     what = "--quick" if budget == BUDGET_QUICK_S else "make bench"
@@ -1158,6 +1212,43 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{results['elapsed_s']:.0f} s",
     )
     return targets
+
+
+def _precopy_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets: precopy's heartbeat gap at most :data:`PRECOPY_FREEZE_TARGET_MS` at
+    each of :data:`PRECOPY_TARGET_MIBS` (the workload writes only its busy threads' stacks:
+    well under 10 MB/s), and on the workload dirtying memory, a gap no longer than clone's
+    with the rounds within their bound."""
+    out: list[dict[str, Any]] = []
+    for mib in PRECOPY_TARGET_MIBS:
+        name = f"{_mib_label(mib)}: precopy freezes it in <= {PRECOPY_FREEZE_TARGET_MS:.0f} ms"
+        pre = ((size := _size(results, mib)) or {}).get("freeze", {}).get("precopy")
+        if size is None or pre is None or "error" in pre:
+            why = "no such run" if size is None or pre is None else pre["error"]
+            out.append({"target": name, "met": None if pre is None else False, "detail": why})
+            continue
+        gap = median(pre["gap_ms"])
+        clone = median(size["freeze"].get("clone", {}).get("gap_ms"))
+        detail = f"heartbeat gap median {_f(gap)} ms (clone {_f(clone)} ms) over {pre['runs']} runs"
+        out.append({"target": name, "met": gap is not None and gap <= PRECOPY_FREEZE_TARGET_MS,
+                    "detail": detail})  # fmt: skip
+    dirty = results.get("dirty")
+    name = "dirtying memory: precopy's gap no longer than clone's, its rounds bounded"
+    fr = (dirty or {}).get("freeze", {})
+    pre, clone = fr.get("precopy", {}), fr.get("clone", {})
+    if dirty is None or "gap_ms" not in pre or "gap_ms" not in clone:
+        out.append({"target": name, "met": None, "detail": "not measured"})
+        return out
+    gap, clone_gap = median(pre["gap_ms"]), median(clone["gap_ms"])
+    rounds = (pre.get("rounds") or {}).get("max")
+    met = gap is not None and clone_gap is not None and gap <= clone_gap
+    met = met and rounds is not None and rounds <= PRECOPY_MAX_ROUNDS
+    detail = (
+        f"{dirty['mib']} MiB dirtying {dirty['shape']['dirty']} MB/s: gap {_f(gap)} ms against "
+        f"clone's {_f(clone_gap)} ms; at most {rounds} rounds (bound {PRECOPY_MAX_ROUNDS})"
+    )
+    out.append({"target": name, "met": met, "detail": detail})
+    return out
 
 
 def _stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1371,6 +1462,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, png_rel: str | None)
         _md_machine(results),
         _md_freeze(results, png_rel),
         _md_dontfork(results),
+        _md_precopy(results),
         _md_shapes(results),
         _md_complete(results),
         _md_wall_time(results),
@@ -1525,6 +1617,43 @@ def _md_dontfork(results: dict[str, Any]) -> list[str]:
             if "error" in p:
                 w(f"\n- {peer} failed: {p['error']}")
         w("")
+    return out
+
+
+def _md_precopy(results: dict[str, Any]) -> list[str]:
+    """Method precopy beside clone at each size, and on the workload dirtying memory."""
+    rows = [s for s in results["sizes"] if "skipped" not in s and "precopy" in s["freeze"]]
+    dirty = results.get("dirty")
+    if dirty is not None and "skipped" not in dirty and "precopy" in dirty["freeze"]:
+        rows.append(dirty)
+    if not rows:
+        return []
+    out = ["### Precopy (issue 14)", ""]
+    out += _md_carried(results, "dirty")
+    out += [
+        "`--method precopy` copies the big private anonymous areas while the target runs, in "
+        "rounds (userfaultfd WP_ASYNC + PAGEMAP_SCAN), then freezes it for the last written "
+        "set, with those areas MADV_DONTFORK so the clone's fork copies only the rest. Its "
+        "freeze steps: stop / save / scan_copy / madvise / fork / resume.",
+        "",
+        "| workload | clone gap ms | precopy gap ms | precopy freeze (tool) ms | steps ms "
+        "| rounds | MiB pre-copied | clone / precopy |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for s in rows:
+        fr = s["freeze"]
+        pre, clone = fr["precopy"], fr.get("clone", {})
+        shape = Shape(**dirty["shape"]) if dirty is not None and s is dirty else Shape()
+        label = _mib_label(s["mib"]) + (f", {shape.label()}" if shape.dirty else "")
+        if "error" in pre:
+            out.append(f"| {label} | {_mm(clone.get('gap_ms'))} | failed: {pre['error']} ||||||")
+            continue
+        out.append(
+            f"| {label} | {_mm(clone.get('gap_ms'))} | {_mm(pre.get('gap_ms'))} "
+            f"| {_mm(pre.get('frozen_ms'))} | {_steps_cell(pre)} | {_mm(pre.get('rounds'), '.0f')} "
+            f"| {_mm(pre.get('precopied_mib'), '.0f')} | {_x(pre.get('clone_over_this'))} |"
+        )
+    out.append("")
     return out
 
 
@@ -1800,7 +1929,7 @@ def _md_reading(results: dict[str, Any]) -> list[str]:
 
 #: sections a run may leave out (``--shapes none``, ``--dontfork-mib 0``,
 #: ``--no-coredump-tool``); BENCHMARKS.md then shows them from the newest earlier results
-CARRIED = ("dontfork", "shapes", "criu_coredump")
+CARRIED = ("dontfork", "dirty", "shapes", "criu_coredump")
 
 
 def with_carried(results: dict[str, Any], json_path: Path, base: Path) -> dict[str, Any]:
@@ -1874,6 +2003,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         type=int,
         help=f"size of the all-MADV_DONTFORK workload, 0 for none (default {DONTFORK_MIB})",
     )
+    p.add_argument(
+        "--dirty",
+        help=f"MIB:MBPS, the workload dirtying MBPS MB/s while dumped, or 'none' (default "
+        f"{DIRTY_MIB}:{DIRTY_MBPS}; --quick: none)",
+    )
     p.add_argument("--no-gcore", action="store_true", help="skip the gcore peer")
     p.add_argument("--no-coredump-tool", action="store_true", help="skip CRIU's coredump tool")
     p.add_argument(
@@ -1914,6 +2048,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         p.error("--runs and --sizes must be positive")
     if a.dontfork_mib is not None and a.dontfork_mib < 0:
         p.error("--dontfork-mib must not be negative")
+    dirty = (0, DIRTY_MBPS) if a.quick or a.sizes else (DIRTY_MIB, DIRTY_MBPS)
+    if a.dirty == "none":
+        dirty = (0, DIRTY_MBPS)
+    elif a.dirty:
+        try:
+            dirty_mib, dirty_mbps = (int(x) for x in a.dirty.split(":"))
+        except ValueError:
+            p.error(f"--dirty {a.dirty}: not MIB:MBPS")
+        if dirty_mib < 1 or dirty_mbps < 1:
+            p.error("--dirty: MIB and MBPS must be positive")
+        dirty = (dirty_mib, dirty_mbps)
     cfg = Config(
         sizes=sizes,
         runs=a.runs,
@@ -1926,6 +2071,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         plot=not a.no_plot,
         dontfork_mib=DONTFORK_MIB if a.dontfork_mib is None else a.dontfork_mib,
         shapes=shapes,
+        dirty_mib=dirty[0],
+        dirty_mbps=dirty[1],
     )
     return cfg, a.report_only
 

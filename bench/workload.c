@@ -1,7 +1,7 @@
 /*
  * Benchmark target for `make bench`: a process that notices when it is frozen.
  *
- *   workload MIB [dontfork] [threads=N] [maps=N]
+ *   workload MIB [dontfork] [threads=N] [maps=N] [dirty=MBPS]
  *
  * - MIB MiB of private anonymous memory, every page non-zero (so CRIU, gcore and the converter
  *   all move real bytes: none of them may skip a zero page); with "dontfork" it is
@@ -11,6 +11,9 @@
  *   of a pipe, epoll_wait() and a long nanosleep() (JVMs and C++ servers run thousands);
  * - maps=N: N more one-page private anonymous mappings, written to, alternately read-only and
  *   read-write so that no two merge: N more VMAs whose page tables a fork copies;
+ * - dirty=MBPS: one more thread writing a byte into page after page of the MIB MiB, round and
+ *   round, MBPS MB (10^6 bytes) of pages a second, paced every millisecond: the pages a
+ *   pre-copy finds written again (without it, the busy threads write only their stacks);
  * - a heartbeat thread that sleeps 1 ms at a time and records the longest gap between two of
  *   its wake-ups (CLOCK_MONOTONIC): a freeze of the process shows up as one long gap.
  *
@@ -57,6 +60,10 @@ static _Atomic uint64_t beats;
 static _Atomic int reset_requested;
 static uint32_t idle_word;
 static int idle_pipe[2], idle_epoll;
+/* what the dirtying thread writes (dirty=MBPS) */
+static unsigned char *dirty_mem;
+static size_t dirty_pages;
+static long dirty_mbps;
 
 static uint64_t now_ns(void)
 {
@@ -72,6 +79,27 @@ static void *busy(void *arg)
 
 	for (;;)
 		x = x * 6364136223846793005u + 1442695040888963407u;
+	return NULL;
+}
+
+/* dirty=MBPS: as many pages written as MBPS MB/s makes due since the start, every 1 ms. */
+static void *dirty(void *arg)
+{
+	struct timespec tick = { 0, BEAT_NS };
+	long page = sysconf(_SC_PAGESIZE);
+	uint64_t start = now_ns(), written = 0;
+	size_t next = 0;
+
+	(void)arg;
+	for (;;) {
+		uint64_t due = (now_ns() - start) * (uint64_t)dirty_mbps / 1000u / (uint64_t)page;
+
+		for (; written < due; written++) {
+			dirty_mem[next * (size_t)page] += 1;
+			next = (next + 1) % dirty_pages;
+		}
+		nanosleep(&tick, NULL);
+	}
 	return NULL;
 }
 
@@ -193,11 +221,14 @@ int main(int argc, char **argv)
 			idle_threads = atol(argv[i] + 8);
 		else if (strncmp(argv[i], "maps=", 5) == 0 && atol(argv[i] + 5) >= 0)
 			maps = atol(argv[i] + 5);
+		else if (strncmp(argv[i], "dirty=", 6) == 0 && atol(argv[i] + 6) > 0)
+			dirty_mbps = atol(argv[i] + 6);
 		else
 			break;
 	}
 	if (argc < 2 || atol(argv[1]) <= 0 || i < argc) {
-		fprintf(stderr, "usage: %s MIB [dontfork] [threads=N] [maps=N]\n", argv[0]);
+		fprintf(stderr, "usage: %s MIB [dontfork] [threads=N] [maps=N] [dirty=MBPS]\n",
+			argv[0]);
 		return 2;
 	}
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -228,6 +259,12 @@ int main(int argc, char **argv)
 			return 1;
 	if (pthread_create(&tid, NULL, heartbeat, NULL) != 0)
 		return 1;
+	if (dirty_mbps) {
+		dirty_mem = mem;
+		dirty_pages = size / (size_t)page;
+		if (pthread_create(&tid, NULL, dirty, NULL) != 0)
+			return 1;
+	}
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("ready %d\n", (int)getpid());

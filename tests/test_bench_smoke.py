@@ -187,6 +187,7 @@ def test_targets_met() -> None:
         "clone": True, "convert": True, "conversion": True, "make": True,
         "1000": None, "30,000": None,  # no shaped workloads in these results
         "until": None, "extra": None,  # no figures of issue 13 in these results
+        "4": None, "8": None, "dirtying": None,  # nor of issue 14
     }  # fmt: skip
 
 
@@ -195,7 +196,30 @@ def test_targets_missed() -> None:
     assert v == {
         "clone": False, "convert": False, "conversion": False, "make": True,
         "1000": None, "30,000": None, "until": None, "extra": None,
+        "4": None, "8": None, "dirtying": None,
     }  # fmt: skip
+
+
+def test_precopy_targets() -> None:
+    """Issue 14's: precopy's gap at 4 and 8 GiB against 15 ms; on the dirtying workload no
+    longer than clone's, its rounds within their bound."""
+    results = _results(clone_gap=20.0, tool_mb_s=0.5, ours_mb_s=400.0, rss=40.0)
+    results["sizes"][1]["freeze"]["precopy"] = {"gap_ms": _stat(9.0), "runs": 3}
+    results["sizes"].append(
+        {"mib": 8192, "freeze": {"precopy": {"gap_ms": _stat(16.0), "runs": 3}}}
+    )
+    dirty = {"clone": {"gap_ms": _stat(30.0)}, "precopy": {"gap_ms": _stat(12.0)}}
+    dirty["precopy"]["rounds"] = _stat(8.0)
+    results["dirty"] = {"mib": 1024, "shape": {"dirty": 200}, "freeze": dirty}
+    v = _verdicts(results)
+    assert (v["4"], v["8"], v["dirtying"]) == (True, False, True)
+    dirty["precopy"]["rounds"] = _stat(9.0)
+    assert _verdicts(results)["dirtying"] is False
+    dirty["precopy"]["rounds"] = _stat(2.0)
+    dirty["precopy"]["gap_ms"] = _stat(31.0)
+    assert _verdicts(results)["dirtying"] is False
+    md = "\n".join(bench._md_precopy(results))
+    assert "### Precopy (issue 14)" in md and "1 GiB, dirtying 200 MB/s" in md
 
 
 def test_target_missed_when_clone_is_unavailable() -> None:
