@@ -45,6 +45,24 @@ def _dump(pid: int, out: Path, scratch: Path, err: Path) -> subprocess.Popen[byt
         return procs.popen(argv, stdin=subprocess.DEVNULL, stdout=o, stderr=f)
 
 
+def _running(tool: int) -> str:
+    """The tool, its children and any CRIU, with their states and where they wait (for the
+    failure message)."""
+    ps = subprocess.run(
+        ["ps", "-eo", "pid,ppid,stat,wchan:32,etimes,args"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    rows = [ln for ln in ps.stdout.splitlines()[1:] if len(ln.split(None, 6)) == 7]
+    return "\n".join(
+        ln
+        for ln in rows
+        if str(tool) in ln.split()[:2] or os.path.basename(ln.split()[5]) == "criu"
+    )
+
+
 def test_target_killed_at_random_moments(programs: dict[str, Path], soak: bool) -> None:
     if not soak:
         pytest.skip("make soak only (20 dumps of a 4 GiB target)")
@@ -71,7 +89,8 @@ def test_target_killed_at_random_moments(programs: dict[str, Path], soak: bool) 
             hb = start_heartbeat(programs["heartbeat"], str(TARGET_KIB), "4096")
             try:
                 tool = _dump(hb.pid, out, scratch, err)
-                time.sleep(rng.uniform(0, whole))
+                delay = rng.uniform(0, whole)
+                time.sleep(delay)
                 os.kill(hb.pid, signal.SIGKILL)
                 killed = time.monotonic()
                 try:
@@ -79,6 +98,8 @@ def test_target_killed_at_random_moments(programs: dict[str, Path], soak: bool) 
                 except subprocess.TimeoutExpired:
                     raise AssertionError(
                         f"run {run}: dump still runs {AFTER_DEATH} s after the target died"
+                        f" ({delay:.1f} s into a dump whose CRIU part takes {whole:.1f} s);"
+                        f" running:\n{_running(tool.pid)}\nstderr: {err.read_text()}"
                     ) from None
                 ends.append(time.monotonic() - killed)
             finally:
