@@ -147,3 +147,36 @@ def test_how_a_process_that_is_not_our_child_ended() -> None:
         procs.wait_for(pidfd.exited, 30, f"process {child.pid} ending")
         assert describe_wait_status(pidfd.wait_status()) == "exited with status 3"
     child.wait()
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+def test_a_pending_sigkill_counts_as_dying() -> None:
+    """A process SIGKILLed whose threads have not taken the signal yet (held here by the cgroup
+    v1 freezer, which SIGKILL does not thaw; on a loaded machine, a thread waiting for a CPU)
+    is seen dying: a failure judged then waits for its end instead of quoting its own cause."""
+    if not (FREEZER / "freezer.state").exists() and not (FREEZER / "tasks").exists():
+        pytest.skip("no cgroup v1 freezer here")
+    group = FREEZER / f"livedump-test-{os.getpid()}"
+    group.mkdir()
+    proc = procs.popen(["sleep", "600"])
+    try:
+        (group / "tasks").write_text(str(proc.pid))
+        (group / "freezer.state").write_text("FROZEN")
+        procs.wait_for(
+            lambda: (group / "freezer.state").read_text().strip() == "FROZEN", 60, "the freeze"
+        )
+        with Pidfd(proc.pid) as pidfd:
+            assert not pidfd._killed()
+            os.kill(proc.pid, signal.SIGKILL)
+            assert pidfd._killed()  # frozen, so it cannot have taken the signal
+            assert not pidfd.exited()
+            (group / "freezer.state").write_text("THAWED")
+            assert pidfd.exited(grace=60)
+            assert describe_wait_status(pidfd.wait_status()) == "killed by signal 9 (SIGKILL)"
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        procs.kill_group(proc)
+        procs.wait_for(lambda: not (group / "tasks").read_text().strip(), 60, "an empty group")
+        group.rmdir()

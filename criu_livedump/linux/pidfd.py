@@ -28,7 +28,7 @@ import select
 import signal
 import struct
 
-from criu_livedump.linux.procfs import read_stat
+from criu_livedump.linux.procfs import read_stat, read_status
 
 __all__ = ["Pidfd", "describe_wait_status", "dumpable"]
 
@@ -53,6 +53,8 @@ _STAT_FLAGS = 9
 _PF_EXITING = 0x00000004
 #: What :meth:`Pidfd._thread_states` calls a thread inside do_exit().
 _EXITING = "exiting"
+#: SIGKILL's bit in a /proc status SigPnd/ShdPnd mask (fs/proc/array.c render_sigset_t()).
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 
 
 def _get_info(fd: int, request: int) -> tuple[int, ...]:
@@ -103,8 +105,27 @@ class Pidfd:
             return not self._still_here()
         if states and all(s in ("Z", "X") for s in states):
             return self._still_here()
-        if grace > 0 and any(st in ("Z", "X", _EXITING) for st in states):
+        if grace > 0 and (any(st in ("Z", "X", _EXITING) for st in states) or self._killed()):
             return bool(select.select([self.fd], [], [], grace)[0]) or self.exited()
+        return False
+
+    def _killed(self) -> bool:
+        """Whether a SIGKILL is pending for it, not yet taken by any thread: kill(2) of a
+        process marks every thread (kernel/signal.c complete_signal() adds SIGKILL to each
+        thread's pending set and wakes it), and on a loaded machine a thread may wait long for
+        a CPU to take it, before anything else shows it dying."""
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return False
+        for tid in tids:
+            try:
+                status = read_status(f"/proc/{self.pid}/task/{tid}/status")
+                pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+            except (OSError, KeyError, ValueError):
+                continue
+            if pending & _SIGKILL_BIT:
+                return True
         return False
 
     def _thread_states(self) -> list[str] | None:
