@@ -4,10 +4,12 @@
 region it fills itself, three threads) is dumped through the CLI with CRIU's images on disk
 (``/var/tmp``, so that RAM holds the target alone), and SIGKILLed at a moment drawn uniformly
 over the time a dump takes to the end of CRIU's work (measured first, on a dump that is let
-finish; the conversion after it no longer involves the target). Every run must end within 30 s
-of the kill, with one ``error:`` line when the dump failed (or a core when CRIU had finished
-before the kill), and leave nothing running: no CRIU (our subreaper would inherit an orphan),
-no other process of ours, nothing in the scratch or output directories.
+finish; the conversion after it no longer involves the target). A dump that fails must end
+within 30 s of the kill with one ``error:`` line; a dump whose snapshot was complete before the
+kill writes its core and ends with its conversion, which the death does not touch (on a loaded
+machine that can be more than 30 s after the kill). Every run leaves nothing running: no CRIU
+(our subreaper would inherit an orphan), no other process of ours, nothing in the scratch or
+output directories.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def test_target_killed_at_random_moments(programs: dict[str, Path], soak: bool) 
     ours = set(procs.children(os.getpid()))
     rng = random.Random(int(os.environ.get("SOAK_SEED", "11")))
     outcomes: list[str] = []
-    ends: list[float] = []
+    ends: list[float] = []  # kill to the end of a failed dump
+    converted: list[float] = []  # kill to the end of a dump that wrote its core
     try:
         # one whole dump, let finish: how long a dump takes here
         hb = start_heartbeat(programs["heartbeat"], str(TARGET_KIB), "4096")
@@ -94,36 +97,47 @@ def test_target_killed_at_random_moments(programs: dict[str, Path], soak: bool) 
                 os.kill(hb.pid, signal.SIGKILL)
                 killed = time.monotonic()
                 try:
-                    code = tool.wait(timeout=AFTER_DEATH)
+                    code = tool.wait(timeout=procs.RUN_TIMEOUT)
                 except subprocess.TimeoutExpired:
                     raise AssertionError(
-                        f"run {run}: dump still runs {AFTER_DEATH} s after the target died"
+                        f"run {run}: dump still runs {procs.RUN_TIMEOUT} s after the target died"
                         f" ({delay:.1f} s into a dump whose CRIU part takes {whole:.1f} s);"
                         f" running:\n{_running(tool.pid)}\nstderr: {err.read_text()}"
                     ) from None
-                ends.append(time.monotonic() - killed)
+                took = time.monotonic() - killed
             finally:
                 procs.kill_group(tool)
                 hb.close()
             text = err.read_text()
             errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
             if code == 0:
-                assert os.listdir(out) == ["core"], text  # it had finished before the kill
+                # The snapshot was complete before the kill (the core is of the state at the
+                # freeze): the run ends when the conversion does, which the target's death does
+                # not touch, so the 30 s bound is not this run's.
+                assert os.listdir(out) == ["core"], text
                 (out / "core").unlink()
-                outcomes.append("core written (CRIU had finished before the kill)")
+                outcomes.append("core written (the snapshot was complete before the kill)")
+                converted.append(took)
             else:
+                assert took <= AFTER_DEATH, (
+                    f"run {run}: ended {took:.1f} s after the target died: {text}"
+                )
                 assert len(errors) == 1 and "Traceback" not in text, f"run {run}: {text}"
                 assert os.listdir(out) == [], text
                 outcomes.append(f"exit {code}: {errors[0]}")
+                ends.append(took)
             assert os.listdir(scratch) == [], f"run {run}: scratch left"
             left = {p: s for p, s in procs.children(os.getpid()).items() if p not in ours}
             assert not [p for p, s in left.items() if s not in "ZX"], f"run {run}: left {left}"
     finally:
         shutil.rmtree(base, ignore_errors=True)
     kinds = collections.Counter(re.sub(r"process \d+", "process N", o) for o in outcomes)
-    print(
-        f"\nsoak target death: {RUNS} runs, {whole:.1f} s to the end of CRIU; seconds from the"
-        f" kill to the end: median {statistics.median(ends):.2f}, max {max(ends):.2f}"
-    )
+    print(f"\nsoak target death: {RUNS} runs, {whole:.1f} s to the end of CRIU")
+    for what, times in (("a failed dump", ends), ("a dump that wrote its core", converted)):
+        if times:
+            print(
+                f"  seconds from the kill to the end of {what}: median"
+                f" {statistics.median(times):.2f}, max {max(times):.2f} ({len(times)} runs)"
+            )
     for outcome, n in kinds.most_common():
         print(f"  {n} x {outcome}")
