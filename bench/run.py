@@ -524,6 +524,8 @@ class DumpRun:
     #: precopy: rounds run while the target ran, and MiB they copied (its -v summary line)
     rounds: int | None = None
     precopied_mib: float | None = None
+    #: how the tool's pages reached the core (its report's ``capture``: stream or images)
+    capture: str | None = None
 
 
 class Peer:
@@ -686,6 +688,7 @@ class CliPeer(Peer):
                 peak_extra=space.peak,
                 rounds=int(rounds[1]) if rounds else None,
                 precopied_mib=float(rounds[2]) if rounds else None,
+                capture=_report_str(report, "capture"),
             )
         finally:
             shutil.rmtree(out, ignore_errors=True)
@@ -695,6 +698,11 @@ class CliPeer(Peer):
 
 #: precopy's -v summary (criu_livedump/snapshot/precopy/method.py: complete())
 PRECOPY_SUMMARY = re.compile(r"precopy: (\d+) rounds, ([\d.]+) MiB copied")
+
+
+def _report_str(report: Any, name: str) -> str | None:
+    value = find_key(report, name)
+    return value if isinstance(value, str) and value else None
 
 
 def _report_ms(report: Any) -> float | None:
@@ -821,6 +829,8 @@ def measure_peer(
         "core_apparent": done[-1].core_apparent,
         "core_allocated": done[-1].core_allocated,
     }
+    if done[-1].capture is not None:
+        result["capture"] = done[-1].capture
     steps = sorted({k for r in done for k in r.steps_ms}, key=list(done[-1].steps_ms).index)
     if steps:
         result["steps_ms"] = {
@@ -1737,13 +1747,18 @@ def _md_complete(results: dict[str, Any]) -> list[str]:
     w("## Until the core is complete, and the space it takes")
     w("")
     w(
-        f"Cores, images and scratch on {results['machine'].get('scratch')}. **Until the core is "
+        f"Cores, images and scratch on {results['machine'].get('scratch')}; the workload's "
+        f"memory is the machine's ({results['machine'].get('mem_total_gib')} GiB), so 8 GiB "
+        "fits beside everything else. **Until the core is "
         "complete**: from the command's start until the core's final name appeared (the tool "
         "writes a temporary file and renames it), for gcore, which writes its core in place, "
         "until gdb exited. **Extra space at peak**: the most blocks allocated at once to "
         "everything the dump wrote (the core, its temporary file, CRIU's images, the tool's "
         f"scratch), sampled every {SPACE_STEP * 1000:.0f} ms. The freeze is the heartbeat's "
-        "longest gap around the dump. `/ gcore`: the median against gcore's in the same run."
+        "longest gap around the dump. `/ gcore`: the median against gcore's in the same run. "
+        "A peer's name says how its pages reached the core where its report tells: `stream` "
+        "(straight from CRIU into the core's file) or `images` (CRIU's pages images, then the "
+        "conversion's copy)."
     )
     w("")
     w(
@@ -1758,8 +1773,9 @@ def _md_complete(results: dict[str, Any]) -> list[str]:
                 w(f"| {_mib_label(s['mib'])} | {name} | failed |||||")
                 continue
             alloc = p.get("core_allocated")
+            peer = f"{name} ({p['capture']})" if p.get("capture") else name
             w(
-                f"| {_mib_label(s['mib'])} | {name} | {_mm(p.get('gap_ms'))} "
+                f"| {_mib_label(s['mib'])} | {peer} | {_mm(p.get('gap_ms'))} "
                 f"| {_mm(p.get('complete_s'), '.2f')} "
                 f"| {_x(ratio(median(p.get('complete_s')), gcore))} "
                 f"| {_mm(_scaled(p.get('peak_extra'), MIB), '.0f')} "
