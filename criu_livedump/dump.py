@@ -342,7 +342,7 @@ def _live_dump(
     # lack, then the conversion at the requested priorities.
     capture = stream.capture_for(method, request, sink, (limit, facts.coredump_filter))
     capture.bind(priorities.apply_scheduling, progress)
-    parent = scratch.choose_parent(method.scratch_bytes(facts), request.scratch)
+    parent = scratch.choose_parent(facts.rss, request.scratch)
     work = scratch.create(parent, uid=creds.uid, gid=creds.gid)
     try:
         with method(facts, request, work) as snap, contextlib.closing(capture):

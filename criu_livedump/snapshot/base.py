@@ -160,11 +160,6 @@ class Snapshot(ABC):
         del facts
         return None
 
-    @classmethod
-    def scratch_bytes(cls, facts: TargetFacts) -> int:
-        """The scratch space the method needs for the target (by default its resident size)."""
-        return facts.rss
-
     def prepare(self) -> None:  # noqa: B027 - optional step
         """Work done before the freeze, while the target runs (none by default)."""
 

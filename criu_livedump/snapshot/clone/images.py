@@ -42,6 +42,7 @@ from converters.images import (
     prot_from_perms,
 )
 from criu_livedump.errors import CloneImagesError
+from criu_livedump.linux import punch_hole
 from criu_livedump.snapshot.clone.fork_lost import ForkLostArea
 from criu_livedump.snapshot.clone.freeze import ThreadState
 from criu_livedump.snapshot.clone.inject import Clone, SideMapping
@@ -264,7 +265,8 @@ def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) 
     parent.mkdir(mode=0o700)
     with (parent / "pages-1.img").open("wb") as dst:
         for lo, length, offset, src_path in runs:
-            _append(dst, src_path, offset, length, f"the pages at {lo:#x}")
+            # each run freed from its side file once copied: the scratch holds them once
+            _append(dst, src_path, offset, length, f"the pages at {lo:#x}", release=True)
     dump_image(
         parent / f"pagemap-{pid}.img",
         {"magic": "PAGEMAP", "entries": [{"pages_id": 1}, *_pagemap_entries(runs, PE_PRESENT)]},
@@ -275,15 +277,20 @@ def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) 
     dump_image(pagemap_path, pagemap)
 
 
-def _append(dst: BinaryIO, src_path: Path, offset: int, length: int, what: str) -> None:
-    """Append *length* bytes of side file *src_path* from *offset* to *dst*."""
-    with src_path.open("rb") as src:
+def _append(
+    dst: BinaryIO, src_path: Path, offset: int, length: int, what: str, *, release: bool = False
+) -> None:
+    """Append *length* bytes of side file *src_path* from *offset* to *dst* (and, to
+    *release* them, punch them out of *src_path* after)."""
+    with src_path.open("r+b" if release else "rb") as src:
         done = 0
         while done < length:
             n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, offset + done)
             if n == 0:
                 raise CloneImagesError(f"{src_path}: short copy of {what}")
             done += n
+        if release:
+            punch_hole(src.fileno(), offset, length)
 
 
 def _pagemap_entries(runs: list[tuple[int, int, int, Path]], flags: int) -> list[dict[str, Any]]:

@@ -85,11 +85,6 @@ class PrecopySnapshot(CloneSnapshot):
             )
         return None
 
-    @classmethod
-    def scratch_bytes(cls, facts: TargetFacts) -> int:
-        # the side file, then its pages again as the images' parent pages file
-        return 2 * facts.rss
-
     def prepare(self) -> None:
         pid = self.facts.pid
         try:
