@@ -1001,20 +1001,14 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
                 "criu dump --leave-running + criu-livedump convert "
                 f"(criu-livedump dump unusable: {why})"
             )
-        say("probing criu-livedump dump --method clone")
-        why = probe_cli("clone", exe, scratch)
-        if why is None:
-            peers.append(CliPeer("clone"))
-            results["peers"]["clone"] = "criu-livedump dump --method clone"
-        else:
-            results["peers"]["clone"] = f"not measured: {why}"
-        say("probing criu-livedump dump --method precopy")
-        why = probe_cli("precopy", exe, scratch)
-        if why is None:
-            peers.append(CliPeer("precopy"))
-            results["peers"]["precopy"] = "criu-livedump dump --method precopy"
-        else:
-            results["peers"]["precopy"] = f"not measured: {why}"
+        for method in ("clone", "precopy"):
+            say(f"probing criu-livedump dump --method {method}")
+            why = probe_cli(method, exe, scratch)
+            if why is None:
+                peers.append(CliPeer(method))
+                results["peers"][method] = f"criu-livedump dump --method {method}"
+            else:
+                results["peers"][method] = f"not measured: {why}"
 
         for mib in cfg.sizes:
             results["sizes"].append(measure_size(exe, mib, peers, scratch, cfg, deadline, say))
