@@ -46,7 +46,7 @@ from converters.options import UNLIMITED, StreamedPages
 from converters.sinks import create_temp
 from criu_livedump.conversion_child import SinkKind, SinkSpec
 from criu_livedump.errors import CoreWriteError, LivedumpError, PageStreamError
-from criu_livedump.linux.procfs import read_maps, smaps_entries
+from criu_livedump.linux.procfs import read_maps
 from criu_livedump.progress import Progress
 from criu_livedump.request import DumpRequest
 from criu_livedump.snapshot import criu
@@ -183,12 +183,12 @@ def reserved_header(vmas: int, facts: StreamFacts) -> int:
 
 def plan_for(pid: int, facts: StreamFacts) -> tuple[CorePlacer | None, str]:
     """The placer for the stream of stopped process *pid* (the one CRIU dumps), or None and
-    why its memory cannot stream."""
+    why its memory cannot stream: its VMAs from /proc/PID/maps, their flags from *facts*."""
     try:
         maps = read_maps(pid)
     except OSError as e:
         return None, f"its mappings cannot be read: {os.strerror(e.errno or 0)}"
-    flags = {e.start: e.vmflags for e in smaps_entries(pid)}
+    flags = facts.vmflags
     for m in maps:
         vmflags = flags.get(m.start, frozenset())
         if "ht" in vmflags:

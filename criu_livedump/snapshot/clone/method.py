@@ -193,7 +193,8 @@ def _stream_facts(clone: inject.Clone) -> StreamFacts:
     with contextlib.suppress(OSError):
         names += [m.name for m in read_maps(clone.clone_pid)]
     extra = len(clone.side_mappings) + len(clone.fork_lost)
-    return StreamFacts(tuple(ignored), len(clone.threads), tuple(names), extra)
+    vmflags = {e.start: e.vmflags for e in clone.smaps}
+    return StreamFacts(tuple(ignored), len(clone.threads), tuple(names), extra, vmflags)
 
 
 def clone_facts(
