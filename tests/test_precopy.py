@@ -12,6 +12,8 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import procs
 import pytest
@@ -21,7 +23,7 @@ from harness.corefile import CoreView
 from harness.procstate import read_maps, read_rseq_areas, thread_states
 
 from criu_livedump.linux import PAGE_SIZE
-from criu_livedump.linux.procfs import smaps_entries
+from criu_livedump.linux.procfs import MapsEntry, smaps_entries
 from criu_livedump.snapshot.precopy import rounds, tracker
 
 pytestmark = [
@@ -162,3 +164,22 @@ def test_killed_in_a_round_leaves_the_target_clean(
         assert not tracker.holds_userfaultfd(t.pid)
         assert not any("API:" in p.read_text() for p in Path(f"/proc/{t.pid}/fdinfo").iterdir())
         t.do("w", 0, PAGES)
+
+
+def test_an_area_written_too_much_goes_to_the_fork(tmp_path: Path) -> None:
+    """The last written set is copied inside the freeze only where that is quicker than the
+    fork's copy of the area's page tables (rounds.PAGE_OVER_PTE); no process is touched."""
+    lo, hi = 1 << 30, (1 << 30) + 64 * PAGE_SIZE
+    other = (hi, hi + 64 * PAGE_SIZE)
+    store = rounds.SideStore.create(0, tmp_path / "side", [(lo, hi), other])
+    try:
+        for slot in store.slots:
+            slot.copied[:] = b"\x01" * len(slot.copied)  # every page held
+        final = rounds.FinalCopy(cast(tracker.Tracker, SimpleNamespace(pid=0)), store, frozenset())
+        areas: dict[tuple[int, int], list[MapsEntry]] = {(lo, hi): [], other: []}
+        few = 64 // rounds.PAGE_OVER_PTE  # pages: as costly as the fork, no more
+        runs = [(lo, lo + few * PAGE_SIZE), (other[0], other[0] + (few + 1) * PAGE_SIZE)]
+        assert final._keep_busy(areas, runs) == runs[:1]
+        assert list(areas) == [(lo, hi)]
+    finally:
+        store.close()

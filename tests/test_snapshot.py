@@ -11,9 +11,10 @@ from facts import facts
 from criu_livedump.errors import BlockerError
 from criu_livedump.linux import ptrace
 from criu_livedump.request import Method
-from criu_livedump.snapshot import METHODS, choose
+from criu_livedump.snapshot import METHODS, choose, reason
 from criu_livedump.snapshot.clone.method import CloneSnapshot
 from criu_livedump.snapshot.leave_running import CriuSnapshot
+from criu_livedump.snapshot.precopy.method import AUTO_MIN_RSS, PrecopySnapshot
 from criu_livedump.target import Blocker, BlockerKind, TargetFacts, traced
 
 PID = 4321
@@ -45,6 +46,22 @@ def test_auto_takes_the_first_method_that_refuses_nothing() -> None:
     assert choose(Method.AUTO, plain(blockers=(IO_URING,)), tree=True) is CloneSnapshot
     # io_uring: CRIU refuses it, the clone copies it out
     assert choose(Method.AUTO, plain(blockers=(IO_URING,))) is CloneSnapshot
+
+
+def test_auto_takes_precopy_from_its_resident_size_and_says_why() -> None:
+    big, small = plain(rss=AUTO_MIN_RSS), plain(rss=AUTO_MIN_RSS - 4096)
+    assert choose(Method.AUTO, big) is PrecopySnapshot
+    assert reason(Method.AUTO, big, PrecopySnapshot, tree=False) == "auto: first choice"
+    assert choose(Method.AUTO, small) is CloneSnapshot
+    assert reason(Method.AUTO, small, CloneSnapshot, tree=False) == (
+        f"auto: not precopy: resident {(AUTO_MIN_RSS - 4096) / 2**20:.0f} MiB, under the"
+        f" {AUTO_MIN_RSS >> 20} MiB from which precopy freezes shorter than clone"
+    )
+    assert reason(Method.PRECOPY, small, PrecopySnapshot, tree=False) == "requested"
+    # precopy takes no tree; a stopped target is no clone's, precopy's neither
+    assert choose(Method.AUTO, big, tree=True) is CriuSnapshot
+    assert choose(Method.AUTO, plain(rss=AUTO_MIN_RSS, state="T")) is CriuSnapshot
+    assert refusal(Method.PRECOPY, big, tree=True).hint == "--method criu can dump it"
 
 
 def test_refused_method_names_the_one_that_accepts() -> None:

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 #: Every snapshot method, in ``auto``'s order of preference: the shortest freeze first
-#: (precopy only where :meth:`Snapshot.auto_declines` lets it: from 1 GiB resident).
+#: (precopy only where :meth:`Snapshot.auto_declines` lets it: from 512 MiB resident).
 METHODS: dict[Method, type[Snapshot]] = {
     Method.PRECOPY: PrecopySnapshot,
     Method.CLONE: CloneSnapshot,
@@ -48,14 +48,14 @@ def choose(requested: Method, facts: TargetFacts, *, tree: bool = False) -> type
         the message gives the reasons, the hint a method that would accept it, if any.
     """
     order = TREE_PREFERENCE if tree else tuple(METHODS)
-    refusals = {m: METHODS[m].refusals(facts, tree=tree) for m in order}
-    accepting = [m for m, reasons in refusals.items() if not reasons]
+    refusals = {m: METHODS[m].refusals(facts, tree=tree) for m in METHODS}
+    accepting = [m for m in order if not refusals[m]]
     # auto's choice first: the methods that accept the target and do not decline it
     accepting.sort(key=lambda m: METHODS[m].auto_declines(facts) is not None)
     if requested == Method.AUTO:
         if accepting:
             return METHODS[accepting[0]]
-        reasons = dict.fromkeys(r for rs in refusals.values() for r in rs)
+        reasons = dict.fromkeys(r for m in order for r in refusals[m])
         raise BlockerError(facts.pid, "; ".join(reasons))
     if not refusals[requested]:
         return METHODS[requested]
