@@ -36,7 +36,7 @@ MAPPINGS = ("mappings", (DATA, "1024"))
 #: the clone streams its pages into the core (criu_livedump/stream.py) where it can
 CLONE = LiveDump("clone", capture="stream")
 CRIU = LiveDump("criu")
-PRECOPY = PrecopyEveryArea()
+PRECOPY = PrecopyEveryArea(capture="stream")
 
 CASES = (
     # the harness's CRIU + converter, each coredump_filter a mappings target exercises
@@ -117,7 +117,7 @@ PRECOPY_CASES = (
         "hugetlb-0x73-livedump-precopy",
         "hugetlb",
         coredump_filter=0x73,
-        dumper=PRECOPY,
+        dumper=PrecopyEveryArea(),  # hugetlb memory is not streamed
         hugepages=8,
     ),
     KernelCase(

@@ -40,10 +40,12 @@ def one_instant(core: Path, layout: Layout) -> tuple[list[Writer], list[str]]:
         return found, instant_diffs(layout, found, view.read)
 
 
-@pytest.mark.parametrize("method", ["clone", "criu", "precopy"])
-def test_the_core_is_one_instant(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "capture"), [("clone", "stream"), ("criu", "images"), ("precopy", "stream")]
+)
+def test_the_core_is_one_instant(tmp_path: Path, method: str, capture: str) -> None:
     with seqwriter(*WRITERS) as (target, layout):
-        core = LiveDump(method).dump(target.pid, tmp_path)
+        core = LiveDump(method, capture=capture).dump(target.pid, tmp_path)
         found, diffs = one_instant(core, layout)
         assert diffs == [], f"--method {method}: not one instant:\n" + "\n".join(diffs)
         # the writers went on writing: the dump did not leave them stopped
@@ -57,12 +59,14 @@ def test_pages_of_another_instant_are_caught(tmp_path: Path) -> None:
     for d in ("1", "2"):
         (tmp_path / d).mkdir()
     with seqwriter(*WRITERS) as (target, layout):
-        first, diffs = one_instant(LiveDump("clone").dump(target.pid, tmp_path / "1"), layout)
+        first, diffs = one_instant(
+            LiveDump("clone", capture="stream").dump(target.pid, tmp_path / "1"), layout
+        )
         assert diffs == []
         wait_until_writers_ran(target.pid, [w.tid for w in first])
         torn = instant_diffs(layout, first, live_reader(target.pid))
         assert len(torn) >= len(first) and not any("older" in d for d in torn)
-        second = LiveDump("clone").dump(target.pid, tmp_path / "2")
+        second = LiveDump("clone", capture="stream").dump(target.pid, tmp_path / "2")
         again, diffs = one_instant(second, layout)
         assert diffs == []
         assert all(a.stamps > f.stamps for a, f in zip(again, first, strict=True))
