@@ -5,6 +5,7 @@ leaves the target as it was."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -24,7 +25,10 @@ from harness.procstate import read_maps, read_rseq_areas, thread_states
 
 from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux.procfs import MapsEntry, smaps_entries
+from criu_livedump.request import build_request
 from criu_livedump.snapshot.precopy import rounds, tracker
+from criu_livedump.snapshot.precopy.method import PrecopySnapshot
+from criu_livedump.target import inspect
 
 pytestmark = [
     pytest.mark.live,
@@ -183,3 +187,24 @@ def test_an_area_written_too_much_goes_to_the_fork(tmp_path: Path) -> None:
         assert list(areas) == [(lo, hi)]
     finally:
         store.close()
+
+
+def test_a_full_scratch_falls_back_to_the_clone(
+    programs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: rounds.SideStore, runs: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rounds.SideStore, "copy", full)
+    with started(programs) as t:
+        t.do("w", 0, PAGES)
+        facts = inspect(t.pid)
+        request = build_request(output=str(tmp_path / "core"), method="precopy")
+        with PrecopySnapshot(facts, request, tmp_path) as snap:
+            snap.prepare()  # the target is not frozen yet: nothing else to undo
+            assert snap.fallback == (
+                "no room for its pages in the scratch directory (No space left on device)"
+            )
+            assert not (tmp_path / "precopy" / f"pages-{t.pid}.bin").exists()
+        assert t.tracked_pages() == 0
+        t.do("w", 0, PAGES)

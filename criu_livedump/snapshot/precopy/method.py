@@ -62,6 +62,10 @@ SMALL: Final = 1 << 20
 AUTO_MIN_RSS: Final = 512 << 20
 
 
+#: the side file cannot grow: the dump goes on as clone's, whose pages go to the core
+_NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM})
+
+
 class PrecopySnapshot(CloneSnapshot):
     """Method clone with the big areas pre-copied while the target runs (see the module)."""
 
@@ -100,6 +104,11 @@ class PrecopySnapshot(CloneSnapshot):
         except BlockerError as e:
             self._drop()
             self.fallback = e.message.split(": ", 1)[-1]
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            self._drop()
+            self.fallback = f"no room for its pages in the scratch directory ({e.strerror})"
         if self.fallback:
             # nothing big enough to pre-copy is no failure: the clone's way is the better one
             level = logging.INFO if self._small else logging.WARNING
