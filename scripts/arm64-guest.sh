@@ -3,6 +3,9 @@
 #
 #   scripts/arm64-guest.sh build          the root filesystem image (cached; ~15 min the first
 #                                         time under qemu-user, seconds after)
+#   scripts/arm64-guest.sh provision      CRIU 4.2.1, pycriu and the project's venv in the root
+#                                         filesystem: scripts/setup.sh run in it (chroot under
+#                                         qemu-user; ~30 min the first time, cached after)
 #   scripts/arm64-guest.sh run DIR [SECS] boot the guest, run DIR/run.sh inside it (DIR is
 #                                         shared at /mnt/host over 9p, cwd there), power off;
 #                                         its output goes to DIR/out.log, its status to DIR/rc
@@ -27,7 +30,9 @@ guest_pkgs=linux-image-arm64,initramfs-tools,busybox,kmod,e2fsprogs,procps,criu,
 
 host_tools() {
   local p missing=()
-  for p in qemu-system-arm qemu-user-static binfmt-support mmdebstrap e2fsprogs cpio; do
+  for p in qemu-system-arm qemu-user-static binfmt-support mmdebstrap e2fsprogs cpio \
+           gcc-aarch64-linux-gnu make pkg-config protobuf-compiler protobuf-c-compiler \
+           libprotobuf-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
   if ((${#missing[@]})); then
@@ -144,6 +149,90 @@ build() {
   say "built $image"
 }
 
+# The root filesystem's mount for provision; every exit path unmounts it.
+mnt=""
+unmount_root() {
+  [ -n "$mnt" ] || return 0
+  local m
+  for m in dev/pts dev proc sys ""; do
+    mountpoint -q "$mnt/$m" && umount "$mnt/$m"
+  done
+  rmdir "$mnt"
+  mnt=""
+}
+
+# provision: scripts/setup.sh in the guest's root filesystem, in a chroot (qemu-user through
+# binfmt), with its guest profile: the Debian build packages (from the archive mmdebstrap took),
+# CRIU 4.2.1 built from the cached tarball into /usr/local/sbin/criu, pycriu and the venv of the
+# project copied to /opt/criu-livedump (pip from the index this host's pip is configured for:
+# its index-url setting, if any, and its CA bundle, passed in for the run). Cached by a stamp of
+# the files that decide the result.
+guest_project=/opt/criu-livedump
+provision() {
+  build
+  local stamp=$cache/.provisioned want
+  want=$(cat "$here/scripts/setup.sh" "$here/scripts/build-criu.sh" "$here/pyproject.toml" \
+    | sha256sum | cut -c1-16)
+  [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && { say "provisioned (cached)"; return; }
+  host_tools
+  rm -f "$stamp"
+  mnt=$(mktemp -d "$cache/.mnt-XXXXXX")
+  trap unmount_root EXIT
+  mount -o loop "$cache/root.img" "$mnt"
+  mount -t proc proc "$mnt/proc"
+  mount --bind /dev "$mnt/dev"
+  mount --bind /dev/pts "$mnt/dev/pts"
+  mount -t sysfs sys "$mnt/sys"
+  cp -L /etc/resolv.conf "$mnt/etc/resolv.conf"
+  cp -L /etc/ssl/certs/ca-certificates.crt "$mnt/etc/livedump-host-ca.crt"
+  mkdir -p "$mnt/var/cache/criu-livedump"
+  cp "$(dirname "$cache")"/criu_4.2.1.orig.tar.xz "$mnt/var/cache/criu-livedump/" 2>/dev/null || true
+  copy_project "$mnt$guest_project"
+  local start=$SECONDS
+  : >"$cache/provision.log"
+  say "the build packages in the arm64 root filesystem (setup.sh debs, chroot under qemu-user)"
+  in_root debs
+  # CRIU cross-built on this host against those packages (minutes, where gcc under qemu-user
+  # takes most of an hour), into the cache setup.sh finds it in
+  say "CRIU 4.2.1 cross-built for aarch64 (scripts/build-criu.sh with CRIU_CROSS_SYSROOT)"
+  CRIU_LIVEDUMP_CACHE=$mnt/var/cache/criu-livedump CRIU_CROSS_SYSROOT=$mnt \
+    nice -n 10 bash "$here/scripts/build-criu.sh" 4.2.1 >>"$cache/provision.log" 2>&1 \
+    || fail_provision "the cross build of CRIU"
+  say "scripts/setup.sh in the arm64 root filesystem (CRIU installed, pycriu, the venv)"
+  in_root
+  rm -f "$mnt/etc/livedump-host-ca.crt"
+  unmount_root
+  echo "$want" >"$stamp"
+  say "provisioned in $((SECONDS - start)) s"
+}
+
+# in_root [ARG]: scripts/setup.sh [ARG] in the mounted root filesystem, in the guest profile;
+# pip uses this host's index-url setting (if any) and CA bundle
+in_root() {
+  local index
+  index=$(pip3 config get global.index-url 2>/dev/null || true)
+  chroot "$mnt" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root LANG=C.UTF-8 CRIU_LIVEDUMP_SETUP=guest CRIU_LIVEDUMP_TEST_RELEASES= \
+    PIP_CERT=/etc/livedump-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ${index:+PIP_INDEX_URL=$index} \
+    nice -n 10 bash "$guest_project/scripts/setup.sh" "$@" >>"$cache/provision.log" 2>&1 \
+    || fail_provision "scripts/setup.sh $*"
+}
+
+fail_provision() {
+  tail -20 "$cache/provision.log" >&2
+  say "$1 failed (see $cache/provision.log)"
+  exit 1
+}
+
+# copy_project DEST: the project's files (not its venv, caches, built helper or test binaries)
+copy_project() {
+  mkdir -p "$1"
+  tar -C "$here" --exclude=.git --exclude=.venv --exclude=__pycache__ --exclude='*.so.1' \
+    --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache --exclude=tests/programs/bin \
+    --exclude='*.egg-info' -cf - . | tar -C "$1" -xf -
+}
+
 run() {
   local dir secs=${2:-1800}
   dir=$(cd "$1" && pwd)
@@ -164,6 +253,8 @@ run() {
 
 case ${1:-} in
   build) build ;;
+  provision) provision ;;
+  copy-project) copy_project "$2" ;;
   run) shift; run "$@" ;;
-  *) say "usage: $0 build | run DIR [SECONDS]"; exit 2 ;;
+  *) say "usage: $0 build | provision | run DIR [SECONDS]"; exit 2 ;;
 esac

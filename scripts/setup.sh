@@ -6,7 +6,13 @@
 #      at run time; no mirror host name lives in this repository);
 #   3. .venv/ with the project (editable) and pycriu built from the same CRIU source;
 #   4. the clone snapshot's ptrace batch helper, criu_livedump/linux/libptrace_batch.so.1.
-# A second run reuses the cache and takes seconds.
+# A second run reuses the cache and takes seconds. The same on x86_64 and aarch64 hosts.
+# `setup.sh debs` does step 1 only.
+#
+# CRIU_LIVEDUMP_SETUP=guest: what the emulated arm64 guest needs to run the kernel comparisons
+# (scripts/arm64-guest.sh provision runs this script there, in a chroot under qemu-user): no
+# server packages (redis, nginx, postgresql, podman; their tests skip) and the venv's test
+# extra only (no linters, no matplotlib).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,11 +25,17 @@ python=${PYTHON:-python3}
 say() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- 1. Debian packages -------------------------------------------------------------------------
+profile=${CRIU_LIVEDUMP_SETUP:-full}
 debs=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
       libprotobuf-c-dev libprotobuf-dev pkg-config protobuf-c-compiler protobuf-compiler uuid-dev
-      gcc make gdb gdb-multiarch elfutils xz-utils zstd curl ca-certificates iproute2 passwd liburing-dev
-      redis-server redis-tools nginx-light postgresql postgresql-contrib podman runc
-      fuse3)
+      gcc make gdb elfutils xz-utils zstd curl ca-certificates iproute2 passwd liburing-dev
+      python3-venv)
+extras=test
+if [ "$profile" != guest ]; then
+  debs+=(gdb-multiarch redis-server redis-tools nginx-light postgresql postgresql-contrib podman
+         runc fuse3)
+  extras=dev,serve
+fi
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -38,6 +50,10 @@ if ((${#missing[@]})); then
     systemctl disable --now "$s" >/dev/null 2>&1 || service "$s" stop >/dev/null 2>&1 || true
   done
 fi
+
+# `setup.sh debs`: step 1 only (scripts/arm64-guest.sh provision: the guest's libraries, which
+# CRIU is then cross-built against)
+[ "${1:-}" = debs ] && exit 0
 
 # --- 2. CRIU --------------------------------------------------------------------------------------
 criu_ok() {  # usable: version >= 4.1 and `criu check` passes
@@ -81,12 +97,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 stamp="$venv/.setup-stamp"
-want="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1) $src"
+want="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1) $src $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel
   "$venv/bin/pip" install -q "protobuf>=4.21,<6"
   "$venv/bin/pip" install -q --no-build-isolation "$src/lib"
-  "$venv/bin/pip" install -q -e "$here[dev,serve]"
+  "$venv/bin/pip" install -q -e "$here[$extras]"
   echo "$want" >"$stamp"
 fi
 

@@ -19,6 +19,7 @@ from harness.cases import (
     DATA,
     CaseRun,
     CriuAndConvert,
+    Direct,
     KernelCase,
     LiveDump,
     MountNamespace,
@@ -172,10 +173,30 @@ ALL_CASES = (
     + TO_HANDLER
 )
 
+#: the programs whose cases `make test-arm64` runs in the emulated arm64 guest (``-m arm64``;
+#: tests/arm64/guest-tests.sh): both methods and CRIU + converter, each with the guest's CRIU
+#: and started directly; the others stay out for TCG's minutes (each case takes ~1 min there)
+ARM64_PROGRAMS = frozenset({"mappings", "threads", "sigwaits"})
 
-@pytest.fixture(
-    scope="module", params=sorted(ALL_CASES, key=lambda c: c.name), ids=lambda c: c.name
-)
+
+def _for_arm64_guest(case: KernelCase) -> bool:
+    return (
+        case.program in ARM64_PROGRAMS
+        and getattr(case.dumper, "criu", None) is None
+        and isinstance(case.launcher, Direct)
+        and not case.replace_data
+        and not case.every_register
+    )
+
+
+def _params(cases: tuple[KernelCase, ...]) -> list[object]:
+    return [
+        pytest.param(c, id=c.name, marks=[pytest.mark.arm64] if _for_arm64_guest(c) else [])
+        for c in sorted(cases, key=lambda c: c.name)
+    ]
+
+
+@pytest.fixture(scope="module", params=_params(ALL_CASES))
 def run(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CaseRun]:

@@ -10,7 +10,9 @@ out=$share/out
 rm -rf "$out"
 mkdir -p "$out" /opt/livedump /tmp/cores
 uname -r >"$out/kernel"
-criu --version >"$out/criu-version" 2>&1
+# Debian 12's CRIU 3.17.1 (provision puts 4.2.1 first on PATH, as /usr/local/sbin/criu)
+criu=/usr/sbin/criu
+"$criu" --version >"$out/criu-version" 2>&1
 getconf PAGESIZE >"$out/pagesize"
 for p in threads mappings; do
   gcc -O1 -g -pthread -Wall -o "/opt/livedump/$p" "$share/src/$p.c" || exit 1
@@ -38,9 +40,9 @@ run_case() {  # NAME PROGRAM ARGS...
   # interrupted sigtimedwait fails with EINTR, which glibc's sigwait() stores in errno before it
   # waits again), as the kernel-comparison harness's rseq query does before CRIU on x86_64.
   mkdir -p /tmp/warmup
-  timeout 600 criu dump -t "$pid" -D /tmp/warmup --leave-running -o dump.log || echo "$name: warm-up failed"
+  timeout 600 "$criu" dump -t "$pid" -D /tmp/warmup --leave-running -o dump.log || echo "$name: warm-up failed"
   rm -rf /tmp/warmup
-  if ! timeout 600 criu dump -t "$pid" -D "$d/images" --leave-running -v4 -o dump.log; then
+  if ! timeout 600 "$criu" dump -t "$pid" -D "$d/images" --leave-running -v4 -o dump.log; then
     echo "$name: criu dump failed"; tail -40 "$d/images/dump.log"
   fi
   # the sidecar a live dump writes beside the images: the parent CRIU records as 0
