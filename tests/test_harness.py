@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness.aarch64 import AARCH64
 from harness.cases import CriuAndConvert, Dumper, LiveDump
 from harness.compare import (
     compare_cores,
@@ -654,3 +655,20 @@ def test_bits_criu_sets_are_tolerated_only_where_the_kernel_has_them() -> None:
     assert X86_64.as_after_criu("NT_X86_XSTATE", xstate(0xA0), kernel) == xstate(0xA1)
     assert X86_64.as_after_criu("NT_FPREGSET", ours, kernel) == ours
     assert X86_64.as_after_criu("NT_X86_XSTATE", None, kernel) is None
+
+
+def test_arm64_breakpoint_criu_leaves_is_tolerated_only_as_criu_leaves_it() -> None:
+    """The disabled breakpoint CRIU's compel leaves in NT_ARM_HW_BREAK slot 0 (ctrl 0x1e4) is
+    taken from the kernel's core where ours has a clear slot; another ctrl or an address stays
+    a difference."""
+
+    def hw_break(ctrl: int, addr: int = 0, slot: int = 0) -> bytes:
+        raw = bytearray(8 + 16 * 16)
+        raw[8 + 16 * slot : 8 + 16 * slot + 12] = struct.pack("<QI", addr, ctrl)
+        return bytes(raw)
+
+    kernel, ours = hw_break(0x1E4), hw_break(0)
+    assert AARCH64.as_after_criu("NT_ARM_HW_BREAK", ours, kernel) == kernel
+    for other in (hw_break(0x1E5), hw_break(0x1E4, 0x400000), hw_break(0x1E4, slot=1)):
+        assert AARCH64.as_after_criu("NT_ARM_HW_BREAK", ours, other) != other
+    assert AARCH64.as_after_criu("NT_ARM_HW_WATCH", ours, kernel) == ours

@@ -266,11 +266,20 @@ def resume_regs(raw: bytes, signal_pending: bool = False) -> bytes:
 
 
 def image_thread_info(
-    template: Mapping[str, Any], regs: bytes, fpstate: Sequence[bytes], same_thread: bool
+    template: Mapping[str, Any],
+    regs: bytes,
+    fpstate: Sequence[bytes],
+    other: Sequence[bytes],
+    same_thread: bool,
 ) -> dict[str, Any]:
-    """CRIU's ``thread_info_aarch64`` for a thread stopped with ptrace *regs* and NT_PRFPREG
-    *fpstate*, from the clone's entry *template* (clear_tid_addr, tls and PAC keys kept)."""
+    """CRIU's ``thread_info_aarch64`` for a thread stopped with ptrace *regs*, NT_PRFPREG
+    *fpstate* and NT_ARM_TLS *other*, from the clone's entry *template* (clear_tid_addr and PAC
+    keys kept). The tls is the thread's own tpidr_el0: the template's is the clone's, which
+    copy_thread() (arch/arm64/kernel/process.c) gave it from the injecting thread."""
     info = dict(template)
+    tls = other[0] if other else b""
+    if len(tls) >= 8:
+        info["tls"] = int.from_bytes(tls[:8], "little")
     r = unpack_regs(regs)
     info["gpregs"] = {
         "regs": [r[f"x{i}"] for i in range(31)],
@@ -313,6 +322,8 @@ ARCH: Final = Arch(
     process_notes=process_notes,
     cpu_layout=cpu_layout,
     fp_regsets=((NT.PRFPREG, FPSIMD.size),),
+    # NT_ARM_TLS: tpidr_el0, and tpidr2_el0 where the kernel has SME (tls_get())
+    thread_regsets=((NT_ARM_TLS, 16),),
     pc=pc,
     syscall_nr=syscall_nr,
     syscall_result=syscall_result,

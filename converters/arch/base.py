@@ -94,6 +94,10 @@ class Arch:
     #: saves per thread the first one the CPU has, the others empty (:attr:`image_thread_info`
     #: derives them from it)
     fp_regsets: tuple[tuple[int, int], ...]
+    #: (note type, largest size) of the other regsets the snapshot saves per thread for
+    #: :attr:`image_thread_info`: registers CRIU's thread_info holds apart from the general
+    #: ones (aarch64's NT_ARM_TLS; x86_64's fs_base is a general register)
+    thread_regsets: tuple[tuple[int, int], ...]
     #: program counter
     pc: Callable[[bytes], int]
     #: the syscall a thread stopped in (or at the exit of), or None
@@ -106,11 +110,14 @@ class Arch:
     #: ``resume_regs(regs, signal_pending)``: the registers that continue a stopped thread as
     #: the kernel would after a stop with no signal handler
     resume_regs: Callable[[bytes, bool], bytes]
-    #: ``image_thread_info(template, regs, fpstate, same_thread)``: CRIU's
-    #: :attr:`thread_info_field` entry (pb2dict form) for a thread stopped with ptrace *regs*
-    #: and :attr:`fp_regsets` buffers *fpstate*, from *template* (CRIU's entry of the clone),
-    #: whose state only CRIU can read (x86 CET) is kept when *same_thread* (the clone's)
-    image_thread_info: Callable[[Mapping[str, Any], bytes, Sequence[bytes], bool], dict[str, Any]]
+    #: ``image_thread_info(template, regs, fpstate, other, same_thread)``: CRIU's
+    #: :attr:`thread_info_field` entry (pb2dict form) for a thread stopped with ptrace *regs*,
+    #: :attr:`fp_regsets` buffers *fpstate* and :attr:`thread_regsets` buffers *other*, from
+    #: *template* (CRIU's entry of the clone), whose state only CRIU can read (x86 CET) is kept
+    #: when *same_thread* (the clone's)
+    image_thread_info: Callable[
+        [Mapping[str, Any], bytes, Sequence[bytes], Sequence[bytes], bool], dict[str, Any]
+    ]
 
     def find_syscall_insn(self, code: bytes) -> int:
         """Offset of the first :attr:`syscall_insn` in *code* (read from an aligned address)

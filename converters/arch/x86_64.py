@@ -509,10 +509,15 @@ def image_fpregs(
 
 
 def image_thread_info(
-    template: Mapping[str, Any], regs: bytes, fpstate: Sequence[bytes], same_thread: bool
+    template: Mapping[str, Any],
+    regs: bytes,
+    fpstate: Sequence[bytes],
+    other: Sequence[bytes],
+    same_thread: bool,
 ) -> dict[str, Any]:
     """CRIU's ``thread_info_x86`` for a thread stopped with ptrace *regs* and FP regsets
-    *fpstate*, from the clone's entry *template*."""
+    *fpstate*, from the clone's entry *template* (no *other* regsets: fs_base and gs_base are
+    general registers)."""
     info = dict(template)
     info["gpregs"] = image_gpregs(regs)
     fp = image_fpregs(fpstate, template.get("fpregs") if same_thread else None)
@@ -618,6 +623,7 @@ ARCH: Final = Arch(
     process_notes=process_notes,
     cpu_layout=cpu_layout,
     fp_regsets=((NT_X86_XSTATE, XSTATE_BUF_SIZE), (NT.PRFPREG, FXSAVE.size)),
+    thread_regsets=(),
     pc=pc,
     syscall_nr=syscall_nr,
     syscall_result=syscall_result,

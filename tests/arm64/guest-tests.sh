@@ -13,7 +13,7 @@ mkdir -p "$out"
 uname -r >"$out/kernel"
 python3 guest-probe.py project || exit 1
 # this run's sources over the provisioned copy (its venv and arm64 helper stay)
-cp -R project/. /opt/criu-livedump/ || exit 1
+cp -pR project/. /opt/criu-livedump/ || exit 1
 cd /opt/criu-livedump || exit 1
 # offline: everything is in place, so this only checks it (and rebuilds the helper if its
 # source changed)

@@ -29,6 +29,8 @@ FPSIMD_FIELDS = (
     NoteField(516, 520, "fpcr"),
     NoteField(520, 528, "__reserved"),
 )
+#: offset of dbg_regs[0].ctrl in struct user_hwdebug_state
+HWDEBUG_CTRL0 = 16
 #: struct user_hwdebug_state: u32 dbg_info, pad, then 16 x {u64 addr; u32 ctrl; u32 pad}
 HWDEBUG_FIELDS = (
     NoteField(0, 4, "dbg_info"),
@@ -78,4 +80,12 @@ AARCH64 = Machine(
         ),
     },
     process_notes={},
+    # dbg_regs[0].ctrl of NT_ARM_HW_BREAK: CRIU >= 3.18's compel stops its parasite on a
+    # hardware breakpoint in the thread it runs in (compel/arch/aarch64/src/lib/infect.c:
+    # ptrace_set_breakpoint()), then only disables it (ptrace_flush_breakpoints(): ctrl =
+    # 4-byte length 0xf << 5 | execute | EL0 2 << 1, enable bit 0). The kernel keeps that
+    # perf breakpoint registered, and hw_break_get() (arch/arm64/kernel/ptrace.c) reports its
+    # ctrl, 0x1e4, from then on. Measured in the emulated guest: the main thread's slot 0 is
+    # zero before `criu dump --leave-running` of CRIU 4.2.1, 0x1e4 (address 0) after.
+    set_by_criu={"NT_ARM_HW_BREAK": ((HWDEBUG_CTRL0, 0xE4), (HWDEBUG_CTRL0 + 1, 0x01))},
 )

@@ -81,9 +81,9 @@ class Machine:
     #: architecture notes written once per core, compared byte for byte: (owner, type) -> name
     process_notes: Mapping[tuple[str, int], str]
     #: bits of a register note that a CRIU dump run inside the target sets, by note name:
-    #: (byte offset, mask). The kernel's core of the target after ``criu dump --leave-running``
-    #: may have them where ours, from CRIU's images of the state before, has not.
-    set_by_criu: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    #: (byte offset, mask) pairs. The kernel's core of the target after ``criu dump
+    #: --leave-running`` may have them where ours, from CRIU's images of the state before, has not.
+    set_by_criu: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     @property
     def syscall_regs(self) -> tuple[str, str]:
@@ -112,11 +112,10 @@ class Machine:
         """*ours* with the :attr:`set_by_criu` bits of *note* that *kernel* has set."""
         if note not in self.set_by_criu or ours is None or kernel is None:
             return ours
-        offset, mask = self.set_by_criu[note]
-        if len(ours) <= offset or len(kernel) <= offset:
-            return ours
         fixed = bytearray(ours)
-        fixed[offset] |= kernel[offset] & mask
+        for offset, mask in self.set_by_criu[note]:
+            if offset < len(ours) and offset < len(kernel):
+                fixed[offset] |= kernel[offset] & mask
         return bytes(fixed)
 
     def field_name(self, note: str, offset: int) -> str:

@@ -117,5 +117,5 @@ X86_64 = Machine(
     # XSTATE_BV bit 0, "x87 state in use" (Intel's init optimisation, SDM vol. 1 13.6): CRIU's
     # parasite leaves it set, its x87 registers at their init values. Measured here: a `sleep`
     # reads 0xa2 through PTRACE_GETREGSET before `criu dump --leave-running`, 0xa3 after.
-    set_by_criu={"NT_X86_XSTATE": (512, 0x01)},
+    set_by_criu={"NT_X86_XSTATE": ((512, 0x01),)},
 )

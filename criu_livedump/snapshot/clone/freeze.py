@@ -62,6 +62,8 @@ class ThreadState:
     signal_pending: bool = False
     #: its id in the target's own PID namespace (last NSpid entry)
     ns_tid: int = 0
+    #: the architecture's other regsets (:attr:`converters.arch.base.Arch.thread_regsets`)
+    other: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class AllThreads:
     _index: dict[int, int] = field(default_factory=dict)
     #: the FP regsets after the first, for threads the first is missing from (ENODEV)
     _fp_fallback: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
+    _other: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
     _marks: dict[str, float] = field(default_factory=dict)
     _deadline: float = 0.0
 
@@ -198,6 +201,9 @@ class AllThreads:
             for i in saved.fp_missing():
                 tid = saved.tids[i]
                 self._fp_fallback[tid] = ptrace.get_regsets(tid, arch.fp_regsets[1:])
+        if arch.thread_regsets:
+            for tid in saved.tids:
+                self._other[tid] = ptrace.get_regsets(tid, arch.thread_regsets)
         eintr = -errno.EINTR
         restart: dict[int, bytes] = {}
         for i, tid in enumerate(saved.tids):
@@ -284,7 +290,8 @@ class AllThreads:
             comm, ns_tid = names[tid] if tid in names else read_names(self.pid, tid)
             mask = saved.sigmask(i)
             pending = bool(saved.pending(i) & ~mask)
-            out.append(ThreadState(tid, saved.regs(i), fpstate, mask, comm, pending, ns_tid))
+            other = self._other.get(tid, ())
+            out.append(ThreadState(tid, saved.regs(i), fpstate, mask, comm, pending, ns_tid, other))
         return tuple(sorted(out, key=lambda t: t.tid))
 
     # --- helpers --------------------------------------------------------------------------------

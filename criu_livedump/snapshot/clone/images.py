@@ -121,7 +121,7 @@ def _thread_core(
     core: dict[str, Any] = {"mtype": src["mtype"]}
     arch = by_criu_mtype(str(src["mtype"]), str(path))
     info = arch.image_thread_info(
-        src[arch.thread_info_field], t.regs, t.fpstate, t.tid == snap.injector_tid
+        src[arch.thread_info_field], t.regs, t.fpstate, t.other, t.tid == snap.injector_tid
     )
     if t.tid != snap.injector_tid:
         info["clear_tid_addr"] = 0
