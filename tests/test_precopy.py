@@ -26,6 +26,7 @@ from harness.procstate import read_maps, read_rseq_areas, thread_states
 from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux.procfs import MapsEntry, smaps_entries
 from criu_livedump.request import build_request
+from criu_livedump.snapshot.clone import inject
 from criu_livedump.snapshot.precopy import rounds, tracker
 from criu_livedump.snapshot.precopy.method import PrecopySnapshot
 from criu_livedump.target import inspect
@@ -207,4 +208,22 @@ def test_a_full_scratch_falls_back_to_the_clone(
             )
             assert not (tmp_path / "precopy" / f"pages-{t.pid}.bin").exists()
         assert t.tracked_pages() == 0
+        t.do("w", 0, PAGES)
+
+
+def test_killed_between_dontfork_and_the_clone_gives_the_flags_back(
+    programs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Killed inside the freeze with the area MADV_DONTFORK: rounds.Restorer gives it
+    MADV_DOFORK back (else every later fork of the target would lack it)."""
+    with started(programs) as t:
+        t.do("w", 0, PAGES)
+        argv = [EXE, "dump", str(t.pid), "-o", str(tmp_path / "core"), "--method", "precopy",
+                "--core-limit", "unlimited", "--scratch", str(tmp_path)]  # fmt: skip
+        env = {**os.environ, inject.PAUSE_ENV: "dontfork"}
+        with procs.paused_at(argv, env, "dontfork"):
+            assert "dc" in t.vmflags()[t.base]  # the control: left out of the fork now
+        procs.wait_for(lambda: "dc" not in t.vmflags()[t.base], 10, "MADV_DOFORK given back")
+        assert t.tracked_pages() == 0
+        assert not tracker.holds_userfaultfd(t.pid)
         t.do("w", 0, PAGES)

@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 #: stderr) so that a test can kill the tool at that point.
 PAUSE_ENV: Final = "CRIU_LIVEDUMP_CLONE_PAUSE"
 #: The steps :data:`PAUSE_ENV` accepts, in order.
-PAUSE_STEPS: Final = ("seized", "cloned", "detached", "prepared", "released")
+PAUSE_STEPS: Final = ("seized", "dontfork", "cloned", "detached", "prepared", "released")
 
 
 _ALL_SIGNALS: Final = (1 << 64) - 1
@@ -473,6 +473,7 @@ def _make_clone(state: _Freeze, hook: ForkHook | None = None) -> None:
     if hook is not None:
         with _frozen_calls(state) as call:
             hook.before_fork(call, injector)
+        _hook("dontfork")  # the injector's registers and mask its own again
     state.clone_pid = _inject_clone(injector, saved, state.restore, state.mask, ip, state.suspend)
     if hook is not None:
         with _frozen_calls(state) as call:

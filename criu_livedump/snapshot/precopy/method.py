@@ -150,8 +150,15 @@ class PrecopySnapshot(CloneSnapshot):
         )  # fmt: skip
 
     def freeze(self) -> None:
+        restorer = rounds.Restorer()
+        if self._final is not None and self._tracker is not None:
+            ranges = rounds.joined(sorted(set(self._tracker.areas) & self._final.eligible))
+            restorer = rounds.Restorer.start(self.facts.pid, ranges, self._prepared[0].suspend)
         try:
-            super().freeze()
+            try:
+                super().freeze()
+            finally:
+                restorer.dismiss()
             rounds.hook("resumed")
         finally:
             # the target runs again: closing clears every write-protect of ours

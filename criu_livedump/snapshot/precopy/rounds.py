@@ -14,14 +14,19 @@ Their pages then join the images as those of the areas a fork does not copy
 
 Test hook: :data:`PAUSE_ENV` set to ``armed`` or ``round-N`` stops the tool there (after the
 arming, after the copy of round N; printing ``paused STEP`` on stderr) so that a test can kill
-it in that round; ``resumed`` stops it after the freeze, the target running and still tracked.
+it in that round; ``resumed`` after the freeze, the target running and still tracked. Inside
+the freeze, the clone's hook (:data:`criu_livedump.snapshot.clone.inject.PAUSE_ENV`) stops at
+``dontfork``: the areas MADV_DONTFORK, the clone not made yet (:class:`Restorer` undoes it
+should we die there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,18 +35,23 @@ from pathlib import Path
 from typing import Final
 
 from converters.arch import host
+from criu_livedump.errors import LivedumpError
 from criu_livedump.linux import PAGE_SIZE, pagemap, ptrace
-from criu_livedump.linux.procfs import MapsEntry, SmapsEntry, read_maps
+from criu_livedump.linux.procfs import MapsEntry, SmapsEntry, read_maps, read_status, task_ids
+from criu_livedump.linux.ptrace import Opt
 from criu_livedump.snapshot.clone import fork_lost
+from criu_livedump.snapshot.clone.inject import injecting
 from criu_livedump.snapshot.precopy.tracker import Tracker
 
 __all__ = [
     "PAUSE_ENV",
     "FinalCopy",
+    "Restorer",
     "Round",
     "SideStore",
     "eligible",
     "hook",
+    "joined",
     "present",
     "run_rounds",
 ]
@@ -221,7 +231,7 @@ def run_rounds(
     previous = None
     while len(rounds) < max_rounds:
         t0 = time.monotonic()
-        runs = tracker.scan() if rounds else _joined(sorted([*before, *_present(tracker)]))
+        runs = tracker.scan() if rounds else joined(sorted([*before, *_present(tracker)]))
         found = sum(hi - lo for lo, hi in runs)
         copied = store.copy(runs)
         r = Round(len(rounds) + 1, found, copied, time.monotonic() - t0)
@@ -301,7 +311,7 @@ class FinalCopy:
         self.store.copy(runs)
         t1 = time.monotonic()
         madvise = host().syscalls.madvise
-        for lo, hi in _joined(sorted(areas)):
+        for lo, hi in joined(sorted(areas)):
             self.ranges.append((lo, hi))
             ret = call(madvise, lo, hi - lo, MADV_DONTFORK)
             if ret < 0:
@@ -394,7 +404,7 @@ def _still_mapped(
     return out
 
 
-def _joined(areas: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def joined(areas: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted ``(start, end)`` ranges, adjacent or overlapping ones joined."""
     out: list[tuple[int, int]] = []
     for lo, hi in areas:
@@ -412,3 +422,76 @@ def eligible(
     in *smaps*: MADV_DOFORK after the fork then restores exactly what was."""
     flagged = [(e.start, e.end) for e in smaps if "dc" in e.vmflags or "wf" in e.vmflags]
     return frozenset((lo, hi) for lo, hi in areas if not any(a < hi and lo < b for a, b in flagged))
+
+
+@dataclass
+class Restorer:
+    """A process that gives MADV_DOFORK back to the pre-copied areas should we die inside the
+    freeze between :class:`FinalCopy`'s MADV_DONTFORK and MADV_DOFORK (the target would run on
+    with its heap left out of every fork it makes). It holds the read end of a pipe whose only
+    write end is ours: EOF without :meth:`dismiss`'s byte means we died. It then injects
+    ``madvise(MADV_DOFORK)`` on every range in the target (whose threads our death detached).
+    DOFORK on an area that was not DONTFORK changes nothing, and none of *ranges* was
+    (:func:`eligible`), so it may run whenever we die. It closes every other descriptor first,
+    the userfaultfd among them."""
+
+    pid: int = 0
+    fd: int = -1
+
+    @classmethod
+    def start(cls, target: int, ranges: Sequence[tuple[int, int]], suspend: Opt) -> Restorer:
+        """Fork the restorer of *ranges* of process *target*."""
+        rfd, wfd = os.pipe()
+        try:
+            child = os.fork()
+        except OSError:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        if child == 0:  # pragma: no cover - runs in the forked restorer
+            try:
+                os.close(wfd)
+                _restorer(rfd, target, ranges, suspend)
+            finally:
+                os._exit(0)
+        os.close(rfd)
+        return cls(child, wfd)
+
+    def dismiss(self) -> None:
+        """The freeze is over (DOFORK done, or never needed): the restorer exits."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, b"x")
+            os.close(self.fd)
+            self.fd = -1
+        if self.pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+
+
+def _restorer(  # pragma: no cover - forked child
+    rfd: int, target: int, ranges: Sequence[tuple[int, int]], suspend: Opt
+) -> None:
+    os.closerange(0, rfd)
+    os.closerange(rfd + 1, 1 << 16)
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTSTP):
+        signal.signal(sig, signal.SIG_IGN)
+    if os.read(rfd, 1):
+        return
+    madvise = host().syscalls.madvise
+    with contextlib.suppress(OSError, LivedumpError, IndexError):
+        # our descriptors close before our tracees are detached (kernel/exit.c: do_exit()
+        # calls exit_files() before exit_notify() -> exit_ptrace())
+        tid = task_ids(target)[0]
+        deadline = time.monotonic() + 10.0
+        while _tracer(target, tid) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with injecting(target, tid, suspend=suspend) as call:
+            for lo, hi in ranges:
+                call(madvise, lo, hi - lo, MADV_DOFORK)
+
+
+def _tracer(pid: int, tid: int) -> int:  # pragma: no cover - forked child
+    return int(read_status(f"/proc/{pid}/task/{tid}/status").get("TracerPid", "0"))
