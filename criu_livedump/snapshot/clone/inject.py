@@ -952,6 +952,17 @@ def _start_watchdog(plan: ReapPlan, pidfd: int) -> tuple[int, int]:
 
     :returns: (watchdog pid, write end of its pipe).
     """
+    return fork_guard(lambda rfd: _watchdog(rfd, plan, pidfd), keep=(pidfd,))
+
+
+def fork_guard(run: Callable[[int], None], *, keep: Sequence[int] = ()) -> tuple[int, int]:
+    """Fork a helper that outlives us to clean up: it runs ``run(rfd)`` in its own session
+    (a signal to our process group leaves it be), its standard streams on /dev/null and every
+    other descriptor but *keep* closed, *rfd* the read end of a pipe whose only write end is
+    ours: EOF there without a byte written first means we died.
+
+    :returns: (helper pid, write end of its pipe).
+    """
     rfd, wfd = os.pipe()
     try:
         child = os.fork()
@@ -959,28 +970,31 @@ def _start_watchdog(plan: ReapPlan, pidfd: int) -> tuple[int, int]:
         os.close(rfd)
         os.close(wfd)
         raise
-    if child == 0:  # pragma: no cover - runs in the forked watchdog
+    if child == 0:  # pragma: no cover - runs in the forked helper
         try:
             os.close(wfd)
-            _watchdog(rfd, plan, pidfd)
+            _detach_helper({rfd, *keep})
+            run(rfd)
         finally:
             os._exit(0)
     os.close(rfd)
     return child, wfd
 
 
-def _watchdog(rfd: int, plan: ReapPlan, pidfd: int) -> None:  # pragma: no cover - forked child
+def _detach_helper(keep: set[int]) -> None:  # pragma: no cover - forked child
     os.setsid()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTSTP):
         signal.signal(sig, signal.SIG_IGN)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    keep = {0, 1, 2, rfd, pidfd}
     for name in os.listdir("/proc/self/fd"):
-        if int(name) not in keep:
+        if int(name) not in {0, 1, 2, *keep}:
             with contextlib.suppress(OSError):
                 os.close(int(name))
+
+
+def _watchdog(rfd: int, plan: ReapPlan, pidfd: int) -> None:  # pragma: no cover - forked child
     if os.read(rfd, 1):
         return  # the tool dealt with the clone
     with contextlib.suppress(ProcessLookupError, OSError):

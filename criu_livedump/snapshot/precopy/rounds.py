@@ -26,7 +26,6 @@ import contextlib
 import logging
 import mmap
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +39,7 @@ from criu_livedump.linux import PAGE_SIZE, pagemap, ptrace
 from criu_livedump.linux.procfs import MapsEntry, SmapsEntry, read_maps, read_status, task_ids
 from criu_livedump.linux.ptrace import Opt
 from criu_livedump.snapshot.clone import fork_lost
-from criu_livedump.snapshot.clone.inject import injecting
+from criu_livedump.snapshot.clone.inject import fork_guard, injecting
 from criu_livedump.snapshot.precopy.tracker import Tracker
 
 __all__ = [
@@ -441,21 +440,7 @@ class Restorer:
     @classmethod
     def start(cls, target: int, ranges: Sequence[tuple[int, int]], suspend: Opt) -> Restorer:
         """Fork the restorer of *ranges* of process *target*."""
-        rfd, wfd = os.pipe()
-        try:
-            child = os.fork()
-        except OSError:
-            os.close(rfd)
-            os.close(wfd)
-            raise
-        if child == 0:  # pragma: no cover - runs in the forked restorer
-            try:
-                os.close(wfd)
-                _restorer(rfd, target, ranges, suspend)
-            finally:
-                os._exit(0)
-        os.close(rfd)
-        return cls(child, wfd)
+        return cls(*fork_guard(lambda rfd: _restorer(rfd, target, ranges, suspend)))
 
     def dismiss(self) -> None:
         """The freeze is over (DOFORK done, or never needed): the restorer exits."""
@@ -473,11 +458,6 @@ class Restorer:
 def _restorer(  # pragma: no cover - forked child
     rfd: int, target: int, ranges: Sequence[tuple[int, int]], suspend: Opt
 ) -> None:
-    os.closerange(0, rfd)
-    os.closerange(rfd + 1, 1 << 16)
-    os.setsid()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTSTP):
-        signal.signal(sig, signal.SIG_IGN)
     if os.read(rfd, 1):
         return
     madvise = host().syscalls.madvise
