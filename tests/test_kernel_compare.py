@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.live, pytest.mark.kernel, pytest.mark.slow]
 MAPPINGS = ("mappings", (DATA, "1024"))
 #: the clone streams its pages into the core (criu_livedump/stream.py) where it can
 CLONE = LiveDump("clone", capture="stream")
-CRIU = LiveDump("criu")
+CRIU = LiveDump("criu", capture="images")
 PRECOPY = PrecopyEveryArea(capture="stream")
 
 CASES = (
@@ -87,7 +87,7 @@ CASES = (
         "hugetlb-0x73-livedump-clone",
         "hugetlb",
         coredump_filter=0x73,
-        dumper=LiveDump("clone"),  # hugetlb memory is not streamed
+        dumper=LiveDump("clone", capture="images"),  # hugetlb memory is not streamed
         hugepages=8,
     ),
     # a container's view: its own mount namespace, the data file on a tmpfs only it can see,
@@ -123,7 +123,7 @@ PRECOPY_CASES = (
         "hugetlb-0x73-livedump-precopy",
         "hugetlb",
         coredump_filter=0x73,
-        dumper=PrecopyEveryArea(),  # hugetlb memory is not streamed
+        dumper=PrecopyEveryArea(capture="images"),  # hugetlb memory is not streamed
         hugepages=8,
     ),
     KernelCase(
