@@ -179,7 +179,8 @@ ALL_CASES = (
 )
 
 #: the programs whose cases `make test-arm64` runs in the emulated arm64 guest (``-m arm64``;
-#: tests/arm64/guest-tests.sh): both methods and CRIU + converter, each with the guest's CRIU
+#: tests/arm64/guest-tests.sh): both methods (criu, clone; not the core_pattern handler's
+#: variants) and CRIU + converter, each with the guest's CRIU
 #: and started directly, at most ARM64_MAX_THREADS threads; the others stay out for TCG's
 #: minutes (each case takes ~1 min there)
 ARM64_PROGRAMS = frozenset({"mappings", "threads", "sigwaits"})
@@ -188,9 +189,17 @@ ARM64_MAX_THREADS = 16
 
 def _for_arm64_guest(case: KernelCase) -> bool:
     threads = int(case.args[0]) if case.program == "threads" else 0
+    dumper = case.dumper
+    # precopy needs PAGEMAP_SCAN (Linux 6.7), newer than the guest's 6.1
+    method_ok = isinstance(dumper, CriuAndConvert) or (
+        isinstance(dumper, LiveDump)
+        and dumper.method in ("criu", "clone")
+        and not dumper.to_handler
+    )
     return (
-        case.program in ARM64_PROGRAMS
-        and getattr(case.dumper, "criu", None) is None
+        method_ok
+        and case.program in ARM64_PROGRAMS
+        and getattr(dumper, "criu", None) is None
         and isinstance(case.launcher, Direct)
         and not case.replace_data
         and threads <= ARM64_MAX_THREADS

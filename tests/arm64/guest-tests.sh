@@ -21,8 +21,8 @@ CRIU_LIVEDUMP_SETUP=guest CRIU_LIVEDUMP_TEST_RELEASES= bash scripts/setup.sh || 
 criu --version >"$out/criu-version"
 status=0
 .venv/bin/python -m pytest tests/test_kernel_compare.py -m arm64 -p no:cacheprovider \
-  --basetemp=/tmp/kc -q -rA --junitxml="$out/junit.xml" || status=$?
-for d in /tmp/kc/*; do
+  --basetemp=/var/tmp/kc -q -rA --junitxml="$out/junit.xml" || status=$?
+for d in /var/tmp/kc/*; do
   [ -L "$d" ] || [ ! -d "$d/ours" ] && continue  # NAMEcurrent: pytest's link to NAME0
   case=$(basename "$d")
   mkdir -p "$out/$case"
