@@ -80,8 +80,9 @@ AARCH64 = Machine(
         ),
     },
     process_notes={},
-    # dbg_regs[0].ctrl of NT_ARM_HW_BREAK: CRIU >= 3.18's compel stops its parasite on a
-    # hardware breakpoint in the thread it runs in (compel/arch/aarch64/src/lib/infect.c:
+    # dbg_regs[0].ctrl of NT_ARM_HW_BREAK: the compel of CRIU 4.1.1 and 4.2.1 (not 3.17.1: the
+    # fixtures' kernel cores have a clear slot) stops its parasite on a hardware breakpoint in
+    # the thread it runs in (compel/arch/aarch64/src/lib/infect.c:
     # ptrace_set_breakpoint()), then only disables it (ptrace_flush_breakpoints(): ctrl =
     # 4-byte length 0xf << 5 | execute | EL0 2 << 1, enable bit 0). The kernel keeps that
     # perf breakpoint registered, and hw_break_get() (arch/arm64/kernel/ptrace.c) reports its
