@@ -77,6 +77,8 @@ CASES = (
     # method copies those pages from the frozen target
     KernelCase("forkmadv-livedump-clone", "forkmadv", dumper=CLONE),
     KernelCase("forkmadv-livedump-criu", "forkmadv", dumper=CRIU),
+    # the MADV_DONTFORK area MADV_DONTDUMP too: in the kernel's core without its bytes
+    KernelCase("forkmadv-dontdump-livedump-clone", "forkmadv", ("dontdump",), dumper=CLONE),
     # hugetlb: its own filter bits (0x20 private is in the default 0x33, 0x40 shared is not)
     KernelCase("hugetlb-0x33", "hugetlb", hugepages=8),
     KernelCase("hugetlb-0x73", "hugetlb", coredump_filter=0x73, hugepages=8),

@@ -69,6 +69,9 @@ class ForkLostArea:
     kind: str
     runs: tuple[tuple[int, int, int], ...]
     data_file: Path
+    #: MADV_DONTDUMP too: the core holds none of its bytes (none were copied), and its VMA
+    #: must say so
+    dontdump: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class _Candidate:
     end: int
     perms: str
     kind: str
+    dontdump: bool = False
 
 
 @dataclass
@@ -103,7 +107,8 @@ class Copier:
             for c in self.candidates:
                 pgoff = current.get((c.start, c.end, c.perms))
                 if pgoff is not None:
-                    plan.append((c, pgoff, list(page_runs(pagemap, c.start, c.end))))
+                    runs = [] if c.dontdump else list(page_runs(pagemap, c.start, c.end))
+                    plan.append((c, pgoff, runs))
         finally:
             os.close(pagemap)
         total = sum(hi - lo for _, _, runs in plan for lo, hi in runs)
@@ -126,7 +131,9 @@ class Copier:
                     kept.append((lo, hi - lo, offset))
                 offset += hi - lo
             self._areas.append(
-                ForkLostArea(c.start, c.end, c.perms, pgoff, c.kind, tuple(kept), self.path)
+                ForkLostArea(
+                    c.start, c.end, c.perms, pgoff, c.kind, tuple(kept), self.path, c.dontdump
+                )
             )
 
     def finish(self) -> tuple[ForkLostArea, ...]:
@@ -154,7 +161,10 @@ def prepare(pid: int, smaps: Iterable[SmapsEntry], side_dir: Path) -> Copier | N
         if e.inode != 0 or not e.perms.endswith("p") or e.anon_kb == 0:
             continue
         if "dc" in e.vmflags and "io" not in e.vmflags:
-            found.append(_Candidate(e.start, e.end, e.perms, "dontfork"))
+            dontdump = "dd" in e.vmflags  # its VMA comes back, its bytes are not dumped
+            found.append(_Candidate(e.start, e.end, e.perms, "dontfork", dontdump))
+            if dontdump:
+                continue
         elif "wf" in e.vmflags:
             found.append(_Candidate(e.start, e.end, e.perms, "wipeonfork"))
         else:
@@ -162,6 +172,7 @@ def prepare(pid: int, smaps: Iterable[SmapsEntry], side_dir: Path) -> Copier | N
         size += e.anon_kb * 1024
     if not found:
         return None
+    size = max(size, mmap.PAGESIZE)  # room for none (DONTDUMP areas only) is still a mapping
     path = side_dir / f"fork-lost-{pid}.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Final
 from converters.arch import by_criu_mtype
 from converters.elf import PAGE_SIZE
 from converters.images import (
+    MADV_DONTDUMP,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
@@ -242,6 +243,7 @@ def _add_fork_lost(images_dir: Path, pid: int, areas: tuple[ForkLostArea, ...]) 
                     "flags": MAP_PRIVATE | MAP_ANONYMOUS,
                     "status": VMA_AREA_REGULAR | VMA_ANON_PRIVATE,
                     "fd": -1,
+                    **({"madv": 1 << MADV_DONTDUMP} if a.dontdump else {}),
                 }
             )
             added = True
