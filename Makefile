@@ -37,7 +37,8 @@ fuzz: setup
 arm64-fixtures:
 	bash tests/arm64/make-fixtures.sh
 
-# the clone snapshot's arm64 primitives on the emulated guest's real arm64 kernel (README "arm64")
+# the live-dump kernel comparisons (both methods) in the emulated arm64 guest, with its CRIU
+# 4.2.1 and the project's venv there (about 11 minutes; README "arm64")
 test-arm64:
 	bash tests/arm64/test-arm64.sh
 
