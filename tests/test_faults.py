@@ -88,8 +88,10 @@ class Heartbeat:
     def close(self) -> None:
         procs.kill_group(self.proc)
         for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()
+            # a command left in stdin's buffer of a killed heartbeat cannot be flushed
+            with contextlib.suppress(BrokenPipeError):
+                if f is not None:
+                    f.close()
 
 
 def start_heartbeat(binary: Path, *args: str) -> Heartbeat:
