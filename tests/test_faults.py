@@ -287,7 +287,7 @@ def test_criu_killed_mid_dump(
         str(fault_criu(tmp_path)),
         env=fault_env(tmp_path, point, "kill-criu", heartbeat.pid),
     )
-    assert (tmp_path / "fired").exists(), f"{point!r} never appeared in CRIU's log"
+    assert (tmp_path / "fired").exists(), f"{point!r} never appeared in CRIU's log: {proc.stderr}"
     error = assert_one_error(proc)
     killed = proc.returncode == 3 and "killed by signal 9" in error
     assert os.listdir(out) == []
