@@ -20,8 +20,10 @@ cd /opt/criu-livedump || exit 1
 CRIU_LIVEDUMP_SETUP=guest CRIU_LIVEDUMP_TEST_RELEASES= bash scripts/setup.sh || exit 1
 criu --version >"$out/criu-version"
 status=0
+# pytest-args: more words for pytest, from ARM64_PYTEST_ARGS (tests/arm64/test-arm64.sh)
 .venv/bin/python -m pytest tests/test_kernel_compare.py -m arm64 -p no:cacheprovider \
-  --basetemp=/var/tmp/kc -q -rA --junitxml="$out/junit.xml" || status=$?
+  --basetemp=/var/tmp/kc -q -rA --junitxml="$out/junit.xml" $(cat "$share/pytest-args") \
+  || status=$?
 for d in /var/tmp/kc/*; do
   [ -L "$d" ] || [ ! -d "$d/ours" ] && continue  # NAMEcurrent: pytest's link to NAME0
   case=$(basename "$d")

@@ -13,6 +13,8 @@ mkdir -p "$share"
 "$here/scripts/arm64-guest.sh" copy-project "$share/project"
 cp "$here/tests/arm64/guest-probe.py" "$share/"
 cp "$here/tests/arm64/guest-tests.sh" "$share/run.sh"
+# e.g. ARM64_PYTEST_ARGS="-k mappings-livedump" for a subset; ARM64_GUEST_CPU=max for SVE/PAC
+printf '%s\n' "${ARM64_PYTEST_ARGS:-}" >"$share/pytest-args"
 start=$SECONDS
 status=0
 "$here/scripts/arm64-guest.sh" run "$share" "${ARM64_GUEST_TIMEOUT:-3600}" || status=$?
