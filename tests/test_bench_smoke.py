@@ -98,7 +98,8 @@ def test_bench_runs_on_a_tiny_workload(tmp_path: Path, capsys: pytest.CaptureFix
         if "error" in peer:
             continue
         assert 0 < peer["complete_s"]["median"] <= peer["wall_s"]["median"], name
-        assert peer["peak_extra"]["median"] >= peer["core_allocated"], name
+        # ext4 may allocate an extent block at writeback, after the last sample: a few blocks
+        assert peer["peak_extra"]["median"] >= peer["core_allocated"] - 64 * 1024, name
     assert freeze["criu"]["frozen_ms"]["n"] == 1
     assert freeze["criu"]["frozen_ms"]["median"] > 0
     assert freeze["criu"]["gcore_over_this"] > 0
