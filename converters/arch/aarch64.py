@@ -21,7 +21,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from converters.arch.base import Arch, CpuLayout, ReadMemory, Syscalls, prstatus_struct
+from converters.arch.base import (
+    EINTR,
+    ERESTART_RESTARTBLOCK,
+    ERESTARTNOHAND,
+    ERESTARTNOINTR,
+    ERESTARTSYS,
+    Arch,
+    CpuLayout,
+    ReadMemory,
+    Syscalls,
+    prstatus_struct,
+)
 from converters.elf import NT, Note
 
 #: EM_AARCH64 (include/uapi/linux/elf-em.h)
@@ -91,11 +102,6 @@ class SYS:
     epoll_pwait2: Final = 441
 
 
-# include/linux/errno.h: the kernel-internal restart codes
-ERESTARTSYS: Final = 512
-ERESTARTNOINTR: Final = 513
-ERESTARTNOHAND: Final = 514
-ERESTART_RESTARTBLOCK: Final = 516
 _RESTARTED: Final = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK)
 
 
@@ -111,8 +117,6 @@ def core_gregs(core: Any, read: ReadMemory) -> bytes:
     return pack_regs(regs)
 
 
-#: include/uapi/asm-generic/errno-base.h
-EINTR: Final = 4
 #: The syscalls that sleep with their sigset argument as the blocked mask (kernel/signal.c
 #: sigsuspend(); fs/select.c and fs/eventpoll.c set_user_sigmask()), with that argument's
 #: register; pselect6's 6th points to a ``{const sigset_t *, size_t}`` pair.

@@ -11,12 +11,21 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from converters.elf import Note
 
 #: ``read(address, size)``: the dumped process's memory as the core shows it
 ReadMemory = Callable[[int, int], bytes]
+
+
+# include/linux/errno.h and include/uapi/asm-generic/errno-base.h, alike on every architecture:
+# the kernel-internal restart codes a stopped syscall shows as its result, and EINTR
+EINTR: Final = 4
+ERESTARTSYS: Final = 512
+ERESTARTNOINTR: Final = 513
+ERESTARTNOHAND: Final = 514
+ERESTART_RESTARTBLOCK: Final = 516
 
 
 class CpuLayout(Protocol):

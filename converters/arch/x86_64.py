@@ -20,7 +20,18 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Final
 
-from converters.arch.base import Arch, CpuLayout, ReadMemory, Syscalls, prstatus_struct
+from converters.arch.base import (
+    EINTR,
+    ERESTART_RESTARTBLOCK,
+    ERESTARTNOHAND,
+    ERESTARTNOINTR,
+    ERESTARTSYS,
+    Arch,
+    CpuLayout,
+    ReadMemory,
+    Syscalls,
+    prstatus_struct,
+)
 from converters.elf import NT, Note
 
 #: EM_X86_64 (include/uapi/linux/elf-em.h)
@@ -73,11 +84,6 @@ def _signed(v: int) -> int:
 
 # --- syscall restarts -----------------------------------------------------------------------------
 
-# include/linux/errno.h: the kernel-internal restart codes a stopped syscall shows in rax
-ERESTARTSYS: Final = 512
-ERESTARTNOINTR: Final = 513
-ERESTARTNOHAND: Final = 514
-ERESTART_RESTARTBLOCK: Final = 516
 _REWOUND: Final = (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND)
 
 
@@ -152,8 +158,6 @@ def core_gregs(core: Any, read: ReadMemory) -> bytes:
     return pack_regs(regs)
 
 
-#: include/uapi/asm-generic/errno-base.h
-EINTR: Final = 4
 #: The syscalls that sleep with their sigset argument as the blocked mask (kernel/signal.c
 #: sigsuspend(); fs/select.c and fs/eventpoll.c set_user_sigmask()), kept there while they
 #: return -ERESTARTNOHAND or -EINTR (restore_saved_sigmask_unless()), with the register of that
