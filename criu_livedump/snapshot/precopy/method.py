@@ -7,7 +7,8 @@ big areas, whose pages were copied while the target ran.
    (:func:`~criu_livedump.snapshot.precopy.rounds.run_rounds`).
 2. The clone's freeze (:mod:`criu_livedump.snapshot.clone.inject`), with
    :class:`~criu_livedump.snapshot.precopy.rounds.FinalCopy` around the injected clone: the
-   last written pages copied, the areas set MADV_DONTFORK for the fork, MADV_DOFORK after it.
+   last written pages read (into the side file once the target runs), the areas set
+   MADV_DONTFORK for the fork, MADV_DOFORK after it.
    The userfaultfd is closed once the target runs again (closing clears every write-protect,
    which takes about 100 ms per GiB: never inside the freeze).
 3. CRIU dumps the small clone as for method clone; the pre-copied areas join its images as a
@@ -160,6 +161,8 @@ class PrecopySnapshot(CloneSnapshot):
             finally:
                 restorer.dismiss()
             rounds.hook("resumed")
+            if self._final is not None:
+                self._final.flush()
         finally:
             # the target runs again: closing clears every write-protect of ours
             t0 = time.monotonic()

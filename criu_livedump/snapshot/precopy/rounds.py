@@ -28,7 +28,7 @@ import mmap
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -44,6 +44,7 @@ from criu_livedump.snapshot.precopy.tracker import Tracker
 
 __all__ = [
     "PAUSE_ENV",
+    "Captured",
     "FinalCopy",
     "Restorer",
     "Round",
@@ -125,20 +126,36 @@ class SideStore:
 
         :raises OSError: the side file cannot be written (ENOSPC).
         """
-        pieces = list(self._pieces(runs))
         done = 0
+        for batch in self._batches(runs):
+            done += self._write(batch, self._bounce, self._read(batch, self._bounce))
+        self.copied_bytes += done
+        return done
+
+    def capture(self, runs: Iterable[tuple[int, int]]) -> Captured:
+        """Read the target's pages of *runs* into memory now, to be written into their slots
+        by :meth:`Captured.write` later: inside the freeze, a write to the side file could wait
+        on its writeback (balance_dirty_pages(), mm/page-writeback.c: the rounds leave up to
+        the whole tracked size dirty), a read of the target cannot."""
+        parts: list[tuple[list[tuple[int, int, _Slot]], mmap.mmap, dict[int, bool]]] = []
+        for batch in self._batches(runs):
+            # the first batch in the bounce buffer, already faulted in by the rounds
+            buf = self._bounce if not parts else mmap.mmap(-1, sum(hi - lo for lo, hi, _ in batch))
+            parts.append((batch, buf, self._read(batch, buf)))
+        return Captured(self, parts)
+
+    def _batches(self, runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int, _Slot]]]:
+        """*runs* cut to the slots, in batches that fill the bounce buffer at most."""
         batch: list[tuple[int, int, _Slot]] = []
         size = 0
-        for lo, hi, slot in pieces:
+        for lo, hi, slot in self._pieces(runs):
             if batch and (size + hi - lo > _BOUNCE or len(batch) == _IOV_MAX):
-                done += self._copy_batch(batch)
+                yield batch
                 batch, size = [], 0
             batch.append((lo, hi, slot))
             size += hi - lo
         if batch:
-            done += self._copy_batch(batch)
-        self.copied_bytes += done
-        return done
+            yield batch
 
     def _pieces(self, runs: Iterable[tuple[int, int]]) -> Iterable[tuple[int, int, _Slot]]:
         """*runs* cut to the slots and to the bounce buffer's size."""
@@ -150,11 +167,15 @@ class SideStore:
                     yield a, a + n, slot
                     a += n
 
-    def _copy_batch(self, batch: list[tuple[int, int, _Slot]]) -> int:
-        ok = fork_lost.read_into(self.pid, self._bounce, [(lo, hi) for lo, hi, _ in batch])
+    def _read(self, batch: list[tuple[int, int, _Slot]], buf: mmap.mmap) -> dict[int, bool]:
+        return fork_lost.read_into(self.pid, buf, [(lo, hi) for lo, hi, _ in batch])
+
+    def _write(
+        self, batch: list[tuple[int, int, _Slot]], buf: mmap.mmap, ok: dict[int, bool]
+    ) -> int:
         done = 0
         pos = 0
-        with memoryview(self._bounce) as view:
+        with memoryview(buf) as view:
             for lo, hi, slot in batch:
                 n = hi - lo
                 first, last = (lo - slot.start) // PAGE_SIZE, (hi - slot.start) // PAGE_SIZE
@@ -197,6 +218,28 @@ class SideStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+@dataclass
+class Captured:
+    """Pages read by :meth:`SideStore.capture`, not yet in the side file."""
+
+    store: SideStore
+    parts: list[tuple[list[tuple[int, int, _Slot]], mmap.mmap, dict[int, bool]]]
+
+    def write(self) -> int:
+        """Write the pages into their slots (once); returns the bytes written.
+
+        :raises OSError: the side file cannot be written (ENOSPC).
+        """
+        done = 0
+        parts, self.parts = self.parts, []
+        for batch, buf, ok in parts:
+            done += self.store._write(batch, buf, ok)
+            if buf is not self.store._bounce:
+                buf.close()
+        self.store.copied_bytes += done
+        return done
 
 
 @dataclass(frozen=True)
@@ -295,6 +338,8 @@ class FinalCopy:
     #: ``[lo, hi)`` ranges given MADV_DONTFORK (adjacent areas joined: one madvise each)
     ranges: list[tuple[int, int]] = field(default_factory=list)
     written: int = 0
+    #: the last written set, read inside the freeze, written into the side file after it
+    captured: Captured | None = None
     #: seconds of each part: the last scan and copy, the DONTFORK calls, the DOFORK calls
     scan_copy: float = 0.0
     madvise: float = 0.0
@@ -307,7 +352,7 @@ class FinalCopy:
         _keep_rseq_area(self.tracker.pid, injector, areas)
         runs = self._keep_busy(areas, runs)
         self.written = sum(hi - lo for lo, hi in runs)
-        self.store.copy(runs)
+        self.captured = self.store.capture(runs)
         t1 = time.monotonic()
         madvise = host().syscalls.madvise
         for lo, hi in joined(sorted(areas)):
@@ -330,7 +375,8 @@ class FinalCopy:
             lo, hi = area
             mine = [(max(a, lo), min(b, hi)) for a, b in runs if a < hi and lo < b]
             written = sum(b - a for a, b in mine)
-            if written * PAGE_OVER_PTE > self.store.held(lo, hi):
+            # held() counts the slot's pages (2 MiB of bytes at 8 GiB): only when needed
+            if written and written * PAGE_OVER_PTE > self.store.held(lo, hi):
                 log.info("process %d: area %#x-%#x goes to the fork: %.1f MiB written since the"
                          " last round", self.tracker.pid, lo, hi, written / 2**20)  # fmt: skip
                 del areas[area]
@@ -348,8 +394,18 @@ class FinalCopy:
                             lo, hi, os.strerror(-ret))  # fmt: skip
         self.restore = time.monotonic() - t0
 
+    def flush(self) -> None:
+        """After the freeze: the last written set into the side file.
+
+        :raises OSError: the side file cannot be written (ENOSPC).
+        """
+        if self.captured is not None:
+            self.captured.write()
+            self.captured = None
+
     def areas(self) -> tuple[fork_lost.ForkLostArea, ...]:
-        """After the fork: the areas left out of it, one per mapping, with their pages."""
+        """After :meth:`flush`: the areas left out of the fork, one per mapping, with their
+        pages."""
         return tuple(
             fork_lost.ForkLostArea(
                 m.start,
