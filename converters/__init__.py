@@ -7,7 +7,10 @@ Pure conversion: nothing here touches a live process. Entry points:
   with owner and mode, a pipe, stdout), for the live-dump orchestrator.
 """
 
-from converters.api import convert, write_core
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from converters.errors import (
     ArchiveError,
     ConversionError,
@@ -17,6 +20,9 @@ from converters.errors import (
     UnsupportedArchError,
 )
 from converters.options import ConvertOptions, CoreResult
+
+if TYPE_CHECKING:
+    from converters.api import convert, write_core
 
 __all__ = [
     "ArchiveError",
@@ -30,3 +36,13 @@ __all__ = [
     "convert",
     "write_core",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """:func:`convert` and :func:`write_core` on first use: the package's light parts (errors,
+    options, sidecar) serve `dump` before CRIU runs without importing pycriu and the model."""
+    if name in ("convert", "write_core"):
+        from converters import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,8 +43,9 @@ from criu_livedump.errors import (
     SnapshotError,
     TargetError,
 )
+from criu_livedump.linux.procfs import read_stat
 from criu_livedump.progress import Counts, Phase, Progress
-from criu_livedump.request import Method
+from criu_livedump.request import DumpRequest, Method, capture_nice
 from criu_livedump.serve.client import MOUNT_PATH, SOCKET_PATH
 
 log = logging.getLogger("criu_livedump")
@@ -465,10 +466,12 @@ def dump(
     SPEC words use the kernel livedump patch's syntax (core_limit=N|unlimited, sched_prio=N,
     io_prio=N, oom_adj=N); flags win over them.
     """
-    from criu_livedump.dump import live_dump
     from criu_livedump.request import build_request
 
     request = build_request(spec, **{k: v for k, v in flags.items() if v not in (None, False)})
+    _run_at_capture_nice(pid, request)
+    from criu_livedump.dump import live_dump
+
     with _dump_progress() as progress:
         report = live_dump(
             pid, request, criu_path=criu_path, stdout=_binary_stdout(), progress=progress
@@ -478,6 +481,16 @@ def dump(
     else:
         for line in report.lines():
             click.echo(line, err=True)
+
+
+def _run_at_capture_nice(pid: int, request: DumpRequest) -> None:
+    """This process (the freeze, the stream's writer thread, CRIU's parent) at the capture's nice
+    (request.capture_nice) from here on, before the dump's heavy imports: beside a busy target
+    they wait for a CPU. live_dump applies it to CRIU and the conversion itself, and reports
+    what this skips (a vanished target, a refused sched_prio) in its own words."""
+    with contextlib.suppress(OSError, ValueError):
+        nice = capture_nice(request.sched_prio, read_stat(f"/proc/{pid}/stat").nice)
+        os.setpriority(os.PRIO_PROCESS, 0, nice.nice)
 
 
 def progress_line(phase: Phase, frozen_us: int | None, counts: Counts, rate: float) -> str:

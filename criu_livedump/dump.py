@@ -43,7 +43,7 @@ from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_fil
 from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.progress import Phase, Progress
-from criu_livedump.request import DumpRequest, check_privileges
+from criu_livedump.request import DumpRequest, capture_nice, check_privileges
 from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.credentials import CriuCredentials, criu_credentials
 from criu_livedump.target.dump_time import with_dump_time_facts
@@ -89,6 +89,10 @@ class DumpReport:
     #: "images" (CRIU's pages images, then the conversion's copy), and why not streamed
     capture: str = "images"
     capture_reason: str = ""
+    #: the nice CRIU, the stream's writer and the conversion ran at, and why
+    #: (request.capture_nice: requested, default or own)
+    nice: int | None = None
+    nice_source: str = ""
     warnings: list[str] = field(default_factory=list)
     #: with --tree: one report per child process (destination, core_path, size, ...)
     children: list[DumpReport] = field(default_factory=list)
@@ -122,6 +126,8 @@ class DumpReport:
             "criu_options": list(self.criu_options),
             "capture": self.capture,
             "capture_reason": self.capture_reason,
+            "nice": self.nice,
+            "nice_source": self.nice_source,
             "warnings": list(self.warnings),
             "children": [c.as_dict() for c in self.children],
         }
@@ -335,7 +341,7 @@ def _live_dump(
     binary = criu.find(criu_path)
     creds = criu_credentials(method.criu_sees(facts))
     report.criu_ran_as = creds.description
-    priorities = Priorities(request.sched_prio, request.io_prio, request.oom_score_adj)
+    priorities = _priorities(request, facts, report)
     timeout = request.timeout or criu.default_timeout(facts.rss)
 
     # 2. The snapshot, CRIU writing into a private scratch directory; 3. the facts the images
@@ -384,6 +390,15 @@ def _live_dump(
         scratch.remove(work)
     report.total_seconds = time.monotonic() - started
     return report
+
+
+def _priorities(request: DumpRequest, facts: target.TargetFacts, report: DumpReport) -> Priorities:
+    """What the capture runs at: the request's I/O priority and oom_score_adj, and the nice of
+    request.capture_nice's rule (the request's, else below the target's), told to the report."""
+    nice = capture_nice(request.sched_prio, facts.nice)
+    log.info("%s", nice.describe())
+    report.nice, report.nice_source = nice.nice, nice.source
+    return Priorities(nice.nice, request.io_prio, request.oom_score_adj)
 
 
 class _Meter:

@@ -252,6 +252,7 @@ def reap_leftovers(before: set[int]) -> list[str]:
 
 
 #: include/uapi/linux/capability.h
+CAP_SYS_NICE = 23
 CAP_SYS_RESOURCE = 24
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import procs
 import pytest
@@ -307,14 +308,25 @@ def test_core_limit_above_hard_needs_cap_sys_resource(
 # --- priorities ---------------------------------------------------------------------------------
 
 
-def _paused_dump(pid: int, tmp_path: Path, *args: str) -> dict[str, int]:
-    """Run a dump whose conversion child waits at the test hook; read its priorities."""
+def _nice(path: str) -> int:
+    with open(path) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of /proc/PID/stat
+
+
+def _paused_dump(
+    pid: int, tmp_path: Path, *args: str, wrap: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run a dump whose conversion child waits at the test hook; read its priorities, the nice
+    of every thread of the tool's own process then, its report and its stderr (with ``-v``).
+    *wrap* runs the tool under another program (setpriv)."""
     hook = tmp_path / "hook"
     hook.mkdir()
     criu = recording_criu(tmp_path)
     proc = procs.popen(
         [
+            *wrap,
             str(EXE),
+            "-v",
             "dump",
             str(pid),
             *args,
@@ -337,11 +349,11 @@ def _paused_dump(pid: int, tmp_path: Path, *args: str) -> dict[str, int]:
 
         procs.wait_for(paused, 120, "the conversion child pausing at the hook")
         child = int((hook / "child.pid").read_text())
-        with open(f"/proc/{child}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        seen = {
+        tool = next(p for p in procs_below(proc.pid) if p != child and _is_tool(p))
+        seen: dict[str, Any] = {
             "child": child,
-            "nice": int(fields[16]),  # field 19 of /proc/PID/stat
+            "nice": _nice(f"/proc/{child}/stat"),
+            "tool_nice": {_nice(f"/proc/{tool}/task/{t}/stat") for t in tids(tool)},
             "ioprio": job.ioprio_get(child),
             "oom_score_adj": int(Path(f"/proc/{child}/oom_score_adj").read_text()),
         }
@@ -350,8 +362,29 @@ def _paused_dump(pid: int, tmp_path: Path, *args: str) -> dict[str, int]:
     finally:
         procs.kill_group(proc)
     assert proc.returncode == 0, err.decode()
-    assert json.loads(out)["conversion_pid"] == seen["child"]
+    seen["report"] = json.loads(out)
+    seen["stderr"] = err.decode()
+    assert seen["report"]["conversion_pid"] == seen["child"]
     return seen
+
+
+def procs_below(pid: int) -> list[int]:
+    """*pid* and its descendants (the tool under a wrapper that exec'd it is *pid* itself)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+    return found
+
+
+def _is_tool(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return "criu-livedump" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    return False
 
 
 def test_spec_priorities_on_conversion_child_and_criu(
@@ -359,6 +392,8 @@ def test_spec_priorities_on_conversion_child_and_criu(
 ) -> None:
     seen = _paused_dump(demo.pid, tmp_path, "sched_prio=5", "io_prio=3", "oom_adj=5")
     assert seen["nice"] == 5
+    assert seen["tool_nice"] == {5}
+    assert (seen["report"]["nice"], seen["report"]["nice_source"]) == (5, "requested")
     assert seen["ioprio"] == (2 << 13) | 3  # best-effort (the class kept), level 3
     assert seen["oom_score_adj"] == 5 * 1000 // 17
     # CRIU ran with the same nice and I/O priority
@@ -375,23 +410,45 @@ def test_flag_priorities_win_over_spec(demo: subprocess.Popen[bytes], tmp_path: 
         "io_prio=3",
         "oom_adj=5",
         "--sched-prio",
-        "12",
+        "19",
         "--io-prio",
         "idle",
         "--oom-adj",
         "score:700",
     )
-    assert seen["nice"] == 12
+    assert seen["nice"] == 19
+    assert seen["tool_nice"] == {19}
     assert seen["ioprio"] == 3 << 13
     assert seen["oom_score_adj"] == 700
-    assert [c for c in criu_calls(tmp_path) if c.startswith("dump")] == ["dump 12 idle"]
+    assert [c for c in criu_calls(tmp_path) if c.startswith("dump")] == ["dump 19 idle"]
 
 
-def test_no_priorities_leave_them_alone(demo: subprocess.Popen[bytes], tmp_path: Path) -> None:
-    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+def test_without_sched_prio_the_capture_runs_below_the_target(
+    demo: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    if not procs.has_capability(procs.CAP_SYS_NICE):
+        pytest.skip("lowering a nice needs CAP_SYS_NICE")
+    os.setpriority(os.PRIO_PROCESS, demo.pid, 3)  # its main thread: the process's nice in /proc
     seen = _paused_dump(demo.pid, tmp_path)
-    assert seen["nice"] == own_nice
+    assert seen["nice"] == 3 - 10
+    assert seen["tool_nice"] == {3 - 10}
+    assert (seen["report"]["nice"], seen["report"]["nice_source"]) == (-7, "default")
+    assert [c.split()[1] for c in criu_calls(tmp_path) if c.startswith("dump")] == ["-7"]
+    # io_prio and oom_adj not asked for: left alone
     assert seen["oom_score_adj"] == int(Path("/proc/self/oom_score_adj").read_text())
+
+
+def test_without_cap_sys_nice_the_capture_runs_at_the_callers_nice(
+    demo: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    no_nice = ("setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--")
+    seen = _paused_dump(demo.pid, tmp_path, wrap=no_nice)
+    assert seen["nice"] == own_nice
+    assert seen["tool_nice"] == {own_nice}
+    assert (seen["report"]["nice"], seen["report"]["nice_source"]) == (own_nice, "own")
+    assert "running it below the target's needs CAP_SYS_NICE" in seen["stderr"]
+    assert [c.split()[1] for c in criu_calls(tmp_path) if c.startswith("dump")] == [str(own_nice)]
 
 
 @pytest.mark.parametrize(

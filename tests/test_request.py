@@ -10,12 +10,14 @@ from criu_livedump.errors import PermissionDeniedError, RequestError
 from criu_livedump.linux.caps import CAP
 from criu_livedump.request import (
     UNLIMITED,
+    CaptureNice,
     DumpRequest,
     IoClass,
     IoPrio,
     Method,
     SpecValues,
     build_request,
+    capture_nice,
     check_privileges,
     oom_adj_to_score_adj,
     parse_spec,
@@ -275,6 +277,39 @@ def test_negative_nice_needs_cap_sys_nice() -> None:
     with pytest.raises(PermissionDeniedError, match="a nice value below 0 needs CAP_SYS_NICE"):
         check_privileges(req, target_core_hard=UNLIMITED, caps=ALL_CAPS & ~(1 << CAP.SYS_NICE))
     check_privileges(build_request(["sched_prio=0"]), target_core_hard=UNLIMITED, caps=0)
+
+
+NO_SYS_NICE = ALL_CAPS & ~(1 << CAP.SYS_NICE)
+
+
+@pytest.mark.parametrize(
+    ("requested", "target", "own", "caps", "expected"),
+    [
+        # the request's sched_prio wins, whatever the target's nice
+        (19, -5, 0, ALL_CAPS, CaptureNice(19, "requested")),
+        (3, 10, 0, NO_SYS_NICE, CaptureNice(3, "requested")),
+        # else below the target's, floored at -20
+        (None, 0, 0, ALL_CAPS, CaptureNice(-10, "default")),
+        (None, 5, 0, ALL_CAPS, CaptureNice(-5, "default")),
+        (None, -15, 0, ALL_CAPS, CaptureNice(-20, "default")),
+        # without CAP_SYS_NICE: the caller's own nice where the default is below it...
+        (None, 0, 0, NO_SYS_NICE, CaptureNice(0, "own")),
+        (None, 12, 4, NO_SYS_NICE, CaptureNice(4, "own")),
+        # ...and the default where raising its nice to it needs nothing
+        (None, 15, 0, NO_SYS_NICE, CaptureNice(5, "default")),
+    ],
+)
+def test_capture_nice(
+    requested: int | None, target: int, own: int, caps: int, expected: CaptureNice
+) -> None:
+    assert capture_nice(requested, target, own_nice=own, caps=caps) == expected
+
+
+def test_capture_nice_says_why_it_is_the_callers_own() -> None:
+    line = capture_nice(None, 0, own_nice=2, caps=NO_SYS_NICE).describe()
+    assert line == (
+        "capture at nice 2, the caller's own: running it below the target's needs CAP_SYS_NICE"
+    )
 
 
 def test_core_limit_above_hard_limit_needs_cap_sys_resource() -> None:

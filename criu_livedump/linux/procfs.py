@@ -102,6 +102,7 @@ class Stat(NamedTuple):
     stime: int  #: 15
     cutime: int  #: 16
     cstime: int  #: 17
+    nice: int  #: 19, of the thread-group leader (nice is per thread; this one is the process's)
     vsize: int  #: 23, bytes; 0 once exit_mm() has run
     processor: int  #: 39, task_cpu()
     exit_code: int  #: 52 (Linux 3.5), the wait status of a zombie
@@ -125,6 +126,7 @@ def read_stat(path: str | os.PathLike[str]) -> Stat:
         stime=int(rest[12]),
         cutime=int(rest[13]),
         cstime=int(rest[14]),
+        nice=int(rest[16]),
         vsize=int(rest[20]),
         processor=int(rest[36]),
         exit_code=int(rest[49]),

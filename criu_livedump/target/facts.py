@@ -77,6 +77,8 @@ class TargetFacts:
     user_ns: int
     tree: tuple[int, ...] = ()
     blockers: tuple[Blocker, ...] = field(default=())
+    #: its nice value (of its main thread), which the capture's default priority is set below
+    nice: int = 0
 
     @property
     def criu_options(self) -> tuple[str, ...]:
@@ -293,4 +295,5 @@ def inspect(pid: int, *, tree: bool = False) -> TargetFacts:
         user_ns=ns_ino(pid, "user"),
         tree=members,
         blockers=find_blockers(pid, members, status),
+        nice=stat.nice,
     )
