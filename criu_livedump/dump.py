@@ -41,6 +41,7 @@ from criu_livedump.errors import (
 from criu_livedump.linux import PAGE_SIZE
 from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
 from criu_livedump.linux.pidfd import Pidfd, describe_wait_status
+from criu_livedump.linux.procfs import task_ids
 from criu_livedump.pattern import DestinationKind, destination
 from criu_livedump.progress import Phase, Progress
 from criu_livedump.request import DumpRequest, capture_nice, check_privileges
@@ -494,6 +495,7 @@ def _run_criu(
     """CRIU's dump of *task* as *creds* say, into the snapshot's work directory (or, for a
     further process of a tree, its directory there), *meter* sampling it as CRIU writes;
     *stream_args*: the page stream's options and descriptors (stream.Capture.begin())."""
+    _copy_at_capture_nice(task, priorities)
     try:
         return criu.dump(
             binary,
@@ -523,6 +525,19 @@ def _run_criu(
         raise SnapshotError(
             f"process {of}: the copy CRIU dumped (process {e.pid}) {e.problem}; the target runs on"
         ) from e
+
+
+def _copy_at_capture_nice(task: snapshot.CriuTask, priorities: Priorities) -> None:
+    """Give the disposable copy CRIU dumps (a clone, never the target: ``leave_running``
+    unset) the capture's nice. CRIU's parasite moves every page from inside it (vmsplice() in
+    the copy's own thread), and the copy is born at the target's nice in the target's session
+    (its autogroup), beside the target's busy threads. A copy gone already is CRIU's to
+    report."""
+    if task.leave_running or priorities.nice is None:
+        return
+    with contextlib.suppress(OSError):
+        for tid in task_ids(task.pid):
+            os.setpriority(os.PRIO_PROCESS, tid, priorities.nice)
 
 
 def _write_sidecar(
