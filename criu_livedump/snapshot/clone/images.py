@@ -66,8 +66,11 @@ def _entry(image: dict[str, Any], path: Path) -> dict[str, Any]:
     return entry
 
 
-def rewrite_images(images_dir: Path, snap: Clone) -> dict[int, int]:
+def rewrite_images(images_dir: Path, snap: Clone, *, nice: int | None = None) -> dict[int, int]:
     """Rewrite CRIU's images of ``snap.clone_pid`` in *images_dir* to describe ``snap.pid``.
+
+    *nice*, when given, is every thread's ``sched_nice`` (the target's: the clone CRIU dumped
+    may have run at the capture's nice instead, as the dump gives it).
 
     The images name processes and threads by their ids in the target's PID namespace (CRIU
     ran there for a target inside a child namespace), so they are rewritten with those ids.
@@ -86,6 +89,8 @@ def rewrite_images(images_dir: Path, snap: Clone) -> dict[int, int]:
     leader = snap.pid if any(t.tid == snap.pid for t in snap.threads) else snap.threads[0].tid
     for t in snap.threads:
         core = _thread_core(template, template_path, t, snap, leader=t.tid == leader)
+        if nice is not None:
+            core["entries"][0]["thread_core"]["sched_nice"] = nice
         dump_image(images_dir / f"core-{t.ns_tid or t.tid}.img", core)
     if cpid not in {t.ns_tid or t.tid for t in snap.threads}:
         template_path.unlink()

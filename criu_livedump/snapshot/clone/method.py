@@ -14,7 +14,7 @@ from converters.sidecar import DontFork, Sidecar
 from criu_livedump import target
 from criu_livedump.linux import ptrace
 from criu_livedump.linux.mapped_files import close_mapped_files, open_mapped_files
-from criu_livedump.linux.procfs import SmapsEntry, read_maps
+from criu_livedump.linux.procfs import SmapsEntry, read_maps, read_stat
 from criu_livedump.request import DumpRequest, Method
 from criu_livedump.snapshot import criu
 from criu_livedump.snapshot.base import CriuTask, Snapshot, Snapshotted, StreamFacts, TreeMember
@@ -163,7 +163,7 @@ class CloneSnapshot(Snapshot):
 
     def _images(self, clone: inject.Clone, result: DumpResult) -> Sidecar:
         """*clone*'s images rewritten to describe its process; the sidecar's facts of it."""
-        sysv_keys = images.rewrite_images(result.images_dir, clone)
+        sysv_keys = images.rewrite_images(result.images_dir, clone, nice=_nice(clone.pid))
         copied = frozenset((a.start, a.end) for a in clone.fork_lost)
         sidecar = clone_facts(clone.smaps, copied=copied, sysv_keys=sysv_keys)
         clone.kill()
@@ -236,3 +236,12 @@ def clone_facts(
         dontfork=tuple(dontfork),
         wipeonfork=tuple(wipeonfork),
     )
+
+
+def _nice(pid: int) -> int | None:
+    """The nice of process *pid* (its main thread's, as the kernel's core gives it), or None
+    when it cannot be read (the dump then fails on the process's death anyway)."""
+    try:
+        return read_stat(f"/proc/{pid}/stat").nice
+    except (OSError, ValueError):
+        return None
