@@ -94,6 +94,8 @@ class DumpReport:
     #: (request.capture_nice: requested, default or own)
     nice: int | None = None
     nice_source: str = ""
+    #: method precopy's rounds and its copy inside the freeze (empty for the other methods)
+    precopy: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     #: with --tree: one report per child process (destination, core_path, size, ...)
     children: list[DumpReport] = field(default_factory=list)
@@ -129,6 +131,7 @@ class DumpReport:
             "capture_reason": self.capture_reason,
             "nice": self.nice,
             "nice_source": self.nice_source,
+            "precopy": dict(self.precopy),
             "warnings": list(self.warnings),
             "children": [c.as_dict() for c in self.children],
         }
@@ -478,6 +481,7 @@ def _snapshot(
     report.frozen_us, report.freezing_us = done.frozen_us, done.freezing_us
     report.freeze_steps_us = dict(done.freeze_steps_us)
     report.freeze_start_ns = done.freeze_start_ns
+    report.precopy = dict(done.precopy)
     if done.method:
         report.method, report.method_reason = done.method, f"fallback: {done.method_reason}"
     return result, done

@@ -125,6 +125,15 @@ def test_core_equals_the_clones_and_dontfork_flags_are_restored(
     assert isinstance(steps, dict)
     assert set(steps) == {"stop", "save", "scan_copy", "madvise", "fork", "resume"}
     assert any("1 areas left out of the fork in 1 madvise ranges" in ln for ln in stderr), stderr
+    stats = report["precopy"]
+    assert isinstance(stats, dict) and stats["areas_left_out"] == 1
+    rounds = stats["rounds"]
+    assert rounds and rounds[0]["found_bytes"] >= 1495 * PAGE_SIZE  # round 1: present pages
+    assert (
+        stats["copied_bytes"]
+        == sum(r["copied_bytes"] for r in rounds) + stats["last_written_bytes"]
+    )
+    assert clone["precopy"] == {}
     with CoreView(tmp_path / "precopy.core") as ours, CoreView(tmp_path / "clone.core") as ref:
         assert compare_cores(ours, ref, maps=maps, rseq=rseq) == []
         assert ours.read(t.dontfork, PAGE_SIZE) == b"\x5a" * PAGE_SIZE

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from converters.sidecar import Sidecar
 from criu_livedump.linux.mapped_files import close_mapped_files
@@ -111,6 +111,8 @@ class Snapshotted:
         are in the target's images).
     :param method: the method that ran instead of the chosen one (a fallback), and
         *method_reason* why.
+    :param precopy: method precopy's rounds (bytes found written, bytes copied, time) and its
+        copy inside the freeze, as ``--json`` gives them.
     """
 
     frozen_us: int
@@ -122,6 +124,8 @@ class Snapshotted:
     #: the method that ran, when it fell back from the one chosen (precopy -> clone), and why
     method: str = ""
     method_reason: str = ""
+    #: method precopy's rounds and its copy inside the freeze, for ``--json``
+    precopy: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Snapshot(ABC):

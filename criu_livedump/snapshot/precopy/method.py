@@ -195,7 +195,17 @@ class PrecopySnapshot(CloneSnapshot):
             final.written / 2**20, len(final.left_out), len(final.ranges),
             ", ".join(f"{k} {v * 1e3:.1f}" for k, v in split.items()) + " ms",
         )  # fmt: skip
-        return replace(done, freeze_steps_us={k: round(v * 1e6) for k, v in split.items()})
+        stats = {
+            "rounds": [
+                {"found_bytes": r.found, "copied_bytes": r.copied, "ms": round(r.seconds * 1e3, 3)}
+                for r in self._rounds
+            ],
+            "copied_bytes": self._store_bytes(),
+            "last_written_bytes": final.written,
+            "areas_left_out": len(final.left_out),
+        }
+        steps_us = {k: round(v * 1e6) for k, v in split.items()}
+        return replace(done, freeze_steps_us=steps_us, precopy=stats)
 
     def _store_bytes(self) -> int:
         return self._store.copied_bytes if self._store is not None else 0
