@@ -282,7 +282,7 @@ def test_aarch64_syscall_regs() -> None:
 X86_WORDS = re.compile(
     r"(?i)^(r[abcd]x|r[sd]i|r[sb]p|rip|r(?:8|9|1[0-5])|orig_r?ax|eflags|[xyz]mm\w*|\w*xfeature\w*"
     r"|\w*xsave\w*|\w*xstate\w*|\w*fxsave\w*|xcr0|pkru|bnd(?:reg|csr)\w*|opmask\w*|cpuid|xgetbv"
-    r"|erestart\w*|restart_syscall|osxsave)$"
+    r"|_*erestart\w*|restart_syscall|osxsave)$"
 )
 #: the sidecar's legacy key, read for files written before it was renamed
 ALLOWED = {("converters/sidecar.py", "xsave_layout")}

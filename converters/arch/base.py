@@ -28,6 +28,12 @@ ERESTARTNOHAND: Final = 514
 ERESTART_RESTARTBLOCK: Final = 516
 
 
+def pause_interrupted(result: int) -> bool:
+    """Whether *result* is what pause() shows at its exit when a ptrace interrupt ended it
+    (kernel/signal.c: sys_pause() returns -ERESTARTNOHAND), alike on every architecture."""
+    return result == -ERESTARTNOHAND
+
+
 class CpuLayout(Protocol):
     """Facts about the dumping CPU that an architecture's notes need (x86: the XSAVE layout).
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from converters.arch import Arch, host
+from converters.arch.base import pause_interrupted
 from criu_livedump.errors import CloneError, CloneRefusedError, LivedumpError, TargetError
 from criu_livedump.linux import ptrace
 from criu_livedump.linux.procfs import (
@@ -721,10 +722,6 @@ def _adopt_clone(child: int, suspend: Opt) -> None:
     ptrace.set_options(child, Opt.TRACESYSGOOD | Opt.EXITKILL | suspend)
 
 
-#: include/linux/errno.h (the same on every architecture): what an interrupted pause() returns
-_ERESTARTNOHAND: Final = 514
-
-
 def _check_pause_allowed(cpid: int, ip: int) -> None:
     """Try the clone's ``pause()`` under its own seccomp filters while it is still traced.
 
@@ -747,7 +744,7 @@ def _check_pause_allowed(cpid: int, ip: int) -> None:
     _, status = ptrace.wait(cpid)
     _check_stopped(cpid, status)
     result = _arch().syscall_result(ptrace.get_regs(cpid))
-    if not ptrace.is_syscall_stop(status) or result != -_ERESTARTNOHAND:
+    if not ptrace.is_syscall_stop(status) or not pause_interrupted(result):
         what = os.strerror(-result) if ptrace.is_syscall_stop(status) else f"stop {status:#x}"
         raise CloneError(
             f"clone {cpid}: its seccomp filter does not let it sleep in pause() ({what}), so it"
