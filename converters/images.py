@@ -64,16 +64,59 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import pycriu.images as pyimages
-from google.protobuf.message import DecodeError, Message
-from pycriu.images import pb
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from converters.arch import Arch, by_criu_mtype
 from converters.elf import PAGE_SIZE
 from converters.errors import ImageFormatError, MissingImageError
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+
+class _Pycriu(NamedTuple):
+    images: Any  # pycriu.images
+    pb: Any  # pycriu.images.pb: the generated protobuf classes
+    decode_error: type[Exception]  # google.protobuf.message.DecodeError
+
+
+@cache
+def _pycriu() -> _Pycriu:
+    """pycriu and protobuf, imported on first use: a quarter of ``dump``'s start-up, which reads
+    images only once CRIU has run, and imports these in a thread meanwhile (:func:`preload`)."""
+    import pycriu.images as pyimages
+    from google.protobuf.message import DecodeError
+    from pycriu.images import pb as generated
+
+    return _Pycriu(pyimages, generated, DecodeError)
+
+
+class _Deferred:
+    """A name of :func:`_pycriu`'s, looked up (and imported the first time) at each use."""
+
+    def __init__(self, part: str) -> None:
+        self._part = part
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(getattr(_pycriu(), self._part), name)
+
+
+pyimages: Any = _Deferred("images")
+pb: Any = _Deferred("pb")
+
+
+def preload() -> None:
+    """Import pycriu and protobuf now (``dump`` runs this in a thread while CRIU runs)."""
+    _pycriu()
+
+
+@cache
+def _magic() -> dict[str, int]:
+    magic: dict[str, int] = pyimages.magic.by_name
+    return magic
+
 
 _U32 = struct.Struct("<I")
 #: No sane image entry is larger than this (CRIU's own limit for an entry is far smaller).
@@ -83,12 +126,7 @@ _PID_MAX = 0x7FFFFFFF
 #: A chain of pre-dump parents longer than this is a loop or an absurd image set.
 MAX_PARENT_DEPTH = 64
 
-_MAGIC = pyimages.magic.by_name
-_REMAP_LINKED = pb.remap_type.Value("LINKED")
-_REMAP_GHOST = pb.remap_type.Value("GHOST")
 _REMAP_GHOST_BIT = 1 << 31
-_COMMON = _MAGIC["IMG_COMMON"]
-_SERVICE = _MAGIC["IMG_SERVICE"]
 
 # criu/include/image.h: VMA_AREA_* status bits
 VMA_AREA_REGULAR = 1 << 0
@@ -164,7 +202,7 @@ def _iter_entries(path: Path, magic: str, messages: list[type[Message]]) -> Iter
             if not msg.IsInitialized():
                 missing = ", ".join(msg.FindInitializationErrors())
                 raise ImageFormatError(str(path), f"entry {index} lacks required {missing}")
-        except DecodeError as e:
+        except _pycriu().decode_error as e:
             raise ImageFormatError(str(path), f"entry {index} is corrupt ({e})") from e
         except (RuntimeError, ValueError) as e:  # pure-python protobuf raises these too
             raise ImageFormatError(str(path), f"entry {index} is corrupt ({e})") from e
@@ -191,7 +229,7 @@ def _read_message(
         if not msg.IsInitialized():
             missing = ", ".join(msg.FindInitializationErrors())
             raise ImageFormatError(str(path), f"{what} lacks required {missing}")
-    except (DecodeError, RuntimeError, ValueError) as e:
+    except (_pycriu().decode_error, RuntimeError, ValueError) as e:
         raise ImageFormatError(str(path), f"{what} is corrupt ({e})") from e
     return msg, pos + 4 + size
 
@@ -221,11 +259,11 @@ def _read_ghost(path: Path, f: BinaryIO) -> GhostFile | None:
 
 
 def _check_magic(path: Path, data: bytes, magic: str) -> int:
-    want = _MAGIC[magic]
+    want = _magic()[magic]
     if len(data) < 4:
         raise ImageFormatError(str(path), "truncated: no image magic")
     (first,) = _U32.unpack_from(data, 0)
-    if first in (_COMMON, _SERVICE):
+    if first in (_magic()["IMG_COMMON"], _magic()["IMG_SERVICE"]):
         if len(data) < 8:
             raise ImageFormatError(str(path), "truncated: no image magic")
         (second,) = _U32.unpack_from(data, 4)
@@ -673,6 +711,7 @@ def _remaps(path: Path) -> tuple[frozenset[int], dict[int, int]]:
     of each one CRIU saved."""
     ghosts: set[int] = set()
     remaps: dict[int, int] = {}
+    linked, ghost = pb.remap_type.Value("LINKED"), pb.remap_type.Value("GHOST")
     for r in _optional_entries(path, "REMAP_FPATH", pb.remap_file_path_entry):
         # images/remap-file-path.proto: LINKED (0) or GHOST (1) means the file was unlinked
         # when dumped (PROCFS is a dead process's /proc entry). Before the field (CRIU < 1.4)
@@ -682,12 +721,12 @@ def _remaps(path: Path) -> tuple[frozenset[int], dict[int, int]]:
         if r.HasField("remap_type"):
             kind = r.remap_type
         elif remap_id & _REMAP_GHOST_BIT:
-            kind, remap_id = _REMAP_GHOST, remap_id & ~_REMAP_GHOST_BIT
+            kind, remap_id = ghost, remap_id & ~_REMAP_GHOST_BIT
         else:
-            kind = _REMAP_LINKED
-        if kind in (_REMAP_LINKED, _REMAP_GHOST):
+            kind = linked
+        if kind in (linked, ghost):
             ghosts.add(int(r.orig_id))
-        if kind == _REMAP_GHOST:
+        if kind == ghost:
             remaps[int(r.orig_id)] = remap_id
     return frozenset(ghosts), remaps
 

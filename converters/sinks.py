@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
@@ -108,7 +107,8 @@ def create_temp(path: Path, mode: int = 0o600) -> tuple[Path, int]:
 
     :raises OutputError: it cannot be created.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.urandom, as secrets.token_hex does, without importing hashlib (a live dump's start-up)
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         return tmp, os.open(tmp, flags, mode)

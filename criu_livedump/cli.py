@@ -7,11 +7,9 @@ stdout carries data only (JSON, or a core with ``dump -o -``); every message goe
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import queue
 import sys
@@ -380,6 +378,9 @@ def _run_conversions(
     with _progress_bar([d for d, _ in work], options) as progress:
         if jobs == 1 or len(work) == 1:
             return [_convert_one(d, o, options, progress) for d, o in work]
+        import concurrent.futures
+        import multiprocessing
+
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=min(jobs, len(work)), mp_context=multiprocessing.get_context("spawn")
         ) as pool:
@@ -403,6 +404,8 @@ def _progress_bar(images_dirs: list[Path], options: Any) -> Iterator[ProgressQue
             total += sum(nbytes for _, nbytes in plan(d, options))
         except ConversionError:
             continue  # its conversion will report the problem
+    import multiprocessing
+
     manager = multiprocessing.get_context("spawn").Manager()
     reports: ProgressQueue = manager.Queue()
     stop = threading.Event()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from converters.images import preload as preload_images
 from converters.options import UNLIMITED, ConvertOptions, StreamedPages
 from converters.sidecar import Sidecar, write_sidecar
 from criu_livedump import scratch, snapshot, stream, target
@@ -457,6 +459,7 @@ def _snapshot(
     meter.progress.phase(Phase.CAPTURE)
     stream_args = capture.begin(task, binary, snap.work)
     report.capture, report.capture_reason = capture.path, capture.reason
+    preloading = _preload()
     try:
         result = _run_criu(binary, snap, task, creds, priorities, meter, stream_args)
     except LivedumpError as e:
@@ -464,6 +467,8 @@ def _snapshot(
         if mine is e:
             raise
         raise mine from e
+    finally:
+        preloading.join()  # before anything forks again (tree CRIUs, the conversion child)
     capture.finish(result.images_dir)
     more = [
         _run_criu(binary, snap, t, criu_credentials(t.member), priorities, meter)
@@ -485,6 +490,15 @@ def _snapshot(
     if done.method:
         report.method, report.method_reason = done.method, f"fallback: {done.method_reason}"
     return result, done
+
+
+def _preload() -> threading.Thread:
+    """Import the image reader's pycriu and protobuf in a thread while CRIU runs: the main
+    thread only waits for CRIU then, and they are needed right after it (the clone's images
+    rewritten, the conversion child, which inherits them). Joined before the next fork."""
+    thread = threading.Thread(target=preload_images, name="preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def _run_criu(
