@@ -371,7 +371,19 @@ def _test_pause() -> None:
 
 
 def scheduling_preexec(priorities: Priorities) -> Callable[[], None] | None:
-    """A preexec_fn giving CRIU the same nice and I/O priority as the conversion."""
+    """A preexec_fn giving CRIU the same nice and I/O priority as the conversion, and the nice
+    to its autogroup: snapshot/criu.py starts CRIU in a session of its own, and with
+    CONFIG_SCHED_AUTOGROUP a session's tasks share one group's CPU time, whatever their nice,
+    against each other session's (kernel/sched/autogroup.c; the group is CRIU's alone)."""
     if priorities.nice is None and priorities.io is None:
         return None
-    return priorities.apply_scheduling
+    nice = priorities.nice
+
+    def preexec() -> None:
+        priorities.apply_scheduling()
+        if nice is not None:
+            # no autogroups (CONFIG_SCHED_AUTOGROUP unset), or no such file: the nice alone
+            with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+                f.write(str(nice))
+
+    return preexec

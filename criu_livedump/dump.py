@@ -407,6 +407,26 @@ def _priorities(request: DumpRequest, facts: target.TargetFacts, report: DumpRep
     return Priorities(nice.nice, request.io_prio, request.oom_score_adj)
 
 
+class _Preload:
+    """The image reader's pycriu and protobuf imported in a thread while CRIU runs: the main
+    thread only waits for CRIU then, and they are needed right after it (the clone's images
+    rewritten, the conversion child, which inherits them). Started once CRIU has started (its
+    preexec_fn runs Python in the forked child, which must not inherit an import half done),
+    joined before the next fork."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=preload_images, name="preload", daemon=True)
+            self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 class _Meter:
     """The scratch directory sampled while CRIU writes into it: its peak usage for the report,
     the pages images' growth for the progress; and the whole dump's time limit (seconds,
@@ -417,9 +437,11 @@ class _Meter:
         self.progress = progress
         self.time_limit = time_limit
         self.peak = 0
+        self.preload = _Preload()
 
     def sample(self) -> int:
         """Measure now (CRIU's runner calls it every step; never raises); the peak so far."""
+        self.preload.start()
         now = scratch.usage(self.work)
         self.peak = max(self.peak, now.allocated)
         self.progress.captured_at_least(now.pages)
@@ -459,7 +481,6 @@ def _snapshot(
     meter.progress.phase(Phase.CAPTURE)
     stream_args = capture.begin(task, binary, snap.work)
     report.capture, report.capture_reason = capture.path, capture.reason
-    preloading = _preload()
     try:
         result = _run_criu(binary, snap, task, creds, priorities, meter, stream_args)
     except LivedumpError as e:
@@ -468,7 +489,7 @@ def _snapshot(
             raise
         raise mine from e
     finally:
-        preloading.join()  # before anything forks again (tree CRIUs, the conversion child)
+        meter.preload.join()  # before anything forks again (tree CRIUs, the conversion child)
     capture.finish(result.images_dir)
     more = [
         _run_criu(binary, snap, t, criu_credentials(t.member), priorities, meter)
@@ -490,15 +511,6 @@ def _snapshot(
     if done.method:
         report.method, report.method_reason = done.method, f"fallback: {done.method_reason}"
     return result, done
-
-
-def _preload() -> threading.Thread:
-    """Import the image reader's pycriu and protobuf in a thread while CRIU runs: the main
-    thread only waits for CRIU then, and they are needed right after it (the clone's images
-    rewritten, the conversion child, which inherits them). Joined before the next fork."""
-    thread = threading.Thread(target=preload_images, name="preload", daemon=True)
-    thread.start()
-    return thread
 
 
 def _run_criu(

@@ -66,12 +66,14 @@ def tids(pid: int) -> set[int]:
 
 
 def recording_criu(tmp_path: Path) -> Path:
-    """A --criu that records its own nice and ioprio (criu-calls) and the nice of the process
-    it is to dump (criu-dumped), then runs the real CRIU."""
+    """A --criu that records its own nice and ioprio (criu-calls), its autogroup's nice
+    (criu-autogroup) and the nice of the process it is to dump (criu-dumped), then runs the
+    real CRIU."""
     path = tmp_path / "criu-recorder"
     path.write_text(
         "#!/bin/bash\n"
         f'echo "$1 $(cut -d" " -f19 /proc/$$/stat) $(ionice -p $$)" >> {tmp_path}/criu-calls\n'
+        f'[ "$1" = dump ] && cut -d" " -f3 /proc/$$/autogroup >> {tmp_path}/criu-autogroup\n'
         'prev=; for a in "$@"; do [ "$prev" = -t ] && t=$a; prev=$a; done\n'
         f'[ -n "$t" ] && cut -d" " -f19 /proc/$t/stat >> {tmp_path}/criu-dumped\n'
         f'exec {REAL_CRIU} "$@"\n'
@@ -440,6 +442,8 @@ def test_without_sched_prio_the_capture_runs_below_the_target(
     # the clone CRIU dumped ran its parasite at it too; the target itself keeps its own
     assert seen["report"]["method"] == "clone"
     assert (tmp_path / "criu-dumped").read_text().split() == ["-7"]
+    if Path("/proc/self/autogroup").exists():  # CONFIG_SCHED_AUTOGROUP: CRIU's session's too
+        assert (tmp_path / "criu-autogroup").read_text().split() == ["-7"]
     assert os.getpriority(os.PRIO_PROCESS, demo.pid) == 3
     # io_prio and oom_adj not asked for: left alone
     assert seen["oom_score_adj"] == int(Path("/proc/self/oom_score_adj").read_text())
