@@ -485,10 +485,11 @@ def _int_flag(value: FlagValue, lo: int, hi: int, what: str, name: str) -> int:
 # --- the capture's priority -----------------------------------------------------------------
 
 #: How far below the target's nice the capture runs when the request names no ``sched_prio``.
-#: The target's threads keep running during a clone's or a streamed capture, and under CFS a
-#: busy target at the same nice outnumbers CRIU and the stream's writer: measured on 2 cores
-#: beside 4 busy threads, 1 GiB to disk took 2.6 s at nice 0 and 1.7 s at -10 (gcore, which
-#: stops the target, 1.1-1.4 s), the target's heartbeat late by 10-20 ms at most.
+#: The target's threads keep running during a clone's or a streamed capture, and a busy target
+#: at the same nice outnumbers CRIU and the stream's writer: 1 GiB to disk beside 4 busy
+#: threads on 2 cores (the same session) took 1.7-1.9 s at its nice, 1.0-1.1 s at 5 below,
+#: 0.9-1.05 s at 10 below, 0.9 s at 19 below (gcore, which stops the target, 0.8 s); its
+#: heartbeat was late by 10-23 ms (the freeze included) down to 10 below, once 76 ms at 19.
 CAPTURE_NICE_BELOW_TARGET = 10
 
 
