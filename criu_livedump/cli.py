@@ -42,6 +42,7 @@ from criu_livedump.errors import (
     TargetError,
 )
 from criu_livedump.linux.procfs import read_stat
+from criu_livedump.linux.sched import own_session
 from criu_livedump.progress import Counts, Phase, Progress
 from criu_livedump.request import DumpRequest, Method, capture_nice
 from criu_livedump.serve.client import MOUNT_PATH, SOCKET_PATH
@@ -489,11 +490,17 @@ def dump(
 def _run_at_capture_nice(pid: int, request: DumpRequest) -> None:
     """This process (the freeze, the stream's writer thread, CRIU's parent) at the capture's nice
     (request.capture_nice) from here on, before the dump's heavy imports: beside a busy target
-    they wait for a CPU. live_dump applies it to CRIU and the conversion itself, and reports
-    what this skips (a vanished target, a refused sched_prio) in its own words."""
-    with contextlib.suppress(OSError, ValueError):
+    they wait for a CPU. Where the kernel groups sessions (autogroups), the nice counts only
+    inside this session's group, so the dump runs in a session of its own with that nice, this
+    process waiting for it where the caller sees it (linux.sched.own_session). live_dump
+    applies the nice to CRIU and the conversion itself, and reports what this skips (a
+    vanished target, a refused sched_prio) in its own words."""
+    try:
         nice = capture_nice(request.sched_prio, read_stat(f"/proc/{pid}/stat").nice)
         os.setpriority(os.PRIO_PROCESS, 0, nice.nice)
+    except (OSError, ValueError):
+        return
+    own_session(nice.nice)
 
 
 def progress_line(phase: Phase, frozen_us: int | None, counts: Counts, rate: float) -> str:

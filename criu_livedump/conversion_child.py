@@ -28,6 +28,7 @@ from typing import Any
 from converters.arch import host
 from converters.errors import UnsupportedArchError
 from criu_livedump.errors import ConvertFailedError, LivedumpError
+from criu_livedump.linux.sched import autogroup_nice
 from criu_livedump.progress import Progress
 from criu_livedump.request import IoClass, IoPrio
 
@@ -382,8 +383,6 @@ def scheduling_preexec(priorities: Priorities) -> Callable[[], None] | None:
     def preexec() -> None:
         priorities.apply_scheduling()
         if nice is not None:
-            # no autogroups (CONFIG_SCHED_AUTOGROUP unset), or no such file: the nice alone
-            with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-                f.write(str(nice))
+            autogroup_nice(nice)
 
     return preexec

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -62,3 +65,51 @@ def test_policy_back_after_an_exception() -> None:
         assert os.sched_getscheduler(0) == before
 
     _in_thread(body)
+
+
+#: A process that calls own_session(5), then says its pid, session and autogroup, and either
+#: exits 7 or (with "wait") sleeps until a signal ends it.
+_OWN_SESSION = """
+import os, sys, time
+from criu_livedump.linux.sched import own_session
+own_session(5)
+with open("/proc/self/autogroup") as f:
+    group = f.read().split()[-1]
+print(os.getpid(), os.getsid(0), group, flush=True)
+if sys.argv[1:] == ["wait"]:
+    time.sleep(60)
+sys.exit(7)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroups")
+def test_own_session_runs_on_in_a_session_of_its_own() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _OWN_SESSION],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 7, proc.stderr  # the parent exits with the child's status
+    pid, sid, nice = proc.stdout.split()
+    assert pid == sid != str(os.getsid(0))  # the child leads a session of its own
+    assert nice == "5"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroups")
+def test_own_session_forwards_a_signal_and_dies_of_it() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OWN_SESSION, "wait"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline().split()[0])  # the child runs: its parent waits
+        assert pid != proc.pid
+        proc.send_signal(signal.SIGTERM)  # to the parent only, as a kill of its pid would
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the child got it and died of it (reaped by its parent)
+    finally:
+        proc.kill()
+        proc.wait()
