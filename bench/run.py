@@ -1122,7 +1122,6 @@ def measure_size(
         fr = entry["freeze"]
         gcore_gap = median(fr.get("gcore", {}).get("gap_ms"))
         criu_gap = median(fr.get("criu", {}).get("gap_ms"))
-        clone_gap = median(fr.get("clone", {}).get("gap_ms"))
         for name in ("criu", "clone", "precopy"):
             if name in fr and "gap_ms" in fr[name]:
                 fr[name]["gcore_over_this"] = ratio(gcore_gap, median(fr[name]["gap_ms"]))
@@ -1130,7 +1129,9 @@ def measure_size(
             if "gap_ms" in fr.get(name, {}):
                 fr[name]["criu_over_this"] = ratio(criu_gap, median(fr[name]["gap_ms"]))
         if "gap_ms" in fr.get("precopy", {}):
-            fr["precopy"]["clone_over_this"] = ratio(clone_gap, median(fr["precopy"]["gap_ms"]))
+            fr["precopy"]["clone_over_this"] = _clone_over_precopy(
+                fr["precopy"], fr.get("clone", {})
+            )
         if images is not None:
             entry["convert"] = measure_conversion(images, size_dir, cfg.runs, say)
     finally:
@@ -1659,7 +1660,8 @@ def _md_precopy(results: dict[str, Any]) -> list[str]:
         "the dump's is the longest of its whole window (precopy's spans its rounds).",
         "",
         "| workload | clone gap ms | precopy gap at its freeze ms | precopy gap of the dump ms "
-        "| precopy freeze (tool) ms | steps ms | rounds | MiB pre-copied | clone / precopy |",
+        "| precopy freeze (tool) ms | steps ms | rounds | MiB pre-copied | clone / precopy at "
+        "the freeze |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for s in rows:
@@ -1674,10 +1676,19 @@ def _md_precopy(results: dict[str, Any]) -> list[str]:
             f"| {label} | {_mm(clone.get('gap_ms'))} | {_mm(pre.get('freeze_gap_ms'))} "
             f"| {_mm(pre.get('gap_ms'))} | {_mm(pre.get('frozen_ms'))} | {_precopy_steps(pre)} "
             f"| {_mm(pre.get('rounds'), '.0f')} | {_mm(pre.get('precopied_mib'), '.0f')} "
-            f"| {_x(pre.get('clone_over_this'))} |"
+            f"| {_x(_clone_over_precopy(pre, clone))} |"
         )
     out.append("")
     return out
+
+
+def _clone_over_precopy(pre: dict[str, Any], clone: dict[str, Any]) -> float | None:
+    """Clone's gap over precopy's, each at its freeze where measured (precopy's whole window
+    spans its rounds: its longest gap measures the machine, not the freeze)."""
+    return ratio(
+        median(clone.get("freeze_gap_ms")) or median(clone.get("gap_ms")),
+        median(pre.get("freeze_gap_ms")) or median(pre.get("gap_ms")),
+    )
 
 
 #: precopy's freeze steps in their order (criu_livedump/snapshot/precopy/method.py: complete())
