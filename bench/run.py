@@ -684,7 +684,10 @@ class CliPeer(Peer):
                 images=images,
                 steps_ms=_report_steps(report),
                 freeze_gap_ms=freeze_gap,
-                complete_s=space.complete_s,
+                # first seen by the sample after the command's exit: complete by then
+                complete_s=None
+                if space.complete_s is None
+                else min(space.complete_s, child.seconds),
                 peak_extra=space.peak,
                 rounds=int(rounds[1]) if rounds else None,
                 precopied_mib=float(rounds[2]) if rounds else None,
