@@ -11,7 +11,6 @@ criu/arch/x86/crtools.c and compel/arch/x86/src/lib/infect.c.
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import platform
 import struct
@@ -253,7 +252,7 @@ def resume_regs(raw: bytes, signal_pending: bool = False) -> bytes:
     if err == ERESTART_RESTARTBLOCK:
         out["rax"] = SYS.restart_syscall
         out["rip"] = regs["rip"] - 2
-    elif err == errno.EINTR and not signal_pending:
+    elif err == EINTR and not signal_pending:
         timeout_reg = _EINTR_ON_INTERRUPT.get(regs["orig_rax"])
         if timeout_reg is not None and regs[timeout_reg] & 0xFFFFFFFF >= 1 << 31:
             out["rax"] = regs["orig_rax"]
