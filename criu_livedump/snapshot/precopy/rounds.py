@@ -92,6 +92,17 @@ class _Slot:
     copied: bytearray
 
 
+#: a batch of pieces ``(lo, hi, slot)``, the buffer it was read into, and which were read
+_Part = tuple[list[tuple[int, int, _Slot]], mmap.mmap, dict[int, bool]]
+
+
+@dataclass
+class Captured:
+    """Pages read by :meth:`SideStore.capture`, not yet in the side file."""
+
+    parts: list[_Part]
+
+
 @dataclass
 class SideStore:
     """The sparse side file of the pre-copied pages (see the module docstring)."""
@@ -134,15 +145,30 @@ class SideStore:
 
     def capture(self, runs: Iterable[tuple[int, int]]) -> Captured:
         """Read the target's pages of *runs* into memory now, to be written into their slots
-        by :meth:`Captured.write` later: inside the freeze, a write to the side file could wait
+        by :meth:`put` later: inside the freeze, a write to the side file could wait
         on its writeback (balance_dirty_pages(), mm/page-writeback.c: the rounds leave up to
         the whole tracked size dirty), a read of the target cannot."""
-        parts: list[tuple[list[tuple[int, int, _Slot]], mmap.mmap, dict[int, bool]]] = []
+        parts: list[_Part] = []
         for batch in self._batches(runs):
             # the first batch in the bounce buffer, already faulted in by the rounds
             buf = self._bounce if not parts else mmap.mmap(-1, sum(hi - lo for lo, hi, _ in batch))
             parts.append((batch, buf, self._read(batch, buf)))
-        return Captured(self, parts)
+        return Captured(parts)
+
+    def put(self, captured: Captured) -> int:
+        """Write the pages :meth:`capture` read into their slots (once); returns the bytes
+        written.
+
+        :raises OSError: the side file cannot be written (ENOSPC).
+        """
+        done = 0
+        parts, captured.parts = captured.parts, []
+        for batch, buf, ok in parts:
+            done += self._write(batch, buf, ok)
+            if buf is not self._bounce:
+                buf.close()
+        self.copied_bytes += done
+        return done
 
     def _batches(self, runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int, _Slot]]]:
         """*runs* cut to the slots, in batches that fill the bounce buffer at most."""
@@ -218,28 +244,6 @@ class SideStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-@dataclass
-class Captured:
-    """Pages read by :meth:`SideStore.capture`, not yet in the side file."""
-
-    store: SideStore
-    parts: list[tuple[list[tuple[int, int, _Slot]], mmap.mmap, dict[int, bool]]]
-
-    def write(self) -> int:
-        """Write the pages into their slots (once); returns the bytes written.
-
-        :raises OSError: the side file cannot be written (ENOSPC).
-        """
-        done = 0
-        parts, self.parts = self.parts, []
-        for batch, buf, ok in parts:
-            done += self.store._write(batch, buf, ok)
-            if buf is not self.store._bounce:
-                buf.close()
-        self.store.copied_bytes += done
-        return done
 
 
 @dataclass(frozen=True)
@@ -400,7 +404,7 @@ class FinalCopy:
         :raises OSError: the side file cannot be written (ENOSPC).
         """
         if self.captured is not None:
-            self.captured.write()
+            self.store.put(self.captured)
             self.captured = None
 
     def areas(self) -> tuple[fork_lost.ForkLostArea, ...]:
