@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from criu_livedump.linux.sched import realtime
+from tests import procs
 
 
 def _in_thread(body: Callable[[], None]) -> None:
@@ -103,8 +104,8 @@ def test_own_session_forwards_a_signal_and_dies_of_it() -> None:
         [sys.executable, "-c", _OWN_SESSION, "wait"], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert proc.stdout is not None
-        pid = int(proc.stdout.readline().split()[0])  # the child runs: its parent waits
+        line = procs.readline(proc.stdout, 60, "own_session's child")
+        pid = int(line.split()[0])  # the child runs: its parent waits
         assert pid != proc.pid
         proc.send_signal(signal.SIGTERM)  # to the parent only, as a kill of its pid would
         assert proc.wait(timeout=60) == -signal.SIGTERM
