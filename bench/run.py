@@ -163,6 +163,12 @@ def median(s: dict[str, Any] | None) -> float | None:
     return None if not s else s.get("median")
 
 
+def gap_at_freeze(peer: dict[str, Any]) -> float | None:
+    """A peer's median heartbeat gap overlapping its freeze where measured, else the longest of
+    its whole window's."""
+    return median(peer.get("freeze_gap_ms")) or median(peer.get("gap_ms"))
+
+
 def file_sizes(path: Path) -> tuple[int, int]:
     """(apparent, allocated) bytes of *path*."""
     st = path.stat()
@@ -1245,7 +1251,7 @@ def _precopy_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         # the gap overlapping its freeze: a precopy window spans minutes of rounds on a shared
         # machine, whose noise the window's longest gap then measures (given in the detail)
-        gap = median(pre.get("freeze_gap_ms")) or median(pre["gap_ms"])
+        gap = gap_at_freeze(pre)
         clone = median(size["freeze"].get("clone", {}).get("gap_ms"))
         detail = (
             f"heartbeat gap at its freeze median {_f(gap)} ms (clone {_f(clone)} ms) over "
@@ -1261,8 +1267,7 @@ def _precopy_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if dirty is None or "gap_ms" not in pre or "gap_ms" not in clone:
         out.append({"target": name, "met": None, "detail": "not measured"})
         return out
-    gap = median(pre.get("freeze_gap_ms")) or median(pre["gap_ms"])
-    clone_gap = median(clone.get("freeze_gap_ms")) or median(clone["gap_ms"])
+    gap, clone_gap = gap_at_freeze(pre), gap_at_freeze(clone)
     rounds = (pre.get("rounds") or {}).get("max")
     met = gap is not None and clone_gap is not None and gap <= clone_gap
     met = met and rounds is not None and rounds <= PRECOPY_MAX_ROUNDS
@@ -1688,10 +1693,7 @@ def _md_precopy(results: dict[str, Any]) -> list[str]:
 def _clone_over_precopy(pre: dict[str, Any], clone: dict[str, Any]) -> float | None:
     """Clone's gap over precopy's, each at its freeze where measured (precopy's whole window
     spans its rounds: its longest gap measures the machine, not the freeze)."""
-    return ratio(
-        median(clone.get("freeze_gap_ms")) or median(clone.get("gap_ms")),
-        median(pre.get("freeze_gap_ms")) or median(pre.get("gap_ms")),
-    )
+    return ratio(gap_at_freeze(clone), gap_at_freeze(pre))
 
 
 #: precopy's freeze steps in their order (criu_livedump/snapshot/precopy/method.py: complete())
