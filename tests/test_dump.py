@@ -29,6 +29,7 @@ from syslock import core_pattern
 
 from criu_livedump import conversion_child as job
 from criu_livedump.cli import ExitStatus
+from criu_livedump.linux.procfs import read_stat
 
 pytestmark = [pytest.mark.live]
 
@@ -313,11 +314,6 @@ def test_core_limit_above_hard_needs_cap_sys_resource(
 # --- priorities ---------------------------------------------------------------------------------
 
 
-def _nice(path: str) -> int:
-    with open(path) as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of /proc/PID/stat
-
-
 def _paused_dump(
     pid: int, tmp_path: Path, *args: str, wrap: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -357,8 +353,8 @@ def _paused_dump(
         tool = next(p for p in procs_below(proc.pid) if p != child and _is_tool(p))
         seen: dict[str, Any] = {
             "child": child,
-            "nice": _nice(f"/proc/{child}/stat"),
-            "tool_nice": {_nice(f"/proc/{tool}/task/{t}/stat") for t in tids(tool)},
+            "nice": read_stat(f"/proc/{child}/stat").nice,
+            "tool_nice": {read_stat(f"/proc/{tool}/task/{t}/stat").nice for t in tids(tool)},
             "ioprio": job.ioprio_get(child),
             "oom_score_adj": int(Path(f"/proc/{child}/oom_score_adj").read_text()),
         }
