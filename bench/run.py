@@ -19,8 +19,9 @@ its steps (stop, save, fork, resume). Then the conversion alone: ``criu-livedump
 convert`` on the dump's images against ``cp --sparse=always`` of the pages images, its peak RSS,
 the core's apparent and allocated size; and CRIU's own ``coredump`` tool on a 16 MiB process.
 
-Each dump is also timed until its core is complete (the core's final name appears: the tool
-writes a temporary file and renames it; gcore's core is complete when gdb exits) and its peak
+Each dump is also timed until its core is complete (the core's final name appears, an inotify
+event: the tool writes a temporary file and renames it; gcore's core is complete when gdb
+exits) and its peak
 extra space is sampled every :data:`SPACE_STEP` seconds by a thread: the blocks allocated to
 everything the dump writes (the core, its temporary file, CRIU's images and the tool's scratch,
 each peer in directories of its own).
@@ -41,10 +42,12 @@ import os
 import platform
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -108,7 +111,7 @@ MAPS_OVER_FORK_TARGET_MS = 10.0
 BUDGET_FULL_S = 15 * 60
 #: where scratch (images and cores) goes by default: a disk filesystem, as on a real host
 DEFAULT_SCRATCH = Path("/var/tmp")
-#: how often the peak extra space and the core's appearance are sampled, in seconds
+#: how often the peak extra space is sampled, in seconds
 SPACE_STEP = 0.05
 #: the standalone conversion (and cp) runs at sizes up to this one (larger ones take minutes)
 CONVERT_MAX_MIB = 1024
@@ -269,18 +272,23 @@ def tool(name: str) -> str:
 
 class SpaceWatch:
     """While a dump runs: the peak of the blocks allocated below *dirs* (its core, temporary
-    files, images and scratch), and when *complete* (the core's final name) first appeared,
-    sampled every :data:`SPACE_STEP` seconds by a thread."""
+    files, images and scratch), sampled every :data:`SPACE_STEP` seconds by a thread, and when
+    *complete* (the core's final name) appeared, to the microsecond (:class:`NameWatch`)."""
 
     def __init__(self, dirs: Sequence[Path], complete: Path | None = None) -> None:
         self.dirs = tuple(dirs)
         self.complete = complete
         self.peak = 0
         self.started = time.perf_counter()
-        #: seconds from the start until *complete* appeared (None: not seen)
-        self.complete_s: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="space", daemon=True)
+        self._name = NameWatch(complete) if complete is not None else None
+
+    @property
+    def complete_s(self) -> float | None:
+        """Seconds from the start until *complete* appeared (None: not seen)."""
+        seen = self._name.seen if self._name is not None else None
+        return None if seen is None else seen - self.started
 
     def __enter__(self) -> SpaceWatch:
         self.started = time.perf_counter()
@@ -290,6 +298,8 @@ class SpaceWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._name is not None:
+            self._name.close()
 
     def _run(self) -> None:
         while True:
@@ -298,10 +308,56 @@ class SpaceWatch:
                 break
 
     def sample(self) -> None:
-        now = time.perf_counter()
-        if self.complete_s is None and self.complete is not None and self.complete.exists():
-            self.complete_s = now - self.started
         self.peak = max(self.peak, sum(allocated_below(d) for d in self.dirs))
+
+
+class NameWatch:
+    """When *path* gets its name in its directory (inotify IN_MOVED_TO or IN_CREATE): a
+    thread blocked on the event stamps it with ``time.perf_counter()``, where sampling its
+    existence would add up to a sampling step to a core finished between two samples."""
+
+    IN_CREATE = 0x100
+    IN_MOVED_TO = 0x80
+    EVENT = struct.Struct("iIII")
+
+    def __init__(self, path: Path) -> None:
+        import ctypes
+
+        self.path = path
+        self.seen: float | None = None
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_CLOEXEC)
+        if self._fd < 0:
+            raise BenchError(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        mask = self.IN_CREATE | self.IN_MOVED_TO
+        if libc.inotify_add_watch(self._fd, os.fsencode(path.parent), mask) < 0:
+            os.close(self._fd)
+            raise BenchError(f"inotify_add_watch {path.parent}: {os.strerror(ctypes.get_errno())}")
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="name-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        want = os.fsencode(self.path.name)
+        while self.seen is None:
+            ready, _, _ = select.select([self._fd, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            data = os.read(self._fd, 65536)
+            now = time.perf_counter()
+            at = 0
+            while at < len(data):
+                _wd, _mask, _cookie, size = self.EVENT.unpack_from(data, at)
+                at += self.EVENT.size
+                if data[at : at + size].rstrip(b"\0") == want:
+                    self.seen = now
+                at += size
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join()
+        for fd in (self._fd, self._stop_r, self._stop_w):
+            os.close(fd)
 
 
 def allocated_below(path: Path) -> int:
@@ -690,7 +746,7 @@ class CliPeer(Peer):
                 images=images,
                 steps_ms=_report_steps(report),
                 freeze_gap_ms=freeze_gap,
-                # first seen by the sample after the command's exit: complete by then
+                # the name's event, else the command's exit: complete by then
                 complete_s=None
                 if space.complete_s is None
                 else min(space.complete_s, child.seconds),
@@ -1788,15 +1844,15 @@ def _md_complete(results: dict[str, Any]) -> list[str]:
     w(
         f"Cores, images and scratch on {results['machine'].get('scratch')}; the workload's "
         f"memory is the machine's ({results['machine'].get('mem_total_gib')} GiB), so 8 GiB "
-        "fits beside everything else. **Until the core is "
-        "complete**: from the command's start until the core's final name appeared (the tool "
-        "writes a temporary file and renames it), for gcore, which writes its core in place, "
-        "until gdb exited. **Extra space at peak**: the most blocks allocated at once to "
-        "everything the dump wrote (the core, its temporary file, CRIU's images, the tool's "
-        f"scratch), sampled every {SPACE_STEP * 1000:.0f} ms. The freeze is the heartbeat's "
-        "longest gap around the dump. `/ gcore`: the median against gcore's in the same run. "
-        "A peer's name says how its pages reached the core where its report tells: `stream` "
-        "(straight from CRIU into the core's file) or `images` (CRIU's pages images, then the "
+        "fits beside everything else. **Until the core is complete**: from the command's "
+        "start until the core's final name appeared (an inotify event; the tool writes a "
+        "temporary file and renames it), for gcore, which writes its core in place, until gdb "
+        "exited. **Extra space at peak**: the most blocks allocated at once to everything the "
+        "dump wrote (the core, its temporary file, CRIU's images, the tool's scratch), "
+        f"sampled every {SPACE_STEP * 1000:.0f} ms. The freeze is the heartbeat's longest gap "
+        "around the dump. `/ gcore`: the median against gcore's in the same run. A peer's "
+        "name says how its pages reached the core where its report tells: `stream` (straight "
+        "from CRIU into the core's file) or `images` (CRIU's pages images, then the "
         "conversion's copy)."
     )
     w("")

@@ -154,6 +154,23 @@ def test_broken_pipe_is_quiet() -> None:
         assert int(status) in (ExitStatus.OK, ExitStatus.BROKEN_PIPE)
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "stderr"), [(None, 0, ""), (3, 3, ""), ("no way", 1, "no way\n")]
+)
+def test_leave_flushes_and_runs_exit_handlers(status: object, code: int, stderr: str) -> None:
+    """The entry point's exit skips the interpreter's teardown, not what it must still do:
+    buffered stdout is written, exit handlers run, the status is SystemExit's."""
+    script = (
+        "import atexit, sys\n"
+        "from criu_livedump.cli import leave\n"
+        "atexit.register(lambda: sys.stdout.write(' handler'))\n"
+        "sys.stdout.write('buffered')\n"
+        f"leave({status!r})\n"
+    )
+    proc = procs.run([sys.executable, "-c", script], text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (code, "buffered handler", stderr)
+
+
 def test_unknown_subcommand(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["frobnicate"])
     assert result.exit_code == ExitStatus.USAGE

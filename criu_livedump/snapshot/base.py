@@ -59,7 +59,8 @@ class CriuTask:
     """What CRIU is asked to dump.
 
     :param pid: the root of the tree CRIU collects.
-    :param leave_running: ``--leave-running`` (a disposable copy is killed by CRIU instead).
+    :param leave_running: *pid* is the target, which must run on after CRIU; False for a
+        disposable copy, which CRIU leaves running too and the snapshot kills.
     :param options: CRIU options the target's blockers ask for (``--external ...``).
     :param pre_dump_rounds: ``criu pre-dump`` rounds before the dump.
     :param ns_pid: *pid*'s id in its own PID namespace when CRIU is to run inside that namespace

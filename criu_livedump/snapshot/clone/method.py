@@ -114,7 +114,7 @@ class CloneSnapshot(Snapshot):
 
     def _task(self, clone: inject.Clone, facts: TargetFacts) -> CriuTask:
         """CRIU's dump of *clone* (of *facts*' process), its mapped files opened first."""
-        # the stopped clone's mappings are the snapshot's; CRIU kills it when done
+        # the stopped clone's mappings are the snapshot's; it is killed once its images are
         self._mapped[clone.pid] = open_mapped_files(clone.clone_pid)
         clone.release_for_criu()
         options: dict[str, None] = {}
@@ -162,12 +162,12 @@ class CloneSnapshot(Snapshot):
         )
 
     def _images(self, clone: inject.Clone, result: DumpResult) -> Sidecar:
-        """*clone*'s images rewritten to describe its process; the sidecar's facts of it."""
+        """*clone*'s images rewritten to describe its process; the sidecar's facts of it. The
+        clone is killed then, and reaped by :meth:`close`, once the core is written."""
         sysv_keys = images.rewrite_images(result.images_dir, clone, nice=_nice(clone.pid))
+        clone.send_kill()
         copied = frozenset((a.start, a.end) for a in clone.fork_lost)
-        sidecar = clone_facts(clone.smaps, copied=copied, sysv_keys=sysv_keys)
-        clone.kill()
-        return sidecar
+        return clone_facts(clone.smaps, copied=copied, sysv_keys=sysv_keys)
 
     def close(self) -> None:
         for clone in self._clones:
