@@ -492,8 +492,9 @@ def _run_at_capture_nice(pid: int, request: DumpRequest) -> None:
     """This process (the freeze, the stream's writer thread, CRIU's parent) at the capture's nice
     (request.capture_nice) from here on, before the dump's heavy imports: beside a busy target
     they wait for a CPU. Where the kernel groups sessions (autogroups), the nice counts only
-    inside this session's group, so the dump runs in a session of its own with that nice, this
-    process waiting for it where the caller sees it (linux.sched.own_session). live_dump
+    inside this session's group, so the dump runs in a session of its own with that nice, a
+    process waiting for it where the caller sees it (linux.sched.own_session: made by
+    :mod:`criu_livedump.entry` before click was imported; given the exact nice here). live_dump
     applies the nice to CRIU and the conversion itself, and reports what this skips (a
     vanished target, a refused sched_prio) in its own words."""
     try:

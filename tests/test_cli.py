@@ -17,6 +17,7 @@ import criu_livedump
 from converters.errors import ConversionError, ImageFormatError
 from converters.options import ConvertOptions, CoreResult
 from criu_livedump import check as check_mod
+from criu_livedump import entry
 from criu_livedump.cli import STATUS_BY_ERROR, ExitStatus, cli, status_for
 from criu_livedump.errors import (
     BlockerError,
@@ -169,6 +170,15 @@ def test_leave_flushes_and_runs_exit_handlers(status: object, code: int, stderr:
     )
     proc = procs.run([sys.executable, "-c", script], text=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (code, "buffered handler", stderr)
+
+
+def test_entry_finds_the_subcommand() -> None:
+    """criu_livedump.entry acts on ``dump`` before click parses anything: the subcommand is the
+    first word that is no option, which holds while the group's options are all flags."""
+    assert all(p.is_flag or getattr(p, "count", False) for p in cli.params), cli.params
+    assert entry.command(["-vv", "--traceback", "dump", "--signal", "6", "42"]) == "dump"
+    assert entry.command(["--version"]) is None
+    assert entry.command(["convert", "dump"]) == "convert"
 
 
 def test_unknown_subcommand(runner: CliRunner) -> None:

@@ -850,7 +850,7 @@ def _tool_as_user(uid: int, gid: int, *args: str) -> subprocess.CompletedProcess
             *_as_user(uid, gid),
             SYSTEM_PYTHON,
             "-c",
-            "from criu_livedump.cli import main; main()",
+            "from criu_livedump.entry import main; main()",
             "dump",
             *args,
             *UNLIMITED,

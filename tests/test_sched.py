@@ -99,6 +99,26 @@ def test_own_session_runs_on_in_a_session_of_its_own() -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroups")
+def test_own_session_called_again_only_renices_the_group() -> None:
+    """The entry point makes the session before the request is parsed; ``dump`` then gives it
+    the exact nice: no second fork."""
+    script = _OWN_SESSION.replace("own_session(5)\n", "own_session(5)\nown_session(7)\n")
+    script = script.replace("print(os.getpid(),", "print(os.getppid(), os.getpid(),")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 7, err
+    ppid, pid, sid, nice = out.split()
+    assert pid == sid and nice == "7"
+    assert ppid == str(proc.pid)  # forked once: its parent is the command itself
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroups")
 def test_own_session_forwards_a_signal_and_dies_of_it() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", _OWN_SESSION, "wait"], stdout=subprocess.PIPE, text=True

@@ -70,8 +70,13 @@ def own_session(nice: int) -> None:
     kill of the group reach), forwards SIGINT, SIGTERM and SIGHUP to the child and exits with
     its status (or dies of its signal); it never returns. The child returns, leading a
     session of its own whose autogroup has *nice* (:func:`autogroup_nice`), and is killed if
-    the parent dies. Nothing happens where there are no autogroups.
+    the parent dies. Nothing happens where there are no autogroups. A process that leads its
+    session already (that child, called again; a service's process) only gives the group
+    *nice*.
     """
+    if os.getsid(0) == os.getpid():
+        autogroup_nice(nice)
+        return
     if not os.path.exists("/proc/self/autogroup"):
         return
     parent = os.getpid()
