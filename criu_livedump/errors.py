@@ -7,6 +7,7 @@ and turns the exception type into an exit status.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 #: The hint for anything that fails for lack of privilege.
@@ -85,7 +86,9 @@ class CriuError(LivedumpError):
 
 
 def _last_error_line(log_tail: str) -> str:
-    """The most telling line of a CRIU log: the last ``Error`` line, else the last line.
+    """The most telling line of a CRIU log: the last ``Error`` line, else the first line CRIU
+    wrote for its user (``pr_msg()``: no timestamp, e.g. ``CRIU needs to have the
+    CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability``), else the last line.
 
     CRIU's closing summary (``Dumping FAILED.``, from criu/cr-dump.c) says nothing about the
     cause; an ``Error`` line before it (``No space left on device``) is preferred.
@@ -95,7 +98,12 @@ def _last_error_line(log_tail: str) -> str:
     specific = [ln for ln in errors if not ln.endswith("FAILED.")]
     if specific or errors:
         return (specific or errors)[-1]
-    return lines[-1] if lines else ""
+    said = [ln for ln in lines if not _STAMPED.match(ln)]
+    return said[0] if said else lines[-1] if lines else ""
+
+
+#: CRIU's log lines begin with the time since its start: ``(00.211066) ``.
+_STAMPED = re.compile(r"\(\d+\.\d+\) ")
 
 
 class PermissionDeniedError(LivedumpError):

@@ -16,6 +16,7 @@ from pathlib import Path
 import procs
 import pytest
 
+from criu_livedump.errors import CriuError
 from criu_livedump.snapshot import failures
 
 EXE = Path(sys.executable).parent / "criu-livedump"
@@ -213,3 +214,16 @@ def test_real_criu_rlimit_of_another_uid(tmp_path: Path, mixed_tree: tuple[int, 
     assert f"(uid {NOBODY}): Error (criu/cr-dump.c:" in error
     assert error.endswith("Can't get rlimit 0: Operation not permitted")
     assert f"cannot read the limits of process {child} of uid {NOBODY}" in hint
+
+
+def test_without_an_error_line_the_message_is_what_criu_told_its_user() -> None:
+    """CRIU says why it stops at once in words for its user (pr_msg(), no timestamp) and logs
+    nothing at ``-v3``: those words, not its last log line, make the error."""
+    out = (
+        "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: \n"
+        "setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n"
+        "(00.000000) CRIU run id = 632d437d\n"
+    )
+    error = CriuError(["criu", "dump"], 1, out)
+    assert error.message.endswith("CAP_CHECKPOINT_RESTORE capability:")
+    assert CriuError(["criu", "dump"], 1, "(00.1) a\n(00.2) b\n").message.endswith(": (00.2) b")

@@ -43,11 +43,41 @@ def test_dump_argv_always_live_options() -> None:
         "/s/1",
         "-o",
         "dump.log",
-        "-v4",
+        "-v3",
         *LIVE,
         "--x",
     ]
     assert "--tcp-established" not in argv
+
+
+def test_criu_logs_debug_lines_when_the_library_does() -> None:
+    logger = logging.getLogger("criu_livedump")
+    level = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        assert criu.DumpJob(pid=9, scratch=Path("/s")).verbosity == 3
+        logger.setLevel(logging.DEBUG)
+        (cmd,) = criu.plan_rounds(FAKE, criu.DumpJob(pid=9, scratch=Path("/s")))
+        assert "-v4" in cmd
+    finally:
+        logger.setLevel(level)
+
+
+def test_version_asked_once_per_binary_until_it_changes(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    fake = tmp_path / "criu"
+
+    def install(ver: str) -> None:
+        fake.write_text(f'#!/bin/sh\necho x >> "{calls}"\necho "Version: {ver}"\n')
+        fake.chmod(0o755)
+
+    install("4.2.1")
+    binary = criu.Criu(fake, "test")
+    assert [criu.version(binary) for _ in range(3)] == ["4.2.1"] * 3
+    assert calls.read_text().count("x") == 1
+    install("4.1.10")  # replaced (an upgrade under a running service)
+    assert criu.version(binary) == "4.1.10"
+    assert calls.read_text().count("x") == 2
 
 
 def test_dump_argv_never_tcp_established() -> None:

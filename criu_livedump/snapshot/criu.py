@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -84,6 +85,13 @@ def support(ver: str) -> Support:
         False,
         f"supported (tested: {tested}; images convert from CRIU {_dotted(OLDEST_IMAGES)} on)",
     )
+
+
+def log_verbosity() -> int:
+    """CRIU's ``-v``: 3, its errors, warnings and steps (what failures.diagnose reads and a
+    user checks), or 4 when this library logs its own debug lines (``-vv``): CRIU's debug
+    lines, about ten a MiB of pages, cost 40-65 ms a GiB here."""
+    return 4 if log.isEnabledFor(logging.DEBUG) else 3
 
 
 #: Options every live dump gets. ``--tcp-close`` only skips dumping TCP state and leaves the
@@ -244,10 +252,21 @@ def _exec_problem(e: OSError) -> str:
 
 
 def version(criu: Criu) -> str:
-    """The version CRIU reports (``criu --version``), e.g. ``"4.2.1"``.
+    """The version CRIU reports (``criu --version``), e.g. ``"4.2.1"``; asked once per binary
+    (a dump needs it twice: :func:`find`, then the page stream's header layout) until the file
+    changes (``serve`` outlives an upgrade).
 
     :raises CriuUnusableError: the binary does not run or does not print a CRIU version.
     """
+    try:
+        st = os.stat(criu.path)
+    except OSError:
+        return _version(criu, None)
+    return _version(criu, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _version(criu: Criu, _file: tuple[int, int, int, int] | None) -> str:
     proc = _run_quick(criu, ["--version"])
     for line in proc.stdout.splitlines():
         if line.startswith("Version:"):
@@ -359,7 +378,7 @@ class DumpJob:
     wrapper: tuple[str, ...] = ()
     timeout: float = BASE_TIMEOUT
     deadline: float | None = None
-    verbosity: int = 4
+    verbosity: int = field(default_factory=log_verbosity)
     env: Mapping[str, str] | None = field(default=None, compare=False)
     owner: tuple[int, int] | None = None
     leave_running: bool = True
@@ -476,7 +495,7 @@ def dump_argv(
     track_mem: bool = False,
     prev_images_dir: str | None = None,
     extra_args: Sequence[str] = (),
-    verbosity: int = 4,
+    verbosity: int = 3,
 ) -> list[str]:
     """The CRIU command line for one pre-dump or dump round.
 

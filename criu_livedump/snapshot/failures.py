@@ -1,11 +1,11 @@
 """Why a CRIU dump failed: the Error line of its log that explains it, the process involved,
 and a hint from the one table of causes a user meets (CAUSES).
 
-CRIU's log (``-v4``) ends in summaries that name no cause (``Dumping FAILED.``, ``Dump core
-(pid: N) failed with -1``) and may begin with Error lines that stopped nothing (``rlimit: Can't
-setup RLIMIT_NOFILE for self``, criu/util.c, printed whenever CRIU lacks CAP_SYS_RESOURCE).
-The line that explains a failure is the first Error line of a known cause, else the first
-Error line that is neither.
+CRIU's log (``-v3``, or ``-v4``) ends in summaries that name no cause (``Dumping FAILED.``,
+``Dump core (pid: N) failed with -1``) and may begin with Error lines that stopped nothing
+(``rlimit: Can't setup RLIMIT_NOFILE for self``, criu/util.c, printed whenever CRIU lacks
+CAP_SYS_RESOURCE). The line that explains a failure is the first Error line of a known cause,
+else the first Error line that is neither.
 """
 
 from __future__ import annotations
