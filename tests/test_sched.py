@@ -102,7 +102,10 @@ def test_own_session_runs_on_in_a_session_of_its_own() -> None:
 def test_own_session_called_again_only_renices_the_group() -> None:
     """The entry point makes the session before the request is parsed; ``dump`` then gives it
     the exact nice: no second fork."""
-    script = _OWN_SESSION.replace("own_session(5)\n", "own_session(5)\nown_session(7)\n")
+    script = _OWN_SESSION.replace(
+        "own_session(5)\n",
+        "own_session(5)\nown_session(7)\nprint(os.getpriority(os.PRIO_PROCESS, os.getppid()))\n",
+    )
     script = script.replace("print(os.getpid(),", "print(os.getppid(), os.getpid(),")
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -113,8 +116,8 @@ def test_own_session_called_again_only_renices_the_group() -> None:
         proc.kill()
         proc.wait()
     assert proc.returncode == 7, err
-    ppid, pid, sid, nice = out.split()
-    assert pid == sid and nice == "7"
+    waiter_nice, ppid, pid, sid, nice = out.split()
+    assert pid == sid and nice == "7" and waiter_nice == "7"  # the waiting parent too
     assert ppid == str(proc.pid)  # forked once: its parent is the command itself
 
 

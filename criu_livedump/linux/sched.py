@@ -65,6 +65,10 @@ def autogroup_nice(nice: int) -> bool:
     return True
 
 
+#: the process :func:`own_session` left waiting for this one (what the caller sees)
+_waiting: list[int] = []
+
+
 def own_session(nice: int) -> None:
     """Fork. The parent stays in the caller's session and process group (what Ctrl-C and a
     kill of the group reach), forwards SIGINT, SIGTERM and SIGHUP to the child and exits with
@@ -72,10 +76,13 @@ def own_session(nice: int) -> None:
     session of its own whose autogroup has *nice* (:func:`autogroup_nice`), and is killed if
     the parent dies. Nothing happens where there are no autogroups. A process that leads its
     session already (that child, called again; a service's process) only gives the group
-    *nice*.
+    *nice*, and the process waiting for it, if it made it, the same nice.
     """
     if os.getsid(0) == os.getpid():
         autogroup_nice(nice)
+        for pid in _waiting:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, pid, nice)
         return
     if not os.path.exists("/proc/self/autogroup"):
         return
@@ -87,6 +94,7 @@ def own_session(nice: int) -> None:
             os._exit(128 + signal.SIGKILL)
         os.setsid()
         autogroup_nice(nice)
+        _waiting[:] = [parent]
         return
 
     def forward(signum: int, _frame: object) -> None:
