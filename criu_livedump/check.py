@@ -51,6 +51,7 @@ _LABELS = {
     "criu_check": "criu check",
     "dirty_tracking": "dirty tracking",
     "clone_freeze": "clone freeze",
+    "criu_probe": "CRIU's kernel probe",
     **{f"method_{m.value}": f"method {m.value}" for m in snapshot.METHODS},
 }
 _SETUP_HINT = "run `make setup`, or name a working binary with --criu PATH"
@@ -189,6 +190,25 @@ def _clone_freeze_item() -> Item:
     return Item("clone_freeze", f"ptrace batch helper built; {fifo_text}", False, data)
 
 
+#: Where CRIU keeps its kernel probe between runs (KDAT_RUNDIR, /run unless built otherwise)
+CRIU_RUNDIR = Path("/run")
+
+
+def _criu_probe_item(rundir: Path = CRIU_RUNDIR) -> Item:
+    """Whether CRIU can keep its probe of the kernel (kerndat) between runs: criu/kerndat.c
+    writes its cache only on a tmpfs, so that it goes with the kernel at a reboot; elsewhere
+    every CRIU run probes again (a network namespace and a veth pair among it: 40 ms here)."""
+    kind = scratch.fstype(rundir)
+    data: dict[str, Any] = {"rundir": str(rundir), "fstype": kind, "cached": kind == "tmpfs"}
+    if kind == "tmpfs":
+        return Item("criu_probe", f"kept between runs in {rundir} (tmpfs)", False, data)
+    text = (
+        f"probed again by every CRIU run: {rundir} is on {kind}, not a tmpfs, where alone CRIU"
+        " keeps it (40 ms a dump here; systemd mounts /run as a tmpfs)"
+    )
+    return Item("criu_probe", text, False, data)
+
+
 def _read_sysctl(name: str) -> str:
     try:
         return Path(f"/proc/sys/kernel/{name}").read_text().rstrip("\n")
@@ -281,6 +301,7 @@ def run_check(criu_path: str | None = None, pid: int | None = None) -> Report:
     items.append(Item("core_uses_pid", uses_pid, False, {"value": uses_pid}))
     items.append(_scratch_item())
     items.append(_clone_freeze_item())
+    items.append(_criu_probe_item())
     if pid is not None:
         items += _method_items(pid)
     return Report(tuple(items))

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from conftest import StartTarget
 from syslock import system_settings_lock
 
+from criu_livedump import check as check_mod
+from criu_livedump import scratch
 from criu_livedump.cli import ExitStatus, cli
 from criu_livedump.errors import CriuNotFoundError, CriuUnusableError
 from criu_livedump.linux import ptrace
@@ -66,6 +68,7 @@ def test_check_passes_here_text(runner: CliRunner) -> None:
         "core_uses_pid",
         "scratch",
         "clone freeze",
+        "CRIU's kernel probe",
     ]
     assert lines[1].startswith("criu check: passed")
     assert lines[7].startswith("clone freeze: ptrace batch helper built")
@@ -352,3 +355,14 @@ def test_check_pid_of_no_process(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["check", "--pid", "4194304"])
     assert result.exit_code == ExitStatus.TARGET
     assert error_lines(result.stderr) == ["error: process 4194304: no such process"]
+
+
+@pytest.mark.parametrize("where", ["/dev/shm", "/var/tmp"])
+def test_criu_probe_cached_only_on_tmpfs(where: str) -> None:
+    """CRIU keeps its kernel probe only in a tmpfs run directory (criu/kerndat.c): check says
+    which of the two a host has."""
+    item = check_mod._criu_probe_item(Path(where))
+    tmpfs = scratch.fstype(Path(where)) == "tmpfs"
+    assert item.data["cached"] is tmpfs and not item.fatal
+    assert ("probed again" in item.text) is not tmpfs
+    assert "criu_probe" in {i.key for i in check_mod.run_check().items}
