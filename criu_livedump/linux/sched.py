@@ -74,15 +74,13 @@ def own_session(nice: int) -> None:
     kill of the group reach), forwards SIGINT, SIGTERM and SIGHUP to the child and exits with
     its status (or dies of its signal); it never returns. The child returns, leading a
     session of its own whose autogroup has *nice* (:func:`autogroup_nice`), and is killed if
-    the parent dies. Nothing happens where there are no autogroups. A process that leads its
-    session already (that child, called again; a service's process) only gives the group
-    *nice*, and the process waiting for it, if it made it, the same nice.
+    the parent dies. Nothing happens where there are no autogroups. Called again in that
+    child, it only gives the group, and the parent waiting for it, *nice*.
     """
-    if os.getsid(0) == os.getpid():
+    if _waiting:
         autogroup_nice(nice)
-        for pid in _waiting:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, pid, nice)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, _waiting[0], nice)
         return
     if not os.path.exists("/proc/self/autogroup"):
         return
