@@ -85,6 +85,11 @@ class CriuError(LivedumpError):
         self.log_path = log_path
 
 
+#: What begins each line of CRIU's log: the time since its start, ``(00.211066) ``; the words
+#: CRIU prints for its user (``pr_msg()``) have none.
+CRIU_LOG_STAMP = re.compile(r"^\(\d+\.\d+\)\s+")
+
+
 def _last_error_line(log_tail: str) -> str:
     """The most telling line of a CRIU log: the last ``Error`` line, else the first line CRIU
     wrote for its user (``pr_msg()``: no timestamp, e.g. ``CRIU needs to have the
@@ -98,12 +103,8 @@ def _last_error_line(log_tail: str) -> str:
     specific = [ln for ln in errors if not ln.endswith("FAILED.")]
     if specific or errors:
         return (specific or errors)[-1]
-    said = [ln for ln in lines if not _STAMPED.match(ln)]
+    said = [ln for ln in lines if not CRIU_LOG_STAMP.match(ln)]
     return said[0] if said else lines[-1] if lines else ""
-
-
-#: CRIU's log lines begin with the time since its start: ``(00.211066) ``.
-_STAMPED = re.compile(r"\(\d+\.\d+\) ")
 
 
 class PermissionDeniedError(LivedumpError):

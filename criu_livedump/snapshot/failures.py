@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from criu_livedump.errors import CRIU_LOG_STAMP
 from criu_livedump.linux.procfs import read_status
 
 
@@ -138,8 +139,6 @@ _SUMMARY = re.compile(r"FAILED\.$|failed with -?\d+$|Can't dump threads$")
 _PID_IN_SUMMARY = re.compile(r"\(pid: (\d+)\)")
 #: Lines of the process being dumped just before the cause (parasite, /proc reads).
 _PID_IN_CONTEXT = re.compile(r"pie: (\d+):|/proc/(\d+)/| (\d+) has \d+ sched policy")
-#: CRIU's timestamp before each line of its log: ``(00.211066) ``.
-_STAMP = re.compile(r"^\(\d+\.\d+\)\s+")
 _FULL = next(c for c in CAUSES if c.name == "full scratch")
 
 
@@ -187,7 +186,7 @@ def diagnose(lines: Iterable[str], *, full: bool = False) -> Diagnosis | None:
             return Diagnosis("", _FULL) if full else None
         chosen = (0, None, context_pid)
     index, cause, context = chosen
-    line = _STAMP.sub("", errors[index])
+    line = CRIU_LOG_STAMP.sub("", errors[index])
     if full and cause is None:
         cause = _FULL
     pid = _pid_of(line, cause, errors[index:], context)
