@@ -499,7 +499,6 @@ def _run_at_capture_nice(pid: int, request: DumpRequest) -> None:
     vanished target, a refused sched_prio) in its own words."""
     try:
         nice = capture_nice(request.sched_prio, read_stat(f"/proc/{pid}/stat").nice)
-        os.setpriority(os.PRIO_PROCESS, 0, nice.nice)
     except (OSError, ValueError):
         return
     own_session(nice.nice)

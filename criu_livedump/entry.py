@@ -38,8 +38,7 @@ def _own_session() -> None:
     from criu_livedump.request import capture_nice
 
     try:
-        nice = capture_nice(None, os.getpriority(os.PRIO_PROCESS, 0)).nice
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        nice = capture_nice(None, os.getpriority(os.PRIO_PROCESS, 0))
     except OSError:
         return
-    own_session(nice)
+    own_session(nice.nice)

@@ -70,17 +70,19 @@ _waiting: list[int] = []
 
 
 def own_session(nice: int) -> None:
-    """Fork. The parent stays in the caller's session and process group (what Ctrl-C and a
-    kill of the group reach), forwards SIGINT, SIGTERM and SIGHUP to the child and exits with
-    its status (or dies of its signal); it never returns. The child returns, leading a
+    """Run at *nice* (where setpriority(2) lets it), in a session of its own where there are
+    autogroups: fork. The parent stays in the caller's session and process group (what Ctrl-C
+    and a kill of the group reach), forwards SIGINT, SIGTERM and SIGHUP to the child and exits
+    with its status (or dies of its signal); it never returns. The child returns, leading a
     session of its own whose autogroup has *nice* (:func:`autogroup_nice`), and is killed if
-    the parent dies. Nothing happens where there are no autogroups. Called again in that
-    child, it only gives the group, and the parent waiting for it, *nice*.
+    the parent dies. Called again in that child, it only gives itself, its group and the parent
+    waiting for it *nice*.
     """
+    for pid in (0, *_waiting):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
     if _waiting:
         autogroup_nice(nice)
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, _waiting[0], nice)
         return
     if not os.path.exists("/proc/self/autogroup"):
         return
