@@ -181,7 +181,8 @@ import fcntl, os, re, signal, subprocess, sys
 args = sys.argv[1:]
 if "-D" not in args:  # criu --version, criu check
     os.execv({criu!r}, [{criu!r}, *args])
-# the fault points are -v4 lines (the tool asks for -v3 unless it logs debug itself)
+# -v4: each fault point needs more log behind it than CRIU can be ahead of this reader
+# (test_fault_points_are_mid_dump); the tool asks for -v3 unless it logs debug itself
 args = ["-v4" if a[:2] == "-v" and a[2:].isdigit() else a for a in args]
 log = os.path.join(args[args.index("-D") + 1], args[args.index("-o") + 1])
 pattern = re.compile(os.environ["FAULT_PATTERN"].encode())
