@@ -16,10 +16,11 @@
  * copies the process has 1003 threads, as a server's pools have.
  *
  * A call that fails with EINTR is counted and retried, so that one interruption does not hide
- * the next. Prints "ready PORT" once every thread is blocked, and after "go", when every thread
- * has finished, one line per call: "ok CALL" or "FAIL CALL: N x EINTR" / "FAIL CALL: ..."; exits
- * 0 when every line is "ok", else 1. SIGCHLD is caught and reported too (the clone method must
- * never deliver one). Dies with its parent (PR_SET_PDEATHSIG). */
+ * the next. Prints "ready PORT" once every thread sleeps in its call (/proc: state S), and
+ * after "go", when every thread has finished, one line per call: "ok CALL" or
+ * "FAIL CALL: N x EINTR" / "FAIL CALL: ..."; exits 0 when every line is "ok", else 1. SIGCHLD
+ * is caught and reported too (the clone method must never deliver one). Dies with its parent
+ * (PR_SET_PDEATHSIG). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -48,6 +49,7 @@ static const char *names[NCALLS] = { "read", "nanosleep", "epoll_wait", "poll",
 static _Atomic int eintr[NCALLS];
 static char problem[NCALLS][128];
 static _Atomic int blocked;
+static pid_t *tids; /* each thread's id, stored once it is on its way into its call */
 static _Atomic int go;
 static _Atomic int sigchld;
 static int data_pipe[2], poll_pipe[2], efd, epfd, lsock;
@@ -73,13 +75,44 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* Called by each thread just before its call: counted, and its id kept for all_sleeping(). */
+static void arrive(void)
+{
+	int i = blocked++;
+
+	__atomic_store_n(&tids[i], (pid_t)syscall(SYS_gettid), __ATOMIC_SEQ_CST);
+}
+
+/* Whether every thread sleeps (state S in /proc): inside its blocking call, not on its way. */
+static int all_sleeping(int nthreads)
+{
+	char path[64], buf[512], *state;
+	FILE *f;
+
+	for (int i = 0; i < nthreads; i++) {
+		pid_t tid = __atomic_load_n(&tids[i], __ATOMIC_SEQ_CST);
+
+		if (!tid)
+			return 0;
+		snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+		f = fopen(path, "r");
+		if (!f)
+			die("task stat");
+		state = fgets(buf, sizeof(buf), f) ? strrchr(buf, ')') : NULL;
+		fclose(f);
+		if (!state || state[1] != ' ' || state[2] != 'S')
+			return 0;
+	}
+	return 1;
+}
+
 static void *reader(void *arg)
 {
 	char buf[8];
 	ssize_t n;
 
 	(void)arg;
-	blocked++;
+	arrive();
 	while ((n = read(data_pipe[0], buf, sizeof(buf))) < 0 && errno == EINTR)
 		eintr[READ]++;
 	if (n != (ssize_t)sizeof(buf))
@@ -90,7 +123,7 @@ static void *reader(void *arg)
 static void *sleeper(void *arg)
 {
 	(void)arg;
-	blocked++;
+	arrive();
 	while (!go) {
 		struct timespec req = { 1, 0 }, rem;
 		uint64_t start = now_ns();
@@ -114,7 +147,7 @@ static void *epoller(void *arg)
 	int n;
 
 	(void)arg;
-	blocked++;
+	arrive();
 	while ((n = epoll_wait(epfd, &ev, 1, -1)) < 0 && errno == EINTR)
 		eintr[EPOLL]++;
 	if (n != 1)
@@ -130,7 +163,7 @@ static void *poller(void *arg)
 	int n;
 
 	(void)arg;
-	blocked++;
+	arrive();
 	while ((n = poll(&p, 1, -1)) < 0 && errno == EINTR)
 		eintr[POLL]++;
 	if (n != 1)
@@ -143,7 +176,7 @@ static void *poller(void *arg)
 static void *futexer(void *arg)
 {
 	(void)arg;
-	blocked++;
+	arrive();
 	while (__atomic_load_n(&futex_word, __ATOMIC_SEQ_CST) == 0) {
 		long r = syscall(SYS_futex, &futex_word, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
 
@@ -162,7 +195,7 @@ static void *acceptor(void *arg)
 	int c;
 
 	(void)arg;
-	blocked++;
+	arrive();
 	while ((c = accept(lsock, NULL, NULL)) < 0 && errno == EINTR)
 		eintr[ACCEPT]++;
 	if (c < 0)
@@ -211,8 +244,9 @@ int main(int argc, char **argv)
 	}
 	nthreads = NBODIES * copies;
 	threads = calloc((size_t)nthreads, sizeof(*threads));
+	tids = calloc((size_t)nthreads, sizeof(*tids));
 	extra = calloc((size_t)copies, sizeof(*extra));
-	if (!threads || !extra)
+	if (!threads || !tids || !extra)
 		die("calloc");
 	if (lsock < 0 || bind(lsock, (struct sockaddr *)&addr, sizeof(addr)) ||
 	    listen(lsock, copies + 4) || getsockname(lsock, (struct sockaddr *)&addr, &alen))
@@ -222,9 +256,14 @@ int main(int argc, char **argv)
 	for (int i = 0; i < nthreads; i++)
 		if (pthread_create(&threads[i], &attr, bodies[i % NBODIES], NULL))
 			die("pthread_create");
-	while (blocked < nthreads)
+	/* every thread inside its call, not merely counted: up to 60 s on a loaded machine */
+	for (int waited = 0; !all_sleeping(nthreads); waited++) {
+		if (waited == 60000) {
+			fprintf(stderr, "setup: the threads never all blocked in their calls\n");
+			return 2;
+		}
 		usleep(1000);
-	usleep(100000); /* from "blocked++" into the call itself */
+	}
 	printf("ready %d\n", ntohs(addr.sin_port));
 	fflush(stdout);
 
