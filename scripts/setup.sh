@@ -20,7 +20,18 @@ cache=${CRIU_LIVEDUMP_CACHE:-/var/cache/criu-livedump}
 prefix=${CRIU_PREFIX:-/usr/local}
 criu_bin="$prefix/sbin/criu"
 venv="$here/.venv"
-python=${PYTHON:-python3}
+# The venv's interpreter: $PYTHON, else the distribution's /usr/bin/python3 when it is new enough,
+# else the first python3 on PATH. Debian's is built with PGO and LTO; a python3 built from source
+# without --enable-optimizations (pyenv's default, first on PATH on the machines this was measured
+# on) ran the tool's Python a quarter slower: 200 dataclasses 92 -> 71 ms, a loop 201 -> 140 ms,
+# a live dump of a 16 MiB process 0.395 -> 0.356 s end to end.
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  python=python3
+  if /usr/bin/python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    python=/usr/bin/python3
+  fi
+fi
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -92,6 +103,11 @@ for v in ${CRIU_LIVEDUMP_TEST_RELEASES-4.1.1}; do
 done
 
 # --- 3. venv --------------------------------------------------------------------------------------
+home=$("$python" -c 'import os, sys; print(os.path.dirname(os.path.abspath(sys._base_executable)))')
+if [ -x "$venv/bin/python" ] && ! grep -qxF "home = $home" "$venv/pyvenv.cfg" 2>/dev/null; then
+  say "recreating $venv on $python (it was made by another interpreter)"
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
   say "creating $venv"
   "$python" -m venv "$venv"

@@ -261,12 +261,15 @@ def version(criu: Criu) -> str:
     try:
         st = os.stat(criu.path)
     except OSError:
-        return _version(criu, None)
-    return _version(criu, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return _version(criu.path, None)
+    return _version(criu.path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=8)
-def _version(criu: Criu, _file: tuple[int, int, int, int] | None) -> str:
+def _version(path: Path, _file: tuple[int, int, int, int] | None) -> str:
+    """Keyed by the file alone: :func:`find` asks of its candidate, the dump of what it chose
+    (the same file, found by another route)."""
+    criu = Criu(path, "asked for its version")
     proc = _run_quick(criu, ["--version"])
     for line in proc.stdout.splitlines():
         if line.startswith("Version:"):
@@ -387,8 +390,8 @@ class DumpJob:
     originals: tuple[int, ...] = ()
     #: descriptors CRIU inherits (a page server's socket: page_server.criu_options)
     pass_fds: tuple[int, ...] = ()
-    #: called about every WATCH_STEP seconds while a round of CRIU runs (progress: the pages
-    #: images growing in scratch); must not raise
+    #: called once CRIU has started, then about every WATCH_STEP seconds while a round of it
+    #: runs (progress: the pages images growing in scratch); must not raise
     on_step: Callable[[], object] | None = field(default=None, compare=False)
 
     @property
@@ -723,6 +726,8 @@ def _supervise(proc: subprocess.Popen[bytes], argv: Sequence[str], watch: _Watch
     """
     with Pidfd(proc.pid) as criu_fd:
         try:
+            if watch.on_step is not None:
+                watch.on_step()
             while True:
                 left = watch.deadline - time.monotonic()
                 if left <= 0:
