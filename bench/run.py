@@ -841,6 +841,20 @@ class Config:
     #: size of the workload dirtying *dirty_mbps* MB/s (0: not measured)
     dirty_mib: int = 0
     dirty_mbps: int = DIRTY_MBPS
+    #: runs per peer on a plain workload of up to :data:`SMALL_MIB` (``--runs`` when given)
+    small_runs: int = 5
+
+    def runs_for(self, mib: int, plain: bool) -> int:
+        """Runs per peer on a workload of *mib* MiB."""
+        return self.small_runs if plain and mib <= SMALL_MIB else self.runs
+
+
+#: Up to this size a plain workload gets :attr:`Config.small_runs` runs a peer unless ``--runs``
+#: says otherwise. Such a run takes seconds, and one peer's run at 1 GiB ranged 0.7-3 s here
+#: (the page cache it fills may come from memory the host took back): the median of 3 is one
+#: unlucky run from moving.
+SMALL_MIB = 1024
+SMALL_RUNS = 5
 
 
 def settle() -> None:
@@ -850,66 +864,100 @@ def settle() -> None:
     os.sync()
 
 
-def measure_peer(
-    peer: Peer,
-    w: Workload,
-    scratch: Path,
-    runs: int,
-    keep_images: bool,
-    deadline: float,
-    say: Progress,
-) -> tuple[dict[str, Any], Path | None]:
-    """Run *peer* up to *runs* times on *w*, keeping the images of the last run when asked.
+@dataclass
+class PeerRuns:
+    """One peer's runs on one workload, decided one at a time (:func:`measure_peers`
+    interleaves the peers): up to *runs*, the last keeping its images when *keep_images*.
 
     A slow peer (gcore) runs once when its first run exceeds :data:`SLOW_PEER_SECONDS`; any
-    peer stops early when another run would pass *deadline* (the run's time budget). Whether a
-    run is the last is decided before it starts, so that the last one can keep its images.
+    peer stops early when another run would pass the run's deadline. Whether a run is the last
+    is decided before it starts, so that the last one can keep its images.
     """
-    done: list[DumpRun] = []
-    images = None
-    for i in range(runs):
-        final = i == runs - 1
-        if done:
-            slow = peer.slow and done[0].wall_s > SLOW_PEER_SECONDS
-            late = time.monotonic() + done[-1].wall_s > deadline
+
+    peer: Peer
+    runs: int
+    keep_images: bool
+    done: list[DumpRun] = field(default_factory=list)
+    images: Path | None = None
+    error: str | None = None
+    finished: bool = False
+
+    def next_is_final(self, deadline: float) -> bool | None:
+        """Whether the next run is the last; None when there is none."""
+        if self.finished:
+            return None
+        final = len(self.done) == self.runs - 1
+        if self.done:
+            slow = self.peer.slow and self.done[0].wall_s > SLOW_PEER_SECONDS
+            late = time.monotonic() + self.done[-1].wall_s > deadline
             if slow or late:
-                if not keep_images:
-                    break
+                if not self.keep_images:
+                    self.finished = True
+                    return None
                 final = True  # one more run, to keep its images for the conversion
+        return final
+
+    def run(self, w: Workload, scratch: Path, final: bool, say: Progress) -> None:
         settle()
-        run = peer.dump(w, scratch, keep_images=keep_images and final)
-        state = w.state()
-        if state in ("T", "t"):
-            raise BenchError(f"{peer.name}: left the workload stopped (state {state})")
-        done.append(run)
-        say(f"  {peer.name} {w.mib} MiB run {i + 1}: gap {run.gap_ms:.1f} ms, {run.wall_s:.2f} s")
+        try:
+            run = self.peer.dump(w, scratch, keep_images=self.keep_images and final)
+            state = w.state()
+            if state in ("T", "t"):
+                raise BenchError(f"{self.peer.name}: left the workload stopped (state {state})")
+        except BenchError as e:
+            self.error, self.finished = str(e), True
+            say(f"  {self.peer.name}: {e}")
+            return
+        self.done.append(run)
+        n = len(self.done)
+        say(f"  {self.peer.name} {w.mib} MiB run {n}: gap {run.gap_ms:.1f} ms, {run.wall_s:.2f} s")
         if run.images is not None:
-            images = run.images
-        if final:
-            break
-    result = {
-        "runs": len(done),
-        "gap_ms": stat([r.gap_ms for r in done]),
-        "wall_s": stat([r.wall_s for r in done]),
-        "frozen_ms": stat([r.frozen_ms for r in done if r.frozen_ms is not None]),
-        "freeze_gap_ms": stat([r.freeze_gap_ms for r in done if r.freeze_gap_ms is not None]),
-        "dump_s": stat([r.dump_s for r in done if r.dump_s is not None]),
-        "convert_s": stat([r.convert_s for r in done if r.convert_s is not None]),
-        "complete_s": stat([r.complete_s for r in done if r.complete_s is not None]),
-        "peak_extra": stat([r.peak_extra for r in done if r.peak_extra is not None]),
-        "rounds": stat([r.rounds for r in done if r.rounds is not None]),
-        "precopied_mib": stat([r.precopied_mib for r in done if r.precopied_mib is not None]),
-        "core_apparent": done[-1].core_apparent,
-        "core_allocated": done[-1].core_allocated,
-    }
-    if done[-1].capture is not None:
-        result["capture"] = done[-1].capture
-    steps = sorted({k for r in done for k in r.steps_ms}, key=list(done[-1].steps_ms).index)
-    if steps:
-        result["steps_ms"] = {
-            k: stat([r.steps_ms[k] for r in done if k in r.steps_ms]) for k in steps
+            self.images = run.images
+        self.finished = final
+
+    def figures(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        done = self.done
+        result = {
+            "runs": len(done),
+            "gap_ms": stat([r.gap_ms for r in done]),
+            "wall_s": stat([r.wall_s for r in done]),
+            "frozen_ms": stat([r.frozen_ms for r in done if r.frozen_ms is not None]),
+            "freeze_gap_ms": stat([r.freeze_gap_ms for r in done if r.freeze_gap_ms is not None]),
+            "dump_s": stat([r.dump_s for r in done if r.dump_s is not None]),
+            "convert_s": stat([r.convert_s for r in done if r.convert_s is not None]),
+            "complete_s": stat([r.complete_s for r in done if r.complete_s is not None]),
+            "peak_extra": stat([r.peak_extra for r in done if r.peak_extra is not None]),
+            "rounds": stat([r.rounds for r in done if r.rounds is not None]),
+            "precopied_mib": stat([r.precopied_mib for r in done if r.precopied_mib is not None]),
+            "core_apparent": done[-1].core_apparent,
+            "core_allocated": done[-1].core_allocated,
         }
-    return result, images
+        if done[-1].capture is not None:
+            result["capture"] = done[-1].capture
+        steps = sorted({k for r in done for k in r.steps_ms}, key=list(done[-1].steps_ms).index)
+        if steps:
+            result["steps_ms"] = {
+                k: stat([r.steps_ms[k] for r in done if k in r.steps_ms]) for k in steps
+            }
+        return result
+
+
+def measure_peers(
+    runs: Sequence[PeerRuns], w: Workload, scratch: Path, deadline: float, say: Progress
+) -> None:
+    """Every peer's runs on *w*, interleaved: round k runs each peer once, the k-th first (mod
+    their number). What one run leaves behind (a criu run at 1 GiB frees 2 GiB of page cache,
+    which this VM's free page reporting then hands back to the host, so that the next to
+    allocate it pays the host's faults) and the machine's drift over a size's minutes then fall
+    on every peer in turn, not always on the one that follows the same peer."""
+    for k in range(max((r.runs for r in runs), default=0)):
+        shift = k % len(runs)
+        for peer_runs in (*runs[shift:], *runs[:shift]):
+            final = peer_runs.next_is_final(deadline)
+            if final is not None:
+                peer_runs.run(w, scratch, final, say)
 
 
 def measure_conversion(images: Path, scratch: Path, runs: int, say: Progress) -> dict[str, Any]:
@@ -1047,6 +1095,7 @@ def run_bench(cfg: Config, say: Progress) -> dict[str, Any]:
             "sizes_mib": list(cfg.sizes),
             "shapes": [sh.as_dict() for sh in cfg.shapes],
             "runs": cfg.runs,
+            "small_runs": cfg.small_runs,
             "gcore": cfg.gcore,
             "slow_peer_s": SLOW_PEER_SECONDS,
             "repeat_deadline_s": round(deadline - started),
@@ -1173,17 +1222,18 @@ def measure_size(
             # fork() is the floor of any copy-on-write snapshot: the kernel copies the page
             # tables (dup_mmap()) while the target waits.
             entry["fork_ms"] = stat([w.fork_ms() for _ in range(cfg.runs)])
-            images = None
-            for peer in peers:
-                keep = peer.name == "criu" and plain and mib <= CONVERT_MAX_MIB
-                try:
-                    figures, kept = measure_peer(peer, w, size_dir, cfg.runs, keep, deadline, say)
-                except BenchError as e:
-                    entry["freeze"][peer.name] = {"error": str(e)}
-                    say(f"  {peer.name}: {e}")
-                    continue
-                entry["freeze"][peer.name] = figures
-                images = kept or images
+            runs = [
+                PeerRuns(
+                    peer,
+                    cfg.runs_for(mib, plain),
+                    keep_images=peer.name == "criu" and plain and mib <= CONVERT_MAX_MIB,
+                )
+                for peer in peers
+            ]
+            measure_peers(runs, w, size_dir, deadline, say)
+            for peer_runs in runs:
+                entry["freeze"][peer_runs.peer.name] = peer_runs.figures()
+            images = next((r.images for r in runs if r.images is not None), None)
         fr = entry["freeze"]
         gcore_gap = median(fr.get("gcore", {}).get("gap_ms"))
         criu_gap = median(fr.get("criu", {}).get("gap_ms"))
@@ -1579,8 +1629,10 @@ def _md_intro(results: dict[str, Any], json_rel: str) -> list[str]:
         "is the workload forking itself: the kernel's page-table copy, the floor of any "
         "copy-on-write snapshot. "
         "Each cell is the median with (min-max) over the runs; all peers ran in the same "
-        "invocation on the same workload process, so compare them as ratios: the machine is "
-        "shared and absolute figures drift. gcore runs once at a size where its first run "
+        "invocation on the same workload process, interleaved (round k runs every peer once, "
+        "the k-th first), so compare them as ratios: the machine is shared and absolute figures "
+        f"drift. A plain workload of up to {SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a "
+        "peer by default. gcore runs once at a size where its first run "
         "takes over a minute, and no peer starts another run past 80% of the time budget; "
         "cells from a single run say so."
     )
@@ -2108,7 +2160,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         help=f"comma-separated server-shaped {SHAPE_MIB} MiB workloads, threads=N or maps=N, or "
         f"'none' (default: {','.join(_shape_word(sh) for sh in SHAPES)}; --quick: none)",
     )
-    p.add_argument("--runs", type=int, default=3, help="runs per peer and size (default 3)")
+    p.add_argument(
+        "--runs",
+        type=int,
+        help=f"runs per peer and size (default 3, and {SMALL_RUNS} for a plain workload"
+        f" of up to {SMALL_MIB} MiB)",
+    )
     p.add_argument(
         "--dontfork-mib",
         type=int,
@@ -2155,7 +2212,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
             p.error(f"--shapes {a.shapes}: not threads=N (N >= {BASE_THREADS}) or maps=N words")
     else:
         shapes = () if a.quick or a.sizes else SHAPES
-    if a.runs < 1 or any(s < 1 for s in sizes):
+    if (a.runs is not None and a.runs < 1) or any(s < 1 for s in sizes):
         p.error("--runs and --sizes must be positive")
     if a.dontfork_mib is not None and a.dontfork_mib < 0:
         p.error("--dontfork-mib must not be negative")
@@ -2172,7 +2229,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         dirty = (dirty_mib, dirty_mbps)
     cfg = Config(
         sizes=sizes,
-        runs=a.runs,
+        runs=3 if a.runs is None else a.runs,
+        small_runs=SMALL_RUNS if a.runs is None else a.runs,
         quick=a.quick or sizes != FULL_SIZES,
         gcore=not a.no_gcore,
         coredump_tool=not a.no_coredump_tool,
