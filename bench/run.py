@@ -947,17 +947,34 @@ class PeerRuns:
 def measure_peers(
     runs: Sequence[PeerRuns], w: Workload, scratch: Path, deadline: float, say: Progress
 ) -> None:
-    """Every peer's runs on *w*, interleaved: round k runs each peer once, the k-th first (mod
-    their number). What one run leaves behind (a criu run at 1 GiB frees 2 GiB of page cache,
-    which this VM's free page reporting then hands back to the host, so that the next to
-    allocate it pays the host's faults) and the machine's drift over a size's minutes then fall
-    on every peer in turn, not always on the one that follows the same peer."""
+    """Every peer's runs on *w*, interleaved: round k runs each peer once, in row k of a
+    Williams design (:func:`round_order`), so that each peer follows every other one as often.
+    What one run leaves behind weighs on the next: a criu run at 1 GiB frees 2 GiB of page
+    cache, which this VM's free page reporting hands back to the host, and whoever allocates
+    it next pays the host's faults. Interleaved so, that and the machine's drift over a size's
+    minutes fall on every peer alike, not always on the one behind the same peer."""
     for k in range(max((r.runs for r in runs), default=0)):
-        shift = k % len(runs)
-        for peer_runs in (*runs[shift:], *runs[:shift]):
-            final = peer_runs.next_is_final(deadline)
+        for i in round_order(len(runs), k):
+            final = runs[i].next_is_final(deadline)
             if final is not None:
-                peer_runs.run(w, scratch, final, say)
+                runs[i].run(w, scratch, final, say)
+
+
+def round_order(n: int, k: int) -> list[int]:
+    """Row *k* of a Williams design for *n* peers: over n rows (2n for an odd n) each peer
+    runs once a row and directly follows each other peer once (twice for an odd n). Rows past
+    the design's repeat it."""
+    first = [0]
+    low, high = 1, n - 1
+    while low <= high:
+        first.append(low)
+        if low != high:
+            first.append(high)
+        low, high = low + 1, high - 1
+    rows = n if n % 2 == 0 else 2 * n
+    k %= max(rows, 1)
+    row = [(x + k) % n for x in first[:n]]
+    return row[::-1] if k >= n else row
 
 
 def measure_conversion(images: Path, scratch: Path, runs: int, say: Progress) -> dict[str, Any]:
@@ -1629,12 +1646,12 @@ def _md_intro(results: dict[str, Any], json_rel: str) -> list[str]:
         "is the workload forking itself: the kernel's page-table copy, the floor of any "
         "copy-on-write snapshot. "
         "Each cell is the median with (min-max) over the runs; all peers ran in the same "
-        "invocation on the same workload process, interleaved (round k runs every peer once, "
-        "the k-th first), so compare them as ratios: the machine is shared and absolute figures "
-        f"drift. A plain workload of up to {SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a "
-        "peer by default. gcore runs once at a size where its first run "
-        "takes over a minute, and no peer starts another run past 80% of the time budget; "
-        "cells from a single run say so."
+        "invocation on the same workload process, interleaved (each round runs every peer "
+        "once, in an order where each follows every other as often), so compare them as "
+        "ratios: the machine is shared and absolute figures drift. A plain workload of up to "
+        f"{SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a peer by default. gcore runs once "
+        "at a size where its first run takes over a minute, and no peer starts another run "
+        "past 80% of the time budget; cells from a single run say so."
     )
     w("")
     return out
