@@ -947,34 +947,16 @@ class PeerRuns:
 def measure_peers(
     runs: Sequence[PeerRuns], w: Workload, scratch: Path, deadline: float, say: Progress
 ) -> None:
-    """Every peer's runs on *w*, interleaved: round k runs each peer once, in row k of a
-    Williams design (:func:`round_order`), so that each peer follows every other one as often.
-    What one run leaves behind weighs on the next: a criu run at 1 GiB frees 2 GiB of page
-    cache, which this VM's free page reporting hands back to the host, and whoever allocates
-    it next pays the host's faults. Interleaved so, that and the machine's drift over a size's
-    minutes fall on every peer alike, not always on the one behind the same peer."""
-    for k in range(max((r.runs for r in runs), default=0)):
-        for i in round_order(len(runs), k):
-            final = runs[i].next_is_final(deadline)
-            if final is not None:
-                runs[i].run(w, scratch, final, say)
-
-
-def round_order(n: int, k: int) -> list[int]:
-    """Row *k* of a Williams design for *n* peers: over n rows (2n for an odd n) each peer
-    runs once a row and directly follows each other peer once (twice for an odd n). Rows past
-    the design's repeat it."""
-    first = [0]
-    low, high = 1, n - 1
-    while low <= high:
-        first.append(low)
-        if low != high:
-            first.append(high)
-        low, high = low + 1, high - 1
-    rows = n if n % 2 == 0 else 2 * n
-    k %= max(rows, 1)
-    row = [(x + k) % n for x in first[:n]]
-    return row[::-1] if k >= n else row
+    """Every peer's runs on *w*, one peer's after another's, so that each run follows a run of
+    its own peer (but the first). What a run leaves behind weighs on the next: a criu or
+    precopy run frees twice the workload's size, which this VM's free page reporting hands back
+    to the host, and whoever allocates next pays the host's faults. Interleaved in a Williams
+    design (each peer once a round, each following every other as often) every peer ran behind
+    those: at 1 GiB gcore 1.60 s and clone 1.56 s until complete (1.10 and 1.09-1.63 back to
+    back), the clone's fork at 4 GiB 59-61 ms (47-50 ms behind its own runs)."""
+    for peer_runs in runs:
+        while (final := peer_runs.next_is_final(deadline)) is not None:
+            peer_runs.run(w, scratch, final, say)
 
 
 def measure_conversion(images: Path, scratch: Path, runs: int, say: Progress) -> dict[str, Any]:
@@ -1646,9 +1628,9 @@ def _md_intro(results: dict[str, Any], json_rel: str) -> list[str]:
         "is the workload forking itself: the kernel's page-table copy, the floor of any "
         "copy-on-write snapshot. "
         "Each cell is the median with (min-max) over the runs; all peers ran in the same "
-        "invocation on the same workload process, interleaved (each round runs every peer "
-        "once, in an order where each follows every other as often), so compare them as "
-        "ratios: the machine is shared and absolute figures drift. A plain workload of up to "
+        "invocation on the same workload process, each peer's runs back to back, so compare "
+        "them as ratios: the machine is shared and absolute figures drift. A plain workload of "
+        "up to "
         f"{SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a peer by default. gcore runs once "
         "at a size where its first run takes over a minute, and no peer starts another run "
         "past 80% of the time budget; cells from a single run say so."

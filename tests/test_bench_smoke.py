@@ -9,10 +9,8 @@ the Markdown renderer hand-written results.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -378,17 +376,3 @@ def test_stream_targets(
     text = "\n".join(bench._md_complete(results))
     assert "| 1 GiB | clone | 30.0 (1 run) |" in text
     assert f"| {clone_s / gcore_s:.1f}x |" in text
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
-def test_round_order_lets_each_peer_follow_every_other_as_often(n: int) -> None:
-    rows = n if n % 2 == 0 else 2 * n
-    follows: Counter[tuple[int, int]] = Counter()
-    for k in range(rows):
-        row = bench.round_order(n, k)
-        assert sorted(row) == list(range(n)), row
-        follows.update(itertools.pairwise(row))
-    pairs = {(a, b) for a in range(n) for b in range(n) if a != b}
-    assert set(follows) == pairs
-    assert len(set(follows.values())) <= 1, follows
-    assert bench.round_order(n, rows) == bench.round_order(n, 0)
