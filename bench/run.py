@@ -596,6 +596,9 @@ class Peer:
     name = ""
     #: a reference peer that may run once when slow (the product's peers always run in full)
     slow = False
+    #: compared at every size until the core is complete (issue 13: clone against gcore), so
+    #: run :attr:`Config.small_runs` times at every size, not only the small ones
+    compared = False
 
     def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
         raise NotImplementedError
@@ -604,6 +607,7 @@ class Peer:
 class GcorePeer(Peer):
     name = "gcore"
     slow = True
+    compared = True
 
     def dump(self, w: Workload, scratch: Path, keep_images: bool) -> DumpRun:
         out = scratch / "gcore-out"
@@ -702,6 +706,7 @@ class CliPeer(Peer):
     def __init__(self, method: str) -> None:
         self.name = method
         self.method = method
+        self.compared = method == "clone"
 
     def argv(self, pid: int, scratch: Path, core: Path, keep_images: bool) -> list[str]:
         # precopy says how many rounds it ran, and what they copied, in its -v summary line
@@ -841,18 +846,21 @@ class Config:
     #: size of the workload dirtying *dirty_mbps* MB/s (0: not measured)
     dirty_mib: int = 0
     dirty_mbps: int = DIRTY_MBPS
-    #: runs per peer on a plain workload of up to :data:`SMALL_MIB` (``--runs`` when given)
+    #: runs per peer on a plain workload of up to :data:`SMALL_MIB`, and of the compared peers
+    #: at every size (``--runs`` when given)
     small_runs: int = 5
 
-    def runs_for(self, mib: int, plain: bool) -> int:
-        """Runs per peer on a workload of *mib* MiB."""
-        return self.small_runs if plain and mib <= SMALL_MIB else self.runs
+    def runs_for(self, peer: Peer, mib: int, plain: bool) -> int:
+        """Runs of *peer* on a workload of *mib* MiB."""
+        return self.small_runs if plain and (mib <= SMALL_MIB or peer.compared) else self.runs
 
 
 #: Up to this size a plain workload gets :attr:`Config.small_runs` runs a peer unless ``--runs``
-#: says otherwise. Such a run takes seconds, and one peer's run at 1 GiB ranged 0.7-3 s here
-#: (the page cache it fills may come from memory the host took back): the median of 3 is one
-#: unlucky run from moving.
+#: says otherwise, and so do gcore and clone at every size. Such a run takes seconds, and one
+#: peer's run ranged 0.7-3 s at 1 GiB here, 9.4-13.5 s at 8 GiB (gcore's 11.2-22.6 s): the page
+#: cache it fills may come from memory the host took back, and past 4 GiB the kernel throttles
+#: the writer to the disk. A median of 3 is one unlucky run from moving; the other peers' runs
+#: at 8 GiB take 30-50 s each.
 SMALL_MIB = 1024
 SMALL_RUNS = 5
 
@@ -1224,7 +1232,7 @@ def measure_size(
             runs = [
                 PeerRuns(
                     peer,
-                    cfg.runs_for(mib, plain),
+                    cfg.runs_for(peer, mib, plain),
                     keep_images=peer.name == "criu" and plain and mib <= CONVERT_MAX_MIB,
                 )
                 for peer in peers
@@ -1631,7 +1639,8 @@ def _md_intro(results: dict[str, Any], json_rel: str) -> list[str]:
         "invocation on the same workload process, each peer's runs back to back, so compare "
         "them as ratios: the machine is shared and absolute figures drift. A plain workload of "
         "up to "
-        f"{SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a peer by default. gcore runs once "
+        f"{SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a peer by default, and so do gcore and "
+        "clone at every size. gcore runs once "
         "at a size where its first run takes over a minute, and no peer starts another run "
         "past 80% of the time budget; cells from a single run say so."
     )
@@ -2162,8 +2171,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     p.add_argument(
         "--runs",
         type=int,
-        help=f"runs per peer and size (default 3, and {SMALL_RUNS} for a plain workload"
-        f" of up to {SMALL_MIB} MiB)",
+        help=f"runs per peer and size (default 3; {SMALL_RUNS} for a plain workload of up to"
+        f" {SMALL_MIB} MiB, and for gcore and clone at every size)",
     )
     p.add_argument(
         "--dontfork-mib",
