@@ -828,6 +828,18 @@ def probe_cli(method: str, exe: Path, scratch: Path) -> str | None:
 # --- the benchmark ------------------------------------------------------------------------------
 
 
+#: Up to this size a plain workload gets :attr:`Config.small_runs` runs a peer unless ``--runs``
+#: says otherwise, and so do gcore and clone at every size. Such a run takes seconds, and one
+#: peer's run ranged 0.7-3 s at 1 GiB here, 9.4-13.5 s at 8 GiB (gcore's 11.2-22.6 s): the page
+#: cache it fills may come from memory the host took back, and past 4 GiB the kernel throttles
+#: the writer to the disk. A median of 3 is one unlucky run from moving; the other peers' runs
+#: at 8 GiB take 30-50 s each.
+SMALL_MIB = 1024
+SMALL_RUNS = 5
+#: runs per peer and size otherwise (``--runs`` when given)
+RUNS = 3
+
+
 @dataclass
 class Config:
     sizes: tuple[int, ...]
@@ -848,21 +860,11 @@ class Config:
     dirty_mbps: int = DIRTY_MBPS
     #: runs per peer on a plain workload of up to :data:`SMALL_MIB`, and of the compared peers
     #: at every size (``--runs`` when given)
-    small_runs: int = 5
+    small_runs: int = SMALL_RUNS
 
     def runs_for(self, peer: Peer, mib: int, plain: bool) -> int:
         """Runs of *peer* on a workload of *mib* MiB."""
         return self.small_runs if plain and (mib <= SMALL_MIB or peer.compared) else self.runs
-
-
-#: Up to this size a plain workload gets :attr:`Config.small_runs` runs a peer unless ``--runs``
-#: says otherwise, and so do gcore and clone at every size. Such a run takes seconds, and one
-#: peer's run ranged 0.7-3 s at 1 GiB here, 9.4-13.5 s at 8 GiB (gcore's 11.2-22.6 s): the page
-#: cache it fills may come from memory the host took back, and past 4 GiB the kernel throttles
-#: the writer to the disk. A median of 3 is one unlucky run from moving; the other peers' runs
-#: at 8 GiB take 30-50 s each.
-SMALL_MIB = 1024
-SMALL_RUNS = 5
 
 
 def settle() -> None:
@@ -872,99 +874,73 @@ def settle() -> None:
     os.sync()
 
 
-@dataclass
-class PeerRuns:
-    """One peer's runs on one workload, decided one at a time (:func:`measure_peers`
-    interleaves the peers): up to *runs*, the last keeping its images when *keep_images*.
+def measure_peer(
+    peer: Peer,
+    w: Workload,
+    scratch: Path,
+    runs: int,
+    keep_images: bool,
+    deadline: float,
+    say: Progress,
+) -> tuple[dict[str, Any], Path | None]:
+    """Run *peer* up to *runs* times on *w*, back to back, keeping the images of the last run
+    when asked.
+
+    Each run but the first follows a run of its own peer: what a run leaves behind weighs on
+    the next (a criu or precopy run frees twice the workload's size, which this VM's free page
+    reporting hands back to the host, and whoever allocates next pays the host's faults).
+    Interleaved, every peer ran behind those: at 1 GiB gcore took 1.60 s and clone 1.56 s until
+    complete (1.01 and 0.98 s back to back), the clone's fork at 4 GiB 59-61 ms (47-50 ms).
 
     A slow peer (gcore) runs once when its first run exceeds :data:`SLOW_PEER_SECONDS`; any
-    peer stops early when another run would pass the run's deadline. Whether a run is the last
-    is decided before it starts, so that the last one can keep its images.
+    peer stops early when another run would pass *deadline* (the run's time budget). Whether a
+    run is the last is decided before it starts, so that the last one can keep its images.
     """
-
-    peer: Peer
-    runs: int
-    keep_images: bool
-    done: list[DumpRun] = field(default_factory=list)
-    images: Path | None = None
-    error: str | None = None
-    finished: bool = False
-
-    def next_is_final(self, deadline: float) -> bool | None:
-        """Whether the next run is the last; None when there is none."""
-        if self.finished:
-            return None
-        final = len(self.done) == self.runs - 1
-        if self.done:
-            slow = self.peer.slow and self.done[0].wall_s > SLOW_PEER_SECONDS
-            late = time.monotonic() + self.done[-1].wall_s > deadline
+    done: list[DumpRun] = []
+    images = None
+    for i in range(runs):
+        final = i == runs - 1
+        if done:
+            slow = peer.slow and done[0].wall_s > SLOW_PEER_SECONDS
+            late = time.monotonic() + done[-1].wall_s > deadline
             if slow or late:
-                if not self.keep_images:
-                    self.finished = True
-                    return None
+                if not keep_images:
+                    break
                 final = True  # one more run, to keep its images for the conversion
-        return final
-
-    def run(self, w: Workload, scratch: Path, final: bool, say: Progress) -> None:
         settle()
-        try:
-            run = self.peer.dump(w, scratch, keep_images=self.keep_images and final)
-            state = w.state()
-            if state in ("T", "t"):
-                raise BenchError(f"{self.peer.name}: left the workload stopped (state {state})")
-        except BenchError as e:
-            self.error, self.finished = str(e), True
-            say(f"  {self.peer.name}: {e}")
-            return
-        self.done.append(run)
-        n = len(self.done)
-        say(f"  {self.peer.name} {w.mib} MiB run {n}: gap {run.gap_ms:.1f} ms, {run.wall_s:.2f} s")
+        run = peer.dump(w, scratch, keep_images=keep_images and final)
+        state = w.state()
+        if state in ("T", "t"):
+            raise BenchError(f"{peer.name}: left the workload stopped (state {state})")
+        done.append(run)
+        say(f"  {peer.name} {w.mib} MiB run {i + 1}: gap {run.gap_ms:.1f} ms, {run.wall_s:.2f} s")
         if run.images is not None:
-            self.images = run.images
-        self.finished = final
-
-    def figures(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"error": self.error}
-        done = self.done
-        result = {
-            "runs": len(done),
-            "gap_ms": stat([r.gap_ms for r in done]),
-            "wall_s": stat([r.wall_s for r in done]),
-            "frozen_ms": stat([r.frozen_ms for r in done if r.frozen_ms is not None]),
-            "freeze_gap_ms": stat([r.freeze_gap_ms for r in done if r.freeze_gap_ms is not None]),
-            "dump_s": stat([r.dump_s for r in done if r.dump_s is not None]),
-            "convert_s": stat([r.convert_s for r in done if r.convert_s is not None]),
-            "complete_s": stat([r.complete_s for r in done if r.complete_s is not None]),
-            "peak_extra": stat([r.peak_extra for r in done if r.peak_extra is not None]),
-            "rounds": stat([r.rounds for r in done if r.rounds is not None]),
-            "precopied_mib": stat([r.precopied_mib for r in done if r.precopied_mib is not None]),
-            "core_apparent": done[-1].core_apparent,
-            "core_allocated": done[-1].core_allocated,
+            images = run.images
+        if final:
+            break
+    result = {
+        "runs": len(done),
+        "gap_ms": stat([r.gap_ms for r in done]),
+        "wall_s": stat([r.wall_s for r in done]),
+        "frozen_ms": stat([r.frozen_ms for r in done if r.frozen_ms is not None]),
+        "freeze_gap_ms": stat([r.freeze_gap_ms for r in done if r.freeze_gap_ms is not None]),
+        "dump_s": stat([r.dump_s for r in done if r.dump_s is not None]),
+        "convert_s": stat([r.convert_s for r in done if r.convert_s is not None]),
+        "complete_s": stat([r.complete_s for r in done if r.complete_s is not None]),
+        "peak_extra": stat([r.peak_extra for r in done if r.peak_extra is not None]),
+        "rounds": stat([r.rounds for r in done if r.rounds is not None]),
+        "precopied_mib": stat([r.precopied_mib for r in done if r.precopied_mib is not None]),
+        "core_apparent": done[-1].core_apparent,
+        "core_allocated": done[-1].core_allocated,
+    }
+    if done[-1].capture is not None:
+        result["capture"] = done[-1].capture
+    steps = sorted({k for r in done for k in r.steps_ms}, key=list(done[-1].steps_ms).index)
+    if steps:
+        result["steps_ms"] = {
+            k: stat([r.steps_ms[k] for r in done if k in r.steps_ms]) for k in steps
         }
-        if done[-1].capture is not None:
-            result["capture"] = done[-1].capture
-        steps = sorted({k for r in done for k in r.steps_ms}, key=list(done[-1].steps_ms).index)
-        if steps:
-            result["steps_ms"] = {
-                k: stat([r.steps_ms[k] for r in done if k in r.steps_ms]) for k in steps
-            }
-        return result
-
-
-def measure_peers(
-    runs: Sequence[PeerRuns], w: Workload, scratch: Path, deadline: float, say: Progress
-) -> None:
-    """Every peer's runs on *w*, one peer's after another's, so that each run follows a run of
-    its own peer (but the first). What a run leaves behind weighs on the next: a criu or
-    precopy run frees twice the workload's size, which this VM's free page reporting hands back
-    to the host, and whoever allocates next pays the host's faults. Interleaved in a Williams
-    design (each peer once a round, each following every other as often) every peer ran behind
-    those: at 1 GiB gcore 1.60 s and clone 1.56 s until complete (1.10 and 1.09-1.63 back to
-    back), the clone's fork at 4 GiB 59-61 ms (47-50 ms behind its own runs)."""
-    for peer_runs in runs:
-        while (final := peer_runs.next_is_final(deadline)) is not None:
-            peer_runs.run(w, scratch, final, say)
+    return result, images
 
 
 def measure_conversion(images: Path, scratch: Path, runs: int, say: Progress) -> dict[str, Any]:
@@ -1229,18 +1205,18 @@ def measure_size(
             # fork() is the floor of any copy-on-write snapshot: the kernel copies the page
             # tables (dup_mmap()) while the target waits.
             entry["fork_ms"] = stat([w.fork_ms() for _ in range(cfg.runs)])
-            runs = [
-                PeerRuns(
-                    peer,
-                    cfg.runs_for(peer, mib, plain),
-                    keep_images=peer.name == "criu" and plain and mib <= CONVERT_MAX_MIB,
-                )
-                for peer in peers
-            ]
-            measure_peers(runs, w, size_dir, deadline, say)
-            for peer_runs in runs:
-                entry["freeze"][peer_runs.peer.name] = peer_runs.figures()
-            images = next((r.images for r in runs if r.images is not None), None)
+            images = None
+            for peer in peers:
+                keep = peer.name == "criu" and plain and mib <= CONVERT_MAX_MIB
+                runs = cfg.runs_for(peer, mib, plain)
+                try:
+                    figures, kept = measure_peer(peer, w, size_dir, runs, keep, deadline, say)
+                except BenchError as e:
+                    entry["freeze"][peer.name] = {"error": str(e)}
+                    say(f"  {peer.name}: {e}")
+                    continue
+                entry["freeze"][peer.name] = figures
+                images = kept or images
         fr = entry["freeze"]
         gcore_gap = median(fr.get("gcore", {}).get("gap_ms"))
         criu_gap = median(fr.get("criu", {}).get("gap_ms"))
@@ -1638,11 +1614,10 @@ def _md_intro(results: dict[str, Any], json_rel: str) -> list[str]:
         "Each cell is the median with (min-max) over the runs; all peers ran in the same "
         "invocation on the same workload process, each peer's runs back to back, so compare "
         "them as ratios: the machine is shared and absolute figures drift. A plain workload of "
-        "up to "
-        f"{SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a peer by default, and so do gcore and "
-        "clone at every size. gcore runs once "
-        "at a size where its first run takes over a minute, and no peer starts another run "
-        "past 80% of the time budget; cells from a single run say so."
+        f"up to {SMALL_MIB // 1024} GiB gets {SMALL_RUNS} runs a peer by default, and so do "
+        f"gcore and clone at every size, the other peers {RUNS}. gcore runs once at a size "
+        "where its first run takes over a minute, and no peer starts another run past 80% of "
+        "the time budget; cells from a single run say so."
     )
     w("")
     return out
@@ -2171,7 +2146,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     p.add_argument(
         "--runs",
         type=int,
-        help=f"runs per peer and size (default 3; {SMALL_RUNS} for a plain workload of up to"
+        help=f"runs per peer and size (default {RUNS}; {SMALL_RUNS} for a plain workload of up to"
         f" {SMALL_MIB} MiB, and for gcore and clone at every size)",
     )
     p.add_argument(
@@ -2237,7 +2212,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         dirty = (dirty_mib, dirty_mbps)
     cfg = Config(
         sizes=sizes,
-        runs=3 if a.runs is None else a.runs,
+        runs=RUNS if a.runs is None else a.runs,
         small_runs=SMALL_RUNS if a.runs is None else a.runs,
         quick=a.quick or sizes != FULL_SIZES,
         gcore=not a.no_gcore,
