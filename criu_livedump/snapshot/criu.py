@@ -220,9 +220,9 @@ def _dotted(ver: tuple[int, ...]) -> str:
     return ".".join(str(v) for v in ver)
 
 
-def _run_quick(criu: Criu, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    """Run a short CRIU command (no target involved) and capture its output."""
-    argv = [str(criu.path), *args]
+def _run_quick(path: Path, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run a short command of CRIU at *path* (no target involved) and capture its output."""
+    argv = [str(path), *args]
     try:
         return subprocess.run(
             argv,
@@ -235,10 +235,10 @@ def _run_quick(criu: Criu, args: Sequence[str]) -> subprocess.CompletedProcess[s
         )
     except subprocess.TimeoutExpired as e:
         raise CriuUnusableError(
-            str(criu.path), f"`{' '.join(args)}` did not finish in {QUICK_TIMEOUT:.0f} s"
+            str(path), f"`{' '.join(args)}` did not finish in {QUICK_TIMEOUT:.0f} s"
         ) from e
     except OSError as e:
-        raise CriuUnusableError(str(criu.path), _exec_problem(e)) from e
+        raise CriuUnusableError(str(path), _exec_problem(e)) from e
 
 
 def _exec_problem(e: OSError) -> str:
@@ -269,13 +269,12 @@ def version(criu: Criu) -> str:
 def _version(path: Path, _file: tuple[int, int, int, int] | None) -> str:
     """Keyed by the file alone: :func:`find` asks of its candidate, the dump of what it chose
     (the same file, found by another route)."""
-    criu = Criu(path, "asked for its version")
-    proc = _run_quick(criu, ["--version"])
+    proc = _run_quick(path, ["--version"])
     for line in proc.stdout.splitlines():
         if line.startswith("Version:"):
             return line.split(":", 1)[1].strip()
     what = _first_line(proc.stdout + proc.stderr) or f"exit status {proc.returncode}"
-    raise CriuUnusableError(str(criu.path), f"not a CRIU binary (`--version` said: {what})")
+    raise CriuUnusableError(str(path), f"not a CRIU binary (`--version` said: {what})")
 
 
 def _first_line(text: str) -> str:
@@ -303,7 +302,7 @@ def check(criu: Criu) -> CheckResult:
 
     :raises CriuUnusableError: the binary cannot be executed at all.
     """
-    proc = _run_quick(criu, ["check"])
+    proc = _run_quick(criu.path, ["check"])
     text = proc.stdout + proc.stderr
     if proc.returncode == 0:
         return CheckResult(True, _last_lines(text) or "passed")
@@ -316,7 +315,7 @@ def check(criu: Criu) -> CheckResult:
 
 def feature(criu: Criu, name: str) -> bool:
     """Whether ``criu check --feature NAME`` succeeds (e.g. ``mem_dirty_track``)."""
-    return _run_quick(criu, ["check", "--feature", name]).returncode == 0
+    return _run_quick(criu.path, ["check", "--feature", name]).returncode == 0
 
 
 # --- dump ---------------------------------------------------------------------------------------
