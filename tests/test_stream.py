@@ -10,6 +10,7 @@ stream too: their LiveDump asserts ``capture == "stream"``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,7 +126,10 @@ def _kill_criu(stats: ps.StreamStats) -> None:
     """Kill CRIU once pages have arrived (the stream is under way)."""
     if stats.written:
         for pid in _criu_children():
-            os.kill(pid, signal.SIGKILL)
+            # called again for each run still arriving: the dump's runner may have reaped a
+            # CRIU killed by an earlier call between the listing and this kill
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _server_gone(stats: ps.StreamStats) -> None:
